@@ -1,0 +1,159 @@
+"""The ``nearswap`` command: thin wrappers over the library. Heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from ._version import __version__
+from .errors import NearswapError
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def _on_sigterm(signum, frame):  # make `kill` clean up like Ctrl-C does
+    raise KeyboardInterrupt
+
+
+class _Group(click.Group):
+    """Turns library errors into one line and a non-zero exit (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            return super().invoke(ctx)
+        except NearswapError as e:
+            if ctx.meta.get("nearswap.debug"):
+                raise
+            click.echo(f"nearswap: error: {e}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            if ctx.meta.get("nearswap.debug"):
+                raise
+            click.echo("nearswap: interrupted; no output was left behind", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nearswap")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Exact, streaming, sequential NearSwap merges of language models."""
+    ctx.meta["nearswap.debug"] = debug
+
+
+def _progress_bar(desc: str, quiet: bool):
+    """A tqdm bar in bytes (rate and ETA), fed by the library's progress callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
+               dynamic_ncols=True, leave=False, file=sys.stderr)
+    return bar
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-t", "ts", multiple=True, type=float, help="Threshold; once for all steps or once per secondary.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (HF format).")
+@click.option("--dtype", help="Output dtype (bfloat16, float16, float32). Default: each base tensor's own.")
+@click.option("--shard-size", help="Largest output shard, e.g. 5GB (default), 500MB, 2GiB.")
+@click.option("--tokenizer-source", help="Model directory to take tokenizer files from (default: the base).")
+@click.option("--carry-float32", is_flag=True, help="Keep float32 between steps instead of rounding after each.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge NaN/inf weights by the formula instead of refusing.")
+@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, allow_nonfinite, force, threads,
+          as_json, quiet):
+    """Merge BASE SECONDARY [SECONDARY ...] (or one RECIPE.yaml) sequentially by NearSwap.
+
+    \b
+      nearswap merge base/ s1/ s2/ s3/ -t 1e-4 -o merged/
+      nearswap merge recipe.yaml -o merged/
+    """
+    from . import engine, recipe as recipes
+
+    options = {k: v for k, v in dict(dtype=dtype, shard_size=shard_size, tokenizer_source=tokenizer_source).items()
+               if v is not None}
+    options.update({k: True for k, v in dict(carry_float32=carry_float32, allow_nonfinite=allow_nonfinite).items() if v})
+    if len(inputs) == 1 and inputs[0].lower().endswith(RECIPE_SUFFIXES):
+        if ts:
+            raise NearswapError("-t goes in the recipe when merging from a recipe file; remove -t")
+        rec = recipes.load(inputs[0])
+        if options:
+            rec = recipes.build({**rec.model_dump(), **options}, "command line")
+    else:
+        if len(inputs) < 2:
+            raise NearswapError("give a base and at least one secondary (or a recipe .yaml)")
+        secondaries = inputs[1:]
+        if not ts:
+            raise NearswapError("missing -t: give one threshold for all steps, or one per secondary")
+        if len(ts) not in (1, len(secondaries)):
+            raise NearswapError(f"{len(ts)} -t values for {len(secondaries)} secondaries; give one, or one per secondary")
+        per_step = list(ts) if len(ts) > 1 else [ts[0]] * len(secondaries)
+        steps = [{"model": m, "t": t} for m, t in zip(secondaries, per_step)]
+        rec = recipes.build({"base": inputs[0], "steps": steps, **options}, "command line")
+
+    bar = _progress_bar("merging", quiet or as_json)
+    try:
+        report = engine.merge(rec, out, force=force, threads=threads, progress=bar.update,
+                              on_plan=lambda p: bar.reset(total=p.in_bytes))
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
+    else:
+        click.echo(report["table"])
+        click.echo(f"wrote {out} ({report['output']['total_size'] / 1e9:.2f} GB in {len(report['output']['files'])} files, "
+                   f"{report['seconds']:.1f} s); per-tensor counts in {out / engine.REPORT_NAME}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
+def inspect(model, as_json, list_tensors):
+    """Describe MODEL: format, shards, tensors, parameters, dtypes, architecture."""
+    from .inspect import describe
+
+    info = describe(model, list_tensors)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    click.echo(f"{info['path']}: {info['format']}")
+    click.echo(f"  architecture  {', '.join(info['architectures'] or ['(no config.json)'])}")
+    click.echo(f"  parameters    {info['parameters']:,} in {info['tensor_count']} tensors, {info['bytes'] / 1e9:.3f} GB")
+    click.echo("  dtypes        " + ", ".join(f"{k} {v:,}" for k, v in info["dtypes"].items()))
+    click.echo(f"  files         {', '.join(info['files'])}")
+    if info.get("nearswap"):
+        click.echo(f"  made by       nearswap {info['nearswap']}")
+    for t in info.get("tensors", []):
+        click.echo(f"  {t['name']:<60} {t['dtype']:<5} {t['shape']}")
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), help="Where the demo writes (default: a cache folder).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def demo(workdir, quiet):
+    """The quartet on an embedded default: a base and three secondaries, merged at t = 0.0001."""
+    from .demo import run_demo
+
+    bar = _progress_bar("merging", quiet)
+    try:
+        run_demo(workdir, echo=click.echo, progress=bar.update, on_plan=lambda p: bar.reset(total=p.in_bytes))
+    finally:
+        bar.close()
+
+
+def main() -> None:
+    cli(prog_name="nearswap")
+
+
+if __name__ == "__main__":
+    main()

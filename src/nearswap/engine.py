@@ -1,0 +1,294 @@
+"""The merge: preflight every input, plan the stream, run the fused chain, write atomically.
+
+read -> plan -> kernel -> write -> report. Each input tensor is read once and each output
+tensor written once, in chunks of ``CHUNK`` elements, by a pool of threads that each own
+their buffers: memory is bounded by threads x chunk x models, not by model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import kernels
+from ._version import __version__
+from .dtypes import BY_NAME, DType
+from .errors import NearswapError
+from .formats import CONFIG_FILES, TOKENIZER_FILES, Model, open_model
+from .formats.safetensors import FileReader, ShardedWriter, TensorInfo
+from .output import atomic_directory, refuse_existing
+from .recipe import Recipe
+from .stats import StepReport, Tally, format_table
+
+CHUNK = 1 << 20  # elements per work item
+REPORT_NAME = "merge_report.json"
+RECIPE_NAME = "nearswap_recipe.yaml"
+EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight", "token_embd")
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: where its inputs are and the t of each step."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: DType
+    base: TensorInfo
+    secondaries: list[TensorInfo]
+    ts: list[float]
+
+    @property
+    def merged(self) -> bool:  # integer/bool tensors are copied from the base
+        return self.base.dtype.is_float
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel
+
+    @property
+    def in_bytes(self) -> int:
+        return self.base.nbytes + (sum(s.nbytes for s in self.secondaries) if self.merged else 0)
+
+
+@dataclass
+class Plan:
+    """Everything the merge will do, checked before the first tensor byte is read."""
+
+    recipe: Recipe
+    base: Model
+    secondaries: list[Model]
+    tasks: list[TensorTask]
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.numel * t.out_dtype.itemsize for t in self.tasks)
+
+    @property
+    def in_bytes(self) -> int:
+        return sum(t.in_bytes for t in self.tasks)
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def plan(recipe: Recipe) -> Plan:
+    """Open every input and check that they can be merged. Raises ``NearswapError``."""
+    base = open_model(recipe.base, "base")
+    secondaries = [open_model(step.model, f"s{i}") for i, step in enumerate(recipe.steps, 1)]
+    for sec in secondaries:
+        _check_compatible(base, sec)
+    if recipe.tokenizer_source != "base":
+        src = Path(recipe.tokenizer_source)
+        if not src.is_dir():
+            raise NearswapError(f"tokenizer_source {src} is not a model directory")
+    out_dtype = BY_NAME[recipe.dtype] if recipe.dtype else None
+    tasks = []
+    for name, info in base.tensors.items():
+        tasks.append(TensorTask(
+            name=name,
+            shape=info.shape,
+            out_dtype=(out_dtype or info.dtype) if info.dtype.is_float else info.dtype,
+            base=info,
+            secondaries=[sec.tensors[name] for sec in secondaries],
+            ts=[step.t_for(name) for step in recipe.steps],
+        ))
+    return Plan(recipe, base, secondaries, tasks)
+
+
+def _check_compatible(base: Model, sec: Model) -> None:
+    missing = [n for n in base.tensors if n not in sec.tensors]
+    extra = [n for n in sec.tensors if n not in base.tensors]
+    shapes = [n for n in base.tensors if n in sec.tensors and base.tensors[n].shape != sec.tensors[n].shape]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} base tensors missing (first: {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} tensors not in the base (first: {extra[0]})")
+        if shapes:
+            n = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (first: {n}: base {list(base.tensors[n].shape)} vs {sec.label} {list(sec.tensors[n].shape)})")
+        vocab = [n for n in shapes if any(h in n for h in EMBEDDING_HINTS)
+                 and base.tensors[n].shape[1:] == sec.tensors[n].shape[1:]]
+        hint = "NearSwap needs the same architecture and tensor names in every model"
+        if vocab:
+            n = vocab[0]
+            hint = (f"the vocabulary sizes differ ({base.tensors[n].shape[0]} vs {sec.tensors[n].shape[0]} rows in {n}): "
+                    "NearSwap needs the same vocabulary; resize the secondary's embeddings to the base tokenizer first")
+        raise NearswapError(f"{sec.describe()} does not match the base: {'; '.join(parts)}; {hint}")
+    if base.architectures and sec.architectures and base.architectures != sec.architectures:
+        raise NearswapError(f"{sec.describe()} is a {sec.architectures} but the base is a {base.architectures}; "
+                            "NearSwap merges models of one architecture")
+
+
+def _check_disk(out: Path, nbytes: int) -> None:
+    parent = out.parent if out.parent.exists() else Path.cwd()
+    free = shutil.disk_usage(parent).free
+    if free < nbytes + (64 << 20):
+        raise NearswapError(f"not enough free disk for {out}: the merge writes {nbytes / 1e9:.2f} GB, "
+                            f"{free / 1e9:.2f} GB are free on {parent}; free space or choose another output path")
+
+
+# ---------------------------------------------------------------- streaming
+
+
+class _Buffers(threading.local):
+    """Per-thread reusable chunk buffers, keyed by (slot, dtype)."""
+
+    def get(self, slot: int, dtype: DType, n: int) -> np.ndarray:
+        pool = self.__dict__.setdefault("pool", {})
+        buf = pool.get((slot, dtype.name))
+        if buf is None or len(buf) < n:
+            buf = pool[(slot, dtype.name)] = np.empty(max(n, CHUNK), dtype.np)
+        return buf[:n]
+
+
+def _work_items(tasks: list[TensorTask]) -> Iterator[tuple[int, int, int]]:
+    for i, task in enumerate(tasks):
+        for start in range(0, max(task.numel, 1), CHUNK):
+            yield i, start, min(CHUNK, task.numel - start)
+
+
+def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
+            progress: Callable[[int], None] | None) -> list[StepReport]:
+    recipe = plan_.recipe
+    steps = [StepReport(model=s.model, label=m.label, t=s.t) for s, m in zip(recipe.steps, plan_.secondaries)]
+    for task in plan_.tasks:
+        if task.merged:
+            for k, step in enumerate(steps):
+                step.tensors[task.name] = Tally()
+                step.t_by_tensor[task.name] = task.ts[k]
+    reader, buffers = FileReader(), _Buffers()
+    round_between = not recipe.carry_float32
+
+    def work(i: int, start: int, n: int) -> tuple[int, list[kernels.StepCounts] | None, int]:
+        task = plan_.tasks[i]
+        if n == 0:
+            return i, None, 0
+        base = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
+        if not task.merged:
+            writer.write(task.name, start, base)
+            return i, None, base.nbytes
+        secs = [reader.read(s, start, buffers.get(k + 1, s.dtype, n)) for k, s in enumerate(task.secondaries)]
+        out = buffers.get(-1, task.out_dtype, n)
+        counts = kernels.chain(out, base, secs, task.ts, round_between)
+        writer.write(task.name, start, out)
+        return i, counts, base.nbytes + sum(s.nbytes for s in secs)
+
+    def collect(fut: Future) -> None:
+        i, counts, nbytes = fut.result()
+        if counts is not None:
+            task = plan_.tasks[i]
+            for step, c in zip(steps, counts):
+                step.tensors[task.name].add(c)
+            if not recipe.allow_nonfinite and any(c.nonfinite for c in counts):
+                _refuse_nonfinite(plan_, task, reader)
+        if progress:
+            progress(nbytes)
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nearswap")
+    pending: set[Future] = set()
+    try:
+        for item in _work_items(plan_.tasks):
+            if len(pending) >= 2 * threads:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    collect(fut)
+            pending.add(pool.submit(work, *item))
+        for fut in pending:
+            collect(fut)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.close()
+    return steps
+
+
+def _refuse_nonfinite(plan_: Plan, task: TensorTask, reader: FileReader) -> None:
+    """An input of ``task`` holds NaN/inf: name the model and the count, then stop."""
+    models = [plan_.base, *plan_.secondaries]
+    for model, info in zip(models, [task.base, *task.secondaries]):
+        bad = 0
+        for start in range(0, info.numel, CHUNK):
+            n = min(CHUNK, info.numel - start)
+            chunk = reader.read(info, start, np.empty(n, info.dtype.np))
+            bad += int(n - np.count_nonzero(np.isfinite(chunk)))
+        if bad:
+            raise NearswapError(f"{model.describe()}: tensor {task.name!r} has {bad} non-finite values (NaN/inf); "
+                                "repair the checkpoint, or pass --allow-nonfinite to merge them by the formula")
+    # Only the differences overflowed (huge finite weights of opposite sign): the formula keeps v0.
+
+
+# ---------------------------------------------------------------- the merge
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int | None = None,
+          progress: Callable[[int], None] | None = None, on_plan: Callable[[Plan], None] | None = None) -> dict:
+    """Run a recipe and write the merged HF checkpoint to ``out`` atomically. Returns the report.
+
+    ``progress`` is called with the number of input bytes processed as work completes;
+    ``on_plan`` once the preflight has passed (e.g. to size a progress bar).
+    """
+    out = Path(out)
+    refuse_existing(out, force)
+    plan_ = plan(recipe)
+    _check_disk(out, plan_.out_bytes)
+    if on_plan:
+        on_plan(plan_)
+    started = time.perf_counter()
+    metadata = {"format": "pt", "nearswap_version": __version__, "nearswap_recipe": json.dumps(recipe.model_dump())}
+    with atomic_directory(out, force) as tmp:
+        writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)
+        try:
+            steps = _stream(plan_, writer, threads or default_threads(), progress)
+            files = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        copied = _copy_side_files(plan_, tmp)
+        (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
+        report = {
+            "nearswap_version": __version__,
+            "kernel": kernels.BACKEND,
+            "base": recipe.base,
+            "output_dtype": recipe.dtype or "as base",
+            "carry_float32": recipe.carry_float32,
+            "seconds": round(time.perf_counter() - started, 3),
+            "output": {"files": [f.name for f in files], "copied": copied, "total_size": writer.total_size,
+                       "tensors": len(plan_.tasks), "parameters": plan_.base.num_params},
+            "steps": [s.to_json() for s in steps],
+        }
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    report["table"] = format_table(steps)
+    return report
+
+
+def _copy_side_files(plan_: Plan, dest: Path) -> list[str]:
+    """config, generation config and tokenizer files from the base (or the tokenizer source)."""
+    recipe = plan_.recipe
+    config_dir = plan_.base.directory
+    tok_dir = config_dir if recipe.tokenizer_source == "base" else Path(recipe.tokenizer_source)
+    copied = []
+    for names, src in ((CONFIG_FILES, config_dir), (TOKENIZER_FILES, tok_dir)):
+        for name in names:
+            if src is not None and (src / name).is_file():
+                shutil.copyfile(src / name, dest / name)
+                copied.append(name)
+    config = dest / "config.json"
+    if config.exists() and recipe.dtype:
+        data = json.loads(config.read_text())
+        data["torch_dtype"] = BY_NAME[recipe.dtype].hf_name
+        config.write_text(json.dumps(data, indent=2) + "\n")
+    return copied

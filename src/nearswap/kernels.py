@@ -1,0 +1,155 @@
+"""Pure array functions: the NearSwap formula and the fused chain over one chunk. No I/O.
+
+The formula, per element, with ``v0`` the running result and ``v1`` the secondary::
+
+    w = t / |v0 - v1|
+    w = nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0)
+    w = clip(w, 0, 1)
+    result = (1 - w) * v0 + w * v1
+
+evaluated in float32 (float64 if an input is float64), in exactly this order, so the
+result is bit-identical to the model card's numpy code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from .dtypes import BY_NUMPY, DType
+
+try:  # the compiled hot loop; numpy below computes the same bits, slower
+    from . import _ckernel
+except ImportError:  # pragma: no cover - depends on the build
+    _ckernel = None
+
+BACKEND = "c" if _ckernel is not None else "numpy"
+
+
+class StepCounts(NamedTuple):
+    """What one NearSwap step did to a block of elements."""
+
+    identical: int  # |d| == 0
+    swapped: int  # 0 < |d| <= t: fully switched to the secondary
+    moved: int  # |d| > t: moved by t toward the secondary
+    nonfinite: int  # |d| is NaN or inf (an input was not finite)
+    abs_change: float  # sum of |result - previous| over finite changes
+
+
+def check_t(t: Any) -> Any:
+    """Validate a threshold: finite and >= 0. Returns a float (or array), -0.0 made +0.0.
+
+    >>> check_t(1e-4)
+    0.0001
+    """
+    if isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool):
+        value = float(t)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"t must be a finite number >= 0, got {t!r}")
+        return value + 0.0  # -0.0 -> +0.0, so numpy versions that differ on clip(-0.0) agree
+    arr = np.asarray(t)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"t must be a number or a numeric array, got {arr.dtype}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError("t must be finite and >= 0 everywhere")
+    return arr + 0.0
+
+
+def _formula(t: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The card's formula on arrays already in the compute dtype."""
+    with np.errstate(all="ignore"):
+        w = np.asarray(t, dtype=a.dtype) / np.abs(a - b)
+        np.nan_to_num(w, copy=False, nan=1.0, posinf=1.0, neginf=1.0)
+        np.clip(w, 0.0, 1.0, out=w)
+        return (1 - w) * a + w * b
+
+
+def nearswap(t: Any, v0: Any, v1: Any, out_dtype: Any = None) -> Any:
+    """NearSwap of two arrays: weights within ``t`` of each other move (fully) to ``v1``.
+
+    ``v0``/``v1`` are numpy arrays (any float dtype, bfloat16 from ml_dtypes included) or
+    torch tensors. ``t`` is a number >= 0 or an array broadcastable to them. The work is
+    done in float32 (float64 if an input is float64) and the result is rounded
+    (round-to-nearest-even) to ``out_dtype``, by default ``v0``'s dtype.
+
+    >>> import numpy as np
+    >>> nearswap(1e-4, np.float32([1.0, 1.00005]), np.float32([2.0, 1.0]))
+    array([1.0001, 1.    ], dtype=float32)
+    """
+    t = check_t(t)
+    if type(v0).__module__.startswith("torch") or type(v1).__module__.startswith("torch"):
+        return _nearswap_torch(t, v0, v1, out_dtype)
+    v0, v1 = np.asarray(v0), np.asarray(v1)
+    wide = np.float64 if np.float64 in (v0.dtype, v1.dtype) else np.float32
+    res = _formula(t, v0.astype(wide), v1.astype(wide))
+    return res.astype(v0.dtype if out_dtype is None else out_dtype)
+
+
+def _nearswap_torch(t: Any, v0: Any, v1: Any, out_dtype: Any) -> Any:
+    import torch
+
+    wide = torch.float64 if torch.float64 in (v0.dtype, v1.dtype) else torch.float32
+    a, b = v0.to(wide), v1.to(wide)
+    w = torch.as_tensor(t, dtype=wide, device=a.device) / (a - b).abs()
+    w = torch.nan_to_num(w, nan=1.0, posinf=1.0, neginf=1.0).clamp_(0.0, 1.0)
+    res = (1 - w) * a + w * b
+    return res.to(v0.dtype if out_dtype is None else out_dtype)
+
+
+def _counts(t: float, a: np.ndarray, b: np.ndarray, res: np.ndarray) -> StepCounts:
+    d = np.abs(a - b)
+    finite = d <= np.finfo(d.dtype).max
+    identical = int(np.count_nonzero(d == 0))
+    swapped = int(np.count_nonzero((d > 0) & (d <= d.dtype.type(t))))
+    moved = int(np.count_nonzero((d > d.dtype.type(t)) & finite))
+    change = np.abs(res - a)
+    change = change[change <= np.finfo(change.dtype).max]
+    return StepCounts(identical, swapped, moved, d.size - identical - swapped - moved, float(change.sum(dtype=np.float64)))
+
+
+def chain(
+    out: np.ndarray,
+    base: np.ndarray,
+    secondaries: Sequence[np.ndarray],
+    ts: Sequence[float],
+    round_between: bool = True,
+) -> list[StepCounts]:
+    """Run the whole NearSwap chain over one flat chunk, writing the result into ``out``.
+
+    ``base``, every secondary and ``out`` are 1-D arrays of the same length, each in its
+    own dtype. Step k computes ``r_k = nearswap(ts[k], r_{k-1}, secondaries[k])``; with
+    ``round_between`` each ``r_k`` is rounded to ``out.dtype`` before the next step, so a
+    chain equals its steps run one by one with saved intermediates. Returns the counts of
+    each step. Thread-safe; the C kernel releases the GIL.
+    """
+    dtypes = [BY_NUMPY[a.dtype] for a in (out, base, *secondaries)]
+    if _ckernel is not None and all(d.kernel_code is not None for d in dtypes):
+        return _chain_c(out, base, secondaries, ts, round_between, dtypes)
+    return _chain_numpy(out, base, secondaries, ts, round_between, dtypes)
+
+
+def _chain_c(out, base, secondaries, ts, round_between, dtypes: list[DType]) -> list[StepCounts]:
+    codes = tuple(d.kernel_code for d in dtypes[2:])
+    raw = _ckernel.chain(
+        out.view(np.uint8), dtypes[0].kernel_code, base.view(np.uint8), dtypes[1].kernel_code,
+        tuple(s.view(np.uint8) for s in secondaries), codes, tuple(float(t) for t in ts),
+        bool(round_between),
+    )
+    return [StepCounts(*r) for r in raw]
+
+
+def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType]) -> list[StepCounts]:
+    wide = np.float64 if any(d.name == "F64" for d in dtypes) else np.float32
+    r = base.astype(wide)
+    counts = []
+    for t, s in zip(ts, secondaries):
+        s = s.astype(wide)
+        res = _formula(t, r, s)
+        if round_between:
+            res = res.astype(out.dtype).astype(wide)
+        counts.append(_counts(t, r, s, res))
+        r = res
+    out[...] = r.astype(out.dtype)
+    return counts

@@ -1,0 +1,80 @@
+"""What each step of a merge did: exact counts per tensor and per step, and their report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .kernels import StepCounts
+
+COUNT_FIELDS = ("total", "identical", "swapped", "moved", "nonfinite")
+
+
+@dataclass
+class Tally:
+    """Exact element counts (integers) and the summed absolute change."""
+
+    total: int = 0
+    identical: int = 0
+    swapped: int = 0
+    moved: int = 0
+    nonfinite: int = 0
+    abs_change: float = 0.0
+
+    def add(self, c: StepCounts) -> None:
+        self.total += c.identical + c.swapped + c.moved + c.nonfinite
+        self.identical += c.identical
+        self.swapped += c.swapped
+        self.moved += c.moved
+        self.nonfinite += c.nonfinite
+        self.abs_change += c.abs_change
+
+    def merge(self, other: "Tally") -> None:
+        for name in (*COUNT_FIELDS, "abs_change"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def share(self, name: str) -> float:
+        return getattr(self, name) / self.total if self.total else 0.0
+
+    def to_json(self) -> dict:
+        out: dict = {k: getattr(self, k) for k in COUNT_FIELDS}
+        out["mean_abs_change"] = self.abs_change / self.total if self.total else 0.0
+        return out
+
+
+@dataclass
+class StepReport:
+    """One step of the chain: the model merged in, its t, totals and per-tensor tallies."""
+
+    model: str
+    label: str
+    t: float
+    tensors: dict[str, Tally] = field(default_factory=dict)
+    t_by_tensor: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def totals(self) -> Tally:
+        total = Tally()
+        for tally in self.tensors.values():
+            total.merge(tally)
+        return total
+
+    def to_json(self) -> dict:
+        out = {"model": self.model, "label": self.label, "t": self.t, **self.totals.to_json()}
+        out["tensors"] = {
+            name: {**tally.to_json(), **({"t": self.t_by_tensor[name]} if self.t_by_tensor.get(name, self.t) != self.t else {})}
+            for name, tally in self.tensors.items()
+        }
+        return out
+
+
+def format_table(steps: list[StepReport]) -> str:
+    """The short per-step summary printed after a merge."""
+    lines = []
+    for i, step in enumerate(steps, 1):
+        tot = step.totals
+        lines.append(
+            f"step {i}  {step.label:<4} t={step.t:<8g} swapped {100 * tot.share('swapped'):6.2f}%  "
+            f"moved {100 * tot.share('moved'):6.2f}%  identical {100 * tot.share('identical'):6.2f}%  "
+            f"nonfinite {tot.nonfinite}  mean|Δ| {tot.to_json()['mean_abs_change']:.3g}"
+        )
+    return "\n".join(lines)

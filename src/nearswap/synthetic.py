@@ -1,0 +1,133 @@
+"""Generated Llama-shaped checkpoints: the demo's embedded default, test fixtures, benchmark inputs.
+
+A base has N(0, 0.02) weights and norms near 1. A secondary is the base plus Laplace noise
+of scale ``b`` on every weight except norms: a stand-in for a fine-tune. For Laplace noise
+P(|noise| <= t) = 1 - exp(-t/b), so b = 0.0125 swaps 1 - exp(-0.008) = 0.80% of weights per
+pass at t = 0.0001 in float32 -- the model card's figure. Files are written with the
+``safetensors`` library itself, so tests read inputs that nearswap's writer did not make.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .dtypes import by_name
+from .formats.safetensors import INDEX_NAME, shard_names
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
+        out = [("model.embed_tokens.weight", (self.vocab, h))]
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            out += [
+                (p + "input_layernorm.weight", (h,)),
+                (p + "self_attn.q_proj.weight", (h, h)),
+                (p + "self_attn.k_proj.weight", (kv, h)),
+                (p + "self_attn.v_proj.weight", (kv, h)),
+                (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "post_attention_layernorm.weight", (h,)),
+                (p + "mlp.gate_proj.weight", (self.intermediate, h)),
+                (p + "mlp.up_proj.weight", (self.intermediate, h)),
+                (p + "mlp.down_proj.weight", (h, self.intermediate)),
+            ]
+        return out + [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+
+    @property
+    def num_params(self) -> int:
+        return sum(int(np.prod(s)) for _, s in self.tensors())
+
+    def config(self, dtype: str) -> dict:
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+            "tie_word_embeddings": False, "torch_dtype": by_name(dtype).hf_name,
+        }
+
+
+SHAPES = {
+    "tiny": LlamaShape(64, 2, 128, 256, 4, 2),  # ~0.1M params: tests
+    "demo": LlamaShape(512, 8, 1376, 8000, 8, 4),  # ~31M: make demo
+    "0.5b": LlamaShape(1024, 28, 4096, 32000, 16, 8),  # ~0.50B: benchmark
+    "1.5b": LlamaShape(2048, 30, 5632, 32000, 16, 4),  # ~1.48B: memory scaling
+}
+
+
+def is_norm(name: str) -> bool:
+    return "norm" in name
+
+
+def _write(directory: Path, arrays: dict[str, np.ndarray], shards: int, config: dict | None) -> None:
+    """Write ``arrays`` as an HF checkpoint in ``shards`` files (in order), with index and config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(arrays)
+    sizes = np.cumsum([arrays[n].nbytes for n in names])
+    bounds = np.searchsorted(sizes, sizes[-1] * np.arange(1, shards) / shards)
+    groups = np.split(np.arange(len(names)), bounds)
+    groups = [g for g in groups if len(g)]
+    files = shard_names(len(groups))
+    weight_map = {}
+    for group, fname in zip(groups, files):
+        save_file({names[i]: arrays[names[i]] for i in group}, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({names[i]: fname for i in group})
+    if len(files) > 1:
+        total = int(sizes[-1])
+        (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    if config is not None:
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def make_base(directory: str | Path, shape: LlamaShape | str, dtype: str = "bfloat16", seed: int = 0,
+              shards: int = 1) -> Path:
+    """Write a random Llama-shaped base model to ``directory``."""
+    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    dt = by_name(dtype)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, s in shape.tensors():
+        if is_norm(name):
+            w = 1.0 + 0.05 * rng.standard_normal(s, dtype=np.float32)
+        else:
+            w = 0.02 * rng.standard_normal(s, dtype=np.float32)
+        arrays[name] = w.astype(dt.np)
+    _write(Path(directory), arrays, shards, shape.config(dt.name))
+    return Path(directory)
+
+
+def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.0125, seed: int = 1,
+                   shards: int = 1, dtype: str | None = None) -> Path:
+    """Write ``base`` + Laplace(``scale``) noise on every non-norm weight to ``directory``."""
+    base = Path(base)
+    rng = np.random.default_rng(seed)
+    files = sorted(base.glob("*.safetensors"))
+    arrays = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as sf:
+            for name in sf.keys():
+                w = sf.get_tensor(name)
+                out_dt = by_name(dtype).np if dtype else w.dtype
+                if not is_norm(name):
+                    w = (w.astype(np.float32) + rng.laplace(0.0, scale, w.shape).astype(np.float32))
+                arrays[name] = w.astype(out_dt)
+    config = json.loads((base / "config.json").read_text()) if (base / "config.json").exists() else None
+    if config is not None and dtype:
+        config["torch_dtype"] = by_name(dtype).hf_name
+    _write(Path(directory), arrays, shards, config)
+    return Path(directory)
