@@ -47,13 +47,25 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.meta["nearswap.debug"] = debug
 
 
-def _progress_bar(desc: str, quiet: bool):
-    """A tqdm bar in bytes (rate and ETA), fed by the library's progress callback."""
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar in bytes (rate and ETA), shown only once the preflight has passed."""
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=quiet,
-               dynamic_ncols=True, leave=False, file=sys.stderr)
-    return bar
+    def __init__(self, desc: str, quiet: bool) -> None:
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def start(self, plan) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc,
+                        disable=self.quiet, dynamic_ncols=True, leave=False, file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @cli.command()
@@ -100,10 +112,9 @@ def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, a
         steps = [{"model": m, "t": t} for m, t in zip(secondaries, per_step)]
         rec = recipes.build({"base": inputs[0], "steps": steps, **options}, "command line")
 
-    bar = _progress_bar("merging", quiet or as_json)
+    bar = _Progress("merging", quiet or as_json)
     try:
-        report = engine.merge(rec, out, force=force, threads=threads, progress=bar.update,
-                              on_plan=lambda p: bar.reset(total=p.in_bytes))
+        report = engine.merge(rec, out, force=force, threads=threads, progress=bar.update, on_plan=bar.start)
     finally:
         bar.close()
     if as_json:
@@ -144,9 +155,9 @@ def demo(workdir, quiet):
     """The quartet on an embedded default: a base and three secondaries, merged at t = 0.0001."""
     from .demo import run_demo
 
-    bar = _progress_bar("merging", quiet)
+    bar = _Progress("merging", quiet)
     try:
-        run_demo(workdir, echo=click.echo, progress=bar.update, on_plan=lambda p: bar.reset(total=p.in_bytes))
+        run_demo(workdir, echo=click.echo, progress=bar.update, on_plan=bar.start)
     finally:
         bar.close()
 

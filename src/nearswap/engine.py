@@ -29,7 +29,7 @@ from .output import atomic_directory, refuse_existing
 from .recipe import Recipe
 from .stats import StepReport, Tally, format_table
 
-CHUNK = 1 << 20  # elements per work item
+CHUNK = int(os.environ.get("NEARSWAP_CHUNK", 1 << 20))  # elements per work item
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "nearswap_recipe.yaml"
 EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight", "token_embd")

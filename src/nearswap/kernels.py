@@ -99,12 +99,13 @@ def _nearswap_torch(t: Any, v0: Any, v1: Any, out_dtype: Any) -> Any:
 
 
 def _counts(t: float, a: np.ndarray, b: np.ndarray, res: np.ndarray) -> StepCounts:
-    d = np.abs(a - b)
+    with np.errstate(all="ignore"):
+        d = np.abs(a - b)
+        change = np.abs(res - a)
     finite = d <= np.finfo(d.dtype).max
     identical = int(np.count_nonzero(d == 0))
     swapped = int(np.count_nonzero((d > 0) & (d <= d.dtype.type(t))))
     moved = int(np.count_nonzero((d > d.dtype.type(t)) & finite))
-    change = np.abs(res - a)
     change = change[change <= np.finfo(change.dtype).max]
     return StepCounts(identical, swapped, moved, d.size - identical - swapped - moved, float(change.sum(dtype=np.float64)))
 

@@ -1,0 +1,156 @@
+"""Side-by-side merge benchmark: nearswap vs mergekit vs the I/O floor, in one run.
+
+    python benchmarks/bench_merge.py [--size 0.5b] [--mergekit-venv DIR] [--repeat 3]
+
+Generates (once, cached in benchmarks/work/) a bf16 Llama-shaped base and three
+secondaries (base + Laplace noise) in 3 shards each, warms the page cache, then runs each
+contender under /usr/bin/time -v and reports wall time, parameters/s, peak RSS and ratios.
+Medians over --repeat runs; the machine is noisy, so compare ratios within one run.
+
+mergekit is optional: create its venv with
+    python3 -m venv /work/mk/venv && /work/mk/venv/bin/pip install torch==2.13.0 mergekit==0.1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+T = 1e-4
+NOISE = 0.001
+
+
+def ensure_inputs(size: str, root: Path) -> tuple[Path, list[Path]]:
+    from nearswap import synthetic
+
+    work = root / size
+    base = work / "base"
+    secs = [work / f"s{i}" for i in (1, 2, 3)]
+    if not (base / "config.json").exists():
+        print(f"generating {size} base ...", flush=True)
+        synthetic.make_base(base, size, "bfloat16", seed=0, shards=3)
+    for i, s in enumerate(secs, 1):
+        if not (s / "config.json").exists():
+            print(f"generating {s.name} ...", flush=True)
+            synthetic.make_secondary(base, s, NOISE, seed=i, shards=3)
+    return base, secs
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Run ``cmd`` under /usr/bin/time -v; return (wall seconds, peak RSS in MB)."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"benchmark command failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    h, m, s = wall.groups()
+    return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) / 1024
+
+
+def mergekit_config(base: Path, secondary: Path, exact: bool, name: str | None = None) -> str:
+    lines = []
+    if name:
+        lines.append(f"name: {name}")
+    lines += [
+        "merge_method: nearswap",
+        f"base_model: {base}",
+        "models:",
+        f"  - model: {base}",
+        f"  - model: {secondary}",
+        "parameters:",
+        f"  t: {T}",
+    ]
+    lines += ["dtype: float32", "out_dtype: bfloat16"] if exact else ["dtype: bfloat16"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="0.5b", help="synthetic shape: 0.5b (default), 1.5b, demo, tiny")
+    ap.add_argument("--mergekit-venv", type=Path, default=Path("/work/mk/venv"))
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma-separated subset of contenders")
+    ap.add_argument("--workdir", type=Path, default=HERE / "work")
+    args = ap.parse_args()
+
+    base, secs = ensure_inputs(args.size, args.workdir)
+    from nearswap.formats import open_model
+
+    params = open_model(base).num_params
+    inputs1 = [base, secs[0]]
+    out_bytes = open_model(base).nbytes
+    for d in (base, *secs):  # warm the page cache: every contender reads from memory
+        for f in d.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+    tmp = Path(tempfile.mkdtemp(prefix="nearswap-bench-", dir=args.workdir))
+    py = sys.executable
+    ns = [py, "-m", "nearswap", "merge", "-q", "-t", str(T)]
+    mk = args.mergekit_venv / "bin"
+    have_mk = (mk / "mergekit-yaml").exists()
+    (tmp / "exact.yml").write_text(mergekit_config(base, secs[0], True))
+    (tmp / "default.yml").write_text(mergekit_config(base, secs[0], False))
+    multi, prev = [], base
+    for i, s in enumerate(secs, 1):
+        doc = mergekit_config(prev, s, True, name=f"stage{i}" if i < 3 else None)
+        multi.append(doc)
+        prev = tmp / "inter" / f"stage{i}"
+    (tmp / "multi.yml").write_text("---\n".join(multi))
+    mk_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    contenders = {
+        "io-floor 1 step": ([py, str(HERE / "io_floor.py"), str(tmp / "out"), str(out_bytes), *map(str, inputs1)], None, 1),
+        "nearswap 1 step": ([*ns, str(base), str(secs[0]), "-o", str(tmp / "out")], None, 1),
+        "mergekit exact 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "exact.yml"), str(tmp / "out")], mk_env, 1),
+        "mergekit default 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "default.yml"), str(tmp / "out")], mk_env, 1),
+        "io-floor 3 steps": ([py, str(HERE / "io_floor.py"), str(tmp / "out"), str(out_bytes), str(base), *map(str, secs)], None, 3),
+        "nearswap 3 steps": ([*ns, str(base), *map(str, secs), "-o", str(tmp / "out")], None, 3),
+        "mergekit-multi exact 3 steps": ([str(mk / "mergekit-multi"), str(tmp / "multi.yml"), "--out-path", str(tmp / "out"),
+                                          "-I", str(tmp / "inter")], mk_env, 3),
+    }
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    results = {}
+    for name, (cmd, env, steps) in contenders.items():
+        if only and not any(o in name for o in only):
+            continue
+        if "mergekit" in name and not have_mk:
+            print(f"skipping {name}: no mergekit venv at {args.mergekit_venv}")
+            continue
+        runs = []
+        for _ in range(args.repeat):
+            shutil.rmtree(tmp / "out", ignore_errors=True)
+            shutil.rmtree(tmp / "inter", ignore_errors=True)
+            runs.append(timed(cmd, env))
+        wall = statistics.median(r[0] for r in runs)
+        rss = max(r[1] for r in runs)
+        results[name] = {"wall_s": wall, "peak_rss_mb": rss, "steps": steps, "params_per_s": params / wall,
+                         "runs": runs}
+        print(f"{name:<30} {wall:8.2f} s  {params / wall / 1e6:8.1f} M params/s  {rss:8.0f} MB peak RSS", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n{args.size}: {params / 1e6:.0f}M parameters, bf16, 3 shards per model, t = {T}\n")
+    print("| contender | wall s | M params/s | peak RSS MB | nearswap speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        mine = results.get(f"nearswap {r['steps']} step" + ("s" if r["steps"] > 1 else ""))
+        ratio = f"{r['wall_s'] / mine['wall_s']:.1f}x" if mine and "nearswap" not in name else ""
+        print(f"| {name} | {r['wall_s']:.2f} | {r['params_per_s'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    out = HERE / "results" / f"merge-{args.size}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"size": args.size, "params": params, "results": results}, indent=1))
+    print(f"\nsaved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from nearswap.cli import cli
+
+DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
+
+TINY = {  # Llama-ish names and shapes, small enough to compare every element
+    "model.embed_tokens.weight": (50, 16),
+    "model.layers.0.self_attn.q_proj.weight": (16, 16),
+    "model.layers.0.mlp.up_proj.weight": (40, 16),
+    "model.layers.0.input_layernorm.weight": (16,),
+    "model.norm.weight": (16,),
+    "lm_head.weight": (50, 16),
+}
+
+
+def write_model(directory, arrays, shards=1, config=None):
+    """Write ``arrays`` with the safetensors library, as an HF dir (sharded + index when shards > 1)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    names = list(arrays)
+    groups = [names[i::shards] for i in range(shards)]
+    if shards == 1:
+        save_file(arrays, str(directory / "model.safetensors"))
+    else:
+        weight_map = {}
+        for i, group in enumerate(groups, 1):
+            fname = f"model-{i:05d}-of-{shards:05d}.safetensors"
+            save_file({n: arrays[n] for n in group}, str(directory / fname))
+            weight_map.update({n: fname for n in group})
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"} if config is None else config
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def random_model(seed, dtype="bf16", shapes=TINY, scale=0.02, like=None, noise=0.001):
+    """Random weights; with ``like`` (a dict of arrays), ``like`` + Laplace noise instead."""
+    rng = np.random.default_rng(seed)
+    dt = DTYPES.get(dtype, dtype)
+    out = {}
+    for name, shape in shapes.items():
+        if like is not None:
+            w = like[name].astype(np.float32) + rng.laplace(0, noise, shape).astype(np.float32)
+        else:
+            w = scale * rng.standard_normal(shape).astype(np.float32)
+        out[name] = w.astype(dt)
+    return out
+
+
+@pytest.fixture
+def make_quartet(tmp_path):
+    """Build base + n secondaries as HF dirs; returns (paths, arrays)."""
+
+    def build(dtype="bf16", n=3, shards=1, noise=0.001, sec_dtype=None):
+        base = random_model(0, dtype)
+        arrays = [base] + [random_model(i, sec_dtype or dtype, like=base, noise=noise) for i in range(1, n + 1)]
+        paths = [write_model(tmp_path / name, a, shards) for name, a in zip(["base", "s1", "s2", "s3", "s4"], arrays)]
+        return paths, arrays
+
+    return build
+
+
+@pytest.fixture
+def run():
+    """Invoke the CLI in-process; returns the click Result (stdout and stderr kept apart)."""
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(cli, [str(a) for a in args], catch_exceptions=True)
+
+    return invoke
+
+
+@pytest.fixture(autouse=True)
+def _isolate_home(tmp_path_factory, monkeypatch):
+    """Keep the user's cache untouched: every test gets its own HOME and XDG cache."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))

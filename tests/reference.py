@@ -1,0 +1,56 @@
+"""Independent reference: the model card's NearSwap, evaluated with plain numpy, step by step.
+
+Nothing here imports nearswap; tests compare nearswap's output against these functions.
+"""
+
+import numpy as np
+
+
+def nearswap_step(t, v0, v1):
+    """The card's code, verbatim in spirit: float arrays in, same dtype out."""
+    with np.errstate(all="ignore"):
+        lweight = np.absolute(v0 - v1)
+        lweight = np.asarray(t, dtype=v0.dtype) / lweight
+        lweight = np.nan_to_num(lweight, nan=1.0, posinf=1.0, neginf=1.0)
+        np.clip(lweight, a_min=0.0, a_max=1.0, out=lweight)
+        return (1 - lweight) * v0 + lweight * v1
+
+
+def compute_dtype(*arrays):
+    return np.float64 if any(a.dtype == np.float64 for a in arrays) else np.float32
+
+
+def chain(base, secondaries, ts, out_dtype=None, round_between=True):
+    """r0 = base; r_k = nearswap(t_k, r_{k-1}, s_k), rounded to the output dtype after each step."""
+    out_dtype = base.dtype if out_dtype is None else np.dtype(out_dtype)
+    wide = compute_dtype(base, *secondaries)
+    r = base.astype(wide)
+    for t, s in zip(ts, secondaries):
+        r = nearswap_step(t, r, s.astype(wide))
+        if round_between:
+            r = r.astype(out_dtype).astype(wide)
+    return r.astype(out_dtype)
+
+
+def counts(t, v0, v1):
+    """Plain per-step counts: identical, swapped (0<|d|<=t), moved (|d|>t, finite), nonfinite."""
+    wide = compute_dtype(v0, v1)
+    with np.errstate(all="ignore"):
+        d = np.abs(v0.astype(wide) - v1.astype(wide))
+    tt = wide(t)
+    return {
+        "total": int(d.size),
+        "identical": int(np.sum(d == 0)),
+        "swapped": int(np.sum((d > 0) & (d <= tt))),
+        "moved": int(np.sum((d > tt) & np.isfinite(d))),
+        "nonfinite": int(np.sum(~np.isfinite(d))),
+    }
+
+
+def same_bits(a, b):
+    """Bitwise equality (NaNs with the same payload are equal; +0 and -0 are not)."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    ua = a.view(f"u{a.dtype.itemsize}")
+    ub = b.view(f"u{b.dtype.itemsize}")
+    return bool(np.array_equal(ua, ub))

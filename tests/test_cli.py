@@ -1,0 +1,226 @@
+"""The command line: merges, recipes, inspect, and one clear line for every bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from reference import chain as ref_chain
+from reference import same_bits
+
+from conftest import TINY, random_model, write_model
+
+
+def assert_refused(result, *needles, tmp_path=None):
+    """Non-zero exit, exactly one line on stderr naming the problem, no traceback, no output."""
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("nearswap: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in result.output
+    if tmp_path is not None:
+        assert not (tmp_path / "out").exists()
+        assert not list(tmp_path.glob(".out.*")), "a temporary output was left behind"
+
+
+def test_merge_command_writes_exact_model_and_prints_table(make_quartet, tmp_path, run):
+    paths, arrays = make_quartet("bf16", n=3)
+    result = run("merge", *paths, "-t", "1e-3", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("step ") == 3 and "swapped" in result.stdout
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, b in arrays[0].items():
+        assert same_bits(merged[name], ref_chain(b, [a[name] for a in arrays[1:]], [1e-3] * 3))
+
+
+def test_one_t_per_step_and_json(make_quartet, tmp_path, run):
+    paths, _ = make_quartet("f32", n=2, noise=0.002)
+    result = run("merge", *paths, "-t", "1e-4", "-t", "1e-2", "-o", tmp_path / "out", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [s["t"] for s in report["steps"]] == [1e-4, 1e-2]
+    assert report["steps"][1]["swapped"] > report["steps"][0]["swapped"]
+
+
+def test_recipe_file(make_quartet, tmp_path, run):
+    paths, arrays = make_quartet("bf16", n=2)
+    (tmp_path / "r.yaml").write_text(
+        "base: base\nsteps:\n  - {model: s1, t: 1e-3}\n  - {model: s2, t: 2.5e-3, rules: [{match: '*.mlp.*', t: 0}]}\n"
+        "dtype: float32\nshard_size: 2KB\n"
+    )
+    result = run("merge", tmp_path / "r.yaml", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    merged = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        merged.update(load_file(str(f)))
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 1
+    for name, b in arrays[0].items():
+        ts = [1e-3, 0.0 if ".mlp." in name else 2.5e-3]
+        assert same_bits(merged[name], ref_chain(b, [a[name] for a in arrays[1:]], ts, out_dtype=np.float32))
+
+
+def test_inspect_json(make_quartet, run):
+    paths, arrays = make_quartet("bf16", n=1, shards=2)
+    result = run("inspect", paths[0], "--json", "--tensors")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["parameters"] == sum(a.size for a in arrays[0].values())
+    assert info["architectures"] == ["LlamaForCausalLM"]
+    assert info["dtypes"] == {"BF16": info["parameters"]}
+    assert len(info["files"]) == 2 and {t["name"] for t in info["tensors"]} == set(TINY)
+    plain = run("inspect", paths[0])
+    assert plain.exit_code == 0 and f"{info['parameters']:,}" in plain.stdout
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_missing_input(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=1)
+    assert_refused(run("merge", paths[0], tmp_path / "nope", "-t", "1e-4", "-o", tmp_path / "out"), "s1", "does not exist", tmp_path=tmp_path)
+
+
+def test_truncated_shard(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=2, shards=2)
+    shard = paths[2] / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), str(shard), "truncated", tmp_path=tmp_path)
+
+
+def test_corrupt_header(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=1)
+    f = paths[1] / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:8] + b"garbage" + f.read_bytes()[15:])
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), str(f), "corrupt", tmp_path=tmp_path)
+
+
+def test_index_names_missing_shard(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=1, shards=2)
+    (paths[1] / "model-00001-of-00002.safetensors").unlink()
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "s1", "model-00001-of-00002.safetensors", "missing", tmp_path=tmp_path)
+
+
+def test_shape_mismatch_says_vocabulary(make_quartet, tmp_path, run):
+    paths, arrays = make_quartet(n=1)
+    other = dict(arrays[1])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        other[name] = np.concatenate([other[name], other[name][:2]])
+    write_model(paths[1], other)
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "vocabulary sizes differ (50 vs 52", tmp_path=tmp_path)
+
+
+def test_shape_mismatch_other(make_quartet, tmp_path, run):
+    paths, arrays = make_quartet(n=1)
+    other = dict(arrays[1])
+    other["model.layers.0.mlp.up_proj.weight"] = other["model.layers.0.mlp.up_proj.weight"][:20]
+    write_model(paths[1], other)
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "1 shape mismatches", "up_proj", tmp_path=tmp_path)
+
+
+def test_name_mismatch(make_quartet, tmp_path, run):
+    paths, arrays = make_quartet(n=1)
+    other = dict(arrays[1])
+    other["model.extra.weight"] = other.pop("model.norm.weight")
+    write_model(paths[1], other)
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "missing (first: model.norm.weight)", "model.extra.weight", tmp_path=tmp_path)
+
+
+def test_architecture_mismatch(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=1)
+    (paths[1] / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "MistralForCausalLM", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("t", ["-1e-4", "nan", "inf"])
+def test_bad_t(make_quartet, tmp_path, run, t):
+    paths, _ = make_quartet(n=1)
+    assert_refused(run("merge", *paths, "-t", t, "-o", tmp_path / "out"), "t must be a finite number >= 0", tmp_path=tmp_path)
+
+
+def test_bad_t_is_refused_before_reading_any_tensor(tmp_path, run):
+    # the "models" do not even exist: t is checked first
+    assert_refused(run("merge", tmp_path / "a", tmp_path / "b", "-t", "-1", "-o", tmp_path / "out"), "t must be", tmp_path=tmp_path)
+
+
+def test_wrong_number_of_t(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=3)
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-t", "1e-3", "-o", tmp_path / "out"), "2 -t values for 3 secondaries", tmp_path=tmp_path)
+
+
+def test_existing_output(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious").write_text("x")
+    result = run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out")
+    assert_refused(result, "already exists", "--force")
+    assert (tmp_path / "out" / "precious").read_text() == "x"
+
+
+def test_pickle_checkpoint(make_quartet, tmp_path, run):
+    paths, _ = make_quartet(n=1)
+    (tmp_path / "pt").mkdir()
+    (tmp_path / "pt" / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    assert_refused(run("merge", paths[0], tmp_path / "pt", "-t", "1e-4", "-o", tmp_path / "out"), "pickle", "safetensors", tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("base: b\nsteps: [{model: s, t: 1e-4, tt: 1}]\n", "steps.0.tt: unknown key (allowed here: model, t, rules)"),
+    ("base: b\nsteps: [{model: s, t: -1}]\n", "steps.0.t: t must be"),
+    ("base: b\nsteps: []\n", "steps"),
+    ("base: b\nsteps: [{model: s, t: 1e-4}]\nshard_size: lots\n", "bad size"),
+    ("base: b\nsteps: [{model: s, t: 1e-4}]\ndtype: int8\n", "unknown output dtype"),
+    ("base: [b\n", "not valid YAML"),
+])
+def test_bad_recipe(tmp_path, run, text, needle):
+    (tmp_path / "r.yaml").write_text(text)
+    assert_refused(run("merge", tmp_path / "r.yaml", "-o", tmp_path / "out"), "r.yaml", needle, tmp_path=tmp_path)
+
+
+def test_debug_shows_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nearswap", "--debug", "inspect", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+# ---------------------------------------------------------------- processes
+
+
+def test_help_does_not_load_the_heavy_modules():
+    code = "import sys; from nearswap.cli import cli; print(sorted(m for m in ('numpy', 'pydantic', 'safetensors', 'tqdm') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+    help_ = subprocess.run([sys.executable, "-m", "nearswap", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "merge" in help_.stdout and "inspect" in help_.stdout
+
+
+def test_sigint_mid_merge_leaves_nothing(tmp_path):
+    """A real process interrupted while writing: no output, no temporary directory."""
+    rng = np.random.default_rng(0)
+    shapes = {f"layer.{i}.weight": (512, 1024) for i in range(48)}
+    base = {n: (0.02 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "s", {n: w + np.float32(1e-3) for n, w in base.items()})
+    env = {**os.environ, "NEARSWAP_CHUNK": "4096"}  # many small work items: a long window to interrupt
+    proc = subprocess.Popen([sys.executable, "-m", "nearswap", "merge", str(tmp_path / "b"), str(tmp_path / "s"),
+                             "-t", "1e-4", "-o", str(tmp_path / "out"), "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 30
+    while not list(tmp_path.glob(".out.*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the merge finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))

@@ -1,0 +1,235 @@
+"""Whole merges: output bits and report counts against the plain-numpy reference."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+import nearswap
+from nearswap import engine, recipe
+from nearswap.errors import NearswapError
+from reference import chain as ref_chain
+from reference import counts as ref_counts
+from reference import nearswap_step, same_bits
+
+from conftest import DTYPES, random_model, write_model
+
+
+def load_dir(path):
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def expected_report(arrays, ts_by_tensor, out_dtype=None, round_between=True):
+    """Per-step totals and per-tensor counts, computed step by step with the reference."""
+    base, secs = arrays[0], arrays[1:]
+    steps = [{"total": 0, "identical": 0, "swapped": 0, "moved": 0, "nonfinite": 0, "tensors": {}} for _ in secs]
+    for name, b in base.items():
+        ts = ts_by_tensor(name)
+        wide = np.float32
+        r = b.astype(wide)
+        odt = b.dtype if out_dtype is None else out_dtype
+        for k, s in enumerate(secs):
+            c = ref_counts(ts[k], r, s[name].astype(wide))
+            steps[k]["tensors"][name] = c
+            for key, v in c.items():
+                steps[k][key] += v
+            r = nearswap_step(ts[k], r, s[name].astype(wide))
+            if round_between:
+                r = r.astype(odt).astype(wide)
+    return steps
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_chain_bit_exact_and_counts_exact(make_quartet, tmp_path, dtype, n):
+    paths, arrays = make_quartet(dtype, n=n, noise=0.002)
+    t = [1e-4, 2.5e-3, 1e-3][:n]
+    report = nearswap.merge(paths[0], paths[1:], t=t, out=tmp_path / "out")
+    merged = load_dir(tmp_path / "out")
+    for name, b in arrays[0].items():
+        want = ref_chain(b, [a[name] for a in arrays[1:]], t)
+        assert same_bits(merged[name], want), name
+    want = expected_report(arrays, lambda _: t)
+    on_disk = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert len(on_disk["steps"]) == n
+    for got, exp, k in zip(on_disk["steps"], want, range(n)):
+        assert got["t"] == t[k] and got["model"] == str(paths[k + 1])
+        for key in ("total", "identical", "swapped", "moved", "nonfinite"):
+            assert got[key] == exp[key], key
+            assert isinstance(got[key], int)
+        for name in arrays[0]:
+            assert {k2: got["tensors"][name][k2] for k2 in exp["tensors"][name]} == exp["tensors"][name]
+    assert report["steps"][0]["swapped"] == want[0]["swapped"]
+
+
+def test_chain_equals_steps_run_one_by_one(make_quartet, tmp_path):
+    paths, _ = make_quartet("bf16", n=3, noise=0.002)
+    nearswap.merge(paths[0], paths[1:], t=[1e-3, 2e-3, 5e-4], out=tmp_path / "chain")
+    prev = paths[0]
+    for k, (s, t) in enumerate(zip(paths[1:], [1e-3, 2e-3, 5e-4])):
+        nearswap.merge(prev, [s], t=t, out=tmp_path / f"one{k}")
+        prev = tmp_path / f"one{k}"
+    a, b = load_dir(tmp_path / "chain"), load_dir(prev)
+    assert all(same_bits(a[k], b[k]) for k in a)
+
+
+def test_carry_float32_skips_rounding_between_steps(make_quartet, tmp_path):
+    paths, arrays = make_quartet("bf16", n=3, noise=0.002)
+    nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o", carry_float32=True)
+    merged = load_dir(tmp_path / "o")
+    differs = 0
+    for name, b in arrays[0].items():
+        secs = [a[name] for a in arrays[1:]]
+        assert same_bits(merged[name], ref_chain(b, secs, [1e-3] * 3, round_between=False))
+        differs += not same_bits(merged[name], ref_chain(b, secs, [1e-3] * 3, round_between=True))
+    assert differs  # the option changes something, so the test above is not vacuous
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16", "bfloat16"])
+def test_output_dtype_override(make_quartet, tmp_path, out_dtype):
+    paths, arrays = make_quartet("bf16", n=2)
+    nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o", dtype=out_dtype)
+    merged = load_dir(tmp_path / "o")
+    odt = DTYPES[{"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[out_dtype]]
+    for name, b in arrays[0].items():
+        assert merged[name].dtype == odt
+        assert same_bits(merged[name], ref_chain(b, [a[name] for a in arrays[1:]], [1e-3] * 2, out_dtype=odt))
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["torch_dtype"] == out_dtype
+
+
+def test_mixed_dtype_secondaries(make_quartet, tmp_path):
+    paths, arrays = make_quartet("bf16", n=2, sec_dtype="f16")
+    nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    for name, b in arrays[0].items():
+        assert same_bits(merged[name], ref_chain(b, [a[name] for a in arrays[1:]], [1e-3] * 2))
+
+
+def test_rules_set_t_per_tensor(make_quartet, tmp_path):
+    paths, arrays = make_quartet("f32", n=2, noise=0.002)
+    rec = recipe.build({
+        "base": str(paths[0]),
+        "steps": [
+            {"model": str(paths[1]), "t": 1e-4, "rules": [{"match": "*.mlp.*", "t": 5e-3}, {"match": "*", "t": 2e-4}]},
+            {"model": str(paths[2]), "t": 1e-3, "rules": [{"match": "lm_head.*", "t": 0}]},
+        ],
+    })
+
+    def ts(name):
+        return [5e-3 if ".mlp." in name else 2e-4, 0.0 if name.startswith("lm_head") else 1e-3]
+
+    report = engine.merge(rec, tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    for name, b in arrays[0].items():
+        assert same_bits(merged[name], ref_chain(b, [a[name] for a in arrays[1:]], ts(name))), name
+    step1 = report["steps"][0]
+    assert step1["tensors"]["model.layers.0.mlp.up_proj.weight"]["t"] == 5e-3
+    assert step1["swapped"] == expected_report(arrays, ts)[0]["swapped"]
+
+
+def test_chunking_across_tensors_and_shards(make_quartet, tmp_path, monkeypatch):
+    """Tiny chunks and shards: tensors split over many work items still come out exact."""
+    monkeypatch.setattr(engine, "CHUNK", 37)
+    paths, arrays = make_quartet("bf16", n=3, shards=3)
+    nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o", shard_size="1KB", threads=3)
+    files = sorted(p.name for p in (tmp_path / "o").glob("*.safetensors"))
+    assert len(files) > 3 and (tmp_path / "o" / "model.safetensors.index.json").exists()
+    merged = load_dir(tmp_path / "o")
+    for name, b in arrays[0].items():
+        assert same_bits(merged[name], ref_chain(b, [a[name] for a in arrays[1:]], [1e-3] * 3))
+    steps = json.loads((tmp_path / "o" / "merge_report.json").read_text())["steps"]
+    assert [s["swapped"] for s in steps] == [s["swapped"] for s in expected_report(arrays, lambda _: [1e-3] * 3)]
+
+
+def test_integer_tensors_are_copied_from_base(tmp_path):
+    base = random_model(0, "bf16")
+    base["model.rotary.inv_freq_int"] = np.arange(8, dtype=np.int64)
+    sec = dict(random_model(1, "bf16", like=base | {"model.rotary.inv_freq_int": np.zeros(8)}))
+    sec["model.rotary.inv_freq_int"] = np.arange(8, dtype=np.int64) * 7
+    write_model(tmp_path / "b", base)
+    write_model(tmp_path / "s", sec)
+    nearswap.merge(tmp_path / "b", [tmp_path / "s"], t=1.0, out=tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    assert np.array_equal(merged["model.rotary.inv_freq_int"], np.arange(8))
+    assert same_bits(merged["lm_head.weight"], sec["lm_head.weight"])  # t = 1 swaps all of a float tensor
+
+
+def test_provenance_and_side_files(make_quartet, tmp_path):
+    paths, _ = make_quartet("bf16", n=2)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (paths[0] / name).write_text(json.dumps({"from": "base", "file": name}))
+    (paths[2] / "tokenizer.json").write_text(json.dumps({"from": "s2"}))
+    nearswap.merge(paths[0], paths[1:], t=1e-4, out=tmp_path / "o", tokenizer_source=str(paths[2]))
+    out = tmp_path / "o"
+    assert json.loads((out / "generation_config.json").read_text())["from"] == "base"
+    assert json.loads((out / "tokenizer.json").read_text())["from"] == "s2"
+    assert not (out / "tokenizer_config.json").exists()  # the tokenizer source has none
+    rec = yaml.safe_load((out / "nearswap_recipe.yaml").read_text())
+    assert rec["steps"][1]["model"] == str(paths[2]) and rec["steps"][0]["t"] == 1e-4
+    with safe_open(str(out / "model.safetensors"), "numpy") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta["nearswap_version"] == nearswap.__version__
+    assert json.loads(meta["nearswap_recipe"])["base"] == str(paths[0])
+    # the written recipe reproduces the merge
+    again = engine.merge(recipe.load(out / "nearswap_recipe.yaml"), tmp_path / "again")
+    a, b = load_dir(out), load_dir(tmp_path / "again")
+    assert all(same_bits(a[k], b[k]) for k in a) and again["steps"][0]["swapped"] >= 0
+
+
+def test_nonfinite_refused_naming_model_tensor_and_count(make_quartet, tmp_path):
+    paths, arrays = make_quartet("f32", n=2)
+    bad = dict(arrays[2])
+    w = bad["model.layers.0.mlp.up_proj.weight"].copy()
+    w.reshape(-1)[[3, 50, 77]] = [np.nan, np.inf, -np.inf]
+    bad["model.layers.0.mlp.up_proj.weight"] = w
+    write_model(paths[2], bad)
+    with pytest.raises(NearswapError, match=r"s2 .*'model.layers.0.mlp.up_proj.weight' has 3 non-finite values.*--allow-nonfinite"):
+        nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    assert not list(tmp_path.glob(".o.*"))
+    report = nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o", allow_nonfinite=True)
+    merged = load_dir(tmp_path / "o")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert same_bits(merged[name], ref_chain(arrays[0][name], [arrays[1][name], w], [1e-3] * 2))
+    assert report["steps"][1]["nonfinite"] == 3
+
+
+def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
+    paths, _ = make_quartet("bf16", n=3)
+    monkeypatch.setattr(engine, "CHUNK", 64)
+    calls = {"n": 0}
+    real = engine.kernels.chain
+
+    def flaky(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine.kernels, "chain", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        nearswap.merge(paths[0], paths[1:], t=1e-4, out=tmp_path / "o", threads=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "s1", "s2", "s3"]
+
+
+def test_force_replaces_only_after_success(make_quartet, tmp_path, monkeypatch):
+    paths, _ = make_quartet("bf16", n=1)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(NearswapError, match="already exists.*--force"):
+        nearswap.merge(paths[0], paths[1:], t=1e-4, out=out)
+    monkeypatch.setattr(engine, "_copy_side_files", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        nearswap.merge(paths[0], paths[1:], t=1e-4, out=out, force=True)
+    assert (out / "keep.txt").read_text() == "old"
+    monkeypatch.undo()
+    nearswap.merge(paths[0], paths[1:], t=1e-4, out=out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
