@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated subset of contenders")
     ap.add_argument("--workdir", type=Path, default=HERE / "work")
+    ap.add_argument("--outdir", type=Path, help="where outputs are written (default: under --workdir, on disk; "
+                    "/dev/shm takes the disk out of the measurement)")
     args = ap.parse_args()
 
     base, secs = ensure_inputs(args.size, args.workdir)
@@ -95,6 +97,7 @@ def main() -> None:
                     pass
 
     tmp = Path(tempfile.mkdtemp(prefix="nearswap-bench-", dir=args.workdir))
+    out_root = Path(tempfile.mkdtemp(prefix="nearswap-bench-out-", dir=args.outdir)) if args.outdir else tmp
     py = sys.executable
     ns = [py, "-m", "nearswap", "merge", "-q", "-t", str(T)]
     mk = args.mergekit_venv / "bin"
@@ -105,50 +108,59 @@ def main() -> None:
     for i, s in enumerate(secs, 1):
         doc = mergekit_config(prev, s, True, name=f"stage{i}" if i < 3 else None)
         multi.append(doc)
-        prev = tmp / "inter" / f"stage{i}"
+        prev = out_root / "inter" / f"stage{i}"
     (tmp / "multi.yml").write_text("---\n".join(multi))
     mk_env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     contenders = {
-        "io-floor 1 step": ([py, str(HERE / "io_floor.py"), str(tmp / "out"), str(out_bytes), *map(str, inputs1)], None, 1),
-        "nearswap 1 step": ([*ns, str(base), str(secs[0]), "-o", str(tmp / "out")], None, 1),
-        "mergekit exact 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "exact.yml"), str(tmp / "out")], mk_env, 1),
-        "mergekit default 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "default.yml"), str(tmp / "out")], mk_env, 1),
-        "io-floor 3 steps": ([py, str(HERE / "io_floor.py"), str(tmp / "out"), str(out_bytes), str(base), *map(str, secs)], None, 3),
-        "nearswap 3 steps": ([*ns, str(base), *map(str, secs), "-o", str(tmp / "out")], None, 3),
-        "mergekit-multi exact 3 steps": ([str(mk / "mergekit-multi"), str(tmp / "multi.yml"), "--out-path", str(tmp / "out"),
-                                          "-I", str(tmp / "inter")], mk_env, 3),
+        "io-floor 1 step": ([py, str(HERE / "io_floor.py"), str(out_root / "out"), str(out_bytes), *map(str, inputs1)], None, 1),
+        "nearswap 1 step": ([*ns, str(base), str(secs[0]), "-o", str(out_root / "out")], None, 1),
+        "mergekit exact 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "exact.yml"), str(out_root / "out")], mk_env, 1),
+        "mergekit default 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "default.yml"), str(out_root / "out")], mk_env, 1),
+        "io-floor 3 steps": ([py, str(HERE / "io_floor.py"), str(out_root / "out"), str(out_bytes), str(base), *map(str, secs)], None, 3),
+        "nearswap 3 steps": ([*ns, str(base), *map(str, secs), "-o", str(out_root / "out")], None, 3),
+        "mergekit-multi exact 3 steps": ([str(mk / "mergekit-multi"), str(tmp / "multi.yml"), "--out-path", str(out_root / "out"),
+                                          "-I", str(out_root / "inter")], mk_env, 3),
     }
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    results = {}
-    for name, (cmd, env, steps) in contenders.items():
+    chosen = {}
+    for name, spec in contenders.items():
         if only and not any(o in name for o in only):
             continue
         if "mergekit" in name and not have_mk:
             print(f"skipping {name}: no mergekit venv at {args.mergekit_venv}")
             continue
-        runs = []
-        for _ in range(args.repeat):
-            shutil.rmtree(tmp / "out", ignore_errors=True)
-            shutil.rmtree(tmp / "inter", ignore_errors=True)
-            runs.append(timed(cmd, env))
-        wall = statistics.median(r[0] for r in runs)
-        rss = max(r[1] for r in runs)
+        chosen[name] = spec
+    # Rounds: every contender once per round, so all of them see the same (noisy) disk.
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in chosen}
+    for rnd in range(1, args.repeat + 1):
+        for name, (cmd, env, _) in chosen.items():
+            shutil.rmtree(out_root / "out", ignore_errors=True)
+            shutil.rmtree(out_root / "inter", ignore_errors=True)
+            runs[name].append(timed(cmd, env))
+            print(f"round {rnd}: {name:<30} {runs[name][-1][0]:8.2f} s {runs[name][-1][1]:8.0f} MB", flush=True)
+    results = {}
+    for name, (_, _, steps) in chosen.items():
+        wall = statistics.median(r[0] for r in runs[name])
+        rss = max(r[1] for r in runs[name])
         results[name] = {"wall_s": wall, "peak_rss_mb": rss, "steps": steps, "params_per_s": params / wall,
-                         "runs": runs}
-        print(f"{name:<30} {wall:8.2f} s  {params / wall / 1e6:8.1f} M params/s  {rss:8.0f} MB peak RSS", flush=True)
+                         "runs": runs[name]}
     shutil.rmtree(tmp, ignore_errors=True)
-
-    print(f"\n{args.size}: {params / 1e6:.0f}M parameters, bf16, 3 shards per model, t = {T}\n")
+    shutil.rmtree(out_root / "out", ignore_errors=True)
+    shutil.rmtree(out_root, ignore_errors=True)
+    where = f"outputs in {args.outdir}" if args.outdir else "outputs on disk"
+    print(f"\n{args.size}: {params / 1e6:.0f}M parameters, bf16, 3 shards per model, t = {T}, "
+          f"median of {args.repeat} interleaved rounds, {where}\n")
     print("| contender | wall s | M params/s | peak RSS MB | nearswap speed-up |")
     print("|---|---:|---:|---:|---:|")
     for name, r in results.items():
         mine = results.get(f"nearswap {r['steps']} step" + ("s" if r["steps"] > 1 else ""))
         ratio = f"{r['wall_s'] / mine['wall_s']:.1f}x" if mine and "nearswap" not in name else ""
         print(f"| {name} | {r['wall_s']:.2f} | {r['params_per_s'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | {ratio} |")
-    out = HERE / "results" / f"merge-{args.size}.json"
+    out = HERE / "results" / f"merge-{args.size}{'-' + args.outdir.name if args.outdir else ''}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"size": args.size, "params": params, "results": results}, indent=1))
+    out.write_text(json.dumps({"size": args.size, "params": params, "outdir": str(args.outdir or "disk"),
+                               "repeat": args.repeat, "results": results}, indent=1))
     print(f"\nsaved {out}")
 
 

@@ -14,14 +14,22 @@ from reference import nearswap_step, same_bits
 
 from conftest import DTYPES
 
-BACKENDS = ["c", "numpy"] if kernels.BACKEND == "c" else ["numpy"]
+# The C kernel has two step implementations (AVX2 and portable scalar); both are tested.
+BACKENDS = ["c-simd", "c-scalar", "numpy"] if kernels.BACKEND == "c" else ["numpy"]
 TS = [0.0, 1e-4, 3e-4, 1e-3, 2.5e-3, 1e-2, 0.5, 1e-40, 3.0]
 
 
 def run_chain(backend, out, base, secs, ts, round_between=True):
     dtypes = [BY_NUMPY[a.dtype] for a in (out, base, *secs)]
-    fn = kernels._chain_c if backend == "c" else kernels._chain_numpy
-    return fn(out, base, secs, ts, round_between, dtypes)
+    if backend == "numpy":
+        return kernels._chain_numpy(out, base, secs, ts, round_between, dtypes)
+    from nearswap import _ckernel
+
+    _ckernel.use_simd(backend == "c-simd")
+    try:
+        return kernels._chain_c(out, base, secs, ts, round_between, dtypes)
+    finally:
+        _ckernel.use_simd(True)
 
 
 @st.composite

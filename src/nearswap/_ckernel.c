@@ -7,14 +7,20 @@
  *     d = |r - s|;  w = t / d;  w = nan_to_num(w, 1, 1, 1);  w = clip(w, 0, 1)
  *     r = (1 - w) * r + w * s
  *
- * exactly as numpy does it (no FMA contraction: built with -ffp-contract=off),
- * optionally rounds r to the output dtype between steps, and counts, per step,
- * identical / swapped / moved elements and the sum of |change|.
+ * for t >= +0 (the caller turns -0.0 into +0.0 and refuses negative t), where
+ * nan_to_num-then-clip reduces exactly to min(w, 1) with NaN -> 1.
  *
- * Work is done in tiles of TILE elements that live in L1: each input tile is
- * widened to float32 once, every step runs over the tile, the result is
- * narrowed once.  The GIL is released for the whole chunk, so Python threads
- * run chunks in parallel.
+ * exactly as numpy does it (no FMA: built with -ffp-contract=off, and the AVX2
+ * path is compiled without the fma target), optionally rounds r to the output
+ * dtype between steps, and counts, per step, identical / swapped / moved
+ * elements and the sum of |change|.
+ *
+ * Work is done in tiles of TILE elements that stay in L1: the base tile is
+ * widened to float32 once, every step runs over it reading its secondary in
+ * that secondary's own dtype, and the result is narrowed once. Two step
+ * implementations compute the same bits: AVX2+F16C intrinsics (8 lanes,
+ * chosen at run time) and a portable scalar loop. The GIL is released for the
+ * whole chunk, so Python threads run chunks in parallel.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,115 +29,239 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+#define AVX2 __attribute__((target("avx2,f16c")))
+#else
+#define HAVE_AVX2_PATH 0
+#endif
+
 #define TILE 2048
-#define LANES 16
 #define MAX_STEPS 64
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { NO_ROUND = -1 };
 
 static const int ITEMSIZE[3] = {4, 2, 2};
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HOT
-#endif
-
-/* ---- dtype conversions (bit-exact with ml_dtypes / numpy astype) ---- */
-
-HOT static void widen(float *dst, const void *src, int code, Py_ssize_t n)
-{
-    if (code == DT_F32) {
-        memcpy(dst, src, (size_t)n * 4);
-    } else if (code == DT_BF16) {
-        const uint16_t *h = (const uint16_t *)src;
-        uint32_t *u = (uint32_t *)dst;
-        for (Py_ssize_t i = 0; i < n; i++) u[i] = (uint32_t)h[i] << 16;
-    } else {
-        const _Float16 *h = (const _Float16 *)src;
-        for (Py_ssize_t i = 0; i < n; i++) dst[i] = (float)h[i];
-    }
-}
-
-/* float32 -> bfloat16, round to nearest even; NaN -> canonical quiet NaN with
- * the input's sign (as ml_dtypes does). */
-static inline uint16_t f32_to_bf16(uint32_t u)
-{
-    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    uint32_t nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
-    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
-}
-
-HOT static void narrow(void *dst, const float *src, int code, Py_ssize_t n)
-{
-    if (code == DT_F32) {
-        memcpy(dst, src, (size_t)n * 4);
-    } else if (code == DT_BF16) {
-        const uint32_t *u = (const uint32_t *)src;
-        uint16_t *h = (uint16_t *)dst;
-        for (Py_ssize_t i = 0; i < n; i++) h[i] = f32_to_bf16(u[i]);
-    } else {
-        _Float16 *h = (_Float16 *)dst;
-        for (Py_ssize_t i = 0; i < n; i++) h[i] = (_Float16)src[i];
-    }
-}
-
-/* Round a float32 tile in place through the output dtype. */
-HOT static void round_through(float *r, int code, Py_ssize_t n)
-{
-    if (code == DT_BF16) {
-        uint32_t *u = (uint32_t *)r;
-        for (Py_ssize_t i = 0; i < n; i++) u[i] = (uint32_t)f32_to_bf16(u[i]) << 16;
-    } else if (code == DT_F16) {
-        for (Py_ssize_t i = 0; i < n; i++) r[i] = (float)(_Float16)r[i];
-    }
-}
-
-/* ---- one NearSwap step over a tile ---- */
 
 typedef struct {
     int64_t identical, swapped, moved;
     double abs_change;
 } StepCounts;
 
-HOT static void step_tile(float *restrict out, const float *restrict r, const float *restrict s,
-                          Py_ssize_t n, float t, StepCounts *c)
+/* ---- scalar conversions (bit-exact with ml_dtypes / numpy astype) ---- */
+
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* float32 -> bfloat16, round to nearest even; NaN -> canonical quiet NaN with the
+ * input's sign (as ml_dtypes does). */
+static inline uint16_t f32_to_bf16(uint32_t u)
+{
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7fc0u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float load_scalar(const void *src, int code, Py_ssize_t i)
+{
+    if (code == DT_F32) return ((const float *)src)[i];
+    if (code == DT_BF16) return bits_f32((uint32_t)((const uint16_t *)src)[i] << 16);
+    return (float)((const _Float16 *)src)[i];
+}
+
+static inline float round_scalar(float x, int code)
+{
+    if (code == DT_BF16) return bits_f32((uint32_t)f32_to_bf16(f32_bits(x)) << 16);
+    if (code == DT_F16) return (float)(_Float16)x;
+    return x;
+}
+
+static void widen(float *dst, const void *src, int code, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) dst[i] = load_scalar(src, code, i);
+}
+
+static void narrow(void *dst, const float *src, int code, Py_ssize_t n)
+{
+    if (code == DT_F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (code == DT_BF16) {
+        uint16_t *h = (uint16_t *)dst;
+        for (Py_ssize_t i = 0; i < n; i++) h[i] = f32_to_bf16(f32_bits(src[i]));
+    } else {
+        _Float16 *h = (_Float16 *)dst;
+        for (Py_ssize_t i = 0; i < n; i++) h[i] = (_Float16)src[i];
+    }
+}
+
+/* ---- one step, portable scalar version ---- */
+
+static void step_scalar(float *r, const void *s, int s_code, int round_code, Py_ssize_t n, float t,
+                        StepCounts *c)
 {
     int64_t n_id = 0, n_sw = 0, n_mv = 0;
+    double change = 0.0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        float a = r[i], b = s[i];
+        float a = r[i], b = load_scalar(s, s_code, i);
         float d = fabsf(a - b);
         float w = t / d;
-        w = (fabsf(w) <= FLT_MAX) ? w : 1.0f; /* nan_to_num(nan=1, posinf=1, neginf=1) */
-        w = (w < 0.0f) ? 0.0f : w;            /* clip, numpy's semantics */
-        w = (w > 1.0f) ? 1.0f : w;
-        out[i] = (1.0f - w) * a + w * b;
+        /* t >= +0 and d >= +0 (or NaN): w is +0..+inf or NaN, so nan_to_num(nan=1,
+         * posinf=1, neginf=1) then clip(0, 1) is: w if w <= 1, else 1. */
+        w = (w <= 1.0f) ? w : 1.0f;
+        float res = round_scalar((1.0f - w) * a + w * b, round_code);
+        r[i] = res;
         n_id += (d == 0.0f);
         n_sw += (d > 0.0f) & (d <= t);
         n_mv += (d > t) & (d <= FLT_MAX);
+        float ch = fabsf(res - a);
+        if (ch <= FLT_MAX) change += ch;
     }
     c->identical += n_id;
     c->swapped += n_sw;
     c->moved += n_mv;
+    c->abs_change += change;
 }
 
-/* Sum of |new - old| over finite differences, in LANES float partial sums. */
-HOT static double abs_change(const float *restrict now, const float *restrict before, Py_ssize_t n)
+/* ---- one step, AVX2 + F16C, 8 lanes ---- */
+
+#if HAVE_AVX2_PATH
+AVX2 static inline __m256 load8(const void *src, int code, Py_ssize_t i)
 {
-    float acc[LANES] = {0};
-    Py_ssize_t i = 0;
-    for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) {
-            float x = fabsf(now[i + j] - before[i + j]);
-            acc[j] += (x <= FLT_MAX) ? x : 0.0f;
-        }
-    double total = 0.0;
-    for (int j = 0; j < LANES; j++) total += acc[j];
-    for (; i < n; i++) {
-        float x = fabsf(now[i] - before[i]);
-        total += (x <= FLT_MAX) ? x : 0.0f;
+    if (code == DT_F32) return _mm256_loadu_ps((const float *)src + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + i));
+    if (code == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+AVX2 static inline __m256 round8(__m256 x, int code)
+{
+    if (code == DT_BF16) {
+        __m256i u = _mm256_castps_si256(x);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+        rounded = _mm256_and_si256(rounded, _mm256_set1_epi32((int)0xffff0000u));
+        __m256i nan = _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32((int)0x80000000u)),
+                                      _mm256_set1_epi32(0x7fc00000));
+        __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                            _mm256_set1_epi32(0x7f800000));
+        return _mm256_castsi256_ps(_mm256_blendv_epi8(rounded, nan, is_nan));
     }
-    return total;
+    if (code == DT_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    return x;
+}
+
+AVX2 static inline void step_avx2_impl(float *r, const void *s, int s_code, int round_code, Py_ssize_t n,
+                                       float t, StepCounts *c)
+{
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), vt = _mm256_set1_ps(t);
+    const __m256 big = _mm256_set1_ps(FLT_MAX);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256i n_id = _mm256_setzero_si256(), n_le = n_id, n_fin = n_id;
+    __m256 change = zero;
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = _mm256_loadu_ps(r + i), b = load8(s, s_code, i);
+        __m256 d = _mm256_and_ps(_mm256_sub_ps(a, b), absmask);
+        /* t >= +0 and d >= +0 (or NaN), so w is +0..+inf or NaN: nan_to_num then clip(0, 1)
+         * is min(w, 1), and minps returns its second operand (1) when w is NaN. */
+        __m256 w = _mm256_min_ps(_mm256_div_ps(vt, d), one);
+        __m256 res = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(one, w), a), _mm256_mul_ps(w, b));
+        res = round8(res, round_code);
+        _mm256_storeu_ps(r + i, res);
+        /* a true comparison is all ones = -1; swapped and moved are differences of these */
+        n_id = _mm256_sub_epi32(n_id, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_EQ_OQ)));
+        n_le = _mm256_sub_epi32(n_le, _mm256_castps_si256(_mm256_cmp_ps(d, vt, _CMP_LE_OQ)));
+        n_fin = _mm256_sub_epi32(n_fin, _mm256_castps_si256(_mm256_cmp_ps(d, big, _CMP_LE_OQ)));
+        __m256 ch = _mm256_and_ps(_mm256_sub_ps(res, a), absmask);
+        change = _mm256_add_ps(change, _mm256_and_ps(ch, _mm256_cmp_ps(ch, big, _CMP_LE_OQ)));
+    }
+    int32_t ids[8], les[8], fins[8];
+    float chs[8];
+    _mm256_storeu_si256((__m256i *)ids, n_id);
+    _mm256_storeu_si256((__m256i *)les, n_le);
+    _mm256_storeu_si256((__m256i *)fins, n_fin);
+    _mm256_storeu_ps(chs, change);
+    for (int j = 0; j < 8; j++) {
+        c->identical += ids[j];
+        c->swapped += les[j] - ids[j];
+        c->moved += fins[j] - les[j];
+        c->abs_change += chs[j];
+    }
+    if (i < n) step_scalar(r + i, (const char *)s + i * ITEMSIZE[s_code], s_code, round_code, n - i, t, c);
+}
+
+AVX2 static void widen_avx2(float *dst, const void *src, int code, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src, code, i));
+    widen(dst + i, (const char *)src + i * ITEMSIZE[code], code, n - i);
+}
+
+AVX2 static void narrow_avx2(void *dst, const float *src, int code, Py_ssize_t n)
+{
+    Py_ssize_t i = 0;
+    if (code == DT_BF16) {
+        for (; i + 8 <= n; i += 8) {
+            __m256i x = _mm256_srli_epi32(_mm256_castps_si256(round8(_mm256_loadu_ps(src + i), DT_BF16)), 16);
+            __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), h);
+        }
+    } else if (code == DT_F16) {
+        for (; i + 8 <= n; i += 8)
+            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+    narrow((char *)dst + i * ITEMSIZE[code], src + i, code, n - i);
+}
+
+/* One specialised copy per (secondary dtype, rounding) pair, so the dtype branches fold. */
+#define STEP_VARIANT(NAME, S, R)                                                              \
+    AVX2 static void NAME(float *r, const void *s, int s_code, int round_code, Py_ssize_t n, \
+                          float t, StepCounts *c)                                             \
+    {                                                                                         \
+        (void)s_code, (void)round_code;                                                       \
+        step_avx2_impl(r, s, S, R, n, t, c);                                                  \
+    }
+STEP_VARIANT(avx2_f32_none, DT_F32, NO_ROUND)
+STEP_VARIANT(avx2_f32_bf16, DT_F32, DT_BF16)
+STEP_VARIANT(avx2_f32_f16, DT_F32, DT_F16)
+STEP_VARIANT(avx2_bf16_none, DT_BF16, NO_ROUND)
+STEP_VARIANT(avx2_bf16_bf16, DT_BF16, DT_BF16)
+STEP_VARIANT(avx2_bf16_f16, DT_BF16, DT_F16)
+STEP_VARIANT(avx2_f16_none, DT_F16, NO_ROUND)
+STEP_VARIANT(avx2_f16_bf16, DT_F16, DT_BF16)
+STEP_VARIANT(avx2_f16_f16, DT_F16, DT_F16)
+#endif
+
+typedef void (*StepFn)(float *, const void *, int, int, Py_ssize_t, float, StepCounts *);
+
+/* [secondary dtype][rounding: none, bf16, f16]; filled at import with the best available. */
+static StepFn STEP[3][3];
+static void (*WIDEN)(float *, const void *, int, Py_ssize_t) = widen;
+static void (*NARROW)(void *, const float *, int, Py_ssize_t) = narrow;
+static const char *STEP_NAME = "scalar";
+
+static void choose_steps(int allow_simd)
+{
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) STEP[i][j] = step_scalar;
+    STEP_NAME = "scalar";
+#if HAVE_AVX2_PATH
+    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+        StepFn simd[3][3] = {
+            {avx2_f32_none, avx2_f32_bf16, avx2_f32_f16},
+            {avx2_bf16_none, avx2_bf16_bf16, avx2_bf16_f16},
+            {avx2_f16_none, avx2_f16_bf16, avx2_f16_f16},
+        };
+        memcpy(STEP, simd, sizeof STEP);
+        WIDEN = widen_avx2;
+        NARROW = narrow_avx2;
+        STEP_NAME = "avx2";
+    }
+#else
+    (void)allow_simd;
+#endif
 }
 
 /* ---- the chunk driver ---- */
@@ -149,19 +279,19 @@ typedef struct {
 
 static void run_job(Job *job)
 {
-    float cur[TILE], nxt[TILE], sec[TILE];
+    float cur[TILE];
+    /* rounding between steps is a no-op for a float32 output */
+    int round_code = (job->round_between && job->out_code != DT_F32) ? job->out_code : NO_ROUND;
+    int round_col = round_code == NO_ROUND ? 0 : round_code;
     for (Py_ssize_t start = 0; start < job->n; start += TILE) {
         Py_ssize_t m = job->n - start < TILE ? job->n - start : TILE;
-        widen(cur, job->base + start * ITEMSIZE[job->base_code], job->base_code, m);
+        WIDEN(cur, job->base + start * ITEMSIZE[job->base_code], job->base_code, m);
         for (int k = 0; k < job->nsteps; k++) {
             int code = job->sec_codes[k];
-            widen(sec, job->secs[k] + start * ITEMSIZE[code], code, m);
-            step_tile(nxt, cur, sec, m, job->ts[k], &job->counts[k]);
-            if (job->round_between) round_through(nxt, job->out_code, m);
-            job->counts[k].abs_change += abs_change(nxt, cur, m);
-            memcpy(cur, nxt, (size_t)m * 4);
+            STEP[code][round_col](cur, job->secs[k] + start * ITEMSIZE[code], code, round_code, m, job->ts[k],
+                                  &job->counts[k]);
         }
-        narrow(job->out + start * ITEMSIZE[job->out_code], cur, job->out_code, m);
+        NARROW(job->out + start * ITEMSIZE[job->out_code], cur, job->out_code, m);
     }
 }
 
@@ -249,14 +379,28 @@ done:
     return result;
 }
 
+static PyObject *use_simd(PyObject *self, PyObject *arg)
+{
+    int allow = PyObject_IsTrue(arg);
+    if (allow < 0) return NULL;
+    choose_steps(allow);
+    return PyUnicode_FromString(STEP_NAME);
+}
+
 static PyMethodDef methods[] = {
     {"chain", chain, METH_VARARGS,
      "chain(out, out_code, base, base_code, secs, sec_codes, ts, round_between) -> "
      "((identical, swapped, moved, nonfinite, abs_change_sum), ...) per step"},
+    {"use_simd", use_simd, METH_O,
+     "use_simd(allow) -> name of the step implementation now in use ('avx2' or 'scalar')"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernel",
                                     "Fused NearSwap chain kernel (float32).", -1, methods};
 
-PyMODINIT_FUNC PyInit__ckernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__ckernel(void)
+{
+    choose_steps(1);
+    return PyModule_Create(&module);
+}

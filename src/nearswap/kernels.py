@@ -135,7 +135,7 @@ def _chain_c(out, base, secondaries, ts, round_between, dtypes: list[DType]) -> 
     codes = tuple(d.kernel_code for d in dtypes[2:])
     raw = _ckernel.chain(
         out.view(np.uint8), dtypes[0].kernel_code, base.view(np.uint8), dtypes[1].kernel_code,
-        tuple(s.view(np.uint8) for s in secondaries), codes, tuple(float(t) for t in ts),
+        tuple(s.view(np.uint8) for s in secondaries), codes, tuple(float(check_t(t)) for t in ts),
         bool(round_between),
     )
     return [StepCounts(*r) for r in raw]
