@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +55,13 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     h, m, s = wall.groups()
     return int(h or 0) * 3600 + int(m) * 60 + float(s), int(rss.group(1)) / 1024
+
+
+def settle() -> None:
+    """Let the disk finish what the previous run left (writeback, and the TRIMs an ext4
+    mounted with `discard` issues for deleted files), so no contender pays for another."""
+    os.sync()
+    time.sleep(2)
 
 
 def mergekit_config(base: Path, secondary: Path, exact: bool, name: str | None = None) -> str:
@@ -137,6 +145,7 @@ def main() -> None:
         for name, (cmd, env, _) in chosen.items():
             shutil.rmtree(out_root / "out", ignore_errors=True)
             shutil.rmtree(out_root / "inter", ignore_errors=True)
+            settle()
             runs[name].append(timed(cmd, env))
             print(f"round {rnd}: {name:<30} {runs[name][-1][0]:8.2f} s {runs[name][-1][1]:8.0f} MB", flush=True)
     results = {}

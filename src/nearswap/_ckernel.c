@@ -15,9 +15,10 @@
  * dtype between steps, and counts, per step, identical / swapped / moved
  * elements and the sum of |change|.
  *
- * Work is done in tiles of TILE elements that stay in L1: the base tile is
- * widened to float32 once, every step runs over it reading its secondary in
- * that secondary's own dtype, and the result is narrowed once. Two step
+ * Work is done in tiles of TILE elements that stay in L1: step 1 reads the
+ * base in its own dtype, every step reads its secondary in that secondary's
+ * dtype, steps in between work on a float32 tile, and the last step writes the
+ * output dtype. Two step
  * implementations compute the same bits: AVX2+F16C intrinsics (8 lanes,
  * chosen at run time) and a portable scalar loop. The GIL is released for the
  * whole chunk, so Python threads run chunks in parallel.
@@ -77,11 +78,6 @@ static inline float round_scalar(float x, int code)
     return x;
 }
 
-static void widen(float *dst, const void *src, int code, Py_ssize_t n)
-{
-    for (Py_ssize_t i = 0; i < n; i++) dst[i] = load_scalar(src, code, i);
-}
-
 static void narrow(void *dst, const float *src, int code, Py_ssize_t n)
 {
     if (code == DT_F32) {
@@ -97,20 +93,23 @@ static void narrow(void *dst, const float *src, int code, Py_ssize_t n)
 
 /* ---- one step, portable scalar version ---- */
 
-static void step_scalar(float *r, const void *s, int s_code, int round_code, Py_ssize_t n, float t,
-                        StepCounts *c)
+/* dst[i] = nearswap(t, src[i], s[i]) for i < n, each array in its own dtype (src and dst may
+ * be the same float32 tile); the result is rounded through round_code before it is stored
+ * and counted. */
+static void step_scalar(const void *src, int src_code, const void *s, int s_code, void *dst, int dst_code,
+                        int round_code, Py_ssize_t n, float t, StepCounts *c)
 {
     int64_t n_id = 0, n_sw = 0, n_mv = 0;
     double change = 0.0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        float a = r[i], b = load_scalar(s, s_code, i);
+        float a = load_scalar(src, src_code, i), b = load_scalar(s, s_code, i);
         float d = fabsf(a - b);
         float w = t / d;
         /* t >= +0 and d >= +0 (or NaN): w is +0..+inf or NaN, so nan_to_num(nan=1,
          * posinf=1, neginf=1) then clip(0, 1) is: w if w <= 1, else 1. */
         w = (w <= 1.0f) ? w : 1.0f;
         float res = round_scalar((1.0f - w) * a + w * b, round_code);
-        r[i] = res;
+        narrow((char *)dst + i * ITEMSIZE[dst_code], &res, dst_code, 1);
         n_id += (d == 0.0f);
         n_sw += (d > 0.0f) & (d <= t);
         n_mv += (d > t) & (d <= FLT_MAX);
@@ -151,8 +150,25 @@ AVX2 static inline __m256 round8(__m256 x, int code)
     return x;
 }
 
-AVX2 static inline void step_avx2_impl(float *r, const void *s, int s_code, int round_code, Py_ssize_t n,
-                                       float t, StepCounts *c)
+/* Store 8 floats as `code`; `rounded` says x already holds values of that dtype. */
+AVX2 static inline void store8(void *dst, int code, Py_ssize_t i, __m256 x, int rounded)
+{
+    if (code == DT_F32) {
+        _mm256_storeu_ps((float *)dst + i, x);
+    } else if (code == DT_BF16) {
+        __m256i u = _mm256_srli_epi32(_mm256_castps_si256(rounded ? x : round8(x, DT_BF16)), 16);
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
+                         _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1)));
+    } else {
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
+/* The AVX2 twin of step_scalar: same arguments, same bits. Always inlined into the
+ * specialisations below, where every dtype code is a constant. */
+AVX2 static inline __attribute__((always_inline)) void step_avx2(const void *src, int src_code, const void *s,
+                                                                 int s_code, void *dst, int dst_code, int round_code,
+                                                                 Py_ssize_t n, float t, StepCounts *c)
 {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), vt = _mm256_set1_ps(t);
     const __m256 big = _mm256_set1_ps(FLT_MAX);
@@ -161,14 +177,14 @@ AVX2 static inline void step_avx2_impl(float *r, const void *s, int s_code, int 
     __m256 change = zero;
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 a = _mm256_loadu_ps(r + i), b = load8(s, s_code, i);
+        __m256 a = load8(src, src_code, i), b = load8(s, s_code, i);
         __m256 d = _mm256_and_ps(_mm256_sub_ps(a, b), absmask);
         /* t >= +0 and d >= +0 (or NaN), so w is +0..+inf or NaN: nan_to_num then clip(0, 1)
          * is min(w, 1), and minps returns its second operand (1) when w is NaN. */
         __m256 w = _mm256_min_ps(_mm256_div_ps(vt, d), one);
         __m256 res = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(one, w), a), _mm256_mul_ps(w, b));
         res = round8(res, round_code);
-        _mm256_storeu_ps(r + i, res);
+        store8(dst, dst_code, i, res, round_code == dst_code);
         /* a true comparison is all ones = -1; swapped and moved are differences of these */
         n_id = _mm256_sub_epi32(n_id, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_EQ_OQ)));
         n_le = _mm256_sub_epi32(n_le, _mm256_castps_si256(_mm256_cmp_ps(d, vt, _CMP_LE_OQ)));
@@ -188,75 +204,54 @@ AVX2 static inline void step_avx2_impl(float *r, const void *s, int s_code, int 
         c->moved += fins[j] - les[j];
         c->abs_change += chs[j];
     }
-    if (i < n) step_scalar(r + i, (const char *)s + i * ITEMSIZE[s_code], s_code, round_code, n - i, t, c);
+    if (i < n)
+        step_scalar((const char *)src + i * ITEMSIZE[src_code], src_code, (const char *)s + i * ITEMSIZE[s_code],
+                    s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, n - i, t, c);
 }
 
-AVX2 static void widen_avx2(float *dst, const void *src, int code, Py_ssize_t n)
-{
-    Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src, code, i));
-    widen(dst + i, (const char *)src + i * ITEMSIZE[code], code, n - i);
-}
-
-AVX2 static void narrow_avx2(void *dst, const float *src, int code, Py_ssize_t n)
-{
-    Py_ssize_t i = 0;
-    if (code == DT_BF16) {
-        for (; i + 8 <= n; i += 8) {
-            __m256i x = _mm256_srli_epi32(_mm256_castps_si256(round8(_mm256_loadu_ps(src + i), DT_BF16)), 16);
-            __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
-            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), h);
-        }
-    } else if (code == DT_F16) {
-        for (; i + 8 <= n; i += 8)
-            _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
-                             _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+/* One copy of step_avx2 per (source, secondary, destination, rounding) dtype combination:
+ * 3 x 3 x 3 x 3 small functions, so no dtype test is left in any inner loop. */
+#define SPEC(A, S, D, R)                                                                          \
+    AVX2 static void step_avx2_##A##_##S##_##D##_##R(const void *src, int a_, const void *s, int s_, \
+                                                     void *dst, int d_, int r_, Py_ssize_t n, float t, \
+                                                     StepCounts *c)                              \
+    {                                                                                             \
+        (void)a_, (void)s_, (void)d_, (void)r_;                                                   \
+        step_avx2(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), n, t, c);                     \
     }
-    narrow((char *)dst + i * ITEMSIZE[code], src + i, code, n - i);
-}
-
-/* One specialised copy per (secondary dtype, rounding) pair, so the dtype branches fold. */
-#define STEP_VARIANT(NAME, S, R)                                                              \
-    AVX2 static void NAME(float *r, const void *s, int s_code, int round_code, Py_ssize_t n, \
-                          float t, StepCounts *c)                                             \
-    {                                                                                         \
-        (void)s_code, (void)round_code;                                                       \
-        step_avx2_impl(r, s, S, R, n, t, c);                                                  \
-    }
-STEP_VARIANT(avx2_f32_none, DT_F32, NO_ROUND)
-STEP_VARIANT(avx2_f32_bf16, DT_F32, DT_BF16)
-STEP_VARIANT(avx2_f32_f16, DT_F32, DT_F16)
-STEP_VARIANT(avx2_bf16_none, DT_BF16, NO_ROUND)
-STEP_VARIANT(avx2_bf16_bf16, DT_BF16, DT_BF16)
-STEP_VARIANT(avx2_bf16_f16, DT_BF16, DT_F16)
-STEP_VARIANT(avx2_f16_none, DT_F16, NO_ROUND)
-STEP_VARIANT(avx2_f16_bf16, DT_F16, DT_BF16)
-STEP_VARIANT(avx2_f16_f16, DT_F16, DT_F16)
+#define SPEC_R(A, S, D) SPEC(A, S, D, 0) SPEC(A, S, D, 1) SPEC(A, S, D, 2)
+#define SPEC_D(A, S) SPEC_R(A, S, 0) SPEC_R(A, S, 1) SPEC_R(A, S, 2)
+#define SPEC_S(A) SPEC_D(A, 0) SPEC_D(A, 1) SPEC_D(A, 2)
+SPEC_S(0)
+SPEC_S(1)
+SPEC_S(2)
+#define NAME(A, S, D, R) step_avx2_##A##_##S##_##D##_##R
+#define ROW_R(A, S, D) {NAME(A, S, D, 0), NAME(A, S, D, 1), NAME(A, S, D, 2)}
+#define ROW_D(A, S) {ROW_R(A, S, 0), ROW_R(A, S, 1), ROW_R(A, S, 2)}
+#define ROW_S(A) {ROW_D(A, 0), ROW_D(A, 1), ROW_D(A, 2)}
 #endif
 
-typedef void (*StepFn)(float *, const void *, int, int, Py_ssize_t, float, StepCounts *);
+typedef void (*StepFn)(const void *, int, const void *, int, void *, int, int, Py_ssize_t, float, StepCounts *);
 
-/* [secondary dtype][rounding: none, bf16, f16]; filled at import with the best available. */
-static StepFn STEP[3][3];
-static void (*WIDEN)(float *, const void *, int, Py_ssize_t) = widen;
-static void (*NARROW)(void *, const float *, int, Py_ssize_t) = narrow;
+/* [source dtype][secondary dtype][destination dtype][rounding: 0 none, 1 bf16, 2 f16],
+ * chosen at import. */
+static StepFn STEP[3][3][3][3];
 static const char *STEP_NAME = "scalar";
+
+#if HAVE_AVX2_PATH
+static const StepFn STEP_AVX2[3][3][3][3] = {ROW_S(0), ROW_S(1), ROW_S(2)};
+#endif
 
 static void choose_steps(int allow_simd)
 {
-    for (int i = 0; i < 3; i++)
-        for (int j = 0; j < 3; j++) STEP[i][j] = step_scalar;
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 3; b++)
+            for (int d = 0; d < 3; d++)
+                for (int r = 0; r < 3; r++) STEP[a][b][d][r] = step_scalar;
     STEP_NAME = "scalar";
 #if HAVE_AVX2_PATH
     if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-        StepFn simd[3][3] = {
-            {avx2_f32_none, avx2_f32_bf16, avx2_f32_f16},
-            {avx2_bf16_none, avx2_bf16_bf16, avx2_bf16_f16},
-            {avx2_f16_none, avx2_f16_bf16, avx2_f16_f16},
-        };
-        memcpy(STEP, simd, sizeof STEP);
-        WIDEN = widen_avx2;
-        NARROW = narrow_avx2;
+        memcpy(STEP, STEP_AVX2, sizeof STEP);
         STEP_NAME = "avx2";
     }
 #else
@@ -277,21 +272,25 @@ typedef struct {
     StepCounts counts[MAX_STEPS];
 } Job;
 
+/* Tile by tile: step 1 reads the base in its dtype, the last step writes the output in its
+ * dtype, and the steps between work on a float32 tile in L1. */
 static void run_job(Job *job)
 {
     float cur[TILE];
     /* rounding between steps is a no-op for a float32 output */
     int round_code = (job->round_between && job->out_code != DT_F32) ? job->out_code : NO_ROUND;
-    int round_col = round_code == NO_ROUND ? 0 : round_code;
+    int round_idx = round_code == NO_ROUND ? 0 : round_code;
     for (Py_ssize_t start = 0; start < job->n; start += TILE) {
         Py_ssize_t m = job->n - start < TILE ? job->n - start : TILE;
-        WIDEN(cur, job->base + start * ITEMSIZE[job->base_code], job->base_code, m);
         for (int k = 0; k < job->nsteps; k++) {
-            int code = job->sec_codes[k];
-            STEP[code][round_col](cur, job->secs[k] + start * ITEMSIZE[code], code, round_code, m, job->ts[k],
-                                  &job->counts[k]);
+            int first = k == 0, last = k == job->nsteps - 1;
+            const void *src = first ? job->base + start * ITEMSIZE[job->base_code] : (const void *)cur;
+            void *dst = last ? job->out + start * ITEMSIZE[job->out_code] : (void *)cur;
+            int code = job->sec_codes[k], src_code = first ? job->base_code : DT_F32;
+            int dst_code = last ? job->out_code : DT_F32;
+            STEP[src_code][code][dst_code][round_idx](src, src_code, job->secs[k] + start * ITEMSIZE[code], code,
+                                                      dst, dst_code, round_code, m, job->ts[k], &job->counts[k]);
         }
-        NARROW(job->out + start * ITEMSIZE[job->out_code], cur, job->out_code, m);
     }
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -163,6 +164,9 @@ def demo(workdir, quiet):
 
 
 def main() -> None:
+    # nearswap never calls BLAS; numpy's OpenBLAS would otherwise start a thread per core
+    # that spins for work, taking cycles from the merge threads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     cli(prog_name="nearswap")
 
 

@@ -7,6 +7,7 @@ their buffers: memory is bounded by threads x chunk x models, not by model size.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -197,6 +198,8 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
 
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nearswap")
     pending: set[Future] = set()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the stream allocates only short-lived tuples; collections would just stall it
     try:
         for item in _work_items(plan_.tasks):
             if len(pending) >= 2 * threads:
@@ -209,6 +212,8 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         reader.close()
+        if gc_was_enabled:
+            gc.enable()
     return steps
 
 
