@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/python -c "import nearswap.kernels as k; print('nearswap kernel:', k.BACKEND)"
+	$(BIN)/python -c "import nearswap.kernels as k; print('nearswap kernel:', k.describe_backend())"
 	touch $(STAMP)
 
 demo: setup

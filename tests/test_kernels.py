@@ -14,8 +14,13 @@ from reference import nearswap_step, same_bits
 
 from conftest import DTYPES
 
-# The C kernel has two step implementations (AVX2 and portable scalar); both are tested.
-BACKENDS = ["c-simd", "c-scalar", "numpy"] if kernels.BACKEND == "c" else ["numpy"]
+# Every step implementation of the C kernel this CPU can run (AVX-512, AVX2, scalar), and numpy.
+if kernels.BACKEND == "c":
+    from nearswap import _ckernel
+
+    BACKENDS = [f"c-{isa}" for isa in _ckernel.isas()] + ["numpy"]
+else:
+    BACKENDS = ["numpy"]
 TS = [0.0, 1e-4, 3e-4, 1e-3, 2.5e-3, 1e-2, 0.5, 1e-40, 3.0]
 
 
@@ -23,13 +28,11 @@ def run_chain(backend, out, base, secs, ts, round_between=True):
     dtypes = [BY_NUMPY[a.dtype] for a in (out, base, *secs)]
     if backend == "numpy":
         return kernels._chain_numpy(out, base, secs, ts, round_between, dtypes)
-    from nearswap import _ckernel
-
-    _ckernel.use_simd(backend == "c-simd")
+    _ckernel.use_isa(backend.removeprefix("c-"))
     try:
         return kernels._chain_c(out, base, secs, ts, round_between, dtypes)
     finally:
-        _ckernel.use_simd(True)
+        _ckernel.use_isa("best")
 
 
 @st.composite

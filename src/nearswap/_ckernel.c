@@ -18,9 +18,9 @@
  * Work is done in tiles of TILE elements that stay in L1: step 1 reads the
  * base in its own dtype, every step reads its secondary in that secondary's
  * dtype, steps in between work on a float32 tile, and the last step writes the
- * output dtype. Two step
- * implementations compute the same bits: AVX2+F16C intrinsics (8 lanes,
- * chosen at run time) and a portable scalar loop. The GIL is released for the
+ * output dtype. Three step implementations compute the same bits, the best the
+ * CPU runs chosen at import: AVX-512 (16 lanes), AVX2+F16C (8 lanes) and a
+ * portable scalar loop. The GIL is released for the
  * whole chunk, so Python threads run chunks in parallel.
  */
 #define PY_SSIZE_T_CLEAN
@@ -34,6 +34,7 @@
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
 #define AVX2 __attribute__((target("avx2,f16c")))
+#define AVX512 __attribute__((target("avx512f,avx512vl,avx2,f16c")))
 #else
 #define HAVE_AVX2_PATH 0
 #endif
@@ -229,34 +230,148 @@ SPEC_S(2)
 #define ROW_R(A, S, D) {NAME(A, S, D, 0), NAME(A, S, D, 1), NAME(A, S, D, 2)}
 #define ROW_D(A, S) {ROW_R(A, S, 0), ROW_R(A, S, 1), ROW_R(A, S, 2)}
 #define ROW_S(A) {ROW_D(A, 0), ROW_D(A, 1), ROW_D(A, 2)}
+
+/* ---- one step, AVX-512, 16 lanes: the same operations on zmm registers ---- */
+
+AVX512 static inline __m512 load16(const void *src, int code, Py_ssize_t i)
+{
+    if (code == DT_F32) return _mm512_loadu_ps((const float *)src + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
+    if (code == DT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+AVX512 static inline __m512 round16(__m512 x, int code)
+{
+    if (code == DT_BF16) {
+        __m512i u = _mm512_castps_si512(x);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+        rounded = _mm512_and_si512(rounded, _mm512_set1_epi32((int)0xffff0000u));
+        __m512i nan = _mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32((int)0x80000000u)),
+                                      _mm512_set1_epi32(0x7fc00000));
+        __mmask16 is_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        return _mm512_castsi512_ps(_mm512_mask_blend_epi32(is_nan, rounded, nan));
+    }
+    if (code == DT_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    return x;
+}
+
+AVX512 static inline void store16(void *dst, int code, Py_ssize_t i, __m512 x, int rounded)
+{
+    if (code == DT_F32) {
+        _mm512_storeu_ps((float *)dst + i, x);
+    } else if (code == DT_BF16) {
+        __m512i u = _mm512_srli_epi32(_mm512_castps_si512(rounded ? x : round16(x, DT_BF16)), 16);
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtepi32_epi16(u));
+    } else {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+}
+
+AVX512 static inline __attribute__((always_inline)) void step_avx512(const void *src, int src_code, const void *s,
+                                                                     int s_code, void *dst, int dst_code,
+                                                                     int round_code, Py_ssize_t n, float t,
+                                                                     StepCounts *c)
+{
+    const __m512 one = _mm512_set1_ps(1.0f), vt = _mm512_set1_ps(t), zero = _mm512_setzero_ps();
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    int64_t n_id = 0, n_le = 0, n_fin = 0;
+    __m512 change = zero;
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = load16(src, src_code, i), b = load16(s, s_code, i);
+        __m512 d = _mm512_abs_ps(_mm512_sub_ps(a, b));
+        __m512 w = _mm512_min_ps(_mm512_div_ps(vt, d), one); /* see step_avx2 */
+        __m512 res = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(one, w), a), _mm512_mul_ps(w, b));
+        res = round16(res, round_code);
+        store16(dst, dst_code, i, res, round_code == dst_code);
+        n_id += __builtin_popcount(_mm512_cmp_ps_mask(d, zero, _CMP_EQ_OQ));
+        n_le += __builtin_popcount(_mm512_cmp_ps_mask(d, vt, _CMP_LE_OQ));
+        n_fin += __builtin_popcount(_mm512_cmp_ps_mask(d, big, _CMP_LE_OQ));
+        __m512 ch = _mm512_abs_ps(_mm512_sub_ps(res, a));
+        change = _mm512_mask_add_ps(change, _mm512_cmp_ps_mask(ch, big, _CMP_LE_OQ), change, ch);
+    }
+    c->identical += n_id;
+    c->swapped += n_le - n_id;
+    c->moved += n_fin - n_le;
+    float chs[16];
+    _mm512_storeu_ps(chs, change);
+    for (int j = 0; j < 16; j++) c->abs_change += chs[j];
+    if (i < n)
+        step_scalar((const char *)src + i * ITEMSIZE[src_code], src_code, (const char *)s + i * ITEMSIZE[s_code],
+                    s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, n - i, t, c);
+}
+
+#define SPEC512(A, S, D, R)                                                                       \
+    AVX512 static void step_avx512_##A##_##S##_##D##_##R(const void *src, int a_, const void *s, int s_, \
+                                                         void *dst, int d_, int r_, Py_ssize_t n,   \
+                                                         float t, StepCounts *c)                    \
+    {                                                                                             \
+        (void)a_, (void)s_, (void)d_, (void)r_;                                                   \
+        step_avx512(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), n, t, c);                   \
+    }
+#define SPEC512_R(A, S, D) SPEC512(A, S, D, 0) SPEC512(A, S, D, 1) SPEC512(A, S, D, 2)
+#define SPEC512_D(A, S) SPEC512_R(A, S, 0) SPEC512_R(A, S, 1) SPEC512_R(A, S, 2)
+#define SPEC512_S(A) SPEC512_D(A, 0) SPEC512_D(A, 1) SPEC512_D(A, 2)
+SPEC512_S(0)
+SPEC512_S(1)
+SPEC512_S(2)
+#define NAME512(A, S, D, R) step_avx512_##A##_##S##_##D##_##R
+#define ROW512_R(A, S, D) {NAME512(A, S, D, 0), NAME512(A, S, D, 1), NAME512(A, S, D, 2)}
+#define ROW512_D(A, S) {ROW512_R(A, S, 0), ROW512_R(A, S, 1), ROW512_R(A, S, 2)}
+#define ROW512_S(A) {ROW512_D(A, 0), ROW512_D(A, 1), ROW512_D(A, 2)}
 #endif
 
 typedef void (*StepFn)(const void *, int, const void *, int, void *, int, int, Py_ssize_t, float, StepCounts *);
 
-/* [source dtype][secondary dtype][destination dtype][rounding: 0 none, 1 bf16, 2 f16],
- * chosen at import. */
-static StepFn STEP[3][3][3][3];
-static const char *STEP_NAME = "scalar";
+/* [source dtype][secondary dtype][destination dtype][rounding: 0 none, 1 bf16, 2 f16] */
+typedef StepFn StepTable[3][3][3][3];
 
 #if HAVE_AVX2_PATH
-static const StepFn STEP_AVX2[3][3][3][3] = {ROW_S(0), ROW_S(1), ROW_S(2)};
+static const StepTable STEP_AVX2 = {ROW_S(0), ROW_S(1), ROW_S(2)};
+static const StepTable STEP_AVX512 = {ROW512_S(0), ROW512_S(1), ROW512_S(2)};
 #endif
 
-static void choose_steps(int allow_simd)
+static StepTable STEP; /* the implementation in use */
+static const char *STEP_NAME = "scalar";
+
+/* The step implementations this CPU can run, best first. */
+static int isa_supported(const char *name)
 {
+    if (strcmp(name, "scalar") == 0) return 1;
+#if HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    if (strcmp(name, "avx2") == 0) return avx2;
+    if (strcmp(name, "avx512") == 0) return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+#endif
+    return 0;
+}
+
+static const char *ISAS[] = {"avx512", "avx2", "scalar"};
+
+static int choose_isa(const char *name)
+{
+    if (strcmp(name, "best") == 0) {
+        for (size_t k = 0; k < sizeof ISAS / sizeof *ISAS; k++)
+            if (isa_supported(ISAS[k])) return choose_isa(ISAS[k]);
+    }
+    if (!isa_supported(name)) return -1;
+    STEP_NAME = strcmp(name, "avx512") == 0 ? "avx512" : strcmp(name, "avx2") == 0 ? "avx2" : "scalar";
     for (int a = 0; a < 3; a++)
         for (int b = 0; b < 3; b++)
             for (int d = 0; d < 3; d++)
-                for (int r = 0; r < 3; r++) STEP[a][b][d][r] = step_scalar;
-    STEP_NAME = "scalar";
+                for (int r = 0; r < 3; r++) {
+                    STEP[a][b][d][r] = step_scalar;
 #if HAVE_AVX2_PATH
-    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
-        memcpy(STEP, STEP_AVX2, sizeof STEP);
-        STEP_NAME = "avx2";
-    }
-#else
-    (void)allow_simd;
+                    if (STEP_NAME[0] == 'a') {
+                        const StepTable *table = STEP_NAME[3] == '5' ? &STEP_AVX512 : &STEP_AVX2;
+                        STEP[a][b][d][r] = (*table)[a][b][d][r];
+                    }
 #endif
+                }
+    return 0;
 }
 
 /* ---- the chunk driver ---- */
@@ -378,20 +493,36 @@ done:
     return result;
 }
 
-static PyObject *use_simd(PyObject *self, PyObject *arg)
+static PyObject *use_isa(PyObject *self, PyObject *arg)
 {
-    int allow = PyObject_IsTrue(arg);
-    if (allow < 0) return NULL;
-    choose_steps(allow);
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    if (choose_isa(name) < 0) {
+        PyErr_Format(PyExc_ValueError, "step implementation %R is not available on this CPU", arg);
+        return NULL;
+    }
     return PyUnicode_FromString(STEP_NAME);
+}
+
+static PyObject *isas(PyObject *self, PyObject *unused)
+{
+    PyObject *out = PyList_New(0);
+    for (size_t k = 0; out && k < sizeof ISAS / sizeof *ISAS; k++)
+        if (isa_supported(ISAS[k])) {
+            PyObject *name = PyUnicode_FromString(ISAS[k]);
+            if (!name || PyList_Append(out, name) < 0) Py_CLEAR(out);
+            Py_XDECREF(name);
+        }
+    return out;
 }
 
 static PyMethodDef methods[] = {
     {"chain", chain, METH_VARARGS,
      "chain(out, out_code, base, base_code, secs, sec_codes, ts, round_between) -> "
      "((identical, swapped, moved, nonfinite, abs_change_sum), ...) per step"},
-    {"use_simd", use_simd, METH_O,
-     "use_simd(allow) -> name of the step implementation now in use ('avx2' or 'scalar')"},
+    {"use_isa", use_isa, METH_O,
+     "use_isa(name) -> the step implementation now in use: 'best', 'avx512', 'avx2' or 'scalar'"},
+    {"isas", isas, METH_NOARGS, "isas() -> the step implementations this CPU can run, best first"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -400,6 +531,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernel",
 
 PyMODINIT_FUNC PyInit__ckernel(void)
 {
-    choose_steps(1);
+    choose_isa("best");
     return PyModule_Create(&module);
 }

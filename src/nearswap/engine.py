@@ -266,7 +266,7 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
         (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
         report = {
             "nearswap_version": __version__,
-            "kernel": kernels.BACKEND,
+            "kernel": kernels.describe_backend(),
             "base": recipe.base,
             "output_dtype": recipe.dtype or "as base",
             "carry_float32": recipe.carry_float32,

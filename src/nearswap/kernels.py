@@ -28,6 +28,11 @@ except ImportError:  # pragma: no cover - depends on the build
 BACKEND = "c" if _ckernel is not None else "numpy"
 
 
+def describe_backend() -> str:
+    """Which implementation runs the chain: ``"c/avx512"``, ``"c/avx2"``, ``"c/scalar"`` or ``"numpy"``."""
+    return f"c/{_ckernel.use_isa('best')}" if _ckernel is not None else "numpy"
+
+
 class StepCounts(NamedTuple):
     """What one NearSwap step did to a block of elements."""
 
