@@ -30,12 +30,13 @@ T = 1e-4
 NOISE = 0.001
 
 
-def ensure_inputs(size: str, root: Path) -> tuple[Path, list[Path]]:
+def ensure_inputs(size: str, root: Path, n: int = 3) -> tuple[Path, list[Path]]:
+    """The base and ``n`` secondaries of a synthetic shape, generated once under ``root``."""
     from nearswap import synthetic
 
     work = root / size
     base = work / "base"
-    secs = [work / f"s{i}" for i in (1, 2, 3)]
+    secs = [work / f"s{i}" for i in range(1, n + 1)]
     if not (base / "config.json").exists():
         print(f"generating {size} base ...", flush=True)
         synthetic.make_base(base, size, "bfloat16", seed=0, shards=3)

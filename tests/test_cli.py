@@ -224,3 +224,29 @@ def test_sigint_mid_merge_leaves_nothing(tmp_path):
     assert "interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def test_not_enough_disk(make_quartet, tmp_path, run, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    paths, _ = make_quartet(n=1)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "not enough free disk", tmp_path=tmp_path)
+
+
+def test_example_recipe_is_valid():
+    from pathlib import Path
+
+    from nearswap import recipe
+
+    rec = recipe.load(Path(__file__).parent.parent / "examples" / "quartet.yaml")
+    assert [s.t for s in rec.steps] == [1e-4] * 3 and rec.dtype == "BF16"
+
+
+def test_output_may_not_overwrite_an_input(make_quartet, tmp_path, run):
+    paths, arrays = make_quartet(n=1)
+    before = (paths[1] / "model.safetensors").read_bytes()
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "overlaps s1")
+    assert (paths[1] / "model.safetensors").read_bytes() == before

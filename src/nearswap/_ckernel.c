@@ -210,27 +210,6 @@ AVX2 static inline __attribute__((always_inline)) void step_avx2(const void *src
                     s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, n - i, t, c);
 }
 
-/* One copy of step_avx2 per (source, secondary, destination, rounding) dtype combination:
- * 3 x 3 x 3 x 3 small functions, so no dtype test is left in any inner loop. */
-#define SPEC(A, S, D, R)                                                                          \
-    AVX2 static void step_avx2_##A##_##S##_##D##_##R(const void *src, int a_, const void *s, int s_, \
-                                                     void *dst, int d_, int r_, Py_ssize_t n, float t, \
-                                                     StepCounts *c)                              \
-    {                                                                                             \
-        (void)a_, (void)s_, (void)d_, (void)r_;                                                   \
-        step_avx2(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), n, t, c);                     \
-    }
-#define SPEC_R(A, S, D) SPEC(A, S, D, 0) SPEC(A, S, D, 1) SPEC(A, S, D, 2)
-#define SPEC_D(A, S) SPEC_R(A, S, 0) SPEC_R(A, S, 1) SPEC_R(A, S, 2)
-#define SPEC_S(A) SPEC_D(A, 0) SPEC_D(A, 1) SPEC_D(A, 2)
-SPEC_S(0)
-SPEC_S(1)
-SPEC_S(2)
-#define NAME(A, S, D, R) step_avx2_##A##_##S##_##D##_##R
-#define ROW_R(A, S, D) {NAME(A, S, D, 0), NAME(A, S, D, 1), NAME(A, S, D, 2)}
-#define ROW_D(A, S) {ROW_R(A, S, 0), ROW_R(A, S, 1), ROW_R(A, S, 2)}
-#define ROW_S(A) {ROW_D(A, 0), ROW_D(A, 1), ROW_D(A, 2)}
-
 /* ---- one step, AVX-512, 16 lanes: the same operations on zmm registers ---- */
 
 AVX512 static inline __m512 load16(const void *src, int code, Py_ssize_t i)
@@ -303,24 +282,27 @@ AVX512 static inline __attribute__((always_inline)) void step_avx512(const void 
                     s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, n - i, t, c);
 }
 
-#define SPEC512(A, S, D, R)                                                                       \
-    AVX512 static void step_avx512_##A##_##S##_##D##_##R(const void *src, int a_, const void *s, int s_, \
-                                                         void *dst, int d_, int r_, Py_ssize_t n,   \
-                                                         float t, StepCounts *c)                    \
+/* One copy of each ISA's step per (source, secondary, destination, rounding) dtype
+ * combination: 3 x 3 x 3 x 3 small functions, so no dtype test is left in an inner loop. */
+#define SPEC(ISA, ATTR, A, S, D, R)                                                               \
+    ATTR static void step_##ISA##_##A##_##S##_##D##_##R(const void *src, int a_, const void *s,   \
+                                                         int s_, void *dst, int d_, int r_,         \
+                                                         Py_ssize_t n, float t, StepCounts *c)      \
     {                                                                                             \
         (void)a_, (void)s_, (void)d_, (void)r_;                                                   \
-        step_avx512(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), n, t, c);                   \
+        step_##ISA(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), n, t, c);                     \
     }
-#define SPEC512_R(A, S, D) SPEC512(A, S, D, 0) SPEC512(A, S, D, 1) SPEC512(A, S, D, 2)
-#define SPEC512_D(A, S) SPEC512_R(A, S, 0) SPEC512_R(A, S, 1) SPEC512_R(A, S, 2)
-#define SPEC512_S(A) SPEC512_D(A, 0) SPEC512_D(A, 1) SPEC512_D(A, 2)
-SPEC512_S(0)
-SPEC512_S(1)
-SPEC512_S(2)
-#define NAME512(A, S, D, R) step_avx512_##A##_##S##_##D##_##R
-#define ROW512_R(A, S, D) {NAME512(A, S, D, 0), NAME512(A, S, D, 1), NAME512(A, S, D, 2)}
-#define ROW512_D(A, S) {ROW512_R(A, S, 0), ROW512_R(A, S, 1), ROW512_R(A, S, 2)}
-#define ROW512_S(A) {ROW512_D(A, 0), ROW512_D(A, 1), ROW512_D(A, 2)}
+#define SPEC_R(I, T, A, S, D) SPEC(I, T, A, S, D, 0) SPEC(I, T, A, S, D, 1) SPEC(I, T, A, S, D, 2)
+#define SPEC_D(I, T, A, S) SPEC_R(I, T, A, S, 0) SPEC_R(I, T, A, S, 1) SPEC_R(I, T, A, S, 2)
+#define SPEC_S(I, T, A) SPEC_D(I, T, A, 0) SPEC_D(I, T, A, 1) SPEC_D(I, T, A, 2)
+#define SPEC_ALL(I, T) SPEC_S(I, T, 0) SPEC_S(I, T, 1) SPEC_S(I, T, 2)
+SPEC_ALL(avx2, AVX2)
+SPEC_ALL(avx512, AVX512)
+#define NAME(I, A, S, D, R) step_##I##_##A##_##S##_##D##_##R
+#define ROW_R(I, A, S, D) {NAME(I, A, S, D, 0), NAME(I, A, S, D, 1), NAME(I, A, S, D, 2)}
+#define ROW_D(I, A, S) {ROW_R(I, A, S, 0), ROW_R(I, A, S, 1), ROW_R(I, A, S, 2)}
+#define ROW_S(I, A) {ROW_D(I, A, 0), ROW_D(I, A, 1), ROW_D(I, A, 2)}
+#define TABLE(I) {ROW_S(I, 0), ROW_S(I, 1), ROW_S(I, 2)}
 #endif
 
 typedef void (*StepFn)(const void *, int, const void *, int, void *, int, int, Py_ssize_t, float, StepCounts *);
@@ -329,8 +311,8 @@ typedef void (*StepFn)(const void *, int, const void *, int, void *, int, int, P
 typedef StepFn StepTable[3][3][3][3];
 
 #if HAVE_AVX2_PATH
-static const StepTable STEP_AVX2 = {ROW_S(0), ROW_S(1), ROW_S(2)};
-static const StepTable STEP_AVX512 = {ROW512_S(0), ROW512_S(1), ROW512_S(2)};
+static const StepTable STEP_AVX2 = TABLE(avx2);
+static const StepTable STEP_AVX512 = TABLE(avx512);
 #endif
 
 static StepTable STEP; /* the implementation in use */

@@ -131,6 +131,14 @@ def _check_compatible(base: Model, sec: Model) -> None:
                             "NearSwap merges models of one architecture")
 
 
+def _check_output_not_input(out: Path, models: list[Model]) -> None:
+    target = out.resolve()
+    for model in models:
+        src = model.path.resolve()
+        if target == src or target in src.parents or src in target.parents:
+            raise NearswapError(f"the output {out} overlaps {model.describe()}; write the merge somewhere else")
+
+
 def _check_disk(out: Path, nbytes: int) -> None:
     parent = out.parent if out.parent.exists() else Path.cwd()
     free = shutil.disk_usage(parent).free
@@ -249,6 +257,7 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
     out = Path(out)
     refuse_existing(out, force)
     plan_ = plan(recipe)
+    _check_output_not_input(out, [plan_.base, *plan_.secondaries])
     _check_disk(out, plan_.out_bytes)
     if on_plan:
         on_plan(plan_)

@@ -1,6 +1,6 @@
 """The merge recipe: what to merge with what, at which t. Loaded from YAML or built from CLI flags.
 
-Example (``examples/quartet.yaml``)::
+Example (see also ``examples/quartet.yaml``)::
 
     base: ./miqu-70b
     steps:
