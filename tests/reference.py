@@ -24,12 +24,13 @@ def chain(base, secondaries, ts, out_dtype=None, round_between=True):
     """r0 = base; r_k = nearswap(t_k, r_{k-1}, s_k), rounded to the output dtype after each step."""
     out_dtype = base.dtype if out_dtype is None else np.dtype(out_dtype)
     wide = compute_dtype(base, *secondaries)
-    r = base.astype(wide)
-    for t, s in zip(ts, secondaries):
-        r = nearswap_step(t, r, s.astype(wide))
-        if round_between:
-            r = r.astype(out_dtype).astype(wide)
-    return r.astype(out_dtype)
+    with np.errstate(over="ignore"):  # rounding huge values to f16 gives inf, as intended
+        r = base.astype(wide)
+        for t, s in zip(ts, secondaries):
+            r = nearswap_step(t, r, s.astype(wide))
+            if round_between:
+                r = r.astype(out_dtype).astype(wide)
+        return r.astype(out_dtype)
 
 
 def counts(t, v0, v1):

@@ -63,10 +63,13 @@ class _Progress:
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
+            if self.bar.n >= self.bar.total:  # done: clear it before anything is printed
+                self.close()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 @cli.command()
