@@ -486,6 +486,8 @@ static PyObject *use_isa(PyObject *self, PyObject *arg)
     return PyUnicode_FromString(STEP_NAME);
 }
 
+static PyObject *current_isa(PyObject *self, PyObject *unused) { return PyUnicode_FromString(STEP_NAME); }
+
 static PyObject *isas(PyObject *self, PyObject *unused)
 {
     PyObject *out = PyList_New(0);
@@ -505,6 +507,7 @@ static PyMethodDef methods[] = {
     {"use_isa", use_isa, METH_O,
      "use_isa(name) -> the step implementation now in use: 'best', 'avx512', 'avx2' or 'scalar'"},
     {"isas", isas, METH_NOARGS, "isas() -> the step implementations this CPU can run, best first"},
+    {"current_isa", current_isa, METH_NOARGS, "current_isa() -> the step implementation in use"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,6 +14,7 @@ result is bit-identical to the model card's numpy code.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -27,10 +28,14 @@ except ImportError:  # pragma: no cover - depends on the build
 
 BACKEND = "c" if _ckernel is not None else "numpy"
 
+if _ckernel is not None and os.environ.get("NEARSWAP_ISA"):
+    # Force a step implementation (avx512, avx2, scalar), e.g. to compare them.
+    _ckernel.use_isa(os.environ["NEARSWAP_ISA"])
+
 
 def describe_backend() -> str:
     """Which implementation runs the chain: ``"c/avx512"``, ``"c/avx2"``, ``"c/scalar"`` or ``"numpy"``."""
-    return f"c/{_ckernel.use_isa('best')}" if _ckernel is not None else "numpy"
+    return f"c/{_ckernel.current_isa()}" if _ckernel is not None else "numpy"
 
 
 class StepCounts(NamedTuple):
