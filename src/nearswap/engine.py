@@ -301,6 +301,9 @@ def _copy_side_files(plan_: Plan, dest: Path) -> list[str]:
                 shutil.copyfile(src / name, dest / name)
                 copied.append(name)
     config = dest / "config.json"
+    if not config.exists() and plan_.base.config:  # a GGUF base: its config comes from the metadata
+        config.write_text(json.dumps(plan_.base.config, indent=2) + "\n")
+        copied.append("config.json (from GGUF metadata)")
     if config.exists() and recipe.dtype:
         data = json.loads(config.read_text())
         data["torch_dtype"] = BY_NAME[recipe.dtype].hf_name

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .dtypes import by_name
@@ -113,20 +112,27 @@ def make_base(directory: str | Path, shape: LlamaShape | str, dtype: str = "bflo
 
 def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.0125, seed: int = 1,
                    shards: int = 1, dtype: str | None = None) -> Path:
-    """Write ``base`` + Laplace(``scale``) noise on every non-norm weight to ``directory``."""
-    base = Path(base)
+    """Write ``base`` + Laplace(``scale``) noise on every non-norm weight to ``directory``.
+
+    ``base`` is any model nearswap opens (HF directory, safetensors or GGUF file); the
+    secondary is an HF directory with the base's dtypes (float32 for a GGUF base) unless
+    ``dtype`` says otherwise.
+    """
+    from .formats import open_model
+    from .formats.safetensors import FileReader
+
+    model = open_model(base, "base")
     rng = np.random.default_rng(seed)
-    files = sorted(base.glob("*.safetensors"))
+    reader = FileReader()
     arrays = {}
-    for f in files:
-        with safe_open(str(f), framework="numpy") as sf:
-            for name in sf.keys():
-                w = sf.get_tensor(name)
-                out_dt = by_name(dtype).np if dtype else w.dtype
-                if not is_norm(name):
-                    w = (w.astype(np.float32) + rng.laplace(0.0, scale, w.shape).astype(np.float32))
-                arrays[name] = w.astype(out_dt)
-    config = json.loads((base / "config.json").read_text()) if (base / "config.json").exists() else None
+    for name, info in model.tensors.items():
+        w = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape)
+        out_dt = by_name(dtype).np if dtype else w.dtype
+        if not is_norm(name):
+            w = w.astype(np.float32) + rng.laplace(0.0, scale, w.shape).astype(np.float32)
+        arrays[name] = w.astype(out_dt)
+    reader.close()
+    config = dict(model.config) if model.config else None
     if config is not None and dtype:
         config["torch_dtype"] = by_name(dtype).hf_name
     _write(Path(directory), arrays, shards, config)

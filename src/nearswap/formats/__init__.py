@@ -62,7 +62,7 @@ class Model:
 
 
 def open_model(path: str | Path, label: str = "model") -> Model:
-    """Open a model for streaming: an HF directory, a ``.safetensors`` file.
+    """Open a model for streaming: an HF directory, a ``.safetensors`` or a ``.gguf`` file.
 
     Raises ``NearswapError`` with a one-line explanation for anything unusable.
     """
@@ -75,9 +75,13 @@ def open_model(path: str | Path, label: str = "model") -> Model:
     if suffix in PICKLE_SUFFIXES:
         raise NearswapError(f"{label}: refusing {path}: {PICKLE_HINT}")
     if suffix == ".gguf":
-        raise NearswapError(f"{label}: {path}: GGUF input is not supported yet; convert it to safetensors first")
+        from .gguf import open_gguf
+
+        fmt, tensors, config, meta = open_gguf(path, label)
+        return Model(path, label, fmt, [path], tensors, config, {k: str(v) for k, v in meta.items()})
     if suffix != ".safetensors":
-        raise NearswapError(f"{label}: {path}: unknown model format {suffix or '(no suffix)'}; expected an HF directory or a .safetensors file")
+        raise NearswapError(f"{label}: {path}: unknown model format {suffix or '(no suffix)'}; "
+                            "expected an HF directory, a .safetensors or a .gguf file")
     tensors, metadata = st.read_header(path)
     return Model(path, label, "safetensors file", [path], tensors, None, metadata)
 

