@@ -232,3 +232,28 @@ def test_inspect_gguf(tmp_path, run):
     info = json.loads(run("inspect", tmp_path / "m.gguf", "--json").stdout)
     assert info["format"].startswith("GGUF (llama; Q4_1") and info["parameters"] == sum(a.size for a in hf.values())
     assert info["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q4_1], ids=lambda q: q.name)
+def test_convert_writes_the_gguf_values_as_hf(tmp_path, run, qtype):
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.5)
+    expected = write_llama_gguf(tmp_path / "m.gguf", hf, qtype)
+    result = run("convert", tmp_path / "m.gguf", "-o", tmp_path / "hf", "-q")
+    assert result.exit_code == 0, result.output
+    out = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert set(out) == set(hf) and all(same_bits(out[n], expected[n]) for n in hf)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == LAYERS and config["intermediate_size"] == FFN
+    assert not (tmp_path / "hf" / "merge_report.json").exists()
+
+
+def test_convert_casts_when_asked(tmp_path, run):
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.5)
+    write_llama_gguf(tmp_path / "m.gguf", hf, Q.F32)
+    assert run("convert", tmp_path / "m.gguf", "-o", tmp_path / "hf", "--dtype", "bf16", "-q").exit_code == 0
+    out = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    import ml_dtypes
+
+    assert all(same_bits(out[n], hf[n].astype(ml_dtypes.bfloat16)) for n in hf)
+    bad = run("convert", tmp_path / "m.gguf", "-o", tmp_path / "hf2", "--dtype", "int7")
+    assert bad.exit_code == 1 and "unknown dtype" in bad.stderr and not (tmp_path / "hf2").exists()

@@ -81,3 +81,20 @@ def test_demo_pair_swaps_the_cards_share(smol_pair, tmp_path):
     noised = step["total"] - sum(v["total"] for k, v in step["tensors"].items() if "norm" in k)
     expected = (1 - math.exp(-1e-4 / 0.0125)) * noised / step["total"]
     assert abs(step["swapped"] / step["total"] - expected) < 0.0005
+
+
+def test_converted_model_matches_transformers_own_gguf_loader(smollm2, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to load a GGUF
+    from nearswap.convert import convert
+
+    convert(smollm2, tmp_path / "hf")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
+                                                               dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = tok("Once upon a time, in a small village by the sea, there lived", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-2

@@ -131,6 +131,29 @@ def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, a
 
 @cli.command()
 @click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (HF format).")
+@click.option("--dtype", help="Cast floating tensors (bfloat16, float16, float32). Default: keep (F32 for GGUF).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def convert(model, out, dtype, shard_size, force, threads, quiet):
+    """Rewrite MODEL (GGUF, safetensors, HF dir) as an HF checkpoint: safetensors, config, tokenizer."""
+    from .convert import convert as run_convert
+
+    bar = _Progress("converting", quiet)
+    try:
+        report = run_convert(model, out, dtype=dtype, shard_size=shard_size, force=force, threads=threads,
+                             progress=bar.update, on_plan=bar.start)
+    finally:
+        bar.close()
+    click.echo(f"wrote {out} ({report['output']['total_size'] / 1e9:.2f} GB, {report['output']['tensors']} tensors)")
+    for name in report["output"]["copied"]:
+        click.echo(f"  {name}")
+
+
+@cli.command()
+@click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
 def inspect(model, as_json, list_tensors):

@@ -184,8 +184,9 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
         if n == 0:
             return i, None, 0
         base = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
-        if not task.merged:
-            writer.write(task.name, start, base)
+        if not task.merged or not task.secondaries:  # copied (integers; or a conversion)
+            out = base if task.out_dtype == task.base.dtype else base.astype(task.out_dtype.np)
+            writer.write(task.name, start, out)
             return i, None, base.nbytes
         secs = [reader.read(s, start, buffers.get(k + 1, s.dtype, n)) for k, s in enumerate(task.secondaries)]
         out = buffers.get(-1, task.out_dtype, n)
@@ -248,11 +249,14 @@ def default_threads() -> int:
 
 
 def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int | None = None,
-          progress: Callable[[int], None] | None = None, on_plan: Callable[[Plan], None] | None = None) -> dict:
+          progress: Callable[[int], None] | None = None, on_plan: Callable[[Plan], None] | None = None,
+          convert: bool = False) -> dict:
     """Run a recipe and write the merged HF checkpoint to ``out`` atomically. Returns the report.
 
     ``progress`` is called with the number of input bytes processed as work completes;
-    ``on_plan`` once the preflight has passed (e.g. to size a progress bar).
+    ``on_plan`` once the preflight has passed (e.g. to size a progress bar). With
+    ``convert`` (a recipe without steps, see ``nearswap.convert``) the base is only
+    rewritten, and no recipe or merge report is written.
     """
     out = Path(out)
     refuse_existing(out, force)
@@ -262,7 +266,8 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
     if on_plan:
         on_plan(plan_)
     started = time.perf_counter()
-    metadata = {"format": "pt", "nearswap_version": __version__, "nearswap_recipe": json.dumps(recipe.model_dump())}
+    provenance = {"nearswap_converted_from": recipe.base} if convert else {"nearswap_recipe": json.dumps(recipe.model_dump())}
+    metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
     with atomic_directory(out, force) as tmp:
         writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)
         try:
@@ -272,7 +277,8 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
             writer.abort()
             raise
         copied = _copy_side_files(plan_, tmp)
-        (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
+        if not convert:
+            (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
         report = {
             "nearswap_version": __version__,
             "kernel": kernels.describe_backend(),
@@ -284,7 +290,8 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
                        "tensors": len(plan_.tasks), "parameters": plan_.base.num_params},
             "steps": [s.to_json() for s in steps],
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        if not convert:
+            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     report["table"] = format_table(steps)
     return report
 
@@ -300,10 +307,9 @@ def _copy_side_files(plan_: Plan, dest: Path) -> list[str]:
             if src is not None and (src / name).is_file():
                 shutil.copyfile(src / name, dest / name)
                 copied.append(name)
+    if config_dir is None and plan_.base.side_files is not None:  # e.g. a GGUF base: from its metadata
+        copied += plan_.base.side_files(dest, skip_tokenizer=recipe.tokenizer_source != "base")
     config = dest / "config.json"
-    if not config.exists() and plan_.base.config:  # a GGUF base: its config comes from the metadata
-        config.write_text(json.dumps(plan_.base.config, indent=2) + "\n")
-        copied.append("config.json (from GGUF metadata)")
     if config.exists() and recipe.dtype:
         data = json.loads(config.read_text())
         data["torch_dtype"] = BY_NAME[recipe.dtype].hf_name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..errors import NearswapError
 from . import safetensors as st
@@ -40,6 +41,8 @@ class Model:
     tensors: dict[str, TensorInfo]  # in file order, then offset order
     config: dict | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # writes config/tokenizer files for a model that has no HF directory (GGUF); returns their names
+    side_files: Callable[..., list[str]] | None = None
 
     @property
     def directory(self) -> Path | None:
@@ -77,8 +80,11 @@ def open_model(path: str | Path, label: str = "model") -> Model:
     if suffix == ".gguf":
         from .gguf import open_gguf
 
+        from .gguf import write_side_files
+
         fmt, tensors, config, meta = open_gguf(path, label)
-        return Model(path, label, fmt, [path], tensors, config, {k: str(v) for k, v in meta.items()})
+        return Model(path, label, fmt, [path], tensors, config, {k: str(v) for k, v in meta.items()},
+                     side_files=lambda dest, skip_tokenizer=False: write_side_files(path, config, dest, skip_tokenizer))
     if suffix != ".safetensors":
         raise NearswapError(f"{label}: {path}: unknown model format {suffix or '(no suffix)'}; "
                             "expected an HF directory, a .safetensors or a .gguf file")

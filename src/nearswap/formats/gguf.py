@@ -195,6 +195,31 @@ def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[
     return f"GGUF ({arch_name}; {kinds}; dequantized to F32)", tensors, config, meta
 
 
+def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokenizer: bool = False) -> list[str]:
+    """config.json and generation_config.json from the GGUF metadata; tokenizer files from its
+    vocabulary when transformers (the ``eval`` extra) is installed. Returns what was written."""
+    import json
+
+    written = ["config.json (from GGUF metadata)"]
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+    if generation:
+        (dest / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        written.append("generation_config.json (from GGUF metadata)")
+    if skip_tokenizer:
+        return written
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return written + ["no tokenizer: install the eval extra (transformers) to build it from the GGUF vocabulary"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # transformers may not know this vocabulary type
+        return written + [f"no tokenizer: transformers could not build it ({type(e).__name__}: {e})"]
+    saved = tokenizer.save_pretrained(str(dest))
+    return written + [f"{Path(f).name} (from GGUF vocabulary)" for f in saved]
+
+
 def _metadata(reader: Any) -> dict[str, Any]:
     """Scalar and string metadata (arrays such as the vocabulary are left out)."""
     import gguf

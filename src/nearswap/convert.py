@@ -1,0 +1,30 @@
+"""`nearswap convert`: any model nearswap reads, rewritten as an HF checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from . import dtypes, engine
+from .errors import NearswapError
+from .recipe import DEFAULT_SHARD_SIZE, Recipe, parse_size
+
+
+def convert(source: str | Path, out: str | Path, *, dtype: str | None = None,
+            shard_size: str | int = DEFAULT_SHARD_SIZE, **run: Any) -> dict:
+    """Write ``source`` (a GGUF file, safetensors file or HF directory) to ``out`` as an HF
+    checkpoint: sharded safetensors, config.json (from GGUF metadata for a GGUF), tokenizer
+    files (built from the GGUF vocabulary when transformers is installed).
+
+    ``dtype`` casts floating tensors (round to nearest even); by default they keep their
+    dtype, which for a GGUF is float32 (its dequantized values, exactly). ``run``: ``force``,
+    ``threads``, ``progress``, ``on_plan`` as for ``merge``.
+    """
+    try:
+        name = dtypes.by_name(dtype).name if dtype else None
+        size = parse_size(shard_size)
+    except (KeyError, ValueError) as e:
+        raise NearswapError(str(e).strip("'\"")) from None
+    recipe = Recipe.model_construct(base=str(source), steps=[], dtype=name, shard_size=size,
+                                    tokenizer_source="base", carry_float32=False, allow_nonfinite=True)
+    return engine.merge(recipe, out, convert=True, **run)
