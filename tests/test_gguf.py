@@ -257,3 +257,64 @@ def test_convert_casts_when_asked(tmp_path, run):
     assert all(same_bits(out[n], hf[n].astype(ml_dtypes.bfloat16)) for n in hf)
     bad = run("convert", tmp_path / "m.gguf", "-o", tmp_path / "hf2", "--dtype", "int7")
     assert bad.exit_code == 1 and "unknown dtype" in bad.stderr and not (tmp_path / "hf2").exists()
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_hf_to_gguf_f32_to_hf_is_bit_identical(tmp_path, run):
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.5)
+    write_llama_gguf(tmp_path / "vocab.gguf", hf, Q.F32)  # a vocabulary source (this one has none)
+    write_model(tmp_path / "hf", hf, config={"architectures": ["LlamaForCausalLM"], "hidden_size": HIDDEN,
+                                             "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+                                             "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+                                             "vocab_size": VOCAB, "max_position_embeddings": 128})
+    r = run("export", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--type", "f32", "--vocab-from", tmp_path / "vocab.gguf", "-q")
+    assert r.exit_code == 0, r.output
+    # the GGUF holds llama.cpp's layout: Q/K permuted, names mapped
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    stored = {t.name: np.array(t.data) for t in reader.tensors}
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert same_bits(stored["blk.1.attn_q.weight"], llama_permute(hf[q], HEADS))
+    assert same_bits(stored["blk.0.attn_k.weight"], llama_permute(hf["model.layers.0.self_attn.k_proj.weight"], KV_HEADS))
+    assert same_bits(stored["token_embd.weight"], hf["model.embed_tokens.weight"])
+    assert reader.fields["llama.attention.head_count_kv"].contents() == KV_HEADS
+    # and back
+    assert run("convert", tmp_path / "m.gguf", "-o", tmp_path / "back", "-q").exit_code == 0
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(hf) and all(same_bits(back[n], hf[n]) for n in hf)
+
+
+@pytest.mark.parametrize("type_name", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
+def test_export_types_store_what_gguf_quantizes(tmp_path, type_name):
+    from nearswap.formats.gguf import EXPORT_TYPES, export_gguf
+
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.5)
+    write_llama_gguf(tmp_path / "src.gguf", hf, Q.F32)
+    result = export_gguf(tmp_path / "src.gguf", tmp_path / "m.gguf", type_name)
+    qt = Q[EXPORT_TYPES[type_name][0]]
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    by_name = {t.name: t for t in reader.tensors}
+    for name, x in hf.items():
+        t = by_name[gguf_name(name)]
+        heads = HEADS if "q_proj" in name else KV_HEADS if "k_proj" in name else None
+        want_type = Q.F32 if x.ndim == 1 else qt
+        assert t.tensor_type == want_type, name
+        want = quants.quantize(llama_permute(x, heads) if heads else x, want_type)
+        assert np.array_equal(np.asarray(t.data).view(np.uint8).reshape(-1), want.view(np.uint8).reshape(-1)), name
+    assert result["tensors"][qt.name] == sum(1 for x in hf.values() if x.ndim == 2)
+    assert not list(tmp_path.glob(".m.gguf.partial"))
+
+
+def test_export_refusals(tmp_path, run):
+    hf = random_model(0, "f32", shapes=hf_shapes())
+    write_llama_gguf(tmp_path / "src.gguf", hf, Q.F32)
+    bad_type = run("export", tmp_path / "src.gguf", "-o", tmp_path / "o.gguf", "--type", "q4_k_m")
+    assert bad_type.exit_code == 1 and "unknown GGUF type 'q4_k_m'" in bad_type.stderr
+    (tmp_path / "exists.gguf").write_bytes(b"keep")
+    clobber = run("export", tmp_path / "src.gguf", "-o", tmp_path / "exists.gguf")
+    assert clobber.exit_code == 1 and "already exists" in clobber.stderr
+    assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    write_model(tmp_path / "novocab", hf, config={"architectures": ["LlamaForCausalLM"]})
+    novocab = run("export", tmp_path / "novocab", "-o", tmp_path / "o.gguf")
+    assert novocab.exit_code == 1 and "--vocab-from" in novocab.stderr and not (tmp_path / "o.gguf").exists()

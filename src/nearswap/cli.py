@@ -57,7 +57,8 @@ class _Progress:
     def start(self, plan) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=plan.in_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc,
+        total = plan.in_bytes if hasattr(plan, "in_bytes") else plan.nbytes
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc,
                         disable=self.quiet, dynamic_ncols=True, leave=False, file=sys.stderr)
 
     def update(self, n: int) -> None:
@@ -150,6 +151,30 @@ def convert(model, out, dtype, shard_size, force, threads, quiet):
     click.echo(f"wrote {out} ({report['output']['total_size'] / 1e9:.2f} GB, {report['output']['tensors']} tensors)")
     for name in report["output"]["copied"]:
         click.echo(f"  {name}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("--type", "type_name", default="q8_0", show_default=True,
+              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")
+@click.option("--vocab-from", type=click.Path(path_type=Path), help="A GGUF whose vocabulary to embed.")
+@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def export(model, out, type_name, vocab_from, force, quiet):
+    """Write MODEL (a llama-family HF dir, safetensors or GGUF) as a GGUF file for llama.cpp."""
+    from .formats.gguf import export_gguf
+
+    bar = _Progress("exporting", quiet)
+    try:
+        from .formats import open_model
+
+        bar.start(open_model(model, "model"))
+        result = export_gguf(model, out, type_name, vocab_from=vocab_from, force=force, progress=bar.update)
+    finally:
+        bar.close()
+    kinds = ", ".join(f"{k} x{v}" for k, v in result["tensors"].items())
+    click.echo(f"wrote {out} ({result['bytes'] / 1e6:.1f} MB; {kinds}; vocabulary from {result['vocabulary']})")
 
 
 @cli.command()

@@ -233,3 +233,178 @@ def _metadata(reader: Any) -> dict[str, Any]:
         except Exception:  # an exotic value type: not needed for merging
             continue
     return meta
+
+
+# ---------------------------------------------------------------- writing (export)
+
+# --type -> (GGML type of 2-D weights, GGUF file type). Norms and other 1-D tensors stay F32.
+EXPORT_TYPES = {
+    "f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+    "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
+}
+# HF architectures exported as a GGUF architecture of ARCHITECTURES.
+HF_TO_GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+
+
+def gguf_name(arch: Arch, name: str) -> str | None:
+    """The GGUF name of HF tensor ``name`` (the inverse of ``hf_name``)."""
+    for gguf_pattern, hf_pattern in arch.names.items():
+        pattern = re.escape(hf_pattern).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
+        m = re.match(pattern + "$", name)
+        if m:
+            return gguf_pattern.format(**m.groupdict())
+    return None
+
+
+def _llama_metadata(w: Any, config: dict[str, Any]) -> None:
+    heads = config["num_attention_heads"]
+    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(int(config["hidden_size"]))
+    w.add_feed_forward_length(int(config["intermediate_size"]))
+    w.add_block_count(int(config["num_hidden_layers"]))
+    w.add_head_count(int(heads))
+    w.add_head_count_kv(int(config.get("num_key_value_heads", heads)))
+    w.add_rope_dimension_count(int(config.get("head_dim") or config["hidden_size"] // heads))
+    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    w.add_vocab_size(int(config["vocab_size"]))
+
+
+def _copy_vocab(w: Any, source: Path) -> None:
+    """Every tokenizer.* field of another GGUF, as it is."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer.") or not field.types:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), vtype, sub)
+
+
+def _hf_vocab(w: Any, directory: Path) -> None:
+    """A BPE vocabulary from tokenizer.json (gguf.vocab): tokens, types, merges, special ids."""
+    import gguf
+    from gguf.vocab import BpeVocab, SpecialVocab
+
+    vocab = BpeVocab(directory)
+    tokens, types = [], []
+    for text, _score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        types.append(toktype)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    SpecialVocab(directory, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w)
+    del gguf
+
+
+def _vocab_source(model: Any, vocab_from: Path | None) -> tuple[str, Path]:
+    """Where the exported file's vocabulary comes from (see ``export_gguf``)."""
+    if vocab_from is not None:
+        return "gguf", Path(vocab_from)
+    if model.path.suffix.lower() == ".gguf":
+        return "gguf", model.path
+    origin = model.metadata.get("nearswap_converted_from")
+    if origin is None and model.metadata.get("nearswap_recipe"):
+        import json
+
+        origin = json.loads(model.metadata["nearswap_recipe"]).get("base")
+    if origin and str(origin).lower().endswith(".gguf") and Path(origin).is_file():
+        return "gguf", Path(origin)
+    if model.directory is not None and (model.directory / "tokenizer.json").is_file():
+        return "hf", model.directory
+    raise NearswapError(f"{model.path}: no vocabulary to put in the GGUF (no tokenizer.json, no GGUF origin); "
+                        "pass --vocab-from MODEL.gguf")
+
+
+def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *, vocab_from: str | Path | None = None,
+                force: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Write a llama-family model (HF dir, safetensors or GGUF) as a GGUF file of ``type_name``.
+
+    2-D weights become ``type_name`` (quantized with gguf.quants; F16 where a row does not
+    fit the quant block), 1-D tensors (norms) stay F32, Q/K rows get llama.cpp's RoPE
+    permutation. The vocabulary comes from ``vocab_from`` (a GGUF), else the source itself
+    if it is a GGUF, else the GGUF the source was merged or converted from (recorded in its
+    metadata), else its tokenizer.json (BPE). Written beside ``out`` and renamed when complete.
+    """
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    from . import open_model
+    from .safetensors import FileReader
+    from ..output import refuse_existing
+
+    out = Path(out)
+    if type_name not in EXPORT_TYPES:
+        raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)} "
+                            "(K-quants: run llama.cpp's llama-quantize on an f16/f32 export)")
+    refuse_existing(out, force)
+    model = open_model(source, "model")
+    hf_arch = (model.config or {}).get("architectures", ["?"])[0]
+    arch_name = HF_TO_GGUF_ARCH.get(hf_arch)
+    if arch_name is None:
+        raise NearswapError(f"{model.path}: exporting {hf_arch} to GGUF is not supported yet "
+                            f"(supported: {', '.join(HF_TO_GGUF_ARCH)})")
+    arch = ARCHITECTURES[arch_name]
+    vocab_kind, vocab_path = _vocab_source(model, Path(vocab_from) if vocab_from else None)
+    qtype = Q[EXPORT_TYPES[type_name][0]]
+    config = model.config
+    head_counts = {"attn_q.weight": config["num_attention_heads"],
+                   "attn_k.weight": config.get("num_key_value_heads", config["num_attention_heads"])}
+
+    plan = []  # (hf name, gguf name, ggml type, permute heads)
+    for name, info in model.tensors.items():
+        target = gguf_name(arch, name)
+        if target is None:
+            raise NearswapError(f"{model.path}: tensor {name!r} has no GGUF name in the {arch_name} table")
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        tq = qtype if len(info.shape) == 2 and info.shape[-1] % block == 0 else Q.F32 if len(info.shape) < 2 else Q.F16
+        short = target.split(".", 2)[-1] if target.startswith("blk.") else target
+        plan.append((name, target, tq, head_counts.get(short)))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f".{out.name}.partial")
+    w = gguf.GGUFWriter(str(part), arch_name)
+    try:
+        w.add_name(out.stem)
+        _llama_metadata(w, config)
+        w.add_file_type(int(getattr(gguf.LlamaFileType, EXPORT_TYPES[type_name][1])))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        if vocab_kind == "gguf":
+            _copy_vocab(w, vocab_path)
+        else:
+            _hf_vocab(w, vocab_path)
+        for name, target, tq, _ in plan:
+            shape = model.tensors[name].shape
+            byte_shape = quants.quant_shape_to_byte_shape(shape, tq) if tq not in (Q.F32, Q.F16) else shape
+            np_dtype = {Q.F32: np.float32, Q.F16: np.float16}.get(tq, np.uint8)
+            nbytes = int(np.prod(byte_shape)) * np.dtype(np_dtype).itemsize
+            w.add_tensor_info(target, byte_shape, np.dtype(np_dtype), nbytes, raw_dtype=tq)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        reader = FileReader()
+        counts: dict[str, int] = {}
+        for name, target, tq, heads in plan:  # one tensor in memory at a time
+            info = model.tensors[name]
+            x = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape).astype(np.float32)
+            if heads:
+                x = x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+            w.write_tensor_data(quants.quantize(x, tq))
+            counts[tq.name] = counts.get(tq.name, 0) + 1
+            if progress:
+                progress(info.nbytes)
+        reader.close()
+        w.close()
+        os.replace(part, out)
+    except BaseException:
+        w.close()
+        part.unlink(missing_ok=True)
+        raise
+    return {"output": str(out), "type": type_name, "tensors": counts, "bytes": out.stat().st_size,
+            "vocabulary": f"{vocab_kind}: {vocab_path}", "in_bytes": model.nbytes}
