@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EVAL_STAMP := $(VENV)/.installed-eval
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-eval demo test bench clean
 
 setup: $(STAMP)
 
@@ -15,7 +16,14 @@ $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c
 	$(BIN)/python -c "import nearswap.kernels as k; print('nearswap kernel:', k.describe_backend())"
 	touch $(STAMP)
 
-demo: setup
+# The eval extra (torch 2.13.0 CPU + transformers) lets the demo write and score stories.
+setup-eval: $(EVAL_STAMP)
+
+$(EVAL_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,eval]'
+	touch $(EVAL_STAMP)
+
+demo: setup-eval
 	$(BIN)/nearswap demo
 
 test: setup

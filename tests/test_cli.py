@@ -250,3 +250,14 @@ def test_output_may_not_overwrite_an_input(make_quartet, tmp_path, run):
     before = (paths[1] / "model.safetensors").read_bytes()
     assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "overlaps s1")
     assert (paths[1] / "model.safetensors").read_bytes() == before
+
+
+def test_synthetic_demo_prints_the_cards_share(tmp_path, run):
+    result = run("demo", "--synthetic", "--workdir", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3
+    for line in lines:  # Laplace(0.0125) noise at t = 1e-4: 1 - exp(-0.008) = 0.80% of the noised weights
+        share = float(line.split("swapped")[1].split("%")[0])
+        assert 0.75 <= share <= 0.85, line
+    assert (tmp_path / "synthetic" / "merged" / "merge_report.json").exists()

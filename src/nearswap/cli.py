@@ -201,15 +201,18 @@ def inspect(model, as_json, list_tensors):
 
 
 @cli.command()
-@click.option("--workdir", type=click.Path(path_type=Path), help="Where the demo writes (default: a cache folder).")
+@click.option("--workdir", type=click.Path(path_type=Path), help="Where the demo writes (default: the cache).")
+@click.option("--synthetic", is_flag=True, help="Use a generated model instead of SmolLM2 (no download).")
+@click.option("--no-eval", is_flag=True, help="Skip the stories and perplexities.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def demo(workdir, quiet):
-    """The quartet on an embedded default: a base and three secondaries, merged at t = 0.0001."""
+def demo(workdir, synthetic, no_eval, quiet):
+    """The card's quartet on SmolLM2-135M: merge at t = 0.0001, write stories, export GGUF."""
     from .demo import run_demo
 
     bar = _Progress("merging", quiet)
     try:
-        run_demo(workdir, echo=click.echo, progress=bar.update, on_plan=bar.start)
+        run_demo(workdir, echo=click.echo, progress=bar.update, on_plan=bar.start, synthetic_only=synthetic,
+                 evaluate_models=not no_eval)
     finally:
         bar.close()
 
