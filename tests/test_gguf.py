@@ -309,8 +309,8 @@ def test_export_types_store_what_gguf_quantizes(tmp_path, type_name):
 def test_export_refusals(tmp_path, run):
     hf = random_model(0, "f32", shapes=hf_shapes())
     write_llama_gguf(tmp_path / "src.gguf", hf, Q.F32)
-    bad_type = run("export", tmp_path / "src.gguf", "-o", tmp_path / "o.gguf", "--type", "q4_k_m")
-    assert bad_type.exit_code == 1 and "unknown GGUF type 'q4_k_m'" in bad_type.stderr
+    bad_type = run("export", tmp_path / "src.gguf", "-o", tmp_path / "o.gguf", "--type", "q3_xyz")
+    assert bad_type.exit_code == 1 and "unknown GGUF type 'q3_xyz'" in bad_type.stderr
     (tmp_path / "exists.gguf").write_bytes(b"keep")
     clobber = run("export", tmp_path / "src.gguf", "-o", tmp_path / "exists.gguf")
     assert clobber.exit_code == 1 and "already exists" in clobber.stderr
@@ -318,3 +318,21 @@ def test_export_refusals(tmp_path, run):
     write_model(tmp_path / "novocab", hf, config={"architectures": ["LlamaForCausalLM"]})
     novocab = run("export", tmp_path / "novocab", "-o", tmp_path / "o.gguf")
     assert novocab.exit_code == 1 and "--vocab-from" in novocab.stderr and not (tmp_path / "o.gguf").exists()
+
+
+def test_k_quant_export_through_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional) is not installed")
+    from nearswap.formats.gguf import export_gguf
+
+    # two 256-wide tensors, so llama.cpp has rows that fit a K-quant block
+    shapes = hf_shapes() | {"model.layers.0.mlp.up_proj.weight": (FFN, 256), "model.layers.0.mlp.gate_proj.weight": (FFN, 256)}
+    hf = random_model(0, "f32", shapes=shapes, scale=0.5)
+    write_llama_gguf(tmp_path / "src.gguf", hf, Q.F32)
+    result = export_gguf(tmp_path / "src.gguf", tmp_path / "m.gguf", "q4_k_m")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert Q.Q4_K in types.values() or Q.Q6_K in types.values()  # the 256-wide rows got K-quants
+    assert result["type"] == "q4_k_m" and not list(tmp_path.glob(".m.gguf*"))
+    got = read_all(open_model(tmp_path / "m.gguf"))
+    for name, x in hf.items():  # a lossy copy of the same tensors, in HF layout
+        assert np.abs(got[name] - x).max() < 0.35 * np.abs(x).max(), name

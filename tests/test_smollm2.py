@@ -98,3 +98,27 @@ def test_converted_model_matches_transformers_own_gguf_loader(smollm2, tmp_path)
     with torch.no_grad():
         diff = (ours(ids).logits - theirs(ids).logits).abs().max().item()
     assert diff <= 1e-2
+
+
+def test_llama_cpp_runs_the_f32_export_like_transformers(smollm2, tmp_path):
+    """llama.cpp (llama-cpp-python, optional) on nearswap's f32 GGUF export vs transformers on
+    the HF conversion: same tokens, logits within 1e-2 (float32 KV cache on both sides)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional) is not installed")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from nearswap.convert import convert
+    from nearswap.formats.gguf import export_gguf
+
+    convert(smollm2, tmp_path / "hf")
+    export_gguf(tmp_path / "hf", tmp_path / "m.f32.gguf", "f32")
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    prompt = "Once upon a time, in a small village by the sea, there lived"
+    ids = tok(prompt).input_ids
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.f32.gguf"), logits_all=True, n_ctx=128, verbose=False,
+                          type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
+    assert llm.tokenize(prompt.encode(), add_bos=False) == ids
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[: len(ids)]) - ref).max() <= 1e-2

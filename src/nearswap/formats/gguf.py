@@ -243,6 +243,13 @@ EXPORT_TYPES = {
     "q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
 }
+# --type -> llama.cpp file type, for the quantizers only llama.cpp has (K-quants, i-quants that
+# need no importance matrix); used through llama-cpp-python when that optional extra is installed.
+LLAMA_CPP_TYPES = {
+    "q2_k": "MOSTLY_Q2_K", "q3_k_s": "MOSTLY_Q3_K_S", "q3_k_m": "MOSTLY_Q3_K_M", "q3_k_l": "MOSTLY_Q3_K_L",
+    "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M",
+    "q6_k": "MOSTLY_Q6_K", "iq4_nl": "MOSTLY_IQ4_NL", "iq4_xs": "MOSTLY_IQ4_XS",
+}
 # HF architectures exported as a GGUF architecture of ARCHITECTURES.
 HF_TO_GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 
@@ -340,9 +347,11 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
     from ..output import refuse_existing
 
     out = Path(out)
+    if type_name in LLAMA_CPP_TYPES:
+        return _export_with_llama_cpp(source, out, type_name, vocab_from=vocab_from, force=force, progress=progress)
     if type_name not in EXPORT_TYPES:
-        raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)} "
-                            "(K-quants: run llama.cpp's llama-quantize on an f16/f32 export)")
+        raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
+                            f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
     refuse_existing(out, force)
     model = open_model(source, "model")
     hf_arch = (model.config or {}).get("architectures", ["?"])[0]
@@ -408,3 +417,36 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
         raise
     return {"output": str(out), "type": type_name, "tensors": counts, "bytes": out.stat().st_size,
             "vocabulary": f"{vocab_kind}: {vocab_path}", "in_bytes": model.nbytes}
+
+
+def _export_with_llama_cpp(source: str | Path, out: Path, type_name: str, **options: Any) -> dict[str, Any]:
+    """K-quants and friends: an f32 export, quantized by llama.cpp's own quantizer."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise NearswapError(f"--type {type_name} uses llama.cpp's quantizer: install llama-cpp-python "
+                            "(CMAKE_ARGS=\"-DLLAVA_BUILD=OFF\" pip install llama-cpp-python builds it in ~5 min)") from None
+    from ..output import refuse_existing
+
+    refuse_existing(out, options.get("force", False))
+    f32 = out.with_name(f".{out.name}.f32.partial")
+    part = out.with_name(f".{out.name}.partial")
+    try:
+        result = export_gguf(source, f32, "f32", vocab_from=options.get("vocab_from"), force=True,
+                             progress=options.get("progress"))
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
+        params.nthread = os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
+            raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
+        os.replace(part, out)
+    finally:
+        f32.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
+    from . import open_model
+
+    kinds: dict[str, int] = {}
+    for line in open_model(out, "output").format.split("; ")[1].split(", "):
+        kind, count = line.split(" x")
+        kinds[kind] = int(count)
+    return {**result, "output": str(out), "type": type_name, "tensors": kinds, "bytes": out.stat().st_size}
