@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 import nearswap
 from nearswap import fetch, synthetic
@@ -30,15 +30,12 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smol_pair(smollm2, tmp_path_factory):
-    """The demo pair: SmolLM2 and SmolLM2 + Laplace(0.0125) noise, plus the base's HF twin."""
+    """The demo pair: SmolLM2 and SmolLM2 + Laplace(0.0125) noise, plus the base converted to HF."""
+    from nearswap.convert import convert
+
     root = tmp_path_factory.mktemp("smol")
     synthetic.make_secondary(smollm2, root / "s1", 0.0125, seed=1)
-    model = open_model(smollm2)
-    reader = FileReader()
-    twin = {n: reader.read(t, 0, np.empty(t.numel, np.float32)).reshape(t.shape) for n, t in model.tensors.items()}
-    reader.close()
-    (root / "base_hf").mkdir()
-    save_file(twin, str(root / "base_hf" / "model.safetensors"))
+    convert(smollm2, root / "base_hf")
     return smollm2, root
 
 
@@ -51,6 +48,29 @@ def test_opens_as_the_hf_llama_it_is(smollm2):
     assert model.tensors["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     assert model.tensors["model.layers.29.mlp.down_proj.weight"].shape == (576, 1536)
     assert len(model.tensors) == 2 + 30 * 9 and "lm_head.weight" not in model.tensors
+
+
+def test_hf_to_gguf_f32_to_hf_is_bit_identical(smol_pair, tmp_path):
+    from nearswap.convert import convert
+    from nearswap.formats.gguf import export_gguf
+
+    _, root = smol_pair
+    export_gguf(root / "base_hf", tmp_path / "m.f32.gguf", "f32")
+    convert(tmp_path / "m.f32.gguf", tmp_path / "back")
+    a = load_file(str(root / "base_hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(a) == set(b) and all(same_bits(a[k], b[k]) for k in a)
+
+
+def test_the_twin_holds_the_gguf_values(smol_pair):
+    gguf_path, root = smol_pair
+    model = open_model(gguf_path)
+    twin = load_file(str(root / "base_hf" / "model.safetensors"))
+    reader = FileReader()
+    for name in ("model.embed_tokens.weight", "model.layers.7.self_attn.k_proj.weight", "model.norm.weight"):
+        info = model.tensors[name]
+        assert same_bits(twin[name], reader.read(info, 0, np.empty(info.numel, np.float32)).reshape(info.shape))
+    reader.close()
 
 
 def test_gguf_base_merges_like_its_hf_twin(smol_pair, tmp_path):

@@ -44,6 +44,7 @@ def load(path: str | Path, tokenizer_path: str | Path | None = None) -> LoadedMo
     """Load an HF checkpoint (float32, CPU) and its tokenizer (from ``tokenizer_path`` if given)."""
     torch, transformers = _torch_and_transformers()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     path = Path(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
