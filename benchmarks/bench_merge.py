@@ -124,6 +124,7 @@ def main() -> None:
     contenders = {
         "io-floor 1 step": ([py, str(HERE / "io_floor.py"), str(out_root / "out"), str(out_bytes), *map(str, inputs1)], None, 1),
         "nearswap 1 step": ([*ns, str(base), str(secs[0]), "-o", str(out_root / "out")], None, 1),
+        "nearswap curve 1 step": ([py, "-m", "nearswap", "curve", "-q", str(base), str(secs[0])], None, 1),
         "mergekit exact 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "exact.yml"), str(out_root / "out")], mk_env, 1),
         "mergekit default 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "default.yml"), str(out_root / "out")], mk_env, 1),
         "io-floor 3 steps": ([py, str(HERE / "io_floor.py"), str(out_root / "out"), str(out_bytes), str(base), *map(str, secs)], None, 3),
@@ -166,6 +167,8 @@ def main() -> None:
     for name, r in results.items():
         mine = results.get(f"nearswap {r['steps']} step" + ("s" if r["steps"] > 1 else ""))
         ratio = f"{r['wall_s'] / mine['wall_s']:.1f}x" if mine and "nearswap" not in name else ""
+        if "curve" in name and mine:  # how much faster than the merge it predicts
+            ratio = f"merge / curve = {mine['wall_s'] / r['wall_s']:.1f}x"
         print(f"| {name} | {r['wall_s']:.2f} | {r['params_per_s'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | {ratio} |")
     out = HERE / "results" / f"merge-{args.size}{'-' + args.outdir.name if args.outdir else ''}.json"
     out.parent.mkdir(exist_ok=True)

@@ -142,3 +142,16 @@ def test_llama_cpp_runs_the_f32_export_like_transformers(smollm2, tmp_path):
     assert llm.tokenize(prompt.encode(), add_bos=False) == ids
     llm.eval(ids)
     assert np.abs(np.array(llm.scores[: len(ids)]) - ref).max() <= 1e-2
+
+
+def test_curve_on_the_demo_pair_gives_the_cards_shares(smol_pair):
+    """SmolLM2 + Laplace(0.0125) noise: at the card's six t values the exact shares are
+    ~0.8 / 2.4 / 7.7 / 18 / 33 / 55 % (1 - exp(-t/b) over the noised weights)."""
+    from nearswap import curve
+
+    gguf_path, root = smol_pair
+    result = curve.compute(gguf_path, [root / "s1"], curve.DEFAULT_TS)
+    totals = result.steps[0].totals
+    shares = [100 * n / totals.total for n in totals.swapped]
+    for got, want in zip(shares, [0.8, 2.4, 7.7, 18, 33, 55]):
+        assert abs(got - want) <= 0.5, shares

@@ -391,6 +391,192 @@ static void run_job(Job *job)
     }
 }
 
+/* ---- the threshold curve: where |a - b| falls, without merging ---- */
+
+/* Bins of |d|'s bit pattern >> 19: 16 per octave, exact at their edges, for 2^-40 <= |d| < 2^24;
+ * smaller values (zeros included) fall in bin 0, larger ones (inf, NaN included) in the last. */
+#define HIST_SHIFT 19
+#define HIST_LO ((127 - 40) << 4)
+#define HIST_BINS (64 << 4)
+#define MAX_TS 64
+
+static inline uint32_t hist_bin(uint32_t bits)
+{
+    uint32_t b = bits >> HIST_SHIFT;
+    b = b < HIST_LO ? HIST_LO : b;
+    b = b > HIST_LO + HIST_BINS - 1 ? HIST_LO + HIST_BINS - 1 : b;
+    return b - HIST_LO;
+}
+
+/* d = |a - b| (float32, as the merge computes it) for n elements: counts d <= ts[k] for every
+ * k, identical (d == 0) and non-finite elements exactly, and adds every HIST_STRIDE-th d (a
+ * systematic sample, for the plotted curve) to hist. */
+#define HIST_STRIDE 8
+
+static void histogram_scalar(const void *a, int a_code, const void *b, int b_code, Py_ssize_t n,
+                             const float *ts, int nts, int64_t *hist, int64_t *le, int64_t *identical,
+                             int64_t *nonfinite)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float d = fabsf(load_scalar(a, a_code, i) - load_scalar(b, b_code, i));
+        for (int k = 0; k < nts; k++) le[k] += d <= ts[k];
+        *identical += d == 0.0f;
+        *nonfinite += !(d <= FLT_MAX);
+        if (i % HIST_STRIDE == 0) hist[hist_bin(f32_bits(d))]++;
+    }
+}
+
+#if HAVE_AVX2_PATH
+/* counts d <= t for 8 thresholds at once over a tile of d, accumulators in registers */
+AVX2 static void count_le8(const float *dd, Py_ssize_t n, const float *t8, int64_t *le8)
+{
+    __m256 t[8];
+    __m256i acc[8];
+    for (int k = 0; k < 8; k++) {
+        t[k] = _mm256_set1_ps(t8[k]);
+        acc[k] = _mm256_setzero_si256();
+    }
+    for (Py_ssize_t i = 0; i < n; i += 8) {
+        __m256 d = _mm256_loadu_ps(dd + i);
+        for (int k = 0; k < 8; k++)
+            acc[k] = _mm256_sub_epi32(acc[k], _mm256_castps_si256(_mm256_cmp_ps(d, t[k], _CMP_LE_OQ)));
+    }
+    for (int k = 0; k < 8; k++) {
+        int32_t lanes[8];
+        _mm256_storeu_si256((__m256i *)lanes, acc[k]);
+        for (int j = 0; j < 8; j++) le8[k] += lanes[j];
+    }
+}
+
+AVX2 static void histogram_avx2(const void *a, int a_code, const void *b, int b_code, Py_ssize_t n,
+                                const float *ts, int nts, int64_t *hist, int64_t *le, int64_t *identical,
+                                int64_t *nonfinite)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 zero = _mm256_setzero_ps(), big = _mm256_set1_ps(FLT_MAX);
+    float dd[TILE];
+    int ngroups = (nts + 7) / 8;
+    float tpad[MAX_TS + 8];
+    int64_t lepad[MAX_TS + 8] = {0};
+    for (int k = 0; k < ngroups * 8; k++) tpad[k] = k < nts ? ts[k] : -1.0f; /* -1: never counts */
+    for (Py_ssize_t start = 0; start < n; start += TILE) {
+        Py_ssize_t m = n - start < TILE ? n - start : TILE, body = m - m % 8;
+        __m256i n_id = _mm256_setzero_si256(), n_fin = n_id;
+        const char *pa = (const char *)a + start * ITEMSIZE[a_code], *pb = (const char *)b + start * ITEMSIZE[b_code];
+        for (Py_ssize_t i = 0; i < body; i += 8) {
+            __m256 d = _mm256_and_ps(_mm256_sub_ps(load8(pa, a_code, i), load8(pb, b_code, i)), absmask);
+            _mm256_storeu_ps(dd + i, d);
+            n_id = _mm256_sub_epi32(n_id, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_EQ_OQ)));
+            n_fin = _mm256_sub_epi32(n_fin, _mm256_castps_si256(_mm256_cmp_ps(d, big, _CMP_LE_OQ)));
+            hist[hist_bin(f32_bits(_mm256_cvtss_f32(d)))]++; /* lane 0: every 8th element */
+        }
+        for (int g = 0; g < ngroups; g++) count_le8(dd, body, tpad + 8 * g, lepad + 8 * g);
+        int32_t lanes[8];
+        int64_t finite = 0;
+        _mm256_storeu_si256((__m256i *)lanes, n_id);
+        for (int j = 0; j < 8; j++) *identical += lanes[j];
+        _mm256_storeu_si256((__m256i *)lanes, n_fin);
+        for (int j = 0; j < 8; j++) finite += lanes[j];
+        *nonfinite += body - finite;
+        if (body < m) /* the tail: start + body is a multiple of 8, so the sample stays every 8th */
+            histogram_scalar(pa + body * ITEMSIZE[a_code], a_code, pb + body * ITEMSIZE[b_code], b_code, m - body, ts,
+                             nts, hist, le, identical, nonfinite);
+    }
+    for (int k = 0; k < nts; k++) le[k] += lepad[k];
+}
+#endif
+
+#if HAVE_AVX2_PATH
+/* The AVX-512 twin of histogram_avx2: 16 lanes, mask registers. */
+AVX512 static void count_le16(const float *dd, Py_ssize_t n, const float *t8, int64_t *le8)
+{
+    __m512 t[8];
+    __m512i acc[8];
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int k = 0; k < 8; k++) {
+        t[k] = _mm512_set1_ps(t8[k]);
+        acc[k] = _mm512_setzero_si512();
+    }
+    for (Py_ssize_t i = 0; i < n; i += 16) {
+        __m512 d = _mm512_loadu_ps(dd + i);
+        for (int k = 0; k < 8; k++)
+            acc[k] = _mm512_mask_add_epi32(acc[k], _mm512_cmp_ps_mask(d, t[k], _CMP_LE_OQ), acc[k], one);
+    }
+    for (int k = 0; k < 8; k++) le8[k] += _mm512_reduce_add_epi32(acc[k]);
+}
+
+AVX512 static void histogram_avx512(const void *a, int a_code, const void *b, int b_code, Py_ssize_t n,
+                                    const float *ts, int nts, int64_t *hist, int64_t *le, int64_t *identical,
+                                    int64_t *nonfinite)
+{
+    const __m512 zero = _mm512_setzero_ps(), big = _mm512_set1_ps(FLT_MAX);
+    float dd[TILE];
+    int ngroups = (nts + 7) / 8;
+    float tpad[MAX_TS + 8];
+    int64_t lepad[MAX_TS + 8] = {0};
+    for (int k = 0; k < ngroups * 8; k++) tpad[k] = k < nts ? ts[k] : -1.0f; /* -1: never counts */
+    for (Py_ssize_t start = 0; start < n; start += TILE) {
+        Py_ssize_t m = n - start < TILE ? n - start : TILE, body = m - m % 16;
+        int64_t n_id = 0, n_fin = 0;
+        const char *pa = (const char *)a + start * ITEMSIZE[a_code], *pb = (const char *)b + start * ITEMSIZE[b_code];
+        for (Py_ssize_t i = 0; i < body; i += 16) {
+            __m512 d = _mm512_abs_ps(_mm512_sub_ps(load16(pa, a_code, i), load16(pb, b_code, i)));
+            _mm512_storeu_ps(dd + i, d);
+            n_id += __builtin_popcount(_mm512_cmp_ps_mask(d, zero, _CMP_EQ_OQ));
+            n_fin += __builtin_popcount(_mm512_cmp_ps_mask(d, big, _CMP_LE_OQ));
+            hist[hist_bin(f32_bits(dd[i]))]++; /* lanes 0 and 8: every 8th element */
+            hist[hist_bin(f32_bits(dd[i + 8]))]++;
+        }
+        for (int g = 0; g < ngroups; g++) count_le16(dd, body, tpad + 8 * g, lepad + 8 * g);
+        *identical += n_id;
+        *nonfinite += body - n_fin;
+        if (body < m) /* start + body is a multiple of 8: the sample stays every 8th element */
+            histogram_scalar(pa + body * ITEMSIZE[a_code], a_code, pb + body * ITEMSIZE[b_code], b_code, m - body, ts,
+                             nts, hist, le, identical, nonfinite);
+    }
+    for (int k = 0; k < nts; k++) le[k] += lepad[k];
+}
+#endif
+
+static PyObject *histogram(PyObject *self, PyObject *args)
+{
+    Py_buffer a = {0}, b = {0}, hist = {0}, le = {0};
+    int a_code, b_code;
+    PyObject *ts_obj, *result = NULL;
+    float ts[MAX_TS];
+    if (!PyArg_ParseTuple(args, "y*iy*iO!w*w*", &a, &a_code, &b, &b_code, &PyTuple_Type, &ts_obj, &hist, &le))
+        return NULL;
+    Py_ssize_t nts = PyTuple_GET_SIZE(ts_obj);
+    Py_ssize_t n = (a_code >= 0 && a_code <= 2) ? a.len / ITEMSIZE[a_code] : -1;
+    if (n < 0 || b_code < 0 || b_code > 2 || b.len != n * ITEMSIZE[b_code] || nts > MAX_TS ||
+        hist.len != (Py_ssize_t)(HIST_BINS * sizeof(int64_t)) || le.len != (Py_ssize_t)(nts * sizeof(int64_t))) {
+        PyErr_SetString(PyExc_ValueError, "histogram: bad dtype codes or buffer sizes");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nts; k++) {
+        ts[k] = (float)PyFloat_AsDouble(PyTuple_GET_ITEM(ts_obj, k));
+        if (PyErr_Occurred()) goto done;
+    }
+    int64_t identical = 0, nonfinite = 0;
+    /* the same implementation family as the merge steps: avx512, avx2 or scalar */
+    void (*fn)(const void *, int, const void *, int, Py_ssize_t, const float *, int, int64_t *, int64_t *,
+               int64_t *, int64_t *) = histogram_scalar;
+#if HAVE_AVX2_PATH
+    if (strcmp(STEP_NAME, "avx512") == 0) fn = histogram_avx512;
+    if (strcmp(STEP_NAME, "avx2") == 0) fn = histogram_avx2;
+#endif
+    Py_BEGIN_ALLOW_THREADS
+    fn(a.buf, a_code, b.buf, b_code, n, ts, (int)nts, (int64_t *)hist.buf, (int64_t *)le.buf, &identical, &nonfinite);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(LL)", (long long)identical, (long long)nonfinite);
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&hist);
+    PyBuffer_Release(&le);
+    return result;
+}
+
 static int get_code(PyObject *obj, int *code)
 {
     long v = PyLong_AsLong(obj);
@@ -508,6 +694,10 @@ static PyMethodDef methods[] = {
      "use_isa(name) -> the step implementation now in use: 'best', 'avx512', 'avx2' or 'scalar'"},
     {"isas", isas, METH_NOARGS, "isas() -> the step implementations this CPU can run, best first"},
     {"current_isa", current_isa, METH_NOARGS, "current_isa() -> the step implementation in use"},
+    {"histogram", histogram, METH_VARARGS,
+     "histogram(a, a_code, b, b_code, ts, hist, le) -> (identical, nonfinite); adds |a-b| to hist "
+     "(int64[HIST_BINS], clamp(bits >> HIST_SHIFT) - HIST_LO; every HIST_STRIDE-th element) and counts "
+     "|a-b| <= ts[k] exactly into le (int64[len(ts)])"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -517,5 +707,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ckernel",
 PyMODINIT_FUNC PyInit__ckernel(void)
 {
     choose_isa("best");
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && (PyModule_AddIntConstant(m, "HIST_SHIFT", HIST_SHIFT) < 0 || PyModule_AddIntConstant(m, "HIST_LO", HIST_LO) < 0 ||
+              PyModule_AddIntConstant(m, "HIST_BINS", HIST_BINS) < 0 ||
+              PyModule_AddIntConstant(m, "HIST_STRIDE", HIST_STRIDE) < 0))
+        Py_CLEAR(m);
+    return m;
 }

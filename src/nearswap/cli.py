@@ -178,6 +178,48 @@ def export(model, out, type_name, vocab_from, force, quiet):
 
 
 @cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--t", "ts", default="1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2", show_default=True,
+              help="Comma-separated thresholds to count exactly.")
+@click.option("--plot", "plot_dir", type=click.Path(path_type=Path), help="Write curve and heatmap (PNG, SVG) here.")
+@click.option("--at", type=float, help="t of the layer x kind heatmap (default: the first --t).")
+@click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts and the curve as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def curve(inputs, ts, plot_dir, at, threads, as_json, quiet):
+    """Swap share of BASE SECONDARY [SECONDARY ...] at any t, from one read, without merging.
+
+    \b
+      nearswap curve base/ s1/ --t 1e-4,1e-3,1e-2 --plot plots/
+    """
+    from . import curve as curves
+
+    if len(inputs) < 2:
+        raise NearswapError("give a base and at least one secondary")
+    try:
+        values = [float(x) for x in ts.split(",") if x.strip()]
+    except ValueError:
+        raise NearswapError(f"--t takes comma-separated numbers, got {ts!r}") from None
+    if not values:
+        raise NearswapError("--t needs at least one threshold")
+    for t in values:
+        if not (t >= 0 and t != float("inf")):
+            raise NearswapError(f"t must be a finite number >= 0, got {t!r}")
+    bar = _Progress("reading", quiet or as_json)
+    try:
+        result = curves.compute(inputs[0], inputs[1:], values, threads=threads, progress=bar.update, on_plan=bar.start)
+    finally:
+        bar.close()
+    written = curves.plot(result, plot_dir, at) if plot_dir else []
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+        return
+    click.echo(curves.format_table(result))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")

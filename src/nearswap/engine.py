@@ -16,7 +16,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -194,8 +194,8 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
         writer.write(task.name, start, out)
         return i, counts, base.nbytes + sum(s.nbytes for s in secs)
 
-    def collect(fut: Future) -> None:
-        i, counts, nbytes = fut.result()
+    def collect(result: tuple[int, list[kernels.StepCounts] | None, int]) -> None:
+        i, counts, nbytes = result
         if counts is not None:
             task = plan_.tasks[i]
             for step, c in zip(steps, counts):
@@ -205,25 +205,34 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
         if progress:
             progress(nbytes)
 
+    try:
+        run_pool(_work_items(plan_.tasks), work, collect, threads)
+    finally:
+        reader.close()
+    return steps
+
+
+def run_pool(items: Iterator[tuple], work: Callable[..., Any], collect: Callable[[Any], None], threads: int) -> None:
+    """Run ``work(*item)`` for every item on ``threads`` threads, at most 2 x threads in flight,
+    handing each result to ``collect`` on this thread. An exception (Ctrl-C included) in either
+    cancels what has not started and is re-raised once the running items have finished."""
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nearswap")
     pending: set[Future] = set()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the stream allocates only short-lived tuples; collections would just stall it
     try:
-        for item in _work_items(plan_.tasks):
+        for item in items:
             if len(pending) >= 2 * threads:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    collect(fut)
+                    collect(fut.result())
             pending.add(pool.submit(work, *item))
         for fut in pending:
-            collect(fut)
+            collect(fut.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        reader.close()
         if gc_was_enabled:
             gc.enable()
-    return steps
 
 
 def _refuse_nonfinite(plan_: Plan, task: TensorTask, reader: FileReader) -> None:

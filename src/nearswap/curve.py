@@ -1,0 +1,293 @@
+"""The threshold curve: how many weights a NearSwap pass swaps at any t, without merging.
+
+One streaming pass over BASE and the first secondary computes d = |base - s1| in float32
+exactly as the merge does and counts, for every requested t, the elements with
+0 < d <= t (swapped) and d == 0 (identical) — exact integers, per tensor, so also per
+tensor kind and per layer — plus a histogram of d for the plotted curve (every 8th element,
+binned at 16 points per octave). Later steps of a chain see the running result, which
+depends on t, so for several secondaries the chain is simulated at each requested t (the
+merge kernel, nothing written) and its exact per-step counts are reported.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import kernels, recipe
+from .engine import CHUNK, Plan, _Buffers, _work_items, default_threads, plan, run_pool
+from .formats.safetensors import FileReader
+
+DEFAULT_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
+
+# Tensor kinds by name, first match wins (HF names; GGUF inputs are presented under HF names).
+KINDS = [
+    (re.compile(r"self_attn\.q_proj\."), "attn_q"),
+    (re.compile(r"self_attn\.k_proj\."), "attn_k"),
+    (re.compile(r"self_attn\.v_proj\."), "attn_v"),
+    (re.compile(r"self_attn\.o_proj\."), "attn_o"),
+    (re.compile(r"mlp\.gate_proj\."), "mlp_gate"),
+    (re.compile(r"mlp\.up_proj\."), "mlp_up"),
+    (re.compile(r"mlp\.down_proj\."), "mlp_down"),
+    (re.compile(r"embed_tokens|wte\.|word_embeddings"), "embed"),
+    (re.compile(r"lm_head|embed_out"), "head"),
+    (re.compile(r"norm"), "norm"),
+]
+KIND_ORDER = [k for _, k in KINDS] + ["other"]
+LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def kind_of(name: str) -> str:
+    return next((kind for pattern, kind in KINDS if pattern.search(name)), "other")
+
+
+def layer_of(name: str) -> int | None:
+    m = LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _hist_edges() -> np.ndarray:
+    """The upper edge of every histogram bin: d < edge[k] exactly for the samples in bins <= k."""
+    from . import _ckernel
+
+    bits = ((np.arange(_ckernel.HIST_BINS, dtype=np.uint32) + _ckernel.HIST_LO + 1) << _ckernel.HIST_SHIFT)
+    return bits.view(np.float32).astype(np.float64)
+
+
+@dataclass
+class Counts:
+    """Exact counts over a set of elements: swapped[k] is 0 < d <= ts[k]."""
+
+    total: int = 0
+    identical: int = 0
+    nonfinite: int = 0
+    swapped: np.ndarray | None = None
+
+    def add(self, total: int, identical: int, nonfinite: int, swapped: np.ndarray) -> None:
+        self.total += total
+        self.identical += identical
+        self.nonfinite += nonfinite
+        self.swapped = swapped.copy() if self.swapped is None else self.swapped + swapped
+
+    def to_json(self, ts: Sequence[float]) -> dict[str, Any]:
+        sw = self.swapped if self.swapped is not None else np.zeros(len(ts), np.int64)
+        return {"total": self.total, "identical": self.identical, "nonfinite": self.nonfinite,
+                "swapped": {repr(t): int(n) for t, n in zip(ts, sw)},
+                "share": {repr(t): (int(n) / self.total if self.total else 0.0) for t, n in zip(ts, sw)}}
+
+
+@dataclass
+class StepCurve:
+    """One step of the chain: exact counts by tensor; totals, kinds and layers derive from them."""
+
+    model: str
+    tensors: dict[str, Counts] = field(default_factory=dict)
+
+    def group(self, key: Callable[[str], Any]) -> dict[Any, Counts]:
+        out: dict[Any, Counts] = {}
+        for name, c in self.tensors.items():
+            g = out.setdefault(key(name), Counts())
+            g.add(c.total, c.identical, c.nonfinite, c.swapped)
+        return out
+
+    @property
+    def totals(self) -> Counts:
+        return self.group(lambda _: "all")["all"]
+
+
+@dataclass
+class CurveResult:
+    ts: list[float]
+    base: str
+    steps: list[StepCurve]
+    edges: np.ndarray  # plotted curve: share of sampled d < edge, step 1
+    hist_all: np.ndarray
+    hist_by_kind: dict[str, np.ndarray]
+
+    def curve_share(self, hist: np.ndarray) -> np.ndarray:
+        """Share of sampled elements with 0 < d < edge: bin 0 (d < 2^-40, zeros included) is left
+        out, as identical weights are not swapped ones."""
+        total = hist.sum()
+        below = np.cumsum(hist) - hist[0]
+        return below / total if total else np.zeros(len(hist))
+
+    @property
+    def plotted(self) -> slice:
+        """The bins worth plotting: from the first that holds a nonzero |d| to the last."""
+        filled = np.nonzero(self.hist_all[1:])[0] + 1
+        return slice(int(filled[0]), int(filled[-1]) + 1) if len(filled) else slice(0, 0)
+
+    def to_json(self) -> dict[str, Any]:
+        steps = []
+        for step in self.steps:
+            layers: dict[str, dict[str, Any]] = {}
+            for (layer, kind), c in step.group(lambda n: (layer_of(n), kind_of(n))).items():
+                if layer is not None:
+                    layers.setdefault(str(layer), {})[kind] = c.to_json(self.ts)
+            steps.append({"model": step.model, **step.totals.to_json(self.ts),
+                          "by_kind": {k: c.to_json(self.ts) for k, c in sorted(step.group(kind_of).items(),
+                                                                                key=lambda kv: KIND_ORDER.index(kv[0]))},
+                          "by_layer": dict(sorted(layers.items(), key=lambda kv: int(kv[0])))})
+        keep = self.plotted
+        return {
+            "base": self.base, "ts": self.ts, "steps": steps,
+            "curve": {"step": 1, "sample_every": 8, "d_below": self.edges[keep].tolist(),
+                      "share": self.curve_share(self.hist_all)[keep].tolist(),
+                      "by_kind": {k: self.curve_share(h)[keep].tolist() for k, h in self.hist_by_kind.items()}},
+        }
+
+
+def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
+            threads: int | None = None, progress: Callable[[int], None] | None = None,
+            on_plan: Callable[[Plan], None] | None = None) -> CurveResult:
+    """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve."""
+    from . import _ckernel
+
+    ts = sorted(kernels.check_t(t) for t in ts)
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": ts[0]} for s in secondaries]}, "curve")
+    plan_ = plan(rec)  # the same preflight as a merge: names, shapes, architectures
+    if on_plan:
+        on_plan(plan_)
+    tasks = [t for t in plan_.tasks if t.merged]
+    steps = [StepCurve(str(s)) for s in secondaries]
+    hist_by_tensor: dict[str, np.ndarray] = {t.name: np.zeros(_ckernel.HIST_BINS, np.int64) for t in tasks}
+    reader, buffers = FileReader(), _Buffers()
+    ts_tuple = tuple(float(t) for t in ts)
+
+    def work(i: int, start: int, n: int):
+        task = tasks[i]
+        base_chunk = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
+        secs = [reader.read(s, start, buffers.get(k + 1, s.dtype, n)) for k, s in enumerate(task.secondaries)]
+        hist = np.zeros(_ckernel.HIST_BINS, np.int64)
+        le = np.zeros(len(ts_tuple), np.int64)
+        first = (*_histogram(base_chunk, secs[0], ts_tuple, hist, le), le)
+        later = []
+        if len(secs) > 1:  # the chain at each t: exact per-step counts against the running result
+            scratch = buffers.get(-1, task.out_dtype, n)
+            for t in ts_tuple:
+                later.append(kernels.chain(scratch, base_chunk, secs, [t] * len(secs)))
+        return i, n, first, hist, later, base_chunk.nbytes + sum(s.nbytes for s in secs)
+
+    def collect(result) -> None:
+        i, n, (identical, nonfinite, le), hist, later, nbytes = result
+        name = tasks[i].name
+        steps[0].tensors.setdefault(name, Counts()).add(n, identical, nonfinite, le - identical)
+        hist_by_tensor[name] += hist
+        for k in range(1, len(steps)):
+            counts = [per_t[k] for per_t in later]
+            steps[k].tensors.setdefault(name, Counts()).add(
+                n, counts[0].identical, counts[0].nonfinite, np.array([c.swapped for c in counts], np.int64))
+        if progress:
+            progress(nbytes)
+
+    try:
+        run_pool(_work_items(tasks), work, collect, threads or default_threads())
+    finally:
+        reader.close()
+    by_kind: dict[str, np.ndarray] = {}
+    for name, h in hist_by_tensor.items():
+        by_kind.setdefault(kind_of(name), np.zeros_like(h))
+        by_kind[kind_of(name)] += h
+    by_kind = dict(sorted(by_kind.items(), key=lambda kv: KIND_ORDER.index(kv[0])))
+    return CurveResult(list(ts), str(base), steps, _hist_edges(), sum(by_kind.values()), by_kind)
+
+
+def _histogram(a: np.ndarray, b: np.ndarray, ts: tuple[float, ...], hist: np.ndarray, le: np.ndarray) -> tuple[int, int]:
+    from . import _ckernel
+    from .dtypes import BY_NUMPY
+
+    ca, cb = BY_NUMPY[a.dtype].kernel_code, BY_NUMPY[b.dtype].kernel_code
+    if ca is not None and cb is not None:
+        return _ckernel.histogram(a.view(np.uint8), ca, b.view(np.uint8), cb, ts, hist, le)
+    wide = np.float64 if np.float64 in (a.dtype, b.dtype) else np.float32  # float64 inputs: numpy
+    with np.errstate(all="ignore"):
+        d = np.abs(a.astype(wide) - b.astype(wide))
+    for k, t in enumerate(ts):
+        le[k] += np.count_nonzero(d <= wide(t))
+    d32 = d[::8].astype(np.float32).view(np.uint32) >> _ckernel.HIST_SHIFT
+    np.add.at(hist, np.clip(d32, _ckernel.HIST_LO, _ckernel.HIST_LO + _ckernel.HIST_BINS - 1) - _ckernel.HIST_LO, 1)
+    return int(np.count_nonzero(d == 0)), int(np.count_nonzero(~np.isfinite(d)))
+
+
+def format_table(result: CurveResult) -> str:
+    """t by step, the exact % swapped; then step 1 by tensor kind."""
+    lines = ["% of weights fully swapped (0 < |d| <= t), exact:",
+             "t".ljust(10) + "".join(f"step {k + 1}".rjust(10) for k in range(len(result.steps)))]
+    totals = [s.totals for s in result.steps]
+    for j, t in enumerate(result.ts):
+        lines.append(f"{t:<10g}" + "".join(f"{100 * c.swapped[j] / c.total:9.2f}%" for c in totals))
+    lines.append(f"identical (|d| = 0): " + ", ".join(f"step {k + 1} {100 * c.identical / c.total:.2f}%"
+                                                      for k, c in enumerate(totals)))
+    lines.append("\nstep 1 by tensor kind:")
+    lines.append("kind".ljust(10) + "".join(f"{t:>10g}" for t in result.ts) + "   weights")
+    for kind, c in sorted(result.steps[0].group(kind_of).items(), key=lambda kv: KIND_ORDER.index(kv[0])):
+        lines.append(kind.ljust(10) + "".join(f"{100 * n / c.total:9.2f}%" for n in c.swapped) + f"  {c.total:>9,}")
+    return "\n".join(lines)
+
+
+def plot(result: CurveResult, directory: str | Path, at: float | None = None) -> list[Path]:
+    """Swap share vs t (log axis, a line per tensor kind) and a layer x kind heatmap at ``at``;
+    PNG and SVG each. Returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import NearswapError
+
+        raise NearswapError("plots need matplotlib: pip install 'nearswap[plot]'") from None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    at = result.ts[0] if at is None else at
+    written = []
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    keep = result.plotted
+    for kind, h in result.hist_by_kind.items():
+        ax.plot(result.edges[keep], 100 * result.curve_share(h)[keep], lw=1, label=kind)
+    ax.plot(result.edges[keep], 100 * result.curve_share(result.hist_all)[keep], color="black", lw=2.5, label="all")
+    totals = result.steps[0].totals
+    ax.scatter(result.ts, [100 * n / totals.total for n in totals.swapped], color="black", zorder=5,
+               label="exact, at the requested t")
+    for t, n in zip(result.ts, totals.swapped):
+        ax.annotate(f"{100 * n / totals.total:.1f}%", (t, 100 * n / totals.total), textcoords="offset points",
+                    xytext=(6, -10), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("t (threshold on |base - secondary|)")
+    ax.set_ylabel("% of weights fully swapped (0 < |d| <= t)")
+    ax.set_title(f"NearSwap swap share vs t, step 1: {Path(result.steps[0].model).name}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    for ext in ("png", "svg"):
+        fig.savefig(directory / f"curve.{ext}", dpi=120, bbox_inches="tight")
+        written.append(directory / f"curve.{ext}")
+    plt.close(fig)
+
+    j = min(range(len(result.ts)), key=lambda k: abs(np.log(result.ts[k] / at)) if at > 0 else k)
+    grid: dict[tuple[int, str], float] = {}
+    for (layer, kind), c in result.steps[0].group(lambda n: (layer_of(n), kind_of(n))).items():
+        if layer is not None:
+            grid[(layer, kind)] = 100 * c.swapped[j] / c.total
+    if grid:
+        layers = sorted({layer for layer, _ in grid})
+        kinds = [k for k in KIND_ORDER if any(kind == k for _, kind in grid)]
+        data = np.full((len(layers), len(kinds)), np.nan)
+        for (layer, kind), v in grid.items():
+            data[layers.index(layer), kinds.index(kind)] = v
+        fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2, 0.22 * len(layers) + 1.5))
+        im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(kinds)), kinds, rotation=30)
+        ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_ylabel("layer")
+        ax.set_title(f"% swapped at t = {result.ts[j]:g}, step 1, by layer and tensor kind")
+        fig.colorbar(im, ax=ax, label="% swapped")
+        for ext in ("png", "svg"):
+            fig.savefig(directory / f"heatmap.{ext}", dpi=120, bbox_inches="tight")
+            written.append(directory / f"heatmap.{ext}")
+        plt.close(fig)
+    return written

@@ -1,0 +1,105 @@
+"""nearswap curve: exact swap counts at any t, per step, kind and layer; the plotted curve."""
+
+import json
+
+import numpy as np
+import pytest
+
+from nearswap import curve
+from reference import counts as ref_counts
+from reference import nearswap_step
+
+TS = [0.0, 1e-4, 5e-4, 1e-3, 2.5e-3, 1e-2]
+
+
+def expected_step_counts(arrays, ts):
+    """Per step, per t, per tensor: (swapped, identical) from the reference chain at that t."""
+    base, secs = arrays[0], arrays[1:]
+    out = {}
+    for t in ts:
+        for name, b in base.items():
+            r = b.astype(np.float32)
+            for k, s in enumerate(secs):
+                c = ref_counts(t, r, s[name].astype(np.float32))
+                out[(k, t, name)] = (c["swapped"], c["identical"], c["total"])
+                r = nearswap_step(t, r, s[name].astype(np.float32)).astype(b.dtype).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_counts_are_exact(make_quartet, dtype, n):
+    paths, arrays = make_quartet(dtype, n=n, noise=0.002)
+    result = curve.compute(paths[0], paths[1:], TS)
+    want = expected_step_counts(arrays, sorted(TS))
+    for k, step in enumerate(result.steps):
+        for name, c in step.tensors.items():
+            for j, t in enumerate(result.ts):
+                swapped, identical, total = want[(k, t, name)]
+                assert (int(c.swapped[j]), c.total) == (swapped, total), (k, t, name)
+                if j == 0:
+                    assert c.identical == identical
+
+
+def test_counts_exact_with_tiny_chunks(make_quartet, monkeypatch):
+    from nearswap import engine
+
+    monkeypatch.setattr(engine, "CHUNK", 29)
+    paths, arrays = make_quartet("bf16", n=1, noise=0.002)
+    result = curve.compute(paths[0], paths[1:], TS)
+    want = expected_step_counts(arrays, sorted(TS))
+    for name, c in result.steps[0].tensors.items():
+        assert [int(x) for x in c.swapped] == [want[(0, t, name)][0] for t in result.ts]
+
+
+def test_kinds_and_layers_partition_the_total(make_quartet):
+    paths, _ = make_quartet("bf16", n=1, noise=0.002)
+    result = curve.compute(paths[0], paths[1:], TS)
+    data = result.to_json()
+    step = data["steps"][0]
+    assert sum(k["total"] for k in step["by_kind"].values()) == step["total"]
+    for t in map(repr, result.ts):
+        assert sum(k["swapped"][t] for k in step["by_kind"].values()) == step["swapped"][t]
+    assert set(step["by_kind"]) == {"attn_q", "mlp_up", "embed", "norm", "head"}
+    assert list(step["by_layer"]) == ["0"] and set(step["by_layer"]["0"]) == {"attn_q", "mlp_up", "norm"}
+    assert curve.kind_of("model.layers.3.self_attn.k_proj.weight") == "attn_k"
+    assert curve.kind_of("lm_head.weight") == "head" and curve.kind_of("foo.bias") == "other"
+
+
+def test_plotted_curve_agrees_with_the_exact_points(make_quartet):
+    """The curve is a sample (every 8th element); at its own bin edges it is exact for that sample."""
+    paths, arrays = make_quartet("f32", n=1, noise=0.002)
+    result = curve.compute(paths[0], paths[1:], TS)
+    d = np.concatenate([np.abs(arrays[0][n].astype(np.float32) - arrays[1][n].astype(np.float32)).ravel()
+                        for n in result.steps[0].tensors])
+    sample = np.concatenate([np.abs(arrays[0][n].astype(np.float32) - arrays[1][n].astype(np.float32)).ravel()[::8]
+                             for n in result.steps[0].tensors])
+    keep = result.plotted
+    share = result.curve_share(result.hist_all)[keep]
+    for edge, got in list(zip(result.edges[keep], share))[::7]:
+        assert got == pytest.approx(np.mean((sample > 2.0 ** -40) & (sample < edge)))
+    # and the sample tracks the exact shares, within 5 binomial standard errors
+    totals = result.steps[0].totals
+    for t, n in zip(result.ts[1:], totals.swapped[1:]):
+        p = n / d.size
+        assert abs(np.mean((sample > 0) & (sample <= t)) - p) <= 5 * np.sqrt(p * (1 - p) / sample.size) + 1e-12
+
+
+def test_cli_table_json_and_plots(make_quartet, tmp_path, run):
+    paths, _ = make_quartet("bf16", n=2, noise=0.002)
+    out = run("curve", *paths, "--t", "1e-4,1e-3,1e-2", "--plot", tmp_path / "plots", "-q")
+    assert out.exit_code == 0, out.output
+    assert "step 1" in out.stdout and "step 2" in out.stdout and "by tensor kind" in out.stdout
+    for name in ("curve.png", "curve.svg", "heatmap.png", "heatmap.svg"):
+        data = (tmp_path / "plots" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" if name.endswith("png") else b"<svg" in data
+    js = json.loads(run("curve", *paths, "--t", "1e-3", "--json").stdout)
+    assert js["ts"] == [1e-3] and len(js["steps"]) == 2 and len(js["curve"]["share"]) > 10
+    assert js["curve"]["share"] == sorted(js["curve"]["share"])
+
+
+@pytest.mark.parametrize("ts, needle", [("abc", "comma-separated numbers"), ("-1e-4", "t must be"), ("nan", "t must be")])
+def test_cli_bad_t(make_quartet, run, ts, needle):
+    paths, _ = make_quartet(n=1)
+    result = run("curve", *paths, "--t", ts)
+    assert result.exit_code == 1 and needle in result.stderr and "Traceback" not in result.output
