@@ -155,3 +155,21 @@ def test_curve_on_the_demo_pair_gives_the_cards_shares(smol_pair):
     shares = [100 * n / totals.total for n in totals.swapped]
     for got, want in zip(shares, [0.8, 2.4, 7.7, 18, 33, 55]):
         assert abs(got - want) <= 0.5, shares
+
+
+def test_verdict_rule_on_both_ends(smol_pair, tmp_path):
+    """The base model is "ok"; the same model with every weight matrix replaced by noise of its
+    own scale is "garbage"."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from nearswap import sweep
+
+    _, root = smol_pair
+    base = sweep.judge(root / "base_hf", root / "base_hf", root / "base_hf")
+    synthetic.make_broken(root / "base_hf", tmp_path / "broken")
+    broken = sweep.judge(tmp_path / "broken", root / "base_hf", root / "base_hf")
+    for row in (base, broken):
+        row["ppl_ratio"] = row["perplexity"] / base["perplexity"]
+        row["cont_ppl_ratio"] = row["cont_ppl"] / base["cont_ppl"]
+    assert sweep.verdict(base) == "ok"
+    assert sweep.verdict(broken) == "garbage", broken

@@ -220,6 +220,29 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, quiet):
 
 
 @cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--t", "ts", default="1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2,2e-2,5e-2,1e-1", show_default=True,
+              help="Comma-separated thresholds to merge and judge.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory for the table and plot.")
+@click.option("--keep", is_flag=True, help="Keep the merged models (under OUT/models/).")
+@click.option("--jobs", type=click.IntRange(1, 64), help="Parallel t values (default: by cores and memory).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def sweep(inputs, ts, out, keep, jobs, force):
+    """Merge BASE SECONDARY [...] at each t and judge it: the card's quality table (eval extra)."""
+    from . import sweep as sweeps
+
+    if len(inputs) < 2:
+        raise NearswapError("give a base and at least one secondary")
+    try:
+        values = [float(x) for x in ts.split(",") if x.strip()]
+    except ValueError:
+        raise NearswapError(f"--t takes comma-separated numbers, got {ts!r}") from None
+    result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force, echo=click.echo)
+    click.echo(sweeps.markdown(result))
+    click.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
+
+
+@cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")

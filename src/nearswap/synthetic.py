@@ -137,3 +137,25 @@ def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.012
         config["torch_dtype"] = by_name(dtype).hf_name
     _write(Path(directory), arrays, shards, config)
     return Path(directory)
+
+
+def make_broken(base: str | Path, directory: str | Path, seed: int = 0) -> Path:
+    """Write ``base`` with every weight matrix replaced by Gaussian noise of its own mean and
+    standard deviation (norms and other 1-D tensors kept): same shapes and scales, no knowledge.
+    The other end of the sweep's verdict rule: such a model must be judged garbage."""
+    from .formats import open_model
+    from .formats.safetensors import FileReader
+
+    model = open_model(base, "base")
+    rng = np.random.default_rng(seed)
+    reader = FileReader()
+    arrays = {}
+    for name, info in model.tensors.items():
+        w = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape)
+        if w.ndim >= 2:
+            x = w.astype(np.float32)
+            w = (x.mean() + x.std() * rng.standard_normal(w.shape, dtype=np.float32)).astype(w.dtype)
+        arrays[name] = w
+    reader.close()
+    _write(Path(directory), arrays, 1, dict(model.config) if model.config else None)
+    return Path(directory)

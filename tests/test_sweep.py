@@ -1,0 +1,76 @@
+"""The sweep's judge: the verdict rule, the degeneration scores, and a sweep end to end."""
+
+import json
+
+import pytest
+
+from nearswap import sweep
+
+WORDS = {"the", "a", "cat", "sat", "on", "mat", "and", "then", "it", "slept", "by", "fire", "warm"}
+
+
+def test_degeneration_scores():
+    fine = sweep.degeneration("The cat sat on the mat, and then it slept by the warm fire.", WORDS)
+    assert fine["nondict"] == 0 and fine["distinct2"] == 1.0
+    loop = sweep.degeneration("the cat sat on the mat " * 10, WORDS)
+    assert loop["distinct2"] < 0.2
+    salad = sweep.degeneration("blorf quex the zzyzx tramplewort cat frimble", WORDS)
+    assert salad["nondict"] == pytest.approx(5 / 7)
+
+
+@pytest.mark.parametrize("metrics, want", [
+    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.95}, "ok"),
+    ({"ppl_ratio": 1.6, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.95}, "degraded"),
+    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.6}, "degraded"),
+    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.3}, "garbage"),
+    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 25.0, "nondict": 0.05, "distinct2": 0.95}, "garbage"),
+    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.5, "distinct2": 0.95}, "garbage"),
+    ({"ppl_ratio": 6.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.95}, "garbage"),
+])
+def test_verdict_rule(metrics, want):
+    assert sweep.verdict(metrics) == want
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, and a noised secondary."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from nearswap import fetch, synthetic
+    from nearswap.convert import convert
+    from nearswap.errors import NearswapError
+
+    try:
+        gguf = fetch.fetch(cache=CACHE)
+    except NearswapError as e:
+        pytest.skip(f"SmolLM2 (for its tokenizer) unavailable: {e}")
+    root = tmp_path_factory.mktemp("tiny")
+    convert(gguf, root / "smol")  # only its tokenizer files are used
+    shape = synthetic.LlamaShape(64, 2, 128, 49152, 4, 2)
+    synthetic.make_base(root / "base", shape, "float32", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "base" / name).write_bytes((root / "smol" / name).read_bytes())
+    synthetic.make_secondary(root / "base", root / "s1", 0.0125, seed=1)
+    return root
+
+
+from nearswap import fetch as _fetch  # noqa: E402
+
+CACHE = _fetch.cache_dir()
+
+
+def test_sweep_end_to_end_on_a_tiny_model(tiny_llm, tmp_path, run):
+    result = run("sweep", tiny_llm / "base", tiny_llm / "s1", "--t", "1e-4,1e-2", "-o", tmp_path / "sw", "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [r["t"] for r in data["rows"]] == [0.0, 1e-4, 1e-2]
+    # a random tiny model writes gibberish, so no verdict is assumed: each must follow the rule
+    for row in data["rows"]:
+        assert row["verdict"] == sweep.verdict(row) and row["verdict"] in ("ok", "degraded", "garbage")
+    assert data["rows"][0]["ppl_ratio"] == 1.0
+    assert data["rows"][2]["swapped"][0] > data["rows"][1]["swapped"][0] > 0
+    md = (tmp_path / "sw" / "sweep.md").read_text()
+    assert md.count("\n") == 4 and "| base |" in md and "| 0.01 |" in md
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "sw" / "models").exists()  # not --keep
