@@ -71,6 +71,6 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_llm, tmp_path, run):
     assert data["rows"][0]["ppl_ratio"] == 1.0
     assert data["rows"][2]["swapped"][0] > data["rows"][1]["swapped"][0] > 0
     md = (tmp_path / "sw" / "sweep.md").read_text()
-    assert md.count("\n") == 4 and "| base |" in md and "| 0.01 |" in md
+    assert len(md.strip().splitlines()) == 2 + 3 and "| base |" in md and "| 0.01 |" in md
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "sw" / "models").exists()  # not --keep
