@@ -48,6 +48,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.meta["nearswap.debug"] = debug
 
 
+def _parse_ts(text: str) -> list[float]:
+    """A comma-separated --t list: finite numbers >= 0, at least one."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise NearswapError(f"--t takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise NearswapError("--t needs at least one threshold")
+    for t in values:
+        if not (t >= 0 and t != float("inf")):
+            raise NearswapError(f"t must be a finite number >= 0, got {t!r}")
+    return values
+
+
 class _Progress:
     """A tqdm bar in bytes (rate and ETA), shown only once the preflight has passed."""
 
@@ -196,15 +210,7 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, quiet):
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
-    try:
-        values = [float(x) for x in ts.split(",") if x.strip()]
-    except ValueError:
-        raise NearswapError(f"--t takes comma-separated numbers, got {ts!r}") from None
-    if not values:
-        raise NearswapError("--t needs at least one threshold")
-    for t in values:
-        if not (t >= 0 and t != float("inf")):
-            raise NearswapError(f"t must be a finite number >= 0, got {t!r}")
+    values = _parse_ts(ts)
     bar = _Progress("reading", quiet or as_json)
     try:
         result = curves.compute(inputs[0], inputs[1:], values, threads=threads, progress=bar.update, on_plan=bar.start)
@@ -233,10 +239,7 @@ def sweep(inputs, ts, out, keep, jobs, force):
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
-    try:
-        values = [float(x) for x in ts.split(",") if x.strip()]
-    except ValueError:
-        raise NearswapError(f"--t takes comma-separated numbers, got {ts!r}") from None
+    values = _parse_ts(ts)
     result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force, echo=click.echo)
     click.echo(sweeps.markdown(result))
     click.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")

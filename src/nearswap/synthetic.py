@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -110,27 +111,19 @@ def make_base(directory: str | Path, shape: LlamaShape | str, dtype: str = "bflo
     return Path(directory)
 
 
-def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.0125, seed: int = 1,
-                   shards: int = 1, dtype: str | None = None) -> Path:
-    """Write ``base`` + Laplace(``scale``) noise on every non-norm weight to ``directory``.
-
-    ``base`` is any model nearswap opens (HF directory, safetensors or GGUF file); the
-    secondary is an HF directory with the base's dtypes (float32 for a GGUF base) unless
-    ``dtype`` says otherwise.
-    """
+def _rewrite(base: str | Path, directory: str | Path, transform: Callable[[str, np.ndarray], np.ndarray],
+             dtype: str | None = None, shards: int = 1) -> Path:
+    """Read every tensor of ``base`` (any format nearswap opens), pass it through ``transform``,
+    write the results as an HF directory with the base's config."""
     from .formats import open_model
     from .formats.safetensors import FileReader
 
     model = open_model(base, "base")
-    rng = np.random.default_rng(seed)
     reader = FileReader()
     arrays = {}
     for name, info in model.tensors.items():
         w = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape)
-        out_dt = by_name(dtype).np if dtype else w.dtype
-        if not is_norm(name):
-            w = w.astype(np.float32) + rng.laplace(0.0, scale, w.shape).astype(np.float32)
-        arrays[name] = w.astype(out_dt)
+        arrays[name] = transform(name, w).astype(by_name(dtype).np if dtype else w.dtype)
     reader.close()
     config = dict(model.config) if model.config else None
     if config is not None and dtype:
@@ -139,23 +132,34 @@ def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.012
     return Path(directory)
 
 
+def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.0125, seed: int = 1,
+                   shards: int = 1, dtype: str | None = None) -> Path:
+    """Write ``base`` + Laplace(``scale``) noise on every non-norm weight to ``directory``.
+
+    ``base`` is any model nearswap opens (HF directory, safetensors or GGUF file); the
+    secondary is an HF directory with the base's dtypes (float32 for a GGUF base) unless
+    ``dtype`` says otherwise.
+    """
+    rng = np.random.default_rng(seed)
+
+    def noised(name: str, w: np.ndarray) -> np.ndarray:
+        if is_norm(name):
+            return w
+        return w.astype(np.float32) + rng.laplace(0.0, scale, w.shape).astype(np.float32)
+
+    return _rewrite(base, directory, noised, dtype, shards)
+
+
 def make_broken(base: str | Path, directory: str | Path, seed: int = 0) -> Path:
     """Write ``base`` with every weight matrix replaced by Gaussian noise of its own mean and
     standard deviation (norms and other 1-D tensors kept): same shapes and scales, no knowledge.
     The other end of the sweep's verdict rule: such a model must be judged garbage."""
-    from .formats import open_model
-    from .formats.safetensors import FileReader
-
-    model = open_model(base, "base")
     rng = np.random.default_rng(seed)
-    reader = FileReader()
-    arrays = {}
-    for name, info in model.tensors.items():
-        w = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape)
-        if w.ndim >= 2:
-            x = w.astype(np.float32)
-            w = (x.mean() + x.std() * rng.standard_normal(w.shape, dtype=np.float32)).astype(w.dtype)
-        arrays[name] = w
-    reader.close()
-    _write(Path(directory), arrays, 1, dict(model.config) if model.config else None)
-    return Path(directory)
+
+    def noise(name: str, w: np.ndarray) -> np.ndarray:
+        if w.ndim < 2:
+            return w
+        x = w.astype(np.float32)
+        return x.mean() + x.std() * rng.standard_normal(w.shape, dtype=np.float32)
+
+    return _rewrite(base, directory, noise)

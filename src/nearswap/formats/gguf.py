@@ -20,7 +20,7 @@ import numpy as np
 
 from ..dtypes import BY_NAME
 from ..errors import NearswapError
-from .safetensors import TensorInfo
+from .safetensors import TensorInfo, pread_exact
 
 # ---------------------------------------------------------------- architecture tables
 
@@ -130,13 +130,7 @@ class GGUFSource:
             per_head = rows // self.heads
             r0, r1 = r0 // per_head * per_head, -(-r1 // per_head) * per_head
         raw = bytearray((r1 - r0) * self.row_bytes)
-        view, pos = memoryview(raw), info.offset + r0 * self.row_bytes
-        done = 0
-        while done < len(raw):
-            got = os.preadv(fd, [view[done:]], pos + done)
-            if got == 0:
-                raise NearswapError(f"{info.file}: unexpected end of file reading {info.name!r}; the file is truncated")
-            done += got
+        pread_exact(fd, memoryview(raw), info.offset + r0 * self.row_bytes, info)
         block = self._dequantize(np.frombuffer(raw, np.uint8).reshape(r1 - r0, self.row_bytes))
         if self.heads:
             per_head = rows // self.heads

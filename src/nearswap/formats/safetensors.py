@@ -117,6 +117,17 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin)
 
 
+def pread_exact(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
+    """Fill ``view`` from ``fd`` at ``pos``; a short file is an error naming the tensor."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], pos + done)
+        if got == 0:
+            raise NearswapError(f"{info.file}: unexpected end of file reading {info.name!r}; "
+                                "the file changed or is truncated")
+        done += got
+
+
 class FileReader:
     """Positional reads of tensor chunks into caller buffers; one fd per file, thread-safe."""
 
@@ -130,14 +141,7 @@ class FileReader:
             fd = self._fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
         if info.source is not None:
             return info.source.read(fd, info, start, out)
-        view = memoryview(out.view(np.uint8))
-        pos = info.offset + start * info.dtype.itemsize
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], pos + done)
-            if got == 0:
-                raise NearswapError(f"{info.file}: unexpected end of file reading {info.name!r}; the file changed or is truncated")
-            done += got
+        pread_exact(fd, memoryview(out.view(np.uint8)), info.offset + start * info.dtype.itemsize, info)
         return out
 
     def close(self) -> None:
