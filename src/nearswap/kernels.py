@@ -155,12 +155,13 @@ def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType])
     wide = np.float64 if any(d.name == "F64" for d in dtypes) else np.float32
     r = base.astype(wide)
     counts = []
-    for t, s in zip(ts, secondaries):
-        s = s.astype(wide)
-        res = _formula(t, r, s)
-        if round_between:
-            res = res.astype(out.dtype).astype(wide)
-        counts.append(_counts(t, r, s, res))
-        r = res
-    out[...] = r.astype(out.dtype)
+    with np.errstate(over="ignore"):  # rounding a huge value to f16 gives inf, as the formula's numpy does
+        for t, s in zip(ts, secondaries):
+            s = s.astype(wide)
+            res = _formula(t, r, s)
+            if round_between:
+                res = res.astype(out.dtype).astype(wide)
+            counts.append(_counts(t, r, s, res))
+            r = res
+        out[...] = r.astype(out.dtype)
     return counts
