@@ -233,3 +233,13 @@ def test_force_replaces_only_after_success(make_quartet, tmp_path, monkeypatch):
     nearswap.merge(paths[0], paths[1:], t=1e-4, out=out, force=True)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_model_card_reports_the_measured_steps(make_quartet, tmp_path):
+    paths, _ = make_quartet("bf16", n=2, noise=0.002)
+    report = nearswap.merge(paths[0], paths[1:], t=[1e-3, 2e-3], out=tmp_path / "mymerge")
+    card = (tmp_path / "mymerge" / "README.md").read_text()
+    assert card.startswith("---\n") and "# mymerge" in card
+    for i, step in enumerate(report["steps"], 1):
+        assert f"| {i} | `s{i}` | {step['t']:g} | {100 * step['swapped'] / step['total']:.2f}% |" in card
+    assert "t: 0.002" in card  # the recipe, as YAML

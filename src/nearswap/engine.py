@@ -301,6 +301,11 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
         }
         if not convert:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+            if not (tmp / "README.md").exists():
+                from .card import model_card
+
+                card = model_card({**report, "output_name": out.name}, recipe.to_yaml())
+                (tmp / "README.md").write_text(card)
     report["table"] = format_table(steps)
     return report
 

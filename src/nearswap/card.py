@@ -1,0 +1,57 @@
+"""The model card written into every merged checkpoint: what was merged, how, and what it did.
+
+Only facts nearswap knows: inputs, the recipe, the measured per-step counts, the tool. No
+claims about quality — that is what `nearswap sweep` and the user's own evaluations are for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+
+
+def model_card(report: dict[str, Any], recipe_yaml: str) -> str:
+    steps = report["steps"]
+    rows = "\n".join(
+        f"| {i} | `{Path(s['model']).name}` | {s['t']:g} | {100 * s['swapped'] / s['total']:.2f}% | "
+        f"{100 * s['moved'] / s['total']:.2f}% | {100 * s['identical'] / s['total']:.2f}% | {s['mean_abs_change']:.3g} |"
+        for i, s in enumerate(steps, 1)
+    )
+    rounding = ("kept in float32 between steps (carry_float32)" if report.get("carry_float32")
+                else "rounded to the output dtype after each step")
+    return f"""---
+tags:
+- merge
+- nearswap
+---
+# {Path(report['output_name']).name}
+
+A sequential NearSwap merge of `{Path(report['base']).name}` with {len(steps)} secondary model(s), made
+with nearswap {__version__} ({report.get('kernel', '?')} kernel).
+
+NearSwap keeps the base model's weights, except where a secondary's weight is within `t` of
+the running result: there it moves to the secondary — fully when |difference| <= t, by t
+otherwise (`w = clip(nan_to_num(t / |v0 - v1|, 1), 0, 1); v = (1 - w) v0 + w v1`, in float32,
+{rounding}).
+
+## What each step did (measured while merging, exact counts)
+
+| step | secondary | t | fully swapped | moved by t | identical | mean abs change |
+|---|---|---|---|---|---|---|
+{rows}
+
+Per-tensor counts are in `merge_report.json`.
+
+## Recipe
+
+```yaml
+{recipe_yaml.strip()}
+```
+
+## Notes
+
+- Quality was not evaluated by the tool that wrote this card; `nearswap sweep` can judge a merge.
+- License and use: this merge inherits the terms of every model it was made from.
+"""
