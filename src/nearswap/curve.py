@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import kernels, recipe
-from .engine import CHUNK, Plan, _Buffers, _work_items, default_threads, plan, run_pool
+from .engine import ChunkBuffers, Plan, default_threads, plan, run_pool, work_items
 from .formats.safetensors import FileReader
 
 DEFAULT_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
@@ -155,7 +155,7 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
     tasks = [t for t in plan_.tasks if t.merged]
     steps = [StepCurve(str(s)) for s in secondaries]
     hist_by_tensor: dict[str, np.ndarray] = {t.name: np.zeros(_ckernel.HIST_BINS, np.int64) for t in tasks}
-    reader, buffers = FileReader(), _Buffers()
+    reader, buffers = FileReader(), ChunkBuffers()
     ts_tuple = tuple(float(t) for t in ts)
 
     def work(i: int, start: int, n: int):
@@ -185,7 +185,7 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
             progress(nbytes)
 
     try:
-        run_pool(_work_items(tasks), work, collect, threads or default_threads())
+        run_pool(work_items(tasks), work, collect, threads or default_threads())
     finally:
         reader.close()
     by_kind: dict[str, np.ndarray] = {}

@@ -150,7 +150,7 @@ def _check_disk(out: Path, nbytes: int) -> None:
 # ---------------------------------------------------------------- streaming
 
 
-class _Buffers(threading.local):
+class ChunkBuffers(threading.local):
     """Per-thread reusable chunk buffers, keyed by (slot, dtype)."""
 
     def get(self, slot: int, dtype: DType, n: int) -> np.ndarray:
@@ -161,7 +161,7 @@ class _Buffers(threading.local):
         return buf[:n]
 
 
-def _work_items(tasks: list[TensorTask]) -> Iterator[tuple[int, int, int]]:
+def work_items(tasks: list[TensorTask]) -> Iterator[tuple[int, int, int]]:
     for i, task in enumerate(tasks):
         for start in range(0, max(task.numel, 1), CHUNK):
             yield i, start, min(CHUNK, task.numel - start)
@@ -176,7 +176,7 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
             for k, step in enumerate(steps):
                 step.tensors[task.name] = Tally()
                 step.t_by_tensor[task.name] = task.ts[k]
-    reader, buffers = FileReader(), _Buffers()
+    reader, buffers = FileReader(), ChunkBuffers()
     round_between = not recipe.carry_float32
 
     def work(i: int, start: int, n: int) -> tuple[int, list[kernels.StepCounts] | None, int]:
@@ -206,7 +206,7 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
             progress(nbytes)
 
     try:
-        run_pool(_work_items(plan_.tasks), work, collect, threads)
+        run_pool(work_items(plan_.tasks), work, collect, threads)
     finally:
         reader.close()
     return steps

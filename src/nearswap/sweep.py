@@ -24,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import engine, recipe
+from . import engine, kernels, recipe
 from .errors import NearswapError
 from .output import atomic_directory
 
@@ -127,7 +127,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
     from .formats import open_model
 
     evaluate._torch_and_transformers()  # the eval extra, or one clear line
-    ts = sorted(float(recipe._t(t)) for t in ts)
+    ts = sorted(kernels.check_t(float(t)) for t in ts)
     steps = [{"model": str(s), "t": ts[0]} for s in secondaries]
     engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep"))  # preflight before any work
     with atomic_directory(out, force) as tmp:
