@@ -311,6 +311,7 @@ def test_export_refusals(tmp_path, run):
     write_llama_gguf(tmp_path / "src.gguf", hf, Q.F32)
     bad_type = run("export", tmp_path / "src.gguf", "-o", tmp_path / "o.gguf", "--type", "q3_xyz")
     assert bad_type.exit_code == 1 and "unknown GGUF type 'q3_xyz'" in bad_type.stderr
+    assert len(bad_type.stderr.strip().splitlines()) == 1  # no progress bar before the refusal
     (tmp_path / "exists.gguf").write_bytes(b"keep")
     clobber = run("export", tmp_path / "src.gguf", "-o", tmp_path / "exists.gguf")
     assert clobber.exit_code == 1 and "already exists" in clobber.stderr

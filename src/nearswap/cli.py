@@ -181,10 +181,8 @@ def export(model, out, type_name, vocab_from, force, quiet):
 
     bar = _Progress("exporting", quiet)
     try:
-        from .formats import open_model
-
-        bar.start(open_model(model, "model"))
-        result = export_gguf(model, out, type_name, vocab_from=vocab_from, force=force, progress=bar.update)
+        result = export_gguf(model, out, type_name, vocab_from=vocab_from, force=force, progress=bar.update,
+                             on_start=bar.start)
     finally:
         bar.close()
     kinds = ", ".join(f"{k} x{v}" for k, v in result["tensors"].items())

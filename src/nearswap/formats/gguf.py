@@ -323,7 +323,8 @@ def _vocab_source(model: Any, vocab_from: Path | None) -> tuple[str, Path]:
 
 
 def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *, vocab_from: str | Path | None = None,
-                force: bool = False, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                force: bool = False, progress: Callable[[int], None] | None = None,
+                on_start: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Write a llama-family model (HF dir, safetensors or GGUF) as a GGUF file of ``type_name``.
 
     2-D weights become ``type_name`` (quantized with gguf.quants; F16 where a row does not
@@ -342,7 +343,8 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
 
     out = Path(out)
     if type_name in LLAMA_CPP_TYPES:
-        return _export_with_llama_cpp(source, out, type_name, vocab_from=vocab_from, force=force, progress=progress)
+        return _export_with_llama_cpp(source, out, type_name, vocab_from=vocab_from, force=force, progress=progress,
+                                      on_start=on_start)
     if type_name not in EXPORT_TYPES:
         raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
                             f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
@@ -370,6 +372,8 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
         short = target.split(".", 2)[-1] if target.startswith("blk.") else target
         plan.append((name, target, tq, head_counts.get(short)))
 
+    if on_start:
+        on_start(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(f".{out.name}.partial")
     w = gguf.GGUFWriter(str(part), arch_name)
@@ -427,7 +431,7 @@ def _export_with_llama_cpp(source: str | Path, out: Path, type_name: str, **opti
     part = out.with_name(f".{out.name}.partial")
     try:
         result = export_gguf(source, f32, "f32", vocab_from=options.get("vocab_from"), force=True,
-                             progress=options.get("progress"))
+                             progress=options.get("progress"), on_start=options.get("on_start"))
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
         params.nthread = os.cpu_count() or 1
