@@ -118,7 +118,7 @@ def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, a
             raise NearswapError("-t goes in the recipe when merging from a recipe file; remove -t")
         rec = recipes.load(inputs[0])
         if options:
-            rec = recipes.build({**rec.model_dump(), **options}, "command line")
+            rec = recipes.build({**rec.to_dict(), **options}, "command line")
     else:
         if len(inputs) < 2:
             raise NearswapError("give a base and at least one secondary (or a recipe .yaml)")

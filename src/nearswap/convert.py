@@ -25,6 +25,6 @@ def convert(source: str | Path, out: str | Path, *, dtype: str | None = None,
         size = parse_size(shard_size)
     except (KeyError, ValueError) as e:
         raise NearswapError(str(e).strip("'\"")) from None
-    recipe = Recipe.model_construct(base=str(source), steps=[], dtype=name, shard_size=size,
-                                    tokenizer_source="base", carry_float32=False, allow_nonfinite=True)
+    # no steps: a conversion (a user recipe needs at least one, so this bypasses build())
+    recipe = Recipe(base=str(source), steps=[], dtype=name, shard_size=size, allow_nonfinite=True)
     return engine.merge(recipe, out, convert=True, **run)

@@ -275,7 +275,7 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
     if on_plan:
         on_plan(plan_)
     started = time.perf_counter()
-    provenance = {"nearswap_converted_from": recipe.base} if convert else {"nearswap_recipe": json.dumps(recipe.model_dump())}
+    provenance = {"nearswap_converted_from": recipe.base} if convert else {"nearswap_recipe": json.dumps(recipe.to_dict())}
     metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
     with atomic_directory(out, force) as tmp:
         writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)

@@ -13,23 +13,24 @@ Example (see also ``examples/quartet.yaml``)::
     dtype: bfloat16                  # output dtype; default: the base tensor's own
     shard_size: 5GB
     tokenizer_source: base           # or a model path
+
+Validation is explicit (a few dataclasses and checks, no schema library: a merge starts
+~60 ms sooner), and every problem becomes one line naming the key: ``steps.0.t: ...``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from . import dtypes
 from .errors import NearswapError
-from .kernels import check_t
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
+MAX_STEPS = 64
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -41,6 +42,8 @@ def parse_size(value: str | int) -> int:
     >>> parse_size("5GB"), parse_size("1.5MiB")
     (5000000000, 1572864)
     """
+    if isinstance(value, bool):
+        raise ValueError(f"bad size {value!r}; use e.g. 5GB, 500MB, 2GiB")
     if isinstance(value, int):
         n = value
     else:
@@ -57,33 +60,34 @@ def parse_size(value: str | int) -> int:
 
 
 def _t(value: Any) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+    """A threshold: a finite number >= 0 (YAML 1.1 reads "1e-4" as a string: accepted)."""
+    from .kernels import check_t
+
+    if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
             raise ValueError(f"t must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"t must be a number, got {value!r}")
     return check_t(value)
 
 
-class Rule(BaseModel):
+@dataclass(frozen=True)
+class Rule:
     """Tensors whose name matches the glob ``match`` use ``t`` in this step."""
 
-    model_config = ConfigDict(extra="forbid")
     match: str
     t: float
 
-    _check_t = field_validator("t", mode="before")(_t)
 
-
-class Step(BaseModel):
+@dataclass(frozen=True)
+class Step:
     """One pass of the chain: merge ``model`` into the running result at threshold ``t``."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str
     t: float
-    rules: list[Rule] = Field(default_factory=list)
-
-    _check_t = field_validator("t", mode="before")(_t)
+    rules: list[Rule] = field(default_factory=list)
 
     def t_for(self, tensor: str) -> float:
         """The threshold this step applies to ``tensor``: the first matching rule, else ``t``."""
@@ -93,82 +97,137 @@ class Step(BaseModel):
         return self.t
 
 
-class Recipe(BaseModel):
+@dataclass(frozen=True)
+class Recipe:
     """A sequential NearSwap merge: r0 = base; r_k = nearswap(t_k, r_{k-1}, steps[k].model)."""
 
-    model_config = ConfigDict(extra="forbid")
     base: str
-    steps: list[Step] = Field(min_length=1, max_length=64)
-    dtype: str | None = None
+    steps: list[Step]
+    dtype: str | None = None  # safetensors name ("BF16"), or None: each base tensor's own
     shard_size: int = DEFAULT_SHARD_SIZE
     tokenizer_source: str = "base"
     carry_float32: bool = False
     allow_nonfinite: bool = False
 
-    @field_validator("shard_size", mode="before")
-    @classmethod
-    def _size(cls, v: Any) -> int:
-        return parse_size(v)
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        try:
-            d = dtypes.by_name(v)
-        except KeyError:
-            d = None
-        if d is None or not d.is_float:
-            raise ValueError(f"unknown output dtype {v!r}; use bfloat16, float16, float32 or float64")
-        return d.name
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def resolve_paths(self, root: Path) -> "Recipe":
         """Make relative model paths relative to ``root`` (the recipe file's folder)."""
         def fix(p: str) -> str:
             return str(p) if Path(p).is_absolute() else str(root / p)
 
-        data = self.model_dump()
+        data = self.to_dict()
         data["base"] = fix(self.base)
         for step in data["steps"]:
             step["model"] = fix(step["model"])
         if self.tokenizer_source != "base":
             data["tokenizer_source"] = fix(self.tokenizer_source)
-        return Recipe.model_validate(data)
+        return build(data, "recipe")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(exclude_defaults=False), sort_keys=False)
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _explain(err: ValidationError, source: str) -> NearswapError:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = f"unknown key (allowed here: {_allowed(first['loc'])})"
-    more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
-    return NearswapError(f"{source}: {where}: {msg}{more}")
+class _Invalid(Exception):
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(f"{where}: {message}")
 
 
-def _allowed(loc: tuple) -> str:
-    model: type[BaseModel] = Recipe
-    if "rules" in loc:
-        model = Rule
-    elif "steps" in loc:
-        model = Step
-    return ", ".join(model.model_fields)
+def _mapping(value: Any, where: str, cls: type) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid(where, f"expected a mapping with keys {', '.join(f.name for f in fields(cls))}")
+    allowed = [f.name for f in fields(cls)]
+    for key in value:
+        if key not in allowed:
+            raise _Invalid(f"{where}.{key}" if where else str(key), f"unknown key (allowed here: {', '.join(allowed)})")
+    return value
+
+
+def _required(data: dict[str, Any], key: str, where: str) -> Any:
+    if key not in data:
+        raise _Invalid(f"{where}.{key}" if where else key, "missing (required)")
+    return data[key]
+
+
+def _text(value: Any, where: str) -> str:
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, str) or not value:
+        raise _Invalid(where, f"expected a path or name, got {value!r}")
+    return value
+
+
+def _check(fn, value: Any, where: str) -> Any:
+    try:
+        return fn(value)
+    except (ValueError, KeyError) as e:
+        raise _Invalid(where, str(e).strip("'\"")) from None
+
+
+def _dtype(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        d = dtypes.by_name(str(value))
+    except KeyError:
+        d = None
+    if d is None or not d.is_float:
+        raise ValueError(f"unknown output dtype {value!r}; use bfloat16, float16, float32 or float64")
+    return d.name
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _step(data: Any, where: str) -> Step:
+    data = _mapping(data, where, Step)
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise _Invalid(f"{where}.rules", "expected a list of {match, t}")
+    parsed = []
+    for j, rule in enumerate(rules):
+        rw = f"{where}.rules.{j}"
+        rule = _mapping(rule, rw, Rule)
+        parsed.append(Rule(_text(_required(rule, "match", rw), f"{rw}.match"),
+                           _check(_t, _required(rule, "t", rw), f"{rw}.t")))
+    return Step(_text(_required(data, "model", where), f"{where}.model"),
+                _check(_t, _required(data, "t", where), f"{where}.t"), parsed)
+
+
+def _recipe(data: Any) -> Recipe:
+    data = _mapping(data, "", Recipe)
+    steps = _required(data, "steps", "")
+    if not isinstance(steps, list) or not 1 <= len(steps) <= MAX_STEPS:
+        raise _Invalid("steps", f"expected a list of 1 to {MAX_STEPS} steps")
+    return Recipe(
+        base=_text(_required(data, "base", ""), "base"),
+        steps=[_step(s, f"steps.{i}") for i, s in enumerate(steps)],
+        dtype=_check(_dtype, data.get("dtype"), "dtype"),
+        shard_size=_check(parse_size, data.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size"),
+        tokenizer_source=_text(data.get("tokenizer_source", "base"), "tokenizer_source"),
+        carry_float32=_check(_bool, data.get("carry_float32", False), "carry_float32"),
+        allow_nonfinite=_check(_bool, data.get("allow_nonfinite", False), "allow_nonfinite"),
+    )
 
 
 def build(data: dict, source: str = "recipe") -> Recipe:
-    """Validate recipe data (a dict), turning pydantic's errors into one clear line."""
+    """Validate recipe data (a dict) into a ``Recipe``; any problem is one clear line."""
     try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise _explain(e, source) from None
+        return _recipe(data)
+    except _Invalid as e:
+        raise NearswapError(f"{source}: {e}") from None
 
 
 def load(path: str | Path) -> Recipe:
     """Load and validate a YAML recipe; relative paths are taken from the recipe's folder."""
+    import yaml
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -178,4 +237,7 @@ def load(path: str | Path) -> Recipe:
         raise NearswapError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise NearswapError(f"{path}: a recipe is a mapping with keys base, steps, ...")
-    return build(data, str(path)).resolve_paths(path.parent)
+    try:
+        return _recipe(data).resolve_paths(path.parent)
+    except _Invalid as e:
+        raise NearswapError(f"{path}: {e}") from None
