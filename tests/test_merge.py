@@ -204,7 +204,7 @@ def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
     paths, _ = make_quartet("bf16", n=3)
     monkeypatch.setattr(engine, "CHUNK", 64)
     calls = {"n": 0}
-    real = engine.kernels.chain
+    real = engine.kernels.chain_raw
 
     def flaky(*args, **kw):
         calls["n"] += 1
@@ -212,7 +212,7 @@ def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine.kernels, "chain", flaky)
+    monkeypatch.setattr(engine.kernels, "chain_raw", flaky)
     with pytest.raises(KeyboardInterrupt):
         nearswap.merge(paths[0], paths[1:], t=1e-4, out=tmp_path / "o", threads=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "s1", "s2", "s3"]

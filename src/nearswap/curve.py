@@ -164,13 +164,15 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
         secs = [reader.read(s, start, buffers.get(k + 1, s.dtype, n)) for k, s in enumerate(task.secondaries)]
         hist = np.zeros(_ckernel.HIST_BINS, np.int64)
         le = np.zeros(len(ts_tuple), np.int64)
-        first = (*_histogram(base_chunk, secs[0], ts_tuple, hist, le), le)
+        counts = _histogram(base_chunk, task.base.dtype, secs[0], task.secondaries[0].dtype, ts_tuple, hist, le)
         later = []
         if len(secs) > 1:  # the chain at each t: exact per-step counts against the running result
             scratch = buffers.get(-1, task.out_dtype, n)
+            pairs = list(zip(secs, (s.dtype for s in task.secondaries)))
             for t in ts_tuple:
-                later.append(kernels.chain(scratch, base_chunk, secs, [t] * len(secs)))
-        return i, n, first, hist, later, base_chunk.nbytes + sum(s.nbytes for s in secs)
+                later.append(kernels.chain_raw(scratch, task.out_dtype, base_chunk, task.base.dtype, pairs,
+                                               [t] * len(secs)))
+        return i, n, (*counts, le), hist, later, len(base_chunk) + sum(len(s) for s in secs)
 
     def collect(result) -> None:
         i, n, (identical, nonfinite, le), hist, later, nbytes = result
@@ -196,16 +198,17 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
     return CurveResult(list(ts), str(base), steps, _hist_edges(), sum(by_kind.values()), by_kind)
 
 
-def _histogram(a: np.ndarray, b: np.ndarray, ts: tuple[float, ...], hist: np.ndarray, le: np.ndarray) -> tuple[int, int]:
+def _histogram(a: Any, a_dt: Any, b: Any, b_dt: Any, ts: tuple[float, ...], hist: np.ndarray,
+               le: np.ndarray) -> tuple[int, int]:
+    """Counts of |a - b| for one chunk (raw buffers with their dtypes); see ``compute``."""
     from . import _ckernel
-    from .dtypes import BY_NUMPY
 
-    ca, cb = BY_NUMPY[a.dtype].kernel_code, BY_NUMPY[b.dtype].kernel_code
-    if ca is not None and cb is not None:
-        return _ckernel.histogram(a.view(np.uint8), ca, b.view(np.uint8), cb, ts, hist, le)
-    wide = np.float64 if np.float64 in (a.dtype, b.dtype) else np.float32  # float64 inputs: numpy
+    if a_dt.kernel_code is not None and b_dt.kernel_code is not None:
+        return _ckernel.histogram(a, a_dt.kernel_code, b, b_dt.kernel_code, ts, hist, le)
+    x, y = np.frombuffer(a, a_dt.np), np.frombuffer(b, b_dt.np)  # float64 inputs: numpy
+    wide = np.float64 if np.float64 in (x.dtype, y.dtype) else np.float32
     with np.errstate(all="ignore"):
-        d = np.abs(a.astype(wide) - b.astype(wide))
+        d = np.abs(x.astype(wide) - y.astype(wide))
     for k, t in enumerate(ts):
         le[k] += np.count_nonzero(d <= wide(t))
     d32 = d[::8].astype(np.float32).view(np.uint32) >> _ckernel.HIST_SHIFT

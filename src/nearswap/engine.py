@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 from . import kernels
 from ._version import __version__
 from .dtypes import BY_NAME, DType
@@ -151,14 +149,15 @@ def _check_disk(out: Path, nbytes: int) -> None:
 
 
 class ChunkBuffers(threading.local):
-    """Per-thread reusable chunk buffers, keyed by (slot, dtype)."""
+    """Per-thread reusable chunk buffers (raw bytes: no numpy), keyed by (slot, dtype)."""
 
-    def get(self, slot: int, dtype: DType, n: int) -> np.ndarray:
+    def get(self, slot: int, dtype: DType, n: int) -> memoryview:
+        """A buffer for ``n`` elements of ``dtype``."""
         pool = self.__dict__.setdefault("pool", {})
         buf = pool.get((slot, dtype.name))
-        if buf is None or len(buf) < n:
-            buf = pool[(slot, dtype.name)] = np.empty(max(n, CHUNK), dtype.np)
-        return buf[:n]
+        if buf is None or len(buf) < n * dtype.itemsize:
+            buf = pool[(slot, dtype.name)] = memoryview(bytearray(max(n, CHUNK) * dtype.itemsize))
+        return buf[: n * dtype.itemsize]
 
 
 def work_items(tasks: list[TensorTask]) -> Iterator[tuple[int, int, int]]:
@@ -185,14 +184,14 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
             return i, None, 0
         base = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
         if not task.merged or not task.secondaries:  # copied (integers; or a conversion)
-            out = base if task.out_dtype == task.base.dtype else base.astype(task.out_dtype.np)
-            writer.write(task.name, start, out)
-            return i, None, base.nbytes
+            writer.write(task.name, start, _cast(base, task.base.dtype, task.out_dtype))
+            return i, None, len(base)
         secs = [reader.read(s, start, buffers.get(k + 1, s.dtype, n)) for k, s in enumerate(task.secondaries)]
         out = buffers.get(-1, task.out_dtype, n)
-        counts = kernels.chain(out, base, secs, task.ts, round_between)
+        counts = kernels.chain_raw(out, task.out_dtype, base, task.base.dtype,
+                                   list(zip(secs, (s.dtype for s in task.secondaries))), task.ts, round_between)
         writer.write(task.name, start, out)
-        return i, counts, base.nbytes + sum(s.nbytes for s in secs)
+        return i, counts, len(base) + sum(len(s) for s in secs)
 
     def collect(result: tuple[int, list[kernels.StepCounts] | None, int]) -> None:
         i, counts, nbytes = result
@@ -210,6 +209,15 @@ def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
     finally:
         reader.close()
     return steps
+
+
+def _cast(data: memoryview, src: DType, dst: DType) -> Any:
+    """Elements of ``src`` as ``dst`` (round to nearest even); a no-op when they are the same."""
+    if src == dst:
+        return data
+    import numpy as np
+
+    return np.frombuffer(data, src.np).astype(dst.np)
 
 
 def run_pool(items: Iterator[tuple], work: Callable[..., Any], collect: Callable[[Any], None], threads: int) -> None:
@@ -237,6 +245,8 @@ def run_pool(items: Iterator[tuple], work: Callable[..., Any], collect: Callable
 
 def _refuse_nonfinite(plan_: Plan, task: TensorTask, reader: FileReader) -> None:
     """An input of ``task`` holds NaN/inf: name the model and the count, then stop."""
+    import numpy as np
+
     models = [plan_.base, *plan_.secondaries]
     for model, info in zip(models, [task.base, *task.secondaries]):
         bad = 0

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
-import numpy as np
+from .dtypes import DType
 
-from .dtypes import BY_NUMPY, DType
+if TYPE_CHECKING:
+    import numpy as np
 
 try:  # the compiled hot loop; numpy below computes the same bits, slower
     from . import _ckernel
@@ -54,11 +55,12 @@ def check_t(t: Any) -> Any:
     >>> check_t(1e-4)
     0.0001
     """
-    if isinstance(t, (int, float, np.floating, np.integer)) and not isinstance(t, bool):
-        value = float(t)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"t must be a finite number >= 0, got {t!r}")
-        return value + 0.0  # -0.0 -> +0.0, so numpy versions that differ on clip(-0.0) agree
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return _scalar_t(t)
+    import numpy as np
+
+    if isinstance(t, (np.floating, np.integer)):
+        return _scalar_t(t)
     arr = np.asarray(t)
     if arr.dtype.kind not in "fiu":
         raise ValueError(f"t must be a number or a numeric array, got {arr.dtype}")
@@ -67,8 +69,17 @@ def check_t(t: Any) -> Any:
     return arr + 0.0
 
 
+def _scalar_t(t: Any) -> float:
+    value = float(t)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"t must be a finite number >= 0, got {t!r}")
+    return value + 0.0  # -0.0 -> +0.0, so numpy versions that differ on clip(-0.0) agree
+
+
 def _formula(t: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The card's formula on arrays already in the compute dtype."""
+    import numpy as np
+
     with np.errstate(all="ignore"):
         w = np.asarray(t, dtype=a.dtype) / np.abs(a - b)
         np.nan_to_num(w, copy=False, nan=1.0, posinf=1.0, neginf=1.0)
@@ -88,6 +99,8 @@ def nearswap(t: Any, v0: Any, v1: Any, out_dtype: Any = None) -> Any:
     >>> nearswap(1e-4, np.float32([1.0, 1.00005]), np.float32([2.0, 1.0]))
     array([1.0001, 1.    ], dtype=float32)
     """
+    import numpy as np
+
     t = check_t(t)
     if type(v0).__module__.startswith("torch") or type(v1).__module__.startswith("torch"):
         return _nearswap_torch(t, v0, v1, out_dtype)
@@ -109,6 +122,8 @@ def _nearswap_torch(t: Any, v0: Any, v1: Any, out_dtype: Any) -> Any:
 
 
 def _counts(t: float, a: np.ndarray, b: np.ndarray, res: np.ndarray) -> StepCounts:
+    import numpy as np
+
     with np.errstate(all="ignore"):
         d = np.abs(a - b)
         change = np.abs(res - a)
@@ -135,23 +150,45 @@ def chain(
     chain equals its steps run one by one with saved intermediates. Returns the counts of
     each step. Thread-safe; the C kernel releases the GIL.
     """
+    from .dtypes import BY_NUMPY
+
     dtypes = [BY_NUMPY[a.dtype] for a in (out, base, *secondaries)]
     if _ckernel is not None and all(d.kernel_code is not None for d in dtypes):
         return _chain_c(out, base, secondaries, ts, round_between, dtypes)
     return _chain_numpy(out, base, secondaries, ts, round_between, dtypes)
 
 
+def chain_raw(out: Any, out_dtype: DType, base: Any, base_dtype: DType, secondaries: Sequence[tuple[Any, DType]],
+              ts: Sequence[float], round_between: bool = True) -> list[StepCounts]:
+    """``chain`` over raw byte buffers (memoryviews, bytearrays), each with its dtype: the
+    engine's entry, which needs no numpy when the C kernel handles the dtypes."""
+    dtypes = [out_dtype, base_dtype, *(d for _, d in secondaries)]
+    if _ckernel is not None and all(d.kernel_code is not None for d in dtypes):
+        return _chain_c(out, base, [b for b, _ in secondaries], ts, round_between, dtypes)
+    import numpy as np
+
+    arrays = [np.frombuffer(buf, d.np) for buf, d in ((out, out_dtype), (base, base_dtype), *secondaries)]
+    return _chain_numpy(arrays[0], arrays[1], arrays[2:], ts, round_between, dtypes)
+
+
+def _bytes(buf: Any) -> Any:
+    """The raw bytes of a numpy array or buffer, for the C kernel (no numpy import needed)."""
+    return buf.view("u1") if hasattr(buf, "view") and hasattr(buf, "dtype") else buf
+
+
 def _chain_c(out, base, secondaries, ts, round_between, dtypes: list[DType]) -> list[StepCounts]:
     codes = tuple(d.kernel_code for d in dtypes[2:])
     raw = _ckernel.chain(
-        out.view(np.uint8), dtypes[0].kernel_code, base.view(np.uint8), dtypes[1].kernel_code,
-        tuple(s.view(np.uint8) for s in secondaries), codes, tuple(float(check_t(t)) for t in ts),
+        _bytes(out), dtypes[0].kernel_code, _bytes(base), dtypes[1].kernel_code,
+        tuple(_bytes(s) for s in secondaries), codes, tuple(float(check_t(t)) for t in ts),
         bool(round_between),
     )
     return [StepCounts(*r) for r in raw]
 
 
 def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType]) -> list[StepCounts]:
+    import numpy as np
+
     wide = np.float64 if any(d.name == "F64" for d in dtypes) else np.float32
     r = base.astype(wide)
     counts = []

@@ -121,9 +121,10 @@ class GGUFSource:
     row_bytes: int
     heads: int | None  # rows come permuted in this many heads (llama Q/K), or None
 
-    def read(self, fd: int, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
-        """Fill ``out`` (float32) with HF-layout elements ``start:start+len(out)`` of the tensor."""
-        n = len(out)
+    def read(self, fd: int, info: TensorInfo, start: int, out: Any) -> Any:
+        """Fill ``out`` (float32 array, or a byte buffer) with HF-layout elements from ``start`` on."""
+        target = out if hasattr(out, "dtype") else np.frombuffer(out, np.float32)
+        n = len(target)
         rows = info.numel // self.row_len
         r0, r1 = start // self.row_len, -(-(start + n) // self.row_len)
         if self.heads:  # a permuted head's rows are spread over the head: read whole heads
@@ -136,7 +137,7 @@ class GGUFSource:
             per_head = rows // self.heads
             block = block.reshape(-1, per_head // 2, 2, self.row_len).swapaxes(1, 2).reshape(-1, self.row_len)
         first = start - r0 * self.row_len
-        out[:] = block.reshape(-1)[first:first + n]
+        target[:] = block.reshape(-1)[first:first + n]
         return out
 
     def _dequantize(self, raw: np.ndarray) -> np.ndarray:

@@ -16,14 +16,15 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..dtypes import BY_NAME, DType
 from ..errors import NearswapError
 
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
+if TYPE_CHECKING:
+    import numpy as np
+
 MAX_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -117,6 +118,14 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin)
 
 
+def byte_view(buf: Any) -> memoryview:
+    """The bytes of a numpy array (any dtype, bfloat16 included) or of a buffer, as a memoryview."""
+    if hasattr(buf, "dtype") and hasattr(buf, "view"):
+        return memoryview(buf.view("u1"))
+    view = memoryview(buf)
+    return view if view.format == "B" else view.cast("B")
+
+
 def pread_exact(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
     """Fill ``view`` from ``fd`` at ``pos``; a short file is an error naming the tensor."""
     done = 0
@@ -134,14 +143,15 @@ class FileReader:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
 
-    def read(self, info: TensorInfo, start: int, out: np.ndarray) -> np.ndarray:
-        """Fill ``out`` (1-D, ``info.dtype``) with elements ``start:start+len(out)``."""
+    def read(self, info: TensorInfo, start: int, out: Any) -> Any:
+        """Fill ``out`` (a 1-D numpy array of ``info.dtype``, or a byte buffer holding whole
+        elements) with the elements from ``start`` on; returns ``out``."""
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
         if info.source is not None:
             return info.source.read(fd, info, start, out)
-        pread_exact(fd, memoryview(out.view(np.uint8)), info.offset + start * info.dtype.itemsize, info)
+        pread_exact(fd, byte_view(out), info.offset + start * info.dtype.itemsize, info)
         return out
 
     def close(self) -> None:
@@ -214,10 +224,10 @@ class ShardedWriter:
             self.weight_map[name] = shard.path.name
         self.total_size += pos
 
-    def write(self, name: str, start: int, data: np.ndarray) -> None:
-        """Write ``data`` (1-D, the tensor's dtype) at element ``start`` of tensor ``name``."""
+    def write(self, name: str, start: int, data: Any) -> None:
+        """Write ``data`` (a 1-D array of the tensor's dtype, or its bytes) at element ``start``."""
         fd, offset, dtype = self.places[name]
-        view = memoryview(data.view(np.uint8))
+        view = byte_view(data)
         pos = offset + start * dtype.itemsize
         done = 0
         while done < len(view):
