@@ -56,10 +56,12 @@ def _parse_ts(text: str) -> list[float]:
         raise NearswapError(f"--t takes comma-separated numbers, got {text!r}") from None
     if not values:
         raise NearswapError("--t needs at least one threshold")
-    for t in values:
-        if not (t >= 0 and t != float("inf")):
-            raise NearswapError(f"t must be a finite number >= 0, got {t!r}")
-    return values
+    from .kernels import check_t
+
+    try:
+        return [check_t(t) for t in values]
+    except ValueError as e:
+        raise NearswapError(str(e)) from None
 
 
 class _Progress:
@@ -68,10 +70,9 @@ class _Progress:
     def __init__(self, desc: str, quiet: bool) -> None:
         self.desc, self.quiet, self.bar = desc, quiet, None
 
-    def start(self, plan) -> None:
+    def start(self, total: int) -> None:
         from tqdm import tqdm
 
-        total = plan.in_bytes if hasattr(plan, "in_bytes") else plan.nbytes
         self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc,
                         disable=self.quiet, dynamic_ncols=True, leave=False, file=sys.stderr)
 
@@ -133,7 +134,8 @@ def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, a
 
     bar = _Progress("merging", quiet or as_json)
     try:
-        report = engine.merge(rec, out, force=force, threads=threads, progress=bar.update, on_plan=bar.start)
+        report = engine.merge(rec, out, force=force, threads=threads, progress=bar.update,
+                              on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
     if as_json:
@@ -159,7 +161,7 @@ def convert(model, out, dtype, shard_size, force, threads, quiet):
     bar = _Progress("converting", quiet)
     try:
         report = run_convert(model, out, dtype=dtype, shard_size=shard_size, force=force, threads=threads,
-                             progress=bar.update, on_plan=bar.start)
+                             progress=bar.update, on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
     click.echo(f"wrote {out} ({report['output']['total_size'] / 1e9:.2f} GB, {report['output']['tensors']} tensors)")
@@ -182,7 +184,7 @@ def export(model, out, type_name, vocab_from, force, quiet):
     bar = _Progress("exporting", quiet)
     try:
         result = export_gguf(model, out, type_name, vocab_from=vocab_from, force=force, progress=bar.update,
-                             on_start=bar.start)
+                             on_start=lambda m: bar.start(m.nbytes))
     finally:
         bar.close()
     kinds = ", ".join(f"{k} x{v}" for k, v in result["tensors"].items())
@@ -211,7 +213,8 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, quiet):
     values = _parse_ts(ts)
     bar = _Progress("reading", quiet or as_json)
     try:
-        result = curves.compute(inputs[0], inputs[1:], values, threads=threads, progress=bar.update, on_plan=bar.start)
+        result = curves.compute(inputs[0], inputs[1:], values, threads=threads, progress=bar.update,
+                                on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
     written = curves.plot(result, plot_dir, at) if plot_dir else []
@@ -277,7 +280,8 @@ def demo(workdir, synthetic, no_eval, quiet):
 
     bar = _Progress("merging", quiet)
     try:
-        run_demo(workdir, echo=click.echo, progress=bar.update, on_plan=bar.start, synthetic_only=synthetic,
+        run_demo(workdir, echo=click.echo, progress=bar.update, on_plan=lambda p: bar.start(p.in_bytes),
+                 synthetic_only=synthetic,
                  evaluate_models=not no_eval)
     finally:
         bar.close()

@@ -296,8 +296,9 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
             writer.abort()
             raise
         copied = _copy_side_files(plan_, tmp)
+        recipe_yaml = "" if convert else recipe.to_yaml()
         if not convert:
-            (tmp / RECIPE_NAME).write_text(recipe.to_yaml())
+            (tmp / RECIPE_NAME).write_text(recipe_yaml)
         report = {
             "nearswap_version": __version__,
             "kernel": kernels.describe_backend(),
@@ -311,11 +312,9 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
         }
         if not convert:
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-            if not (tmp / "README.md").exists():
-                from .card import model_card
+            from .card import model_card
 
-                card = model_card({**report, "output_name": out.name}, recipe.to_yaml())
-                (tmp / "README.md").write_text(card)
+            (tmp / "README.md").write_text(model_card({**report, "output_name": out.name}, recipe_yaml))
     report["table"] = format_table(steps)
     return report
 

@@ -124,14 +124,12 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
     """Merge at every t and judge each merge; writes sweep.json, sweep.md and sweep.png to ``out``."""
     from . import evaluate
     from .convert import convert
-    from .formats import open_model
 
     evaluate._torch_and_transformers()  # the eval extra, or one clear line
     ts = sorted(kernels.check_t(float(t)) for t in ts)
     steps = [{"model": str(s), "t": ts[0]} for s in secondaries]
-    engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep"))  # preflight before any work
+    base_model = engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep")).base  # preflight first
     with atomic_directory(out, force) as tmp:
-        base_model = open_model(base, "base")
         base_hf = Path(base) if base_model.directory else tmp / "base_hf"
         if not base_model.directory:
             echo(f"converting {Path(base).name} to HF for evaluation")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +35,14 @@ class Arch:
     permuted: dict[str, str]  # GGUF tensor (without blk.N.) -> metadata key holding its head count
     ignored: tuple[str, ...]  # GGUF tensors with no HF counterpart (recomputed by HF code)
     config: Callable[[dict[str, Any], dict[str, TensorInfo]], dict[str, Any]]
+
+    @cached_property
+    def to_hf(self) -> list[tuple[re.Pattern[str], str]]:  # compiled once per architecture
+        return [(_pattern(g), h) for g, h in self.names.items()]
+
+    @cached_property
+    def to_gguf(self) -> list[tuple[re.Pattern[str], str]]:
+        return [(_pattern(h), g) for g, h in self.names.items()]
 
 
 LLAMA_NAMES = {
@@ -88,21 +97,21 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
-def _name_table(arch: Arch) -> list[tuple[re.Pattern[str], str]]:
-    table = []
-    for gguf_name, hf_name in arch.names.items():
-        pattern = re.escape(gguf_name).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
-        table.append((re.compile(pattern + "$"), hf_name))
-    return table
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)") + "$")
 
 
-def hf_name(arch: Arch, name: str) -> str | None:
-    """The HF name of GGUF tensor ``name`` (``blk.3.attn_q.weight`` -> ``model.layers.3...``)."""
-    for pattern, target in _name_table(arch):
+def _rename(table: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
+    for pattern, target in table:
         m = pattern.match(name)
         if m:
             return target.format(**m.groupdict())
     return None
+
+
+def hf_name(arch: Arch, name: str) -> str | None:
+    """The HF name of GGUF tensor ``name`` (``blk.3.attn_q.weight`` -> ``model.layers.3...``)."""
+    return _rename(arch.to_hf, name)
 
 
 # ---------------------------------------------------------------- reading
@@ -251,12 +260,7 @@ HF_TO_GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 
 def gguf_name(arch: Arch, name: str) -> str | None:
     """The GGUF name of HF tensor ``name`` (the inverse of ``hf_name``)."""
-    for gguf_pattern, hf_pattern in arch.names.items():
-        pattern = re.escape(hf_pattern).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
-        m = re.match(pattern + "$", name)
-        if m:
-            return gguf_pattern.format(**m.groupdict())
-    return None
+    return _rename(arch.to_gguf, name)
 
 
 def _llama_metadata(w: Any, config: dict[str, Any]) -> None:
@@ -442,10 +446,9 @@ def _export_with_llama_cpp(source: str | Path, out: Path, type_name: str, **opti
     finally:
         f32.unlink(missing_ok=True)
         part.unlink(missing_ok=True)
-    from . import open_model
+    import gguf
 
     kinds: dict[str, int] = {}
-    for line in open_model(out, "output").format.split("; ")[1].split(", "):
-        kind, count = line.split(" x")
-        kinds[kind] = int(count)
+    for t in gguf.GGUFReader(out).tensors:  # what llama.cpp chose, fallbacks included
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
     return {**result, "output": str(out), "type": type_name, "tensors": kinds, "bytes": out.stat().st_size}
