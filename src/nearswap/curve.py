@@ -7,20 +7,29 @@ tensor kind and per layer — plus a histogram of d for the plotted curve (every
 binned at 16 points per octave). Later steps of a chain see the running result, which
 depends on t, so for several secondaries the chain is simulated at each requested t (the
 merge kernel, nothing written) and its exact per-step counts are reported.
+
+Safetensors inputs are read through memory maps, chunk by chunk, without a copy: the pass
+costs little more than the page cache's own bandwidth, and each chunk's pages are released
+once counted, so memory stays bounded however large the model. numpy is needed only for
+``--json`` and the plots.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import kernels, recipe
 from .engine import ChunkBuffers, Plan, default_threads, plan, run_pool, work_items
-from .formats.safetensors import FileReader
+from .errors import NearswapError
+from .formats.safetensors import FileReader, MappedReader, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
 
@@ -50,12 +59,8 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _hist_edges() -> np.ndarray:
-    """The upper edge of every histogram bin: d < edge[k] exactly for the samples in bins <= k."""
-    from . import _ckernel
-
-    bits = ((np.arange(_ckernel.HIST_BINS, dtype=np.uint32) + _ckernel.HIST_LO + 1) << _ckernel.HIST_SHIFT)
-    return bits.view(np.float32).astype(np.float64)
+def _zeros(n: int) -> array:
+    return array("q", bytes(8 * n))
 
 
 @dataclass
@@ -65,16 +70,16 @@ class Counts:
     total: int = 0
     identical: int = 0
     nonfinite: int = 0
-    swapped: np.ndarray | None = None
+    swapped: list[int] = field(default_factory=list)
 
-    def add(self, total: int, identical: int, nonfinite: int, swapped: np.ndarray) -> None:
+    def add(self, total: int, identical: int, nonfinite: int, swapped: Sequence[int]) -> None:
         self.total += total
         self.identical += identical
         self.nonfinite += nonfinite
-        self.swapped = swapped.copy() if self.swapped is None else self.swapped + swapped
+        self.swapped = [a + b for a, b in zip(self.swapped, swapped)] if self.swapped else list(swapped)
 
     def to_json(self, ts: Sequence[float]) -> dict[str, Any]:
-        sw = self.swapped if self.swapped is not None else np.zeros(len(ts), np.int64)
+        sw = self.swapped or [0] * len(ts)
         return {"total": self.total, "identical": self.identical, "nonfinite": self.nonfinite,
                 "swapped": {repr(t): int(n) for t, n in zip(ts, sw)},
                 "share": {repr(t): (int(n) / self.total if self.total else 0.0) for t, n in zip(ts, sw)}}
@@ -104,13 +109,28 @@ class CurveResult:
     ts: list[float]
     base: str
     steps: list[StepCurve]
-    edges: np.ndarray  # plotted curve: share of sampled d < edge, step 1
-    hist_all: np.ndarray
-    hist_by_kind: dict[str, np.ndarray]
+    hist_by_kind: dict[str, array]  # step 1's sample of d, binned (kernels.HIST_*)
 
-    def curve_share(self, hist: np.ndarray) -> np.ndarray:
+    @property
+    def hist_all(self) -> np.ndarray:
+        import numpy as np
+
+        return sum((np.frombuffer(h, np.int64) for h in self.hist_by_kind.values()), np.zeros(kernels.HIST_BINS, np.int64))
+
+    @property
+    def edges(self) -> np.ndarray:
+        """The upper edge of every histogram bin: d < edge[k] exactly for the samples in bins <= k."""
+        import numpy as np
+
+        bits = (np.arange(kernels.HIST_BINS, dtype=np.uint32) + kernels.HIST_LO + 1) << kernels.HIST_SHIFT
+        return bits.view(np.float32).astype(np.float64)
+
+    def curve_share(self, hist: Any) -> np.ndarray:
         """Share of sampled elements with 0 < d < edge: bin 0 (d < 2^-40, zeros included) is left
         out, as identical weights are not swapped ones."""
+        import numpy as np
+
+        hist = np.frombuffer(hist, np.int64) if isinstance(hist, array) else hist
         total = hist.sum()
         below = np.cumsum(hist) - hist[0]
         return below / total if total else np.zeros(len(hist))
@@ -118,6 +138,8 @@ class CurveResult:
     @property
     def plotted(self) -> slice:
         """The bins worth plotting: from the first that holds a nonzero |d| to the last."""
+        import numpy as np
+
         filled = np.nonzero(self.hist_all[1:])[0] + 1
         return slice(int(filled[0]), int(filled[-1]) + 1) if len(filled) else slice(0, 0)
 
@@ -135,85 +157,89 @@ class CurveResult:
         keep = self.plotted
         return {
             "base": self.base, "ts": self.ts, "steps": steps,
-            "curve": {"step": 1, "sample_every": 8, "d_below": self.edges[keep].tolist(),
+            "curve": {"step": 1, "sample_every": kernels.HIST_STRIDE, "d_below": self.edges[keep].tolist(),
                       "share": self.curve_share(self.hist_all)[keep].tolist(),
                       "by_kind": {k: self.curve_share(h)[keep].tolist() for k, h in self.hist_by_kind.items()}},
         }
+
+
+class _ThreadHistograms(threading.local):
+    """Each worker thread's own step-1 histograms by tensor kind, added to in place by the kernel."""
+
+    def __init__(self, registry: list[dict[str, array]]) -> None:
+        self.by_kind: dict[str, array] = {}
+        registry.append(self.by_kind)  # runs once per thread, on its first use
 
 
 def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
             threads: int | None = None, progress: Callable[[int], None] | None = None,
             on_plan: Callable[[Plan], None] | None = None) -> CurveResult:
     """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve."""
-    from . import _ckernel
-
     ts = sorted(kernels.check_t(t) for t in ts)
+    if not 1 <= len(ts) <= kernels.MAX_THRESHOLDS:
+        raise NearswapError(f"give 1 to {kernels.MAX_THRESHOLDS} values of t (got {len(ts)})")
     rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": ts[0]} for s in secondaries]}, "curve")
     plan_ = plan(rec)  # the same preflight as a merge: names, shapes, architectures
     if on_plan:
         on_plan(plan_)
     tasks = [t for t in plan_.tasks if t.merged]
+    kinds = [kind_of(t.name) for t in tasks]
     steps = [StepCurve(str(s)) for s in secondaries]
-    hist_by_tensor: dict[str, np.ndarray] = {t.name: np.zeros(_ckernel.HIST_BINS, np.int64) for t in tasks}
-    reader, buffers = FileReader(), ChunkBuffers()
-    ts_tuple = tuple(float(t) for t in ts)
+    registry: list[dict[str, array]] = []
+    histograms = _ThreadHistograms(registry)
+    mapped, reader, buffers = MappedReader(), FileReader(), ChunkBuffers()
+
+    def chunk(slot: int, info: TensorInfo, start: int, n: int) -> Any:
+        if mapped.mappable(info):  # zero-copy from the page cache
+            return mapped.view(info, start, n)
+        return reader.read(info, start, buffers.get(slot, info.dtype, n))  # decoded (GGUF)
 
     def work(i: int, start: int, n: int):
         task = tasks[i]
-        base_chunk = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
-        secs = [reader.read(s, start, buffers.get(k + 1, s.dtype, n)) for k, s in enumerate(task.secondaries)]
-        hist = np.zeros(_ckernel.HIST_BINS, np.int64)
-        le = np.zeros(len(ts_tuple), np.int64)
-        counts = _histogram(base_chunk, task.base.dtype, secs[0], task.secondaries[0].dtype, ts_tuple, hist, le)
+        inputs = [task.base, *task.secondaries]
+        views = [chunk(k, info, start, n) for k, info in enumerate(inputs)]
+        hist = histograms.by_kind.get(kinds[i])
+        if hist is None:
+            hist = histograms.by_kind[kinds[i]] = _zeros(kernels.HIST_BINS)
+        le = _zeros(len(ts))
+        counts = kernels.threshold_counts(views[0], task.base.dtype, views[1], task.secondaries[0].dtype, ts, le, hist)
         later = []
-        if len(secs) > 1:  # the chain at each t: exact per-step counts against the running result
+        if len(views) > 2:  # the chain at each t: exact per-step counts against the running result
             scratch = buffers.get(-1, task.out_dtype, n)
-            pairs = list(zip(secs, (s.dtype for s in task.secondaries)))
-            for t in ts_tuple:
-                later.append(kernels.chain_raw(scratch, task.out_dtype, base_chunk, task.base.dtype, pairs,
-                                               [t] * len(secs)))
-        return i, n, (*counts, le), hist, later, len(base_chunk) + sum(len(s) for s in secs)
+            pairs = list(zip(views[1:], (s.dtype for s in task.secondaries)))
+            for t in ts:
+                later.append(kernels.chain_raw(scratch, task.out_dtype, views[0], task.base.dtype, pairs,
+                                               [t] * len(pairs)))
+        del views
+        for info in inputs:
+            if mapped.mappable(info):
+                mapped.release(info, start, n)  # resident memory stays bounded by the chunks in flight
+        return i, n, counts, le, later, sum(info.dtype.itemsize for info in inputs) * n
 
     def collect(result) -> None:
-        i, n, (identical, nonfinite, le), hist, later, nbytes = result
+        i, n, (identical, nonfinite), le, later, nbytes = result
         name = tasks[i].name
-        steps[0].tensors.setdefault(name, Counts()).add(n, identical, nonfinite, le - identical)
-        hist_by_tensor[name] += hist
+        steps[0].tensors.setdefault(name, Counts()).add(n, identical, nonfinite, [c - identical for c in le])
         for k in range(1, len(steps)):
-            counts = [per_t[k] for per_t in later]
-            steps[k].tensors.setdefault(name, Counts()).add(
-                n, counts[0].identical, counts[0].nonfinite, np.array([c.swapped for c in counts], np.int64))
+            per_t = [counts[k] for counts in later]
+            steps[k].tensors.setdefault(name, Counts()).add(n, per_t[0].identical, per_t[0].nonfinite,
+                                                            [c.swapped for c in per_t])
         if progress:
             progress(nbytes)
 
     try:
         run_pool(work_items(tasks), work, collect, threads or default_threads())
     finally:
+        mapped.close()
         reader.close()
-    by_kind: dict[str, np.ndarray] = {}
-    for name, h in hist_by_tensor.items():
-        by_kind.setdefault(kind_of(name), np.zeros_like(h))
-        by_kind[kind_of(name)] += h
+    by_kind: dict[str, array] = {}
+    for per_thread in registry:
+        for kind, h in per_thread.items():
+            total = by_kind.setdefault(kind, _zeros(kernels.HIST_BINS))
+            for b, v in enumerate(h):
+                total[b] += v
     by_kind = dict(sorted(by_kind.items(), key=lambda kv: KIND_ORDER.index(kv[0])))
-    return CurveResult(list(ts), str(base), steps, _hist_edges(), sum(by_kind.values()), by_kind)
-
-
-def _histogram(a: Any, a_dt: Any, b: Any, b_dt: Any, ts: tuple[float, ...], hist: np.ndarray,
-               le: np.ndarray) -> tuple[int, int]:
-    """Counts of |a - b| for one chunk (raw buffers with their dtypes); see ``compute``."""
-    from . import _ckernel
-
-    if a_dt.kernel_code is not None and b_dt.kernel_code is not None:
-        return _ckernel.histogram(a, a_dt.kernel_code, b, b_dt.kernel_code, ts, hist, le)
-    x, y = np.frombuffer(a, a_dt.np), np.frombuffer(b, b_dt.np)  # float64 inputs: numpy
-    wide = np.float64 if np.float64 in (x.dtype, y.dtype) else np.float32
-    with np.errstate(all="ignore"):
-        d = np.abs(x.astype(wide) - y.astype(wide))
-    for k, t in enumerate(ts):
-        le[k] += np.count_nonzero(d <= wide(t))
-    d32 = d[::8].astype(np.float32).view(np.uint32) >> _ckernel.HIST_SHIFT
-    np.add.at(hist, np.clip(d32, _ckernel.HIST_LO, _ckernel.HIST_LO + _ckernel.HIST_BINS - 1) - _ckernel.HIST_LO, 1)
-    return int(np.count_nonzero(d == 0)), int(np.count_nonzero(~np.isfinite(d)))
+    return CurveResult(list(ts), str(base), steps, by_kind)
 
 
 def format_table(result: CurveResult) -> str:
@@ -241,9 +267,9 @@ def plot(result: CurveResult, directory: str | Path, at: float | None = None) ->
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import NearswapError
-
         raise NearswapError("plots need matplotlib: pip install 'nearswap[plot]'") from None
+    import numpy as np
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     at = result.ts[0] if at is None else at

@@ -202,3 +202,53 @@ def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType])
             r = res
         out[...] = r.astype(out.dtype)
     return counts
+
+
+# ---------------------------------------------------------------- threshold counts (the curve)
+
+# The curve's sample histogram: bin = clamp(bits(|d|) >> HIST_SHIFT, HIST_LO, HIST_LO + HIST_BINS - 1)
+# - HIST_LO, 16 bins per octave, exact at their edges for 2^-40 <= |d| < 2^24; smaller values
+# (zeros included) fall in bin 0, larger ones (inf and NaN included) in the last. Every
+# HIST_STRIDE-th element of a chunk is sampled. The C kernel defines the same numbers.
+HIST_SHIFT = 19
+HIST_LO = (127 - 40) << 4
+HIST_BINS = 64 << 4
+HIST_STRIDE = 8
+MAX_THRESHOLDS = 64
+
+
+class ThresholdCounts(NamedTuple):
+    identical: int  # d == 0
+    nonfinite: int  # d is NaN or inf
+
+
+def threshold_counts(a: Any, a_dtype: DType, b: Any, b_dtype: DType, ts: Sequence[float], le: Any,
+                     hist: Any) -> ThresholdCounts:
+    """For d = |a - b| over one chunk (raw buffers, each with its dtype; d in float32, float64 if
+    an input is float64, exactly as a NearSwap step computes it): adds to ``le[k]`` the number
+    of elements with d <= ts[k] (``le``: a writable int64 buffer, one slot per t, at most
+    MAX_THRESHOLDS) and adds every HIST_STRIDE-th d to ``hist`` (int64[HIST_BINS], see above).
+    Returns the identical and non-finite counts. Thread-safe; the C kernel releases the GIL."""
+    if len(ts) > MAX_THRESHOLDS:
+        raise ValueError(f"at most {MAX_THRESHOLDS} thresholds at once, got {len(ts)}")
+    if _ckernel is not None and a_dtype.kernel_code is not None and b_dtype.kernel_code is not None:
+        return ThresholdCounts(*_ckernel.histogram(_bytes(a), a_dtype.kernel_code, _bytes(b), b_dtype.kernel_code,
+                                                   tuple(float(t) for t in ts), hist, le))
+    return _threshold_counts_numpy(a, a_dtype, b, b_dtype, ts, le, hist)
+
+
+def _threshold_counts_numpy(a: Any, a_dtype: DType, b: Any, b_dtype: DType, ts: Sequence[float], le: Any,
+                            hist: Any) -> ThresholdCounts:
+    import numpy as np
+
+    x, y = np.frombuffer(a, a_dtype.np), np.frombuffer(b, b_dtype.np)
+    wide = np.float64 if np.float64 in (x.dtype, y.dtype) else np.float32
+    with np.errstate(all="ignore"):
+        d = np.abs(x.astype(wide) - y.astype(wide))
+    le_arr, hist_arr = np.frombuffer(le, np.int64), np.frombuffer(hist, np.int64)
+    for k, t in enumerate(ts):
+        le_arr[k] += np.count_nonzero(d <= wide(t))
+    with np.errstate(over="ignore"):
+        bins = d[::HIST_STRIDE].astype(np.float32).view(np.uint32) >> HIST_SHIFT
+    hist_arr += np.bincount(np.clip(bins, HIST_LO, HIST_LO + HIST_BINS - 1) - HIST_LO, minlength=HIST_BINS)
+    return ThresholdCounts(int(np.count_nonzero(d == 0)), int(np.count_nonzero(~np.isfinite(d))))
