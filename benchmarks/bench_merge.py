@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", type=Path, default=Path("/work/mk/venv"))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated subset of contenders")
+    ap.add_argument("--tag", help="suffix of the results file name (default: 'subset' with --only, else none)")
     ap.add_argument("--workdir", type=Path, default=HERE / "work")
     ap.add_argument("--outdir", type=Path, help="where outputs are written (default: under --workdir, on disk; "
                     "/dev/shm takes the disk out of the measurement)")
@@ -170,7 +171,8 @@ def main() -> None:
         if "curve" in name and mine:  # how much faster than the merge it predicts
             ratio = f"merge / curve = {mine['wall_s'] / r['wall_s']:.1f}x"
         print(f"| {name} | {r['wall_s']:.2f} | {r['params_per_s'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | {ratio} |")
-    out = HERE / "results" / f"merge-{args.size}{'-' + args.outdir.name if args.outdir else ''}.json"
+    tag = args.tag if args.tag is not None else ("subset" if args.only else "")
+    out = HERE / "results" / f"merge-{args.size}{'-' + args.outdir.name if args.outdir else ''}{'-' + tag if tag else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"size": args.size, "params": params, "outdir": str(args.outdir or "disk"),
                                "repeat": args.repeat, "results": results}, indent=1))

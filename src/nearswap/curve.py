@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import kernels, recipe
+from . import engine
 from .engine import ChunkBuffers, Plan, default_threads, plan, run_pool, work_items
 from .errors import NearswapError
 from .formats.safetensors import FileReader, MappedReader, TensorInfo
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     import numpy as np
 
 DEFAULT_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
+# A work item spans this many of the engine's chunks, counted (and their pages released) one by
+# one: resident memory as with single chunks, an eighth of the hand-offs between threads.
+CHUNKS_PER_ITEM = 8
 
 # Tensor kinds by name, first match wins (HF names; GGUF inputs are presented under HF names).
 KINDS = [
@@ -188,8 +192,9 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
     registry: list[dict[str, array]] = []
     histograms = _ThreadHistograms(registry)
     mapped, reader, buffers = MappedReader(), FileReader(), ChunkBuffers()
+    chunk = engine.CHUNK
 
-    def chunk(slot: int, info: TensorInfo, start: int, n: int) -> Any:
+    def view_of(slot: int, info: TensorInfo, start: int, n: int) -> Any:
         if mapped.mappable(info):  # zero-copy from the page cache
             return mapped.view(info, start, n)
         return reader.read(info, start, buffers.get(slot, info.dtype, n))  # decoded (GGUF)
@@ -197,38 +202,43 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
     def work(i: int, start: int, n: int):
         task = tasks[i]
         inputs = [task.base, *task.secondaries]
-        views = [chunk(k, info, start, n) for k, info in enumerate(inputs)]
         hist = histograms.by_kind.get(kinds[i])
         if hist is None:
             hist = histograms.by_kind[kinds[i]] = _zeros(kernels.HIST_BINS)
         le = _zeros(len(ts))
-        counts = kernels.threshold_counts(views[0], task.base.dtype, views[1], task.secondaries[0].dtype, ts, le, hist)
+        identical = nonfinite = 0
         later = []
-        if len(views) > 2:  # the chain at each t: exact per-step counts against the running result
-            scratch = buffers.get(-1, task.out_dtype, n)
-            pairs = list(zip(views[1:], (s.dtype for s in task.secondaries)))
-            for t in ts:
-                later.append(kernels.chain_raw(scratch, task.out_dtype, views[0], task.base.dtype, pairs,
-                                               [t] * len(pairs)))
-        del views
-        for info in inputs:
-            if mapped.mappable(info):
-                mapped.release(info, start, n)  # resident memory stays bounded by the chunks in flight
-        return i, n, counts, le, later, sum(info.dtype.itemsize for info in inputs) * n
+        for sub in range(start, start + n, chunk):  # pages are released every chunk
+            m = min(chunk, start + n - sub)
+            views = [view_of(k, info, sub, m) for k, info in enumerate(inputs)]
+            counts = kernels.threshold_counts(views[0], task.base.dtype, views[1], task.secondaries[0].dtype, ts, le, hist)
+            identical += counts.identical
+            nonfinite += counts.nonfinite
+            if len(views) > 2:  # the chain at each t: exact per-step counts against the running result
+                scratch = buffers.get(-1, task.out_dtype, m)
+                pairs = list(zip(views[1:], (s.dtype for s in task.secondaries)))
+                later.append((m, [kernels.chain_raw(scratch, task.out_dtype, views[0], task.base.dtype, pairs,
+                                                    [t] * len(pairs)) for t in ts]))
+            del views
+            for info in inputs:
+                if mapped.mappable(info):
+                    mapped.release(info, sub, m)  # resident memory stays bounded by the chunks in flight
+        return i, n, identical, nonfinite, le, later, sum(info.dtype.itemsize for info in inputs) * n
 
     def collect(result) -> None:
-        i, n, (identical, nonfinite), le, later, nbytes = result
+        i, n, identical, nonfinite, le, later, nbytes = result
         name = tasks[i].name
         steps[0].tensors.setdefault(name, Counts()).add(n, identical, nonfinite, [c - identical for c in le])
-        for k in range(1, len(steps)):
-            per_t = [counts[k] for counts in later]
-            steps[k].tensors.setdefault(name, Counts()).add(n, per_t[0].identical, per_t[0].nonfinite,
-                                                            [c.swapped for c in per_t])
+        for m, per_t in later:
+            for k in range(1, len(steps)):
+                step_k = [counts[k] for counts in per_t]
+                steps[k].tensors.setdefault(name, Counts()).add(m, step_k[0].identical, step_k[0].nonfinite,
+                                                                [c.swapped for c in step_k])
         if progress:
             progress(nbytes)
 
     try:
-        run_pool(work_items(tasks), work, collect, threads or default_threads())
+        run_pool(work_items(tasks, CHUNKS_PER_ITEM * chunk), work, collect, threads or default_threads())
     finally:
         mapped.close()
         reader.close()

@@ -160,10 +160,11 @@ class ChunkBuffers(threading.local):
         return buf[: n * dtype.itemsize]
 
 
-def work_items(tasks: list[TensorTask]) -> Iterator[tuple[int, int, int]]:
+def work_items(tasks: list[TensorTask], chunk: int | None = None) -> Iterator[tuple[int, int, int]]:
+    chunk = chunk or CHUNK
     for i, task in enumerate(tasks):
-        for start in range(0, max(task.numel, 1), CHUNK):
-            yield i, start, min(CHUNK, task.numel - start)
+        for start in range(0, max(task.numel, 1), chunk):
+            yield i, start, min(chunk, task.numel - start)
 
 
 def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
