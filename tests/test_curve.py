@@ -1,6 +1,7 @@
 """nearswap curve: exact swap counts at any t, per step, kind and layer; the plotted curve."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +135,34 @@ def test_too_many_ts_is_one_clear_error(make_quartet, run):
     paths, _ = make_quartet(n=1)
     result = run("curve", *paths, "--t", ",".join(f"{k}e-4" for k in range(1, 70)))
     assert result.exit_code == 1 and "1 to 64 values of t" in result.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_no_page_of_the_inputs_stays_mapped(tmp_path, monkeypatch):
+    """The curve maps its inputs and drops each chunk's pages once counted; what is still
+    mapped when it finishes would be resident memory that grows with the model."""
+    from conftest import random_model, write_model
+    from nearswap import engine
+    from nearswap.formats import safetensors
+
+    shapes = {"model.layers.0.mlp.up_proj.weight": (1024, 1000), "model.layers.0.mlp.down_proj.weight": (1000, 1024),
+              "model.norm.weight": (1000,)}
+    base = random_model(0, "f32", shapes=shapes)
+    paths = [write_model(tmp_path / "base", base), write_model(tmp_path / "s1", random_model(1, "f32", shapes=shapes, like=base))]
+    monkeypatch.setattr(engine, "CHUNK", 100_003)  # chunk edges fall mid-page
+    left: dict[str, int] = {}
+    close = safetensors.MappedReader.close
+
+    def close_and_look(self):
+        mapping = None
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+                mapping = line.split()[-1] if len(line.split()) >= 6 else None
+            elif line.startswith("Rss:") and mapping and mapping.endswith(".safetensors"):
+                left[mapping] = left.get(mapping, 0) + int(line.split()[1])
+        close(self)
+
+    monkeypatch.setattr(safetensors.MappedReader, "close", close_and_look)
+    result = curve.compute(paths[0], paths[1:], [1e-3])
+    assert result.steps[0].totals.total == sum(a.size for a in base.values())
+    assert len(left) == 2 and all(kb == 0 for kb in left.values()), left
