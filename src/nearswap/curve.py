@@ -222,7 +222,8 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
             del views
             for info in inputs:
                 if mapped.mappable(info):
-                    mapped.release(info, sub, m)  # resident memory stays bounded by the chunks in flight
+                    # resident memory stays bounded by the chunks in flight
+                    mapped.release(info, sub, m, more=sub + m < start + n)
         return i, n, identical, nonfinite, le, later, sum(info.dtype.itemsize for info in inputs) * n
 
     def collect(result) -> None:
