@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_merge import HERE, T, ensure_inputs, settle, timed
+from bench_merge import HERE, T, compile_nearswap, ensure_inputs, settle, timed
 
 
 def main() -> None:
@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--workdir", type=Path, default=HERE / "work")
     args = ap.parse_args()
+    compile_nearswap()
     from nearswap.formats import open_model
 
     rows = []
