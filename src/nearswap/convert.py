@@ -27,4 +27,4 @@ def convert(source: str | Path, out: str | Path, *, dtype: str | None = None,
         raise NearswapError(str(e).strip("'\"")) from None
     # no steps: a conversion (a user recipe needs at least one, so this bypasses build())
     recipe = Recipe(base=str(source), steps=[], dtype=name, shard_size=size, allow_nonfinite=True)
-    return engine.merge(recipe, out, convert=True, **run)
+    return engine.write_checkpoint(recipe, out, {"nearswap_converted_from": recipe.base}, **run)[1]

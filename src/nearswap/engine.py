@@ -268,15 +268,37 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int | None = None,
-          progress: Callable[[int], None] | None = None, on_plan: Callable[[Plan], None] | None = None,
-          convert: bool = False) -> dict:
-    """Run a recipe and write the merged HF checkpoint to ``out`` atomically. Returns the report.
+def merge(recipe: Recipe, out: str | Path, **run: Any) -> dict:
+    """Run a recipe and write the merged HF checkpoint to ``out`` atomically, with the recipe,
+    ``merge_report.json`` and a model card. Returns the report. ``run``: ``force``,
+    ``threads``, ``progress``, ``on_plan`` as for ``write_checkpoint``."""
+    out = Path(out)
+    recipe_yaml = recipe.to_yaml()
+
+    def finish(tmp: Path, report: dict) -> None:
+        from .card import model_card
+
+        (tmp / RECIPE_NAME).write_text(recipe_yaml)
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        (tmp / "README.md").write_text(model_card({**report, "output_name": out.name}, recipe_yaml))
+
+    steps, report = write_checkpoint(recipe, out, {"nearswap_recipe": json.dumps(recipe.to_dict())}, finish, **run)
+    report["table"] = format_table(steps)
+    return report
+
+
+def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str],
+                     finish: Callable[[Path, dict], None] | None = None, *, force: bool = False,
+                     threads: int | None = None, progress: Callable[[int], None] | None = None,
+                     on_plan: Callable[[Plan], None] | None = None) -> tuple[list[StepReport], dict]:
+    """Preflight ``recipe``, stream it into an HF checkpoint at ``out`` (atomically: a hidden
+    partial directory renamed into place) with the base's config and tokenizer files, and
+    ``provenance`` in every shard's metadata; ``finish(partial_dir, report)`` adds files
+    before the rename. A recipe without steps rewrites the base (``nearswap.convert``).
 
     ``progress`` is called with the number of input bytes processed as work completes;
-    ``on_plan`` once the preflight has passed (e.g. to size a progress bar). With
-    ``convert`` (a recipe without steps, see ``nearswap.convert``) the base is only
-    rewritten, and no recipe or merge report is written.
+    ``on_plan`` once the preflight has passed (e.g. to size a progress bar). Returns the
+    per-step reports and the report dict.
     """
     out = Path(out)
     refuse_existing(out, force)
@@ -286,7 +308,6 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
     if on_plan:
         on_plan(plan_)
     started = time.perf_counter()
-    provenance = {"nearswap_converted_from": recipe.base} if convert else {"nearswap_recipe": json.dumps(recipe.to_dict())}
     metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
     with atomic_directory(out, force) as tmp:
         writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)
@@ -297,9 +318,6 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
             writer.abort()
             raise
         copied = _copy_side_files(plan_, tmp)
-        recipe_yaml = "" if convert else recipe.to_yaml()
-        if not convert:
-            (tmp / RECIPE_NAME).write_text(recipe_yaml)
         report = {
             "nearswap_version": __version__,
             "kernel": kernels.describe_backend(),
@@ -311,13 +329,9 @@ def merge(recipe: Recipe, out: str | Path, *, force: bool = False, threads: int 
                        "tensors": len(plan_.tasks), "parameters": plan_.base.num_params},
             "steps": [s.to_json() for s in steps],
         }
-        if not convert:
-            (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-            from .card import model_card
-
-            (tmp / "README.md").write_text(model_card({**report, "output_name": out.name}, recipe_yaml))
-    report["table"] = format_table(steps)
-    return report
+        if finish:
+            finish(tmp, report)
+    return steps, report
 
 
 def _copy_side_files(plan_: Plan, dest: Path) -> list[str]:
