@@ -293,14 +293,19 @@ def plot(result: CurveResult, directory: str | Path, at: float | None = None) ->
     ax.plot(result.edges[keep], 100 * result.curve_share(result.hist_all)[keep], color="black", lw=2.5, label="all")
     totals = result.steps[0].totals
     ax.scatter(result.ts, [100 * n / totals.total for n in totals.swapped], color="black", zorder=5,
-               label="exact, at the requested t")
+               label="step 1: exact, at the requested t")
+    for k, step in enumerate(result.steps[1:], 2):  # later steps: exact at the requested t only
+        later = step.totals
+        ax.plot(result.ts, [100 * n / later.total for n in later.swapped], ls="--", marker="o", ms=4, lw=1,
+                label=f"step {k}: {Path(step.model).name} (exact, at the requested t)")
     for t, n in zip(result.ts, totals.swapped):
         ax.annotate(f"{100 * n / totals.total:.1f}%", (t, 100 * n / totals.total), textcoords="offset points",
                     xytext=(6, -10), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("t (threshold on |base - secondary|)")
     ax.set_ylabel("% of weights fully swapped (0 < |d| <= t)")
-    ax.set_title(f"NearSwap swap share vs t, step 1: {Path(result.steps[0].model).name}")
+    ax.set_title(f"NearSwap swap share vs t, step 1: {Path(result.steps[0].model).name}"
+                 + (f" (+ {len(result.steps) - 1} later steps)" if len(result.steps) > 1 else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     for ext in ("png", "svg"):
