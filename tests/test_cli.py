@@ -261,3 +261,9 @@ def test_synthetic_demo_prints_the_cards_share(tmp_path, run):
         share = float(line.split("swapped")[1].split("%")[0])
         assert 0.75 <= share <= 0.85, line
     assert (tmp_path / "synthetic" / "merged" / "merge_report.json").exists()
+    # and the card's other t, counted without merging: the curve's rows, step 1 at 1e-4 as merged
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
+            if line[:1].isdigit() and line.split()[0] in {"0.0001", "0.001", "0.01"}}
+    assert rows["0.0001"][0] == lines[0].split("swapped")[1].split()[0]
+    shares = [float(rows[t][0].rstrip("%")) for t in ("0.0001", "0.001", "0.01")]
+    assert shares == sorted(shares) and 50 < shares[2] < 60  # Laplace(0.0125): 1 - exp(-0.8) = 55%

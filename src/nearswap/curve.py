@@ -253,8 +253,8 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
     return CurveResult(list(ts), str(base), steps, by_kind)
 
 
-def format_table(result: CurveResult) -> str:
-    """t by step, the exact % swapped; then step 1 by tensor kind."""
+def format_table(result: CurveResult, by_kind: bool = True) -> str:
+    """t by step, the exact % swapped; then (``by_kind``) step 1 by tensor kind."""
     lines = ["% of weights fully swapped (0 < |d| <= t), exact:",
              "t".ljust(10) + "".join(f"step {k + 1}".rjust(10) for k in range(len(result.steps)))]
     totals = [s.totals for s in result.steps]
@@ -262,6 +262,8 @@ def format_table(result: CurveResult) -> str:
         lines.append(f"{t:<10g}" + "".join(f"{100 * c.swapped[j] / c.total:9.2f}%" for c in totals))
     lines.append(f"identical (|d| = 0): " + ", ".join(f"step {k + 1} {100 * c.identical / c.total:.2f}%"
                                                       for k, c in enumerate(totals)))
+    if not by_kind:
+        return "\n".join(lines)
     lines.append("\nstep 1 by tensor kind:")
     lines.append("kind".ljust(10) + "".join(f"{t:>10g}" for t in result.ts) + "   weights")
     for kind, c in sorted(result.steps[0].group(kind_of).items(), key=lambda kv: KIND_ORDER.index(kv[0])):

