@@ -39,6 +39,12 @@ def smol_pair(smollm2, tmp_path_factory):
     return smollm2, root
 
 
+def test_fast_header_reader_agrees_with_the_library(smollm2):
+    from test_gguf_header import assert_agrees
+
+    assert_agrees(smollm2)
+
+
 def test_opens_as_the_hf_llama_it_is(smollm2):
     model = open_model(smollm2)
     c = model.config

@@ -160,15 +160,13 @@ class GGUFSource:
 
 def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[str, Any], dict[str, Any]]:
     """Read a GGUF header. Returns (format description, HF-named tensors, HF config, metadata)."""
+    from .gguf_header import HeaderError, read_header
+
     try:
-        import gguf
-    except ImportError:  # pragma: no cover - gguf is a dependency
-        raise NearswapError("reading GGUF needs the gguf package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad files
-        raise NearswapError(f"{label}: {path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download it") from None
-    meta = _metadata(reader)
+        header = read_header(path)  # scalars and tensor infos; the vocabulary arrays are skipped
+    except (HeaderError, OSError) as e:
+        raise NearswapError(f"{label}: {path}: not a readable GGUF file: {e}; re-download it") from None
+    meta = header.metadata
     arch_name = meta.get("general.architecture", "?")
     arch = ARCHITECTURES.get(arch_name)
     if arch is None:
@@ -177,7 +175,7 @@ def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[
     f32 = BY_NAME["F32"]
     tensors: dict[str, TensorInfo] = {}
     qtypes: dict[str, int] = {}
-    for t in sorted(reader.tensors, key=lambda t: t.data_offset):
+    for t in sorted(header.tensors, key=lambda t: t.data_offset):
         if t.name in arch.ignored:
             continue
         name = hf_name(arch, t.name)
@@ -222,21 +220,6 @@ def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokeni
         return written + [f"no tokenizer: transformers could not build it ({type(e).__name__}: {e})"]
     saved = tokenizer.save_pretrained(str(dest))
     return written + [f"{Path(f).name} (from GGUF vocabulary)" for f in saved]
-
-
-def _metadata(reader: Any) -> dict[str, Any]:
-    """Scalar and string metadata (arrays such as the vocabulary are left out)."""
-    import gguf
-
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if not field.types or field.types[0] == gguf.GGUFValueType.ARRAY:
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # an exotic value type: not needed for merging
-            continue
-    return meta
 
 
 # ---------------------------------------------------------------- writing (export)
