@@ -166,3 +166,22 @@ def test_no_page_of_the_inputs_stays_mapped(tmp_path, monkeypatch):
     result = curve.compute(paths[0], paths[1:], [1e-3])
     assert result.steps[0].totals.total == sum(a.size for a in base.values())
     assert len(left) == 2 and all(kb == 0 for kb in left.values()), left
+
+
+def test_plot_directory_is_never_clobbered_silently(make_quartet, tmp_path, run):
+    """--plot DIR appears whole; an existing DIR (or a file there) is refused before the pass, --force replaces it."""
+    paths, _ = make_quartet(n=1)
+    (tmp_path / "afile").write_text("keep me")
+    result = run("curve", *paths, "--plot", tmp_path / "afile", "-q")
+    assert result.exit_code == 1 and "already exists" in result.stderr and "Traceback" not in result.output
+    assert (tmp_path / "afile").read_text() == "keep me"
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "notes.txt").write_text("mine")
+    result = run("curve", *paths, "--plot", plots, "-q")
+    assert result.exit_code == 1 and "--force" in result.stderr and (plots / "notes.txt").exists()
+    assert "step 1" not in result.stdout  # refused before counting, not after
+    result = run("curve", *paths, "--plot", plots, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in plots.iterdir()) == ["curve.png", "curve.svg", "heatmap.png", "heatmap.svg"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left behind

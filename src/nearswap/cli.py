@@ -201,8 +201,9 @@ def export(model, out, type_name, vocab_from, force, quiet):
 @click.option("--at", type=float, help="t of the layer x kind heatmap (default: the first --t).")
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and the curve as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing --plot directory (once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def curve(inputs, ts, plot_dir, at, threads, as_json, quiet):
+def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
     """Swap share of BASE SECONDARY [SECONDARY ...] at any t, from one read, without merging.
 
     \b
@@ -213,13 +214,15 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, quiet):
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
     values = _parse_ts(ts)
+    if plot_dir:
+        curves.check_plot_output(plot_dir, force)  # before the pass, not after it
     bar = _Progress("reading", quiet or as_json)
     try:
         result = curves.compute(inputs[0], inputs[1:], values, threads=threads, progress=bar.update,
                                 on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
-    written = curves.plot(result, plot_dir, at) if plot_dir else []
+    written = curves.write_plots(result, plot_dir, at, force) if plot_dir else []
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
         return

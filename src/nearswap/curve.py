@@ -28,6 +28,7 @@ from . import engine
 from .engine import ChunkBuffers, Plan, default_threads, plan, run_pool, work_items
 from .errors import NearswapError
 from .formats.safetensors import FileReader, MappedReader, TensorInfo
+from .output import atomic_directory, refuse_existing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -271,9 +272,7 @@ def format_table(result: CurveResult, by_kind: bool = True) -> str:
     return "\n".join(lines)
 
 
-def plot(result: CurveResult, directory: str | Path, at: float | None = None) -> list[Path]:
-    """Swap share vs t (log axis, a line per tensor kind) and a layer x kind heatmap at ``at``;
-    PNG and SVG each. Returns the files written."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -281,10 +280,32 @@ def plot(result: CurveResult, directory: str | Path, at: float | None = None) ->
         import matplotlib.pyplot as plt
     except ImportError:
         raise NearswapError("plots need matplotlib: pip install 'nearswap[plot]'") from None
+    return plt
+
+
+def check_plot_output(directory: str | Path, force: bool = False) -> None:
+    """What ``write_plots`` would refuse, checked before the pass: an existing directory
+    (without ``force``), or no matplotlib."""
+    refuse_existing(Path(directory), force)
+    _pyplot()
+
+
+def write_plots(result: CurveResult, directory: str | Path, at: float | None = None, force: bool = False) -> list[Path]:
+    """``plot`` into a new directory that appears whole or not at all (an existing one is
+    replaced only with ``force``, once the new one is complete). Returns the files' final paths."""
+    directory = Path(directory)
+    with atomic_directory(directory, force) as tmp:
+        written = plot(result, tmp, at)
+    return [directory / p.name for p in written]
+
+
+def plot(result: CurveResult, directory: str | Path, at: float | None = None) -> list[Path]:
+    """Swap share vs t (log axis, a line per tensor kind) and a layer x kind heatmap at ``at``;
+    PNG and SVG each, into an existing ``directory``. Returns the files written."""
+    plt = _pyplot()
     import numpy as np
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     at = result.ts[0] if at is None else at
     written = []
 
