@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import kernels, recipe
-from . import engine
+from . import engine, kernels, recipe
 from .engine import ChunkBuffers, Plan, default_threads, plan, run_pool, work_items
 from .errors import NearswapError
 from .formats.safetensors import FileReader, MappedReader, TensorInfo
