@@ -185,3 +185,18 @@ def test_plot_directory_is_never_clobbered_silently(make_quartet, tmp_path, run)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in plots.iterdir()) == ["curve.png", "curve.svg", "heatmap.png", "heatmap.svg"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left behind
+
+
+def test_files_that_cannot_be_mapped_are_read(make_quartet, monkeypatch):
+    """Some file systems refuse mmap: the curve reads those files instead, with the same counts."""
+    from nearswap.formats import safetensors
+
+    paths, arrays = make_quartet("bf16", n=1, noise=0.002)
+    mapped = curve.compute(paths[0], paths[1:], TS).to_json()
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(safetensors.mmap, "mmap", refuse)
+    read = curve.compute(paths[0], paths[1:], TS).to_json()
+    assert read["steps"] == mapped["steps"] and read["curve"] == mapped["curve"]

@@ -181,36 +181,41 @@ class MappedReader:
     ``release`` drops that range from this process's page tables (``MADV_DONTNEED``: the page
     cache keeps the data), so resident memory stays bounded by the chunks in flight however
     large the files. Faster than ``FileReader`` when the kernel that consumes the view
-    prefetches (no copy out of the page cache); GGUF tensors, which must be decoded, are not
-    mappable (``mappable`` says which are)."""
+    prefetches (no copy out of the page cache). GGUF tensors, which must be decoded, and files
+    the system will not map are not served (``mappable`` says which are)."""
 
     def __init__(self) -> None:
-        self._maps: dict[Path, tuple[mmap.mmap, memoryview]] = {}
+        self._maps: dict[Path, tuple[mmap.mmap, memoryview] | None] = {}  # None: the file cannot be mapped
         self._lock = threading.Lock()
 
-    @staticmethod
-    def mappable(info: TensorInfo) -> bool:
-        return info.source is None
+    def mappable(self, info: TensorInfo) -> bool:
+        """Whether ``view`` serves this tensor: raw bytes (not GGUF, which must be decoded) in a
+        file the system lets us map (some network and FUSE file systems do not: read those)."""
+        return info.source is None and self._map(info) is not None
 
-    def _map(self, info: TensorInfo) -> tuple[mmap.mmap, memoryview]:
-        entry = self._maps.get(info.file)
-        if entry is None:
+    def _map(self, info: TensorInfo) -> tuple[mmap.mmap, memoryview] | None:
+        if info.file not in self._maps:
             with self._lock:
-                entry = self._maps.get(info.file)
-                if entry is None:
+                if info.file not in self._maps:
                     try:
                         with open(info.file, "rb") as f:
                             m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-                    except (OSError, ValueError) as e:
-                        raise NearswapError(f"{info.file}: cannot map ({e}); is it an ordinary file?") from None
-                    entry = self._maps[info.file] = (m, memoryview(m))
+                        self._maps[info.file] = (m, memoryview(m))
+                    except (OSError, ValueError):
+                        self._maps[info.file] = None
+        return self._maps[info.file]
+
+    def _mapped(self, info: TensorInfo) -> tuple[mmap.mmap, memoryview]:
+        entry = self._map(info)
+        if entry is None:
+            raise NearswapError(f"{info.file}: cannot be memory-mapped; read it with FileReader")
         return entry
 
     def view(self, info: TensorInfo, start: int, n: int) -> memoryview:
         """The bytes of elements ``start .. start + n`` of ``info``."""
         lo = info.offset + start * info.dtype.itemsize
         hi = lo + n * info.dtype.itemsize
-        _, whole = self._map(info)
+        _, whole = self._mapped(info)
         if hi > len(whole):  # the file shrank since its header was read
             raise NearswapError(f"{info.file}: unexpected end of file reading {info.name!r}; "
                                 "the file changed or is truncated")
@@ -224,7 +229,7 @@ class MappedReader:
         page another thread is still reading only makes it fault again. ``more=True``: the
         caller reads on from the chunk's end, so the pages from there on are left alone (the
         call for the last chunk of the run releases them)."""
-        m, whole = self._map(info)
+        m, whole = self._mapped(info)
         lo = info.offset + start * info.dtype.itemsize
         hi = lo + n * info.dtype.itemsize
         lo = max(0, lo - FOLIO_MARGIN) // mmap.PAGESIZE * mmap.PAGESIZE
@@ -234,7 +239,10 @@ class MappedReader:
 
     def close(self) -> None:
         with self._lock:
-            for m, whole in self._maps.values():
+            for entry in self._maps.values():
+                if entry is None:
+                    continue
+                m, whole = entry
                 whole.release()
                 try:
                     m.close()
