@@ -200,3 +200,20 @@ def test_files_that_cannot_be_mapped_are_read(make_quartet, monkeypatch):
     monkeypatch.setattr(safetensors.mmap, "mmap", refuse)
     read = curve.compute(paths[0], paths[1:], TS).to_json()
     assert read["steps"] == mapped["steps"] and read["curve"] == mapped["curve"]
+
+
+def test_chain_counts_exact_across_blocks(make_quartet, monkeypatch):
+    """Later steps are simulated block by block (all t per block): blocks that split chunks and
+    tensors at odd places still sum to the reference chain's counts."""
+    from nearswap import engine
+
+    monkeypatch.setattr(engine, "CHUNK", 101)
+    monkeypatch.setattr(curve, "CHAIN_BLOCK", 37)
+    paths, arrays = make_quartet("bf16", n=3, noise=0.002)
+    result = curve.compute(paths[0], paths[1:], TS)
+    want = expected_step_counts(arrays, sorted(TS))
+    for k, step in enumerate(result.steps):
+        for name, c in step.tensors.items():
+            got = [int(x) for x in c.swapped]
+            assert got == [want[(k, t, name)][0] for t in result.ts], (k, name)
+            assert c.total == want[(k, result.ts[0], name)][2]

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 DEFAULT_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
+# Elements per block when a chain is simulated at every t: a block of each input fits in L2.
+CHAIN_BLOCK = 1 << 16
 # A work item spans this many of the engine's chunks, counted (and their pages released) one by
 # one: resident memory as with single chunks, an eighth of the hand-offs between threads.
 CHUNKS_PER_ITEM = 8
@@ -215,10 +217,7 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
             identical += counts.identical
             nonfinite += counts.nonfinite
             if len(views) > 2:  # the chain at each t: exact per-step counts against the running result
-                scratch = buffers.get(-1, task.out_dtype, m)
-                pairs = list(zip(views[1:], (s.dtype for s in task.secondaries)))
-                later.append((m, [kernels.chain_raw(scratch, task.out_dtype, views[0], task.base.dtype, pairs,
-                                                    [t] * len(pairs)) for t in ts]))
+                later += _chains(task, views, ts, buffers.get(-1, task.out_dtype, min(m, CHAIN_BLOCK)))
             del views
             for info in inputs:
                 if mapped.mappable(info):
@@ -251,6 +250,24 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
                 total[b] += v
     by_kind = dict(sorted(by_kind.items(), key=lambda kv: KIND_ORDER.index(kv[0])))
     return CurveResult(list(ts), str(base), steps, by_kind)
+
+
+def _chains(task: Any, views: list[Any], ts: Sequence[float], scratch: Any) -> list[tuple[int, list[Any]]]:
+    """The chain over one chunk at every t: (elements, per-t step counts) for each block of
+    CHAIN_BLOCK elements. Block by block, a block of every input comes from memory once and
+    stays in cache for all the t (the whole chunk at each t in turn: 5.4 s instead of 3.3 s
+    for three 0.51B secondaries)."""
+    dtypes = [task.base.dtype, *(s.dtype for s in task.secondaries)]
+    n = len(views[0]) // dtypes[0].itemsize
+    out = []
+    for lo in range(0, n, CHAIN_BLOCK):
+        hi = min(n, lo + CHAIN_BLOCK)
+        block = [v[lo * d.itemsize:hi * d.itemsize] for v, d in zip(views, dtypes)]
+        pairs = list(zip(block[1:], dtypes[1:]))
+        res = scratch[:(hi - lo) * task.out_dtype.itemsize]
+        out.append((hi - lo, [kernels.chain_raw(res, task.out_dtype, block[0], dtypes[0], pairs, [t] * len(pairs))
+                              for t in ts]))
+    return out
 
 
 def format_table(result: CurveResult, by_kind: bool = True) -> str:
