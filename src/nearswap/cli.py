@@ -6,12 +6,13 @@ import json
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from ._version import __version__
-from .errors import NearswapError
+from .errors import NearswapError, NearswapWarning, shown
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -20,23 +21,95 @@ def _on_sigterm(signum, frame):  # make `kill` clean up like Ctrl-C does
     raise KeyboardInterrupt
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, NearswapWarning):
+        click.echo(_one_line(f"nearswap: warning: {message}"), err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _one_line(message: str) -> str:
+    """The last guard of the one-line promise: anything unprintable left in a message (a
+    newline in a path, a terminal escape, an undecodable byte of a file name) is escaped."""
+    if message.isprintable():
+        return message
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an operating-system error that escaped the library's own checks."""
+    where = " ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{where + ': ' if where else ''}{e.strerror or e}"
+
+
+def _internal_error(e: BaseException) -> str:
+    """A bug: one line, with the traceback kept in a file to report."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix="nearswap-crash-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"nearswap {__version__}, python {sys.version.split()[0]}, argv {sys.argv!r}\n\n")
+        traceback.print_exception(e, file=f)
+    return (f"internal error ({type(e).__name__}: {shown(str(e), 120)}); please report it to the nearswap "
+            f"developers with the traceback saved in {path}")
+
+
 class _Group(click.Group):
-    """Turns library errors into one line and a non-zero exit (a traceback only with --debug)."""
+    """Every failure becomes one line and a non-zero exit (a traceback only with --debug):
+    library errors, usage errors, operating-system errors, interrupts; anything else is a bug
+    and says so, with its traceback saved to a file."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "nearswap"
+            click.echo(_one_line(f"nearswap: error: {e.format_message()} (see {where} --help)"), err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"nearswap: error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("nearswap: interrupted; no output was left behind", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context):
         signal.signal(signal.SIGTERM, _on_sigterm)
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", NearswapWarning)
         try:
             return super().invoke(ctx)
-        except NearswapError as e:
+        except click.exceptions.Exit:
+            raise
+        except (click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt as e:
             if ctx.meta.get("nearswap.debug"):
                 raise
-            click.echo(f"nearswap: error: {e}", err=True)
-            ctx.exit(1)
-        except KeyboardInterrupt:
-            if ctx.meta.get("nearswap.debug"):
-                raise
-            click.echo("nearswap: interrupted; no output was left behind", err=True)
+            click.echo(_one_line(f"nearswap: {e.args[0] if e.args else 'interrupted; no output was left behind'}"), err=True)
             ctx.exit(130)
+        except Exception as e:
+            if ctx.meta.get("nearswap.debug"):
+                raise
+            if isinstance(e, NearswapError):
+                message = str(e)
+            elif isinstance(e, OSError):
+                message = _os_error(e)
+            elif isinstance(e, MemoryError):
+                message = "out of memory; close other programs or use a machine with more memory"
+            else:
+                message = _internal_error(e)
+            click.echo(_one_line(f"nearswap: error: {message}"), err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,7 +126,7 @@ def _parse_ts(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise NearswapError(f"--t takes comma-separated numbers, got {text!r}") from None
+        raise NearswapError(f"--t takes comma-separated numbers, got {shown(text)}") from None
     if not values:
         raise NearswapError("--t needs at least one threshold")
     from .kernels import check_t
@@ -64,11 +137,20 @@ def _parse_ts(text: str) -> list[float]:
         raise NearswapError(str(e)) from None
 
 
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class _Progress:
     """A tqdm bar in bytes (rate and ETA), shown only once the preflight has passed."""
 
     def __init__(self, desc: str, quiet: bool) -> None:
-        self.desc, self.quiet, self.bar = desc, quiet, None
+        # No bar where stderr is not a terminal (a log file, a pipe): its carriage returns
+        # would fill the log, and an error must stay one line there.
+        self.desc, self.quiet, self.bar = desc, quiet or not _stderr_is_a_terminal(), None
 
     def start(self, total: int) -> None:
         if self.quiet:
@@ -271,7 +353,8 @@ def inspect(model, as_json, list_tensors):
     if info.get("nearswap"):
         click.echo(f"  made by       nearswap {info['nearswap']}")
     for t in info.get("tensors", []):
-        click.echo(f"  {t['name']:<60} {t['dtype']:<5} {t['shape']}")
+        name = t["name"] if t["name"].isprintable() else shown(t["name"], 200)  # no control codes on a terminal
+        click.echo(f"  {name:<60} {t['dtype']:<5} {t['shape']}")
 
 
 @cli.command()

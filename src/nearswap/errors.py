@@ -1,4 +1,20 @@
-"""The one exception a user should see: a plain sentence saying what, where, and how to fix it."""
+"""What a user sees when something is wrong: one plain sentence saying what, where, and how to fix it.
+
+- ``NearswapError``: bad input, a refused operation, a missing file. The CLI prints ``str(err)``
+  as one line and exits non-zero; library callers catch it.
+- ``NearswapWarning``: something worth saying that does not stop the work (the CLI prints it
+  as ``nearswap: warning: ...``; library callers get a normal Python warning).
+- ``InterruptedAfterCommit``: Ctrl-C or SIGTERM arrived once the output was already complete
+  and in place (say, while the old output it replaced was being removed): it says so, and what
+  is left over, instead of claiming that nothing was written.
+
+Values that come from files (tensor names, dtypes, metadata, recipe fields) reach messages
+only through ``shown``: quoted, escaped onto one line, and cut short.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class NearswapError(Exception):
@@ -6,3 +22,31 @@ class NearswapError(Exception):
 
     The CLI prints ``str(err)`` as one line and exits non-zero; library callers catch it.
     """
+
+
+class NearswapWarning(UserWarning):
+    """Something the user should know that does not stop the work."""
+
+
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Interrupted after the output was complete and in place; the message says what is where."""
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """An untrusted value as it may appear in a one-line message: ``repr`` (so newlines, escape
+    sequences and lone surrogates are escaped), cut to ``limit`` characters. Never expands a
+    huge or self-referencing structure: containers are described, not printed.
+
+    >>> shown("F32\\n\\x1b[2J")
+    "'F32\\\\n\\\\x1b[2J'"
+    >>> shown(list(range(10**6)))
+    'a list of 1000000 items'
+    """
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"  # (repr of a huge int is slow, or refused)
+    text = repr(value) if isinstance(value, (str, bytes, int, float, bool, type(None))) else f"a {type(value).__name__}"
+    if len(text) > limit:
+        text = text[: limit - 5] + "…" + text[-4:]
+    return text
