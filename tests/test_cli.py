@@ -130,7 +130,7 @@ def test_name_mismatch(make_quartet, tmp_path, run):
     other = dict(arrays[1])
     other["model.extra.weight"] = other.pop("model.norm.weight")
     write_model(paths[1], other)
-    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "missing (first: model.norm.weight)", "model.extra.weight", tmp_path=tmp_path)
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "missing (first: 'model.norm.weight')", "model.extra.weight", tmp_path=tmp_path)
 
 
 def test_architecture_mismatch(make_quartet, tmp_path, run):
@@ -248,8 +248,14 @@ def test_example_recipe_is_valid():
 def test_output_may_not_overwrite_an_input(make_quartet, tmp_path, run):
     paths, arrays = make_quartet(n=1)
     before = (paths[1] / "model.safetensors").read_bytes()
-    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "overlaps s1")
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "does not look like nearswap's output")
     assert (paths[1] / "model.safetensors").read_bytes() == before
+    # an input that is itself a nearswap output: --force could replace it, but not while it is read
+    assert run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "m1", "-q").exit_code == 0
+    before = (tmp_path / "m1" / "model.safetensors").read_bytes()
+    assert_refused(run("merge", tmp_path / "m1", paths[1], "-t", "1e-4", "-o", tmp_path / "m1", "--force"),
+                   "holds", "a file of base")
+    assert (tmp_path / "m1" / "model.safetensors").read_bytes() == before
 
 
 def test_synthetic_demo_prints_the_cards_share(tmp_path, run):

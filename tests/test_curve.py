@@ -175,15 +175,22 @@ def test_plot_directory_is_never_clobbered_silently(make_quartet, tmp_path, run)
     result = run("curve", *paths, "--plot", tmp_path / "afile", "-q")
     assert result.exit_code == 1 and "already exists" in result.stderr and "Traceback" not in result.output
     assert (tmp_path / "afile").read_text() == "keep me"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    result = run("curve", *paths, "--plot", docs, "--force", "-q")  # not an earlier plot: never replaced
+    assert result.exit_code == 1 and "does not look like nearswap's output" in result.stderr
+    assert (docs / "notes.txt").read_text() == "mine" and "step 1" not in result.stdout  # refused before counting
     plots = tmp_path / "plots"
-    plots.mkdir()
+    assert run("curve", *paths, "--plot", plots, "-q").exit_code == 0
     (plots / "notes.txt").write_text("mine")
     result = run("curve", *paths, "--plot", plots, "-q")
     assert result.exit_code == 1 and "--force" in result.stderr and (plots / "notes.txt").exists()
     assert "step 1" not in result.stdout  # refused before counting, not after
     result = run("curve", *paths, "--plot", plots, "--force", "-q")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in plots.iterdir()) == ["curve.png", "curve.svg", "heatmap.png", "heatmap.svg"]
+    assert sorted(p.name for p in plots.iterdir()) == ["curve.json", "curve.png", "curve.svg", "heatmap.png", "heatmap.svg"]
+    assert json.loads((plots / "curve.json").read_text())["ts"] == [float(t) for t in "1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2".split(",")]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial left behind
 
 

@@ -221,7 +221,7 @@ def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
 def test_force_replaces_only_after_success(make_quartet, tmp_path, monkeypatch):
     paths, _ = make_quartet("bf16", n=1)
     out = tmp_path / "o"
-    out.mkdir()
+    nearswap.merge(paths[0], paths[1:], t=1e-2, out=out)  # an earlier nearswap output: --force may replace it
     (out / "keep.txt").write_text("old")
     with pytest.raises(NearswapError, match="already exists.*--force"):
         nearswap.merge(paths[0], paths[1:], t=1e-4, out=out)

@@ -307,11 +307,18 @@ def check_plot_output(directory: str | Path, force: bool = False) -> None:
 
 
 def write_plots(result: CurveResult, directory: str | Path, at: float | None = None, force: bool = False) -> list[Path]:
-    """``plot`` into a new directory that appears whole or not at all (an existing one is
-    replaced only with ``force``, once the new one is complete). Returns the files' final paths."""
+    """``plot`` into a new directory that appears whole or not at all, with the numbers behind
+    the plots in ``curve.json`` (an existing plot directory is replaced only with ``force``,
+    once the new one is complete). Returns the files' final paths."""
+    import json
+
+    from ._version import __version__
+
     directory = Path(directory)
     with atomic_directory(directory, force) as tmp:
         written = plot(result, tmp, at)
+        (tmp / "curve.json").write_text(json.dumps({"nearswap_version": __version__, **result.to_json()}, indent=1) + "\n")
+        written.append(tmp / "curve.json")
     return [directory / p.name for p in written]
 
 

@@ -21,15 +21,18 @@ from typing import Any, Callable, Iterator
 from . import kernels
 from ._version import __version__
 from .dtypes import BY_NAME, DType
-from .errors import NearswapError
+from .errors import NearswapError, shown
 from .formats import CONFIG_FILES, TOKENIZER_FILES, Model, open_model
+from .formats import safetensors as st
 from .formats.safetensors import FileReader, ShardedWriter, TensorInfo
-from .output import atomic_directory, refuse_existing
+from .files import read_bytes
+from .output import atomic_directory
 from .recipe import Recipe
 from .stats import StepReport, Tally, format_table
 
 CHUNK = int(os.environ.get("NEARSWAP_CHUNK", 1 << 20))  # elements per work item
 REPORT_NAME = "merge_report.json"
+MAX_SIDE_FILE = 1 << 30  # config and tokenizer files: tens of MB at most
 RECIPE_NAME = "nearswap_recipe.yaml"
 EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight", "token_embd")
 
@@ -110,35 +113,56 @@ def _check_compatible(base: Model, sec: Model) -> None:
     if missing or extra or shapes:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} base tensors missing (first: {missing[0]})")
+            parts.append(f"{len(missing)} base tensors missing (first: {shown(missing[0])})")
         if extra:
-            parts.append(f"{len(extra)} tensors not in the base (first: {extra[0]})")
+            parts.append(f"{len(extra)} tensors not in the base (first: {shown(extra[0])})")
         if shapes:
             n = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatches (first: {n}: base {list(base.tensors[n].shape)} vs {sec.label} {list(sec.tensors[n].shape)})")
+            parts.append(f"{len(shapes)} shape mismatches (first: {shown(n)}: base {list(base.tensors[n].shape)} vs {sec.label} {list(sec.tensors[n].shape)})")
         vocab = [n for n in shapes if any(h in n for h in EMBEDDING_HINTS)
                  and base.tensors[n].shape[1:] == sec.tensors[n].shape[1:]]
         hint = "NearSwap needs the same architecture and tensor names in every model"
         if vocab:
             n = vocab[0]
-            hint = (f"the vocabulary sizes differ ({base.tensors[n].shape[0]} vs {sec.tensors[n].shape[0]} rows in {n}): "
+            hint = (f"the vocabulary sizes differ ({base.tensors[n].shape[0]} vs {sec.tensors[n].shape[0]} rows in {shown(n)}): "
                     "NearSwap needs the same vocabulary; resize the secondary's embeddings to the base tokenizer first")
         raise NearswapError(f"{sec.describe()} does not match the base: {'; '.join(parts)}; {hint}")
     if base.architectures and sec.architectures and base.architectures != sec.architectures:
-        raise NearswapError(f"{sec.describe()} is a {sec.architectures} but the base is a {base.architectures}; "
+        raise NearswapError(f"{sec.describe()} is a {shown(str(sec.architectures))} but the base is a "
+                            f"{shown(str(base.architectures))}; "
                             "NearSwap merges models of one architecture")
 
 
-def _check_output_not_input(out: Path, models: list[Model]) -> None:
+def _input_files(model: Model) -> list[Path]:
+    """Every file of ``model`` that a merge reads or copies: weights, index, side files."""
+    files = [model.path, *model.files]
+    if model.directory is not None:
+        files += [model.directory / n for n in (*CONFIG_FILES, *TOKENIZER_FILES, st.INDEX_NAME)]
+    return files
+
+
+def check_output_not_input(out: Path, models: list[Model], extra: list[Path] = ()) -> None:
+    """Refuse an output that would replace or sit inside an input. Files are compared after
+    resolving symlinks: an input whose shard is a link into the output directory (the Hugging
+    Face cache layout) would lose its data when ``--force`` replaces that directory."""
     target = out.resolve()
     for model in models:
-        src = model.path.resolve()
-        if target == src or target in src.parents or src in target.parents:
-            raise NearswapError(f"the output {out} overlaps {model.describe()}; write the merge somewhere else")
+        for f in [*_input_files(model), *extra]:
+            if not os.path.lexists(f):
+                continue
+            real = f.resolve()
+            if real == target or target in real.parents:
+                via = f" (through {f})" if real != f.absolute() else ""
+                raise NearswapError(f"the output {out} holds {real}, a file of {model.describe()}{via}; "
+                                    "replacing the output would delete it: write the merge somewhere else")
+        if model.directory is not None and model.directory.resolve() in target.parents:
+            raise NearswapError(f"the output {out} is inside {model.describe()}; write the merge somewhere else")
 
 
 def _check_disk(out: Path, nbytes: int) -> None:
-    parent = out.parent if out.parent.exists() else Path.cwd()
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # measure where OUT will be, not here
+        parent = parent.parent
     free = shutil.disk_usage(parent).free
     if free < nbytes + (64 << 20):
         raise NearswapError(f"not enough free disk for {out}: the merge writes {nbytes / 1e9:.2f} GB, "
@@ -256,7 +280,7 @@ def _refuse_nonfinite(plan_: Plan, task: TensorTask, reader: FileReader) -> None
             chunk = reader.read(info, start, np.empty(n, info.dtype.np))
             bad += int(n - np.count_nonzero(np.isfinite(chunk)))
         if bad:
-            raise NearswapError(f"{model.describe()}: tensor {task.name!r} has {bad} non-finite values (NaN/inf); "
+            raise NearswapError(f"{model.describe()}: tensor {shown(task.name)} has {bad} non-finite values (NaN/inf); "
                                 "repair the checkpoint, or pass --allow-nonfinite to merge them by the formula")
     # Only the differences overflowed (huge finite weights of opposite sign): the formula keeps v0.
 
@@ -301,15 +325,15 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
     per-step reports and the report dict.
     """
     out = Path(out)
-    refuse_existing(out, force)
-    plan_ = plan(recipe)
-    _check_output_not_input(out, [plan_.base, *plan_.secondaries])
-    _check_disk(out, plan_.out_bytes)
-    if on_plan:
-        on_plan(plan_)
-    started = time.perf_counter()
-    metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
-    with atomic_directory(out, force) as tmp:
+    with atomic_directory(out, force) as tmp:  # the lock on OUT is held from here to the rename
+        plan_ = plan(recipe)
+        extra = [Path(recipe.tokenizer_source)] if recipe.tokenizer_source != "base" else []
+        check_output_not_input(out, [plan_.base, *plan_.secondaries], extra)
+        _check_disk(out, plan_.out_bytes)
+        if on_plan:
+            on_plan(plan_)
+        started = time.perf_counter()
+        metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
         writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)
         try:
             steps = _stream(plan_, writer, threads or default_threads(), progress)
@@ -342,8 +366,8 @@ def _copy_side_files(plan_: Plan, dest: Path) -> list[str]:
     copied = []
     for names, src in ((CONFIG_FILES, config_dir), (TOKENIZER_FILES, tok_dir)):
         for name in names:
-            if src is not None and (src / name).is_file():
-                shutil.copyfile(src / name, dest / name)
+            if src is not None and os.path.lexists(src / name):
+                dest.joinpath(name).write_bytes(read_bytes(src / name, MAX_SIDE_FILE, "side file"))
                 copied.append(name)
     if config_dir is None and plan_.base.side_files is not None:  # e.g. a GGUF base: from its metadata
         copied += plan_.base.side_files(dest, skip_tokenizer=recipe.tokenizer_source != "base")

@@ -1,21 +1,50 @@
-"""Atomic output: a result appears whole at its path, or not at all."""
+"""Atomic outputs: a result appears whole at its path or not at all, and nothing is clobbered.
+
+Every output (a merged model, a plot folder, a GGUF file) is written into a hidden sibling of
+its path and renamed into place once complete. Around that rename:
+
+- **One writer per path.** A lock file beside the output (``.NAME.lock``, ``flock``-ed for the
+  whole run) makes a second nearswap run into the same path refuse at once, naming the first
+  run's pid.
+- **Nothing that appears meanwhile is replaced.** The final rename is ``renameat2`` with
+  ``RENAME_NOREPLACE``: a directory or file created at the path while nearswap worked (even
+  an empty directory, which plain ``rename`` replaces silently) stays, and nearswap says so.
+- **``--force`` replaces only nearswap's own outputs.** An empty directory, a directory whose
+  files say nearswap wrote them (``nearswap_version`` in a report or in the safetensors
+  metadata), or, for a file output, a file of the same format — never a folder of documents.
+  The old output is swapped out in one step (``RENAME_EXCHANGE``) and removed only then; an
+  interruption during that removal says that the new output is complete, and what is left.
+- **Partial outputs of killed runs are found.** A run that was SIGKILLed leaves its hidden
+  ``.NAME.<random>.partial`` directory; the next run into the same path removes it and warns.
+
+Names of these siblings stay within the file system's 255-byte limit however long NAME is.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-from .errors import NearswapError
+from .errors import InterruptedAfterCommit, NearswapError, NearswapWarning, shown
 
-
-def refuse_existing(target: Path, force: bool) -> None:
-    """Refuse to clobber ``target`` unless ``force``; cheap, so callers run it before any work."""
-    if target.exists() and not force:
-        raise NearswapError(f"{target} already exists; choose another output path or pass --force to replace it")
+NAME_MAX = 255
+RANDOM_PART = 8  # characters tempfile adds
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (OSError, AttributeError):  # not glibc >= 2.28 / not Linux
+    _renameat2 = None
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,30 +61,376 @@ def _umask() -> int:
     return mask
 
 
-@contextmanager
-def atomic_directory(target: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``target`` to fill; rename it into place on success.
+# ---------------------------------------------------------------- names beside the output
 
-    On any exception (Ctrl-C included) the temporary directory is removed and ``target``
-    is left as it was. With ``force`` an existing ``target`` is replaced only after the new
-    one is complete. The temporary name starts with a dot and ends in ``.partial``.
+
+def sibling_stem(target: Path) -> str:
+    """The hidden stem of every sibling of ``target``: ``.NAME``, or for a name too long to
+    take a suffix, a shortened name plus a hash of the whole one."""
+    name = target.name
+    if len(os.fsencode(name)) + 2 + RANDOM_PART + len(".partial") <= NAME_MAX:
+        return f".{name}"
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return f".{os.fsdecode(os.fsencode(name)[:100])}~{digest}"
+
+
+def _is_partial_of(stem: str, entry: str) -> bool:
+    return (entry.startswith(stem + ".") and entry.endswith(".partial")
+            and len(entry) == len(stem) + 1 + RANDOM_PART + len(".partial"))
+
+
+# ---------------------------------------------------------------- renames that never clobber
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(2); False where the system or file system does not offer it."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; ``FileExistsError`` if anything is at ``dst`` (an empty
+    directory included). Atomic where renameat2 works; elsewhere checked just before a plain
+    rename (callers hold the output's lock, so only a foreign process could race it)."""
+    if _rename2(src, dst, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "File exists", str(dst))
+    os.rename(src, dst)
+
+
+def exchange(src: Path, dst: Path) -> None:
+    """Swap ``src`` and ``dst`` in one step (both exist); where the system cannot, move ``dst``
+    aside to ``src``'s name in two renames."""
+    if _rename2(src, dst, _RENAME_EXCHANGE):
+        return
+    aside = src.with_name(src.name + ".swap")
+    os.rename(dst, aside)
+    os.rename(src, dst)
+    os.rename(aside, src)
+
+
+# ---------------------------------------------------------------- what --force may replace
+
+
+def _nearswap_json(path: Path) -> bool:
+    from .files import read_json
+
+    try:
+        data = read_json(path, limit=64 << 20)
+    except NearswapError:
+        return False
+    return isinstance(data, dict) and "nearswap_version" in data
+
+
+def _nearswap_safetensors(path: Path) -> bool:
+    from .formats.safetensors import read_header
+
+    try:
+        return "nearswap_version" in read_header(path)[1]
+    except NearswapError:
+        return False
+
+
+REPORT_FILES = ("merge_report.json", "sweep.json", "report.json", "curve.json")
+
+
+def written_by_nearswap(path: Path) -> bool:
+    """Whether ``--force`` may replace the directory ``path``: empty, or holding a report or
+    a safetensors file that nearswap wrote (its ``nearswap_version``)."""
+    entries = os.listdir(path)
+    if not entries:
+        return True
+    for name in REPORT_FILES:
+        if name in entries and _nearswap_json(path / name):
+            return True
+    shards = sorted(e for e in entries if e.endswith(".safetensors"))
+    return bool(shards) and _nearswap_safetensors(path / shards[0])
+
+
+def gguf_file(path: Path) -> bool:
+    """Whether ``--force`` may replace the file ``path`` with a GGUF: it is a GGUF file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _describe(path: Path) -> str:
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError:
+        return ""
+    sample = ", ".join(shown(e, 40) for e in entries[:3])
+    return f" (it holds {len(entries)} entries: {sample}{', ...' if len(entries) > 3 else ''})"
+
+
+def check_replaceable(target: Path, force: bool, kind: str = "dir",
+                      replaceable: Callable[[Path], bool] | None = None) -> None:
+    """Refuse to clobber ``target``: without ``force`` anything there is refused; with it, only
+    what nearswap could have written (``replaceable``; by default ``written_by_nearswap`` for a
+    directory output and ``gguf_file`` for a file output). Cheap: run it before any work."""
+    if not os.path.lexists(target):
+        return
+    if not force:
+        raise NearswapError(f"{target} already exists; choose another output path or pass --force to replace it")
+    if target.is_symlink():
+        raise NearswapError(f"{target} is a symbolic link; give the real path of the output to replace")
+    if kind == "dir":
+        if not target.is_dir():
+            raise NearswapError(f"{target} is a file, and the output is a directory; --force does not replace "
+                                "files with directories: remove it yourself or choose another path")
+        if not (replaceable or written_by_nearswap)(target):
+            raise NearswapError(f"{target} exists and does not look like nearswap's output{_describe(target)}; "
+                                "--force only replaces nearswap's outputs and empty directories: remove it "
+                                "yourself or choose another path")
+    else:
+        if not target.is_file():
+            raise NearswapError(f"{target} is not a file; --force replaces only a file of the same kind")
+        if not (replaceable or gguf_file)(target):
+            raise NearswapError(f"{target} exists and is not a file of the kind nearswap writes there; "
+                                "--force will not replace it: remove it yourself or choose another path")
+
+
+def refuse_existing(target: Path, force: bool, kind: str = "dir") -> None:
+    """``check_replaceable`` for callers that only know the path (kept for the CLI's early checks)."""
+    check_replaceable(Path(target), force, kind)
+
+
+# ---------------------------------------------------------------- claiming an output path
+
+
+def _check_name(target: Path) -> None:
+    if len(os.fsencode(target.name)) > NAME_MAX:
+        raise NearswapError(f"the output name {shown(target.name, 60)} is too long "
+                            f"({len(os.fsencode(target.name))} bytes; file systems allow {NAME_MAX})")
+    resolved, cwd = target.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise NearswapError(f"the output {target} is the current directory or contains it; "
+                            "choose a new directory for the output")
+    if target.name in ("", ".", ".."):
+        raise NearswapError(f"{target} is not a name for a new output; give a new directory or file name")
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p; returns the directories it created, innermost last."""
+    missing = []
+    d = directory
+    while not d.exists():
+        missing.append(d)
+        if d.parent == d:
+            break
+        d = d.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise NearswapError(f"cannot create {d}: {e.strerror}") from None
+    return list(reversed(missing))
+
+
+class _Lock:
+    """An flock on ``.NAME.lock`` beside the output, holding the writer's pid."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        self.path = target.parent / f"{sibling_stem(target)}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise NearswapError(f"cannot write in {self.target.parent}: {e.strerror}; "
+                                    "choose an output path on a writable file system") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise NearswapError(f"{self.target} is being written by another nearswap run (pid {holder}); "
+                                    "wait for it to finish or choose another output path") from None
+            # The run that held the lock may have removed the file just before we locked it.
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.fd = fd
+            return
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it: a waiter re-checks the inode
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+@contextmanager
+def claimed(target: Path, force: bool, kind: str = "dir",
+            replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Hold ``target`` for one run: name checked, parents made, lock taken, an existing
+    output checked against ``force``, partial outputs of killed runs removed (with a warning).
+    On failure the parents it made are removed again."""
+    target = Path(target)
+    _check_name(target)
+    created = _make_parents(target.parent)
+    lock = _Lock(target)
+    try:
+        lock.acquire()
+        try:
+            check_replaceable(target, force, kind, replaceable)
+            _remove_stale_partials(target)
+            yield target
+        finally:
+            lock.release()
+    except BaseException:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """We hold the lock, so no live run is writing these: they belong to runs that were killed."""
+    stem = sibling_stem(target)
+    try:
+        entries = os.listdir(target.parent)
+    except OSError:
+        return
+    for entry in entries:
+        if _is_partial_of(stem, entry):
+            path = target.parent / entry
+            _remove(path)
+            warnings.warn(f"removed {path}, the unfinished output of an earlier run into {target} "
+                          "that was killed", NearswapWarning, stacklevel=4)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _same(a: Path, st: os.stat_result) -> bool:
+    try:
+        now = os.lstat(a)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _commit(tmp: Path, target: Path, force: bool, kind: str, replaceable: Callable[[Path], bool] | None) -> Path | None:
+    """Put ``tmp`` at ``target``. Returns where the replaced old output now is (to remove), or None."""
+    if force and os.path.lexists(target):
+        check_replaceable(target, force, kind, replaceable)  # what is there now, not what was at the start
+        if kind == "dir":
+            exchange(tmp, target)
+            return tmp  # the old output, now under the partial name
+        os.replace(tmp, target)
+        return None
+    try:
+        rename_noreplace(tmp, target)
+    except FileExistsError:
+        raise NearswapError(f"{target} appeared while nearswap was writing it; it was left as it is and the new "
+                            "output discarded: move it away and run again (or pass --force)") from None
+    return None
+
+
+@contextmanager
+def atomic_directory(target: str | Path, force: bool = False,
+                     replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a new hidden sibling directory of ``target`` to fill; put it at ``target`` when the
+    block ends without an exception. See the module docstring for every guarantee.
+
+    On any exception (Ctrl-C included) the temporary directory is removed and ``target`` is
+    left as it was. With ``force`` an existing nearswap output at ``target`` is replaced only
+    after the new one is complete.
     """
     target = Path(target)
-    refuse_existing(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a result should look like any new folder
-        fsync_dir(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.rename(target, old / "replaced")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-        fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with claimed(target, force, "dir", replaceable):
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{sibling_stem(target)}.", suffix=".partial", dir=target.parent))
+        except OSError as e:
+            raise NearswapError(f"cannot write in {target.parent}: {e.strerror}") from None
+        new = os.lstat(tmp)
+        try:
+            yield tmp
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a result should look like any new folder
+            fsync_dir(tmp)
+            old = _commit(tmp, target, force, "dir", replaceable)
+            fsync_dir(target.parent)
+        except BaseException as e:
+            if not _same(target, new):  # not committed: nothing of this run may stay
+                _remove(tmp)
+                raise
+            if isinstance(e, KeyboardInterrupt):
+                raise InterruptedAfterCommit(f"interrupted after {target} was complete: the new output is whole and "
+                                             "in place" + _leftover(tmp)) from None
+            raise
+        if old is not None:
+            try:
+                _remove(old)
+            except KeyboardInterrupt:
+                raise InterruptedAfterCommit(f"interrupted after {target} was complete: the new output is whole and "
+                                             f"in place{_leftover(old)}") from None
+
+
+def _leftover(path: Path) -> str:
+    return f"; the old output it replaced is left in {path}: remove it" if os.path.lexists(path) else ""
+
+
+@contextmanager
+def atomic_file(target: str | Path, force: bool = False,
+                replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a new hidden sibling file path of ``target`` to write; move it to ``target`` when
+    the block ends without an exception (never over anything that appeared meanwhile; with
+    ``force``, over a file ``replaceable`` accepts, by default a GGUF file)."""
+    target = Path(target)
+    with claimed(target, force, "file", replaceable):
+        try:
+            fd, name = tempfile.mkstemp(prefix=f"{sibling_stem(target)}.", suffix=".partial", dir=target.parent)
+        except OSError as e:
+            raise NearswapError(f"cannot write in {target.parent}: {e.strerror}") from None
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _commit(tmp, target, force, "file", replaceable)
+            fsync_dir(target.parent)
+        except BaseException:
+            if os.path.lexists(tmp):
+                _remove(tmp)
+            raise
+

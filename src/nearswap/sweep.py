@@ -151,7 +151,9 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
             row["ppl_ratio"] = row["perplexity"] / base_row["perplexity"]
             row["cont_ppl_ratio"] = row["cont_ppl"] / base_row["cont_ppl"]
             row["verdict"] = verdict(row)
-        result = {"base": str(base), "secondaries": [str(s) for s in secondaries], "rows": rows,
+        from ._version import __version__
+
+        result = {"nearswap_version": __version__, "base": str(base), "secondaries": [str(s) for s in secondaries], "rows": rows,
                   "verdict_rule": [dict(zip(("metric", "degraded", "garbage", "direction"), v)) for v in VERDICT]}
         (tmp / "sweep.json").write_text(json.dumps(result, indent=1) + "\n")
         (tmp / "sweep.md").write_text(markdown(result) + "\n")

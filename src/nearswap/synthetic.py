@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 from safetensors.numpy import save_file
 
+from ._version import __version__
 from .dtypes import by_name
 from .formats.safetensors import INDEX_NAME, shard_names
 
@@ -85,7 +86,8 @@ def _write(directory: Path, arrays: dict[str, np.ndarray], shards: int, config: 
     files = shard_names(len(groups))
     weight_map = {}
     for group, fname in zip(groups, files):
-        save_file({names[i]: arrays[names[i]] for i in group}, str(directory / fname), metadata={"format": "pt"})
+        save_file({names[i]: arrays[names[i]] for i in group}, str(directory / fname),
+                  metadata={"format": "pt", "nearswap_version": __version__})
         weight_map.update({names[i]: fname for i in group})
     if len(files) > 1:
         total = int(sizes[-1])
