@@ -146,7 +146,7 @@ def test_corrupt_files_are_refused_with_the_file_named(tmp_path, how):
 def test_index_naming_a_missing_shard(tmp_path):
     write_model(tmp_path / "m", random_model(5), shards=2)
     (tmp_path / "m" / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(NearswapError, match="names shard model-00002-of-00002.safetensors, which is missing"):
+    with pytest.raises(NearswapError, match="names shard 'model-00002-of-00002.safetensors', which is missing"):
         open_model(tmp_path / "m")
 
 

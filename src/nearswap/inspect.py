@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
+from .errors import NearswapError
+from .files import parse_json
 from .formats import open_model
 
 
@@ -27,7 +28,10 @@ def describe(path: str | Path, list_tensors: bool = False) -> dict:
         "nearswap": model.metadata.get("nearswap_version"),
     }
     if model.metadata.get("nearswap_recipe"):
-        info["recipe"] = json.loads(model.metadata["nearswap_recipe"])
+        try:
+            info["recipe"] = parse_json(model.metadata["nearswap_recipe"], "its nearswap_recipe metadata")
+        except NearswapError as e:  # a description still helps; the damage is said
+            info["recipe_error"] = str(e)
     if list_tensors:
         info["tensors"] = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "file": t.file.name}
                            for t in model.tensors.values()]

@@ -21,13 +21,14 @@ Validation is explicit (a few dataclasses and checks, no schema library: a merge
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from . import dtypes
-from .errors import NearswapError
+from .errors import NearswapError, shown
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 MAX_STEPS = 64
@@ -36,26 +37,37 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
+MAX_SIZE = 2**62  # bytes: far beyond any disk, still exact as an integer
+
+
 def parse_size(value: str | int) -> int:
     """Parse a byte size: ``5GB`` (decimal, as HF uses), ``200MiB``, ``1e9``, ``4096``.
 
     >>> parse_size("5GB"), parse_size("1.5MiB")
     (5000000000, 1572864)
     """
+    bad = f"bad size {shown(value)}; use e.g. 5GB, 500MB, 2GiB"
     if isinstance(value, bool):
-        raise ValueError(f"bad size {value!r}; use e.g. 5GB, 500MB, 2GiB")
+        raise ValueError(bad)
     if isinstance(value, int):
         n = value
-    else:
-        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(value))
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"bad size {value!r}; use e.g. 5GB, 500MB, 2GiB")
+            raise ValueError(bad)
         try:
-            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            x = float(m.group(1)) * _UNITS[m.group(2).lower()]
         except ValueError:
-            raise ValueError(f"bad size {value!r}; use e.g. 5GB, 500MB, 2GiB") from None
+            raise ValueError(bad) from None
+        if not math.isfinite(x) or x > MAX_SIZE:
+            raise ValueError(f"size {shown(value)} is too large (at most {MAX_SIZE:.3g} bytes)")
+        n = int(x)
+    else:
+        raise ValueError(bad)
     if n <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
+        raise ValueError(f"size must be positive, got {shown(value)}")
+    if n > MAX_SIZE:
+        raise ValueError(f"size {shown(value)} is too large (at most {MAX_SIZE:.3g} bytes)")
     return n
 
 
@@ -67,9 +79,9 @@ def _t(value: Any) -> float:
         try:
             value = float(value)
         except ValueError:
-            raise ValueError(f"t must be a number, got {value!r}") from None
+            raise ValueError(f"t must be a number, got {shown(value)}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"t must be a number, got {value!r}")
+        raise ValueError(f"t must be a number, got {shown(value)}")
     return check_t(value)
 
 
@@ -142,7 +154,8 @@ def _mapping(value: Any, where: str, cls: type) -> dict[str, Any]:
     allowed = [f.name for f in fields(cls)]
     for key in value:
         if key not in allowed:
-            raise _Invalid(f"{where}.{key}" if where else str(key), f"unknown key (allowed here: {', '.join(allowed)})")
+            name = key if isinstance(key, str) and re.fullmatch(r"[\w.-]{1,64}", key) else shown(key)
+            raise _Invalid(f"{where}.{name}" if where else name, f"unknown key (allowed here: {', '.join(allowed)})")
     return value
 
 
@@ -156,7 +169,7 @@ def _text(value: Any, where: str) -> str:
     if isinstance(value, Path):
         return str(value)
     if not isinstance(value, str) or not value:
-        raise _Invalid(where, f"expected a path or name, got {value!r}")
+        raise _Invalid(where, f"expected a path or name, got {shown(value)}")
     return value
 
 
@@ -171,17 +184,17 @@ def _dtype(value: Any) -> str | None:
     if value is None:
         return None
     try:
-        d = dtypes.by_name(str(value))
+        d = dtypes.by_name(value) if isinstance(value, str) else None
     except KeyError:
         d = None
     if d is None or not d.is_float:
-        raise ValueError(f"unknown output dtype {value!r}; use bfloat16, float16, float32 or float64")
+        raise ValueError(f"unknown output dtype {shown(value)}; use bfloat16, float16, float32 or float64")
     return d.name
 
 
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {shown(value)}")
     return value
 
 
@@ -224,19 +237,73 @@ def build(data: dict, source: str = "recipe") -> Recipe:
         raise NearswapError(f"{source}: {e}") from None
 
 
+MAX_RECIPE_FILE = 1 << 20  # bytes; a recipe is a few lines
+MAX_NESTING = 32  # YAML levels; a recipe uses four
+MAX_NODES = 100_000  # values once aliases are expanded (a "billion laughs" file expands to 10^9)
+
+
+def _bounded_loader() -> type:
+    """A SafeLoader that refuses nesting deeper than MAX_NESTING levels while composing (before
+    Python's own recursion limit could be met)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            self.depth += 1
+            try:
+                if self.depth > MAX_NESTING:
+                    raise yaml.YAMLError(f"nested more than {MAX_NESTING} levels deep")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Loader
+
+
+def _check_expanded_size(data: Any) -> None:
+    """Count values as if aliases were copies, stopping at MAX_NODES: shared references make a
+    'billion laughs' recipe small in memory but huge to anything that walks it."""
+    budget = MAX_NODES
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise NearswapError("expands to more than 100,000 values through YAML aliases; a recipe is a few lines: "
+                                "write it out")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
 def load(path: str | Path) -> Recipe:
     """Load and validate a YAML recipe; relative paths are taken from the recipe's folder."""
     import yaml
 
+    from .files import read_bytes
+
     path = Path(path)
+    raw = read_bytes(path, MAX_RECIPE_FILE, "recipe")
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise NearswapError(f"cannot read recipe {path}: {e.strerror}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NearswapError(f"{path}: not valid UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_bounded_loader())  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
-        raise NearswapError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise NearswapError(f"{path}: not valid YAML: {shown(str(e).splitlines()[0], 160)}") from None
+    except RecursionError:
+        raise NearswapError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
         raise NearswapError(f"{path}: a recipe is a mapping with keys base, steps, ...")
+    try:
+        _check_expanded_size(data)
+    except NearswapError as e:
+        raise NearswapError(f"{path}: {e}") from None
     try:
         return _recipe(data).resolve_paths(path.parent)
     except _Invalid as e:

@@ -6,12 +6,13 @@ from the tables below, and checks the things that span files (index vs shards).
 
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import NearswapError
+from ..errors import NearswapError, shown
+from ..files import read_json_object
 from . import safetensors as st
 from .safetensors import TensorInfo
 
@@ -93,12 +94,12 @@ def open_model(path: str | Path, label: str = "model") -> Model:
 
 
 def _open_directory(path: Path, label: str) -> Model:
-    config = _read_json(path / "config.json", label) if (path / "config.json").exists() else None
+    config = read_config(path, label)
     index_path = path / st.INDEX_NAME
-    if index_path.exists():
+    if os.path.lexists(index_path):
         files, tensors = _open_index(index_path, label)
         fmt = f"HF safetensors, {len(files)} shards"
-    elif (path / st.SINGLE_NAME).exists():
+    elif os.path.lexists(path / st.SINGLE_NAME):
         files = [path / st.SINGLE_NAME]
         tensors, _ = st.read_header(files[0])
         fmt = "HF safetensors, 1 file"
@@ -118,34 +119,60 @@ def _open_directory(path: Path, label: str) -> Model:
     return Model(path, label, fmt, files, tensors, config, metadata)
 
 
+def read_config(directory: Path, label: str) -> dict | None:
+    """config.json of a model directory, if it has one: a JSON object whose ``architectures``,
+    if present, is a list of names."""
+    path = directory / "config.json"
+    if not os.path.lexists(path):
+        return None
+    config = read_json_object(path, label)
+    arch = config.get("architectures")
+    if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
+        raise NearswapError(f"{label}: {path}: architectures is {shown(arch)}, not a list of names; fix config.json")
+    return config
+
+
+def _shard_path(index_path: Path, name: object, label: str) -> Path:
+    """Where an index entry points, refused unless it is a plain relative path inside the
+    model directory naming a regular file (a symlink to one is fine: the HF cache)."""
+    def bad(why: str) -> NearswapError:
+        return NearswapError(f"{label}: {index_path} names shard {shown(name)}, {why}; the index is corrupt: regenerate it")
+
+    if not isinstance(name, str) or not name:
+        raise bad("which is not a file name")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise bad("which is outside the model directory")
+    path = index_path.parent / rel
+    if not os.path.lexists(path):
+        raise NearswapError(f"{label}: {index_path.name} names shard {shown(name)}, which is missing from "
+                            f"{index_path.parent}")
+    if not os.path.isfile(path):  # follows a symlink; a FIFO, device or directory is not a shard
+        raise bad("which is not a regular file")
+    return path
+
+
 def _open_index(index_path: Path, label: str) -> tuple[list[Path], dict[str, TensorInfo]]:
-    index = _read_json(index_path, label)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = read_json_object(index_path, label)
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise NearswapError(f"{label}: {index_path} has no weight_map; the index is corrupt: regenerate it")
-    shard_names = list(dict.fromkeys(weight_map.values()))
-    files = [index_path.parent / name for name in sorted(shard_names)]
-    for f in files:
-        if not f.exists():
-            raise NearswapError(f"{label}: {index_path.name} names shard {f.name}, which is missing from {index_path.parent}")
+    names: dict[str, Path] = {}
+    for shard in weight_map.values():  # every entry checked before any shard is opened
+        if not isinstance(shard, str) or shard not in names:
+            names[shard] = _shard_path(index_path, shard, label)  # (refuses what is not a str)
+    files = sorted(set(names.values()))
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         in_file, _ = st.read_header(f)
         for name, info in in_file.items():
             expected = weight_map.get(name)
             if expected is None:
-                raise NearswapError(f"{label}: tensor {name!r} is in {f.name} but not in {index_path.name}; the index is stale: regenerate it")
-            if expected != f.name:
-                raise NearswapError(f"{label}: {index_path.name} places {name!r} in {expected}, but it is in {f.name}; the index is stale")
+                raise NearswapError(f"{label}: tensor {shown(name)} is in {f.name} but not in {index_path.name}; the index is stale: regenerate it")
+            if expected != f.name and names.get(expected) != f:
+                raise NearswapError(f"{label}: {index_path.name} places {shown(name)} in {shown(expected)}, but it is in {f.name}; the index is stale")
             tensors[name] = info
     missing = [n for n in weight_map if n not in tensors]
     if missing:
-        raise NearswapError(f"{label}: {index_path.name} lists {len(missing)} tensors not found in any shard (first: {missing[0]!r})")
+        raise NearswapError(f"{label}: {index_path.name} lists {len(missing)} tensors not found in any shard (first: {shown(missing[0])})")
     return files, tensors
-
-
-def _read_json(path: Path, label: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise NearswapError(f"{label}: cannot read {path}: {e}") from None

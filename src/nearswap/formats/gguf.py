@@ -10,6 +10,7 @@ facts (names, which tensors are permuted, the HF config) live in the ``ARCHITECT
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from gguf import GGML_QUANT_SIZES
+
 from ..dtypes import BY_NAME
-from ..errors import NearswapError
+from ..errors import NearswapError, shown
 from .safetensors import TensorInfo, pread_exact
 
 # ---------------------------------------------------------------- architecture tables
@@ -61,28 +64,51 @@ LLAMA_NAMES = {
 }
 
 
+def meta_number(meta: dict[str, Any], key: str, default: Any = None, kind: type = int) -> Any:
+    """A metadata value the reader relies on, of the right type (an integer, or a float where
+    ``kind`` is float), or ``default`` when absent; anything else is refused by name."""
+    if key not in meta:
+        return default
+    value = meta[key]
+    ok = (type(value) is int) if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise MetadataError(f"metadata {key} is {shown(value)}, not {'an integer' if kind is int else 'a number'}")
+    return value
+
+
+class MetadataError(ValueError):
+    """A GGUF metadata value the reader needs is missing or wrong; the caller names the file."""
+
+
 def _llama_config(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, Any]:
     a = "llama."
+    if "model.embed_tokens.weight" not in tensors:
+        raise MetadataError("it has no token_embd.weight (the token embeddings), so it is not a complete llama model")
     embed = tensors["model.embed_tokens.weight"].shape
+    if len(embed) != 2:
+        raise MetadataError(f"token_embd.weight has shape {list(embed)}; a 2-D matrix is expected")
+    num = functools.partial(meta_number, meta)
+    heads = num(a + "attention.head_count")
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": meta.get(a + "embedding_length", embed[1]),
-        "intermediate_size": meta.get(a + "feed_forward_length"),
-        "num_hidden_layers": meta.get(a + "block_count"),
-        "num_attention_heads": meta.get(a + "attention.head_count"),
-        "num_key_value_heads": meta.get(a + "attention.head_count_kv", meta.get(a + "attention.head_count")),
-        "max_position_embeddings": meta.get(a + "context_length", 2048),
-        "rms_norm_eps": meta.get(a + "attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": meta.get(a + "rope.freq_base", 10000.0),
+        "hidden_size": num(a + "embedding_length", embed[1]),
+        "intermediate_size": num(a + "feed_forward_length"),
+        "num_hidden_layers": num(a + "block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": num(a + "attention.head_count_kv", heads),
+        "max_position_embeddings": num(a + "context_length", 2048),
+        "rms_norm_eps": num(a + "attention.layer_norm_rms_epsilon", 1e-5, float),
+        "rope_theta": num(a + "rope.freq_base", 10000.0, float),
         "vocab_size": embed[0],
         "hidden_act": "silu",
         "tie_word_embeddings": "lm_head.weight" not in tensors,
         "torch_dtype": "float32",
     }
-    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
-        if f"tokenizer.ggml.{key}" in meta:
-            config[hf] = meta[f"tokenizer.ggml.{key}"]
+    for key in ("bos_token_id", "eos_token_id"):
+        value = num(f"tokenizer.ggml.{key}")
+        if value is not None:
+            config[key] = value
     return {k: v for k, v in config.items() if v is not None}
 
 
@@ -123,30 +149,38 @@ _PLAIN = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
 
 @dataclass(frozen=True)
 class GGUFSource:
-    """Where a GGUF tensor's rows are, and how to turn them into HF float32 rows."""
+    """Where a GGUF tensor's blocks are, and how to turn them into HF float32 elements."""
 
     qtype: Any  # gguf.GGMLQuantizationType
+    block: int  # elements per quantization block (1 for plain types)
+    type_size: int  # bytes per block
     row_len: int  # elements per row (GGML ne0, the HF last dimension)
-    row_bytes: int
     heads: int | None  # rows come permuted in this many heads (llama Q/K), or None
 
     def read(self, fd: int, info: TensorInfo, start: int, out: Any) -> Any:
-        """Fill ``out`` (float32 array, or a byte buffer) with HF-layout elements from ``start`` on."""
+        """Fill ``out`` (float32 array, or a byte buffer) with HF-layout elements from ``start`` on.
+        Reads only the blocks that hold them (whole heads for permuted Q/K rows)."""
         target = out if hasattr(out, "dtype") else np.frombuffer(out, np.float32)
         n = len(target)
-        rows = info.numel // self.row_len
-        r0, r1 = start // self.row_len, -(-(start + n) // self.row_len)
+        if n == 0:
+            return out
         if self.heads:  # a permuted head's rows are spread over the head: read whole heads
+            rows = info.numel // self.row_len
             per_head = rows // self.heads
+            r0, r1 = start // self.row_len, -(-(start + n) // self.row_len)
             r0, r1 = r0 // per_head * per_head, -(-r1 // per_head) * per_head
-        raw = bytearray((r1 - r0) * self.row_bytes)
-        pread_exact(fd, memoryview(raw), info.offset + r0 * self.row_bytes, info)
-        block = self._dequantize(np.frombuffer(raw, np.uint8).reshape(r1 - r0, self.row_bytes))
+            e0, e1 = r0 * self.row_len, r1 * self.row_len
+        else:  # any run of elements: the blocks that hold it (rows are whole blocks)
+            e0, e1 = start // self.block * self.block, -(-(start + n) // self.block) * self.block
+        nblocks = (e1 - e0) // self.block
+        raw = bytearray(nblocks * self.type_size)
+        pread_exact(fd, memoryview(raw), info.offset + e0 // self.block * self.type_size, info)
+        block = self._dequantize(np.frombuffer(raw, np.uint8).reshape(nblocks, self.type_size)).reshape(-1)
         if self.heads:
-            per_head = rows // self.heads
-            block = block.reshape(-1, per_head // 2, 2, self.row_len).swapaxes(1, 2).reshape(-1, self.row_len)
-        first = start - r0 * self.row_len
-        target[:] = block.reshape(-1)[first:first + n]
+            per_head = info.numel // self.row_len // self.heads
+            block = block.reshape(-1, per_head // 2, 2, self.row_len).swapaxes(1, 2).reshape(-1)
+        first = start - e0
+        target[:] = block[first:first + n]
         return out
 
     def _dequantize(self, raw: np.ndarray) -> np.ndarray:
@@ -156,6 +190,18 @@ class GGUFSource:
         from gguf import quants
 
         return quants.dequantize(raw, self.qtype).astype(np.float32, copy=False)
+
+
+def _head_count(meta: dict[str, Any], key: str, name: str, rows: int) -> int:
+    """The head count that un-permutes ``name``'s rows: a positive integer dividing them into
+    heads of whole row pairs (llama.cpp's permutation swaps the two halves of each head)."""
+    heads = meta_number(meta, key)
+    if heads is None:
+        raise MetadataError(f"metadata {key} is missing (needed to put {name}'s rows back in HF order)")
+    if heads <= 0 or rows % heads or (rows // heads) % 2:
+        raise MetadataError(f"metadata {key} is {heads}, which does not split {name}'s {rows} rows into heads "
+                            "of whole row pairs")
+    return heads
 
 
 def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[str, Any], dict[str, Any]]:
@@ -168,31 +214,36 @@ def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[
         raise NearswapError(f"{label}: {path}: not a readable GGUF file: {e}; re-download it") from None
     meta = header.metadata
     arch_name = meta.get("general.architecture", "?")
-    arch = ARCHITECTURES.get(arch_name)
+    arch = ARCHITECTURES.get(arch_name) if isinstance(arch_name, str) else None
     if arch is None:
-        raise NearswapError(f"{label}: {path}: GGUF architecture {arch_name!r} is not supported yet "
+        raise NearswapError(f"{label}: {path}: GGUF architecture {shown(arch_name)} is not supported yet "
                             f"(supported: {', '.join(ARCHITECTURES)})")
     f32 = BY_NAME["F32"]
     tensors: dict[str, TensorInfo] = {}
     qtypes: dict[str, int] = {}
-    for t in sorted(header.tensors, key=lambda t: t.data_offset):
-        if t.name in arch.ignored:
-            continue
-        name = hf_name(arch, t.name)
-        if name is None:
-            raise NearswapError(f"{label}: {path}: GGUF tensor {t.name!r} has no HF name in the {arch_name} table; "
-                                "this variant is not supported yet")
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists dimensions innermost first
-        row_len = shape[-1]
-        rows = int(t.n_elements) // row_len
-        heads = None
-        short = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
-        if short in arch.permuted:
-            heads = int(meta[arch.permuted[short]])
-        source = GGUFSource(t.tensor_type, row_len, int(t.n_bytes) // rows, heads)
-        tensors[name] = TensorInfo(name, f32, shape, path, int(t.data_offset), source)
-        qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
-    config = arch.config(meta, tensors)
+    try:
+        for t in sorted(header.tensors, key=lambda t: t.data_offset):
+            if t.name in arch.ignored:
+                continue
+            name = hf_name(arch, t.name)
+            if name is None:
+                raise MetadataError(f"GGUF tensor {shown(t.name)} has no HF name in the {arch_name} table; "
+                                    "this variant is not supported yet")
+            shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists dimensions innermost first
+            row_len = shape[-1] if shape else 1
+            short = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
+            heads = None
+            if short in arch.permuted:
+                if len(shape) != 2:
+                    raise MetadataError(f"{t.name} has shape {list(shape)}; a 2-D matrix is expected")
+                heads = _head_count(meta, arch.permuted[short], t.name, shape[0])
+            block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+            source = GGUFSource(t.tensor_type, block, type_size, row_len, heads)
+            tensors[name] = TensorInfo(name, f32, shape, path, int(t.data_offset), source)
+            qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
+        config = arch.config(meta, tensors)
+    except MetadataError as e:
+        raise NearswapError(f"{label}: {path}: {e}; the file is corrupt or of a variant nearswap does not read") from None
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]))
     return f"GGUF ({arch_name}; {kinds}; dequantized to F32)", tensors, config, meta
 
@@ -246,63 +297,117 @@ def gguf_name(arch: Arch, name: str) -> str | None:
     return _rename(arch.to_gguf, name)
 
 
+REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _export_config(model: Any) -> dict[str, Any]:
+    """The config.json values the GGUF metadata needs, checked: positive integers for the
+    shapes, numbers for the rest; vocab_size from the embeddings when config.json omits it."""
+    config = model.config or {}
+    where = str(model.path)
+    out: dict[str, Any] = {}
+    for key in REQUIRED_CONFIG:
+        if key not in config:
+            raise NearswapError(f"{where}: config.json has no {key}, which the GGUF metadata needs; add it")
+    embed = model.tensors.get("model.embed_tokens.weight")
+    defaults = {"num_key_value_heads": config["num_attention_heads"], "max_position_embeddings": 2048,
+                "vocab_size": embed.shape[0] if embed is not None else None, "head_dim": None}
+    for key in (*REQUIRED_CONFIG, "num_key_value_heads", "max_position_embeddings", "vocab_size", "head_dim"):
+        value = config.get(key, defaults.get(key))
+        if value is None and key == "head_dim":
+            continue
+        if type(value) is not int or value <= 0:
+            raise NearswapError(f"{where}: config.json {key} is {shown(value)}; a positive integer is needed")
+        out[key] = value
+    for key, default in (("rope_theta", 10000.0), ("rms_norm_eps", 1e-5)):
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise NearswapError(f"{where}: config.json {key} is {shown(value)}; a number is needed")
+        out[key] = float(value)
+    if out["hidden_size"] % out["num_attention_heads"] and "head_dim" not in out:
+        raise NearswapError(f"{where}: config.json hidden_size {out['hidden_size']} is not a multiple of "
+                            f"num_attention_heads {out['num_attention_heads']}; give head_dim")
+    return out
+
+
 def _llama_metadata(w: Any, config: dict[str, Any]) -> None:
     heads = config["num_attention_heads"]
-    w.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    w.add_embedding_length(int(config["hidden_size"]))
-    w.add_feed_forward_length(int(config["intermediate_size"]))
-    w.add_block_count(int(config["num_hidden_layers"]))
-    w.add_head_count(int(heads))
-    w.add_head_count_kv(int(config.get("num_key_value_heads", heads)))
-    w.add_rope_dimension_count(int(config.get("head_dim") or config["hidden_size"] // heads))
-    w.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    w.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
-    w.add_vocab_size(int(config["vocab_size"]))
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    w.add_rope_freq_base(config["rope_theta"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_vocab_size(config["vocab_size"])
 
 
-def _copy_vocab(w: Any, source: Path) -> None:
-    """Every tokenizer.* field of another GGUF, as it is."""
-    import gguf
+def _gguf_vocab(source: Path) -> Callable[[Any], None]:
+    """Every tokenizer.* field of another GGUF, as it is, read now (with nearswap's bounded
+    header reader: a file declaring a billion tokens is refused, not allocated) and returned
+    as a function that adds them to a writer."""
+    from .gguf_header import HeaderError, read_header
 
-    reader = gguf.GGUFReader(source)
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.") or not field.types:
-            continue
-        vtype = field.types[0]
-        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, field.contents(), vtype, sub)
+    try:
+        header = read_header(source, arrays=("tokenizer.",))
+    except (HeaderError, OSError) as e:
+        raise NearswapError(f"vocabulary source {source}: not a readable GGUF file: {e}") from None
+
+    def add(w: Any) -> None:
+        for key, (vtype, item) in header.types.items():
+            if key.startswith("tokenizer."):
+                value = header.arrays[key] if key in header.arrays else header.metadata[key]
+                w.add_key_value(key, value, vtype, item)
+
+    return add
 
 
-def _hf_vocab(w: Any, directory: Path) -> None:
-    """A BPE vocabulary from tokenizer.json (gguf.vocab): tokens, types, merges, special ids."""
-    import gguf
+def _hf_vocab(directory: Path) -> Callable[[Any], None]:
+    """A BPE vocabulary from tokenizer.json (gguf.vocab): tokens, types, merges, special ids;
+    read now, added to a writer by the function returned."""
     from gguf.vocab import BpeVocab, SpecialVocab
 
-    vocab = BpeVocab(directory)
-    tokens, types = [], []
-    for text, _score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        types.append(toktype)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    SpecialVocab(directory, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w)
-    del gguf
+    from ..files import read_json_object
+
+    read_json_object(directory / "tokenizer.json", "vocabulary")  # bounded: a regular file of sane JSON
+    try:
+        vocab = BpeVocab(directory)
+        tokens, types = [], []
+        for text, _score, toktype in vocab.all_tokens():
+            tokens.append(text)
+            types.append(toktype)
+        special = SpecialVocab(directory, load_merges=True, n_vocab=len(tokens))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise NearswapError(f"{directory / 'tokenizer.json'}: cannot build a GGUF vocabulary from it "
+                            f"({type(e).__name__}: {shown(str(e), 120)}); pass --vocab-from MODEL.gguf") from None
+
+    def add(w: Any) -> None:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special.add_to_gguf(w)
+
+    return add
 
 
 def _vocab_source(model: Any, vocab_from: Path | None) -> tuple[str, Path]:
     """Where the exported file's vocabulary comes from (see ``export_gguf``)."""
+    from ..files import parse_json
+
     if vocab_from is not None:
         return "gguf", Path(vocab_from)
     if model.path.suffix.lower() == ".gguf":
         return "gguf", model.path
     origin = model.metadata.get("nearswap_converted_from")
     if origin is None and model.metadata.get("nearswap_recipe"):
-        import json
-
-        origin = json.loads(model.metadata["nearswap_recipe"]).get("base")
-    if origin and str(origin).lower().endswith(".gguf") and Path(origin).is_file():
+        recipe = parse_json(model.metadata["nearswap_recipe"], f"{model.path}: its nearswap_recipe metadata")
+        if not isinstance(recipe, dict):
+            raise NearswapError(f"{model.path}: its nearswap_recipe metadata is not a recipe; pass --vocab-from")
+        origin = recipe.get("base")
+    if isinstance(origin, str) and origin.lower().endswith(".gguf") and Path(origin).is_file():
         return "gguf", Path(origin)
     if model.directory is not None and (model.directory / "tokenizer.json").is_file():
         return "hf", model.directory
@@ -319,61 +424,98 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
     fit the quant block), 1-D tensors (norms) stay F32, Q/K rows get llama.cpp's RoPE
     permutation. The vocabulary comes from ``vocab_from`` (a GGUF), else the source itself
     if it is a GGUF, else the GGUF the source was merged or converted from (recorded in its
-    metadata), else its tokenizer.json (BPE). Written beside ``out`` and renamed when complete.
+    metadata), else its tokenizer.json (BPE). Written into a hidden sibling of ``out`` (one
+    run per ``out`` at a time) and renamed when complete; ``force`` replaces a GGUF file.
     """
+    from ..output import atomic_file
+
+    out = Path(out)
+    if type_name not in EXPORT_TYPES and type_name not in LLAMA_CPP_TYPES:
+        raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
+                            f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
+    llama_cpp = _llama_cpp(type_name) if type_name in LLAMA_CPP_TYPES else None
+    with atomic_file(out, force) as part:
+        if llama_cpp is None:
+            result = _write_gguf(source, out, part, type_name, vocab_from, progress, on_start)
+        else:
+            f32 = part.with_name(part.name + ".f32")
+            try:
+                result = _write_gguf(source, out, f32, "f32", vocab_from, progress, on_start)
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
+                params.nthread = os.cpu_count() or 1
+                if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
+                    raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
+            finally:
+                f32.unlink(missing_ok=True)
+            from .gguf_header import read_header
+
+            kinds: dict[str, int] = {}
+            for t in read_header(part).tensors:  # what llama.cpp chose, fallbacks included
+                kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+            result["tensors"] = kinds
+    return {**result, "output": str(out), "type": type_name, "bytes": out.stat().st_size}
+
+
+def _llama_cpp(type_name: str) -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise NearswapError(f"--type {type_name} uses llama.cpp's quantizer: install llama-cpp-python "
+                            "(CMAKE_ARGS=\"-DLLAVA_BUILD=OFF\" pip install llama-cpp-python builds it in ~5 min)") from None
+    return llama_cpp
+
+
+def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab_from: str | Path | None,
+                progress: Callable[[int], None] | None, on_start: Callable[[Any], None] | None) -> dict[str, Any]:
+    """The export itself, into ``part``: plan every tensor, then write metadata and data."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
 
     from . import open_model
     from .safetensors import FileReader
-    from ..output import refuse_existing
 
-    out = Path(out)
-    if type_name in LLAMA_CPP_TYPES:
-        return _export_with_llama_cpp(source, out, type_name, vocab_from=vocab_from, force=force, progress=progress,
-                                      on_start=on_start)
-    if type_name not in EXPORT_TYPES:
-        raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
-                            f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
-    refuse_existing(out, force)
     model = open_model(source, "model")
-    hf_arch = (model.config or {}).get("architectures", ["?"])[0]
+    vocab = Path(vocab_from) if vocab_from else None
+    for f in [model.path, *model.files, *([vocab] if vocab else [])]:
+        if f.resolve() == out.resolve():
+            raise NearswapError(f"the output {out} is an input of the export; write it somewhere else")
+    hf_arch = ((model.config or {}).get("architectures") or ["?"])[0]
     arch_name = HF_TO_GGUF_ARCH.get(hf_arch)
     if arch_name is None:
-        raise NearswapError(f"{model.path}: exporting {hf_arch} to GGUF is not supported yet "
+        raise NearswapError(f"{model.path}: exporting {shown(hf_arch)} to GGUF is not supported yet "
                             f"(supported: {', '.join(HF_TO_GGUF_ARCH)})")
     arch = ARCHITECTURES[arch_name]
-    vocab_kind, vocab_path = _vocab_source(model, Path(vocab_from) if vocab_from else None)
+    vocab_kind, vocab_path = _vocab_source(model, vocab)
+    add_vocab = _gguf_vocab(vocab_path) if vocab_kind == "gguf" else _hf_vocab(vocab_path)
+    config = _export_config(model)
     qtype = Q[EXPORT_TYPES[type_name][0]]
-    config = model.config
-    head_counts = {"attn_q.weight": config["num_attention_heads"],
-                   "attn_k.weight": config.get("num_key_value_heads", config["num_attention_heads"])}
+    head_counts = {"attn_q.weight": config["num_attention_heads"], "attn_k.weight": config["num_key_value_heads"]}
 
     plan = []  # (hf name, gguf name, ggml type, permute heads)
     for name, info in model.tensors.items():
         target = gguf_name(arch, name)
         if target is None:
-            raise NearswapError(f"{model.path}: tensor {name!r} has no GGUF name in the {arch_name} table")
+            raise NearswapError(f"{model.path}: tensor {shown(name)} has no GGUF name in the {arch_name} table")
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         tq = qtype if len(info.shape) == 2 and info.shape[-1] % block == 0 else Q.F32 if len(info.shape) < 2 else Q.F16
         short = target.split(".", 2)[-1] if target.startswith("blk.") else target
-        plan.append((name, target, tq, head_counts.get(short)))
+        heads = head_counts.get(short)
+        if heads and (len(info.shape) != 2 or info.shape[0] % heads or (info.shape[0] // heads) % 2):
+            raise NearswapError(f"{model.path}: {name} has shape {list(info.shape)}, which config.json's head count "
+                                f"{heads} does not split into heads of whole row pairs; check config.json")
+        plan.append((name, target, tq, heads))
 
     if on_start:
         on_start(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(f".{out.name}.partial")
     w = gguf.GGUFWriter(str(part), arch_name)
     try:
         w.add_name(out.stem)
         _llama_metadata(w, config)
         w.add_file_type(int(getattr(gguf.LlamaFileType, EXPORT_TYPES[type_name][1])))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        if vocab_kind == "gguf":
-            _copy_vocab(w, vocab_path)
-        else:
-            _hf_vocab(w, vocab_path)
+        add_vocab(w)
         for name, target, tq, _ in plan:
             shape = model.tensors[name].shape
             byte_shape = quants.quant_shape_to_byte_shape(shape, tq) if tq not in (Q.F32, Q.F16) else shape
@@ -385,53 +527,20 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
         w.write_ti_data_to_file()
         reader = FileReader()
         counts: dict[str, int] = {}
-        for name, target, tq, heads in plan:  # one tensor in memory at a time
-            info = model.tensors[name]
-            x = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape).astype(np.float32)
-            if heads:
-                x = x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-            w.write_tensor_data(quants.quantize(x, tq))
-            counts[tq.name] = counts.get(tq.name, 0) + 1
-            if progress:
-                progress(info.nbytes)
-        reader.close()
-        w.close()
-        os.replace(part, out)
-    except BaseException:
-        w.close()
-        part.unlink(missing_ok=True)
-        raise
-    return {"output": str(out), "type": type_name, "tensors": counts, "bytes": out.stat().st_size,
-            "vocabulary": f"{vocab_kind}: {vocab_path}", "in_bytes": model.nbytes}
-
-
-def _export_with_llama_cpp(source: str | Path, out: Path, type_name: str, **options: Any) -> dict[str, Any]:
-    """K-quants and friends: an f32 export, quantized by llama.cpp's own quantizer."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise NearswapError(f"--type {type_name} uses llama.cpp's quantizer: install llama-cpp-python "
-                            "(CMAKE_ARGS=\"-DLLAVA_BUILD=OFF\" pip install llama-cpp-python builds it in ~5 min)") from None
-    from ..output import refuse_existing
-
-    refuse_existing(out, options.get("force", False))
-    f32 = out.with_name(f".{out.name}.f32.partial")
-    part = out.with_name(f".{out.name}.partial")
-    try:
-        result = export_gguf(source, f32, "f32", vocab_from=options.get("vocab_from"), force=True,
-                             progress=options.get("progress"), on_start=options.get("on_start"))
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
-        params.nthread = os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
-            raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
-        os.replace(part, out)
+        try:
+            for name, target, tq, heads in plan:  # one tensor in memory at a time
+                info = model.tensors[name]
+                x = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape).astype(np.float32)
+                if heads:
+                    x = x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+                w.write_tensor_data(quants.quantize(x, tq))
+                counts[tq.name] = counts.get(tq.name, 0) + 1
+                if progress:
+                    progress(info.nbytes)
+        finally:
+            reader.close()
+    except OSError as e:
+        raise NearswapError(f"cannot write {part}: {e.strerror}") from None
     finally:
-        f32.unlink(missing_ok=True)
-        part.unlink(missing_ok=True)
-    import gguf
-
-    kinds: dict[str, int] = {}
-    for t in gguf.GGUFReader(out).tensors:  # what llama.cpp chose, fallbacks included
-        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-    return {**result, "output": str(out), "type": type_name, "tensors": kinds, "bytes": out.stat().st_size}
+        w.close()
+    return {"tensors": counts, "vocabulary": f"{vocab_kind}: {vocab_path}", "in_bytes": model.nbytes}

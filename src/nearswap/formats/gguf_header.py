@@ -18,12 +18,15 @@ which starts at the next multiple of ``general.alignment`` (default 32).
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
+
+from ..errors import shown
 
 # fixed-size value types: struct format (little-endian) by GGUF value type
 SCALARS = {
@@ -35,6 +38,7 @@ SCALARS = {
     gguf.GGUFValueType.BOOL: "<?",
 }
 VERSIONS = (2, 3)
+_VALUE_CODES = {int(v) for v in gguf.GGUFValueType}
 
 
 class HeaderError(ValueError):
@@ -56,12 +60,24 @@ class GGUFHeader:
     version: int
     metadata: dict[str, Any] = field(default_factory=dict)  # scalars and strings
     array_lengths: dict[str, int] = field(default_factory=dict)  # arrays: only their lengths
+    arrays: dict[str, list[Any]] = field(default_factory=dict)  # arrays asked for by key prefix
+    types: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (value type, array element type)
     tensors: list[GGUFTensor] = field(default_factory=list)
 
 
+MAX_ARRAY_NESTING = 4  # llama.cpp itself reads no arrays of arrays; gguf-py writes them
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
 class _Cursor:
+    """Reads values from the header bytes; every length and count is checked against what is
+    left of the file before anything is allocated or looped over."""
+
     def __init__(self, buf: Any) -> None:
         self.buf, self.pos = buf, 0
+
+    def left(self) -> int:
+        return len(self.buf) - self.pos
 
     def unpack(self, fmt: str) -> Any:
         try:
@@ -73,44 +89,89 @@ class _Cursor:
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
+        if n > self.left():
             raise HeaderError(f"a {n}-byte string at byte {self.pos} runs past the end of the file (truncated?)")
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def skip_array(self) -> int:
+    def value_type(self, where: str) -> gguf.GGUFValueType:
+        code = self.unpack("<I")
+        try:
+            return gguf.GGUFValueType(code)
+        except ValueError:
+            raise HeaderError(f"{where}: unknown value type {code}") from None
+
+    def skip_array(self, where: str, depth: int = 1) -> int:
         """Step over an array value (after its type tag); returns its length."""
-        item = gguf.GGUFValueType(self.unpack("<I"))
+        if depth > MAX_ARRAY_NESTING:
+            raise HeaderError(f"{where}: arrays nested more than {MAX_ARRAY_NESTING} deep")
+        item = self.value_type(f"{where}: array element")
         count = self.unpack("<Q")
+        least = struct.calcsize(SCALARS[item]) if item in SCALARS else 8 if item == gguf.GGUFValueType.STRING else 12
+        if count * least > self.left():
+            raise HeaderError(f"{where}: an array of {count} elements runs past the end of the file (truncated?)")
         if item in SCALARS:
-            self.pos += count * struct.calcsize(SCALARS[item])
+            self.pos += count * least
         else:
             for _ in range(count):
                 if item == gguf.GGUFValueType.STRING:
                     n = self.unpack("<Q")  # (not `self.pos += self.unpack(...)`: that drops the 8 bytes read)
+                    if n > self.left():
+                        raise HeaderError(f"{where}: a {n}-byte string runs past the end of the file (truncated?)")
                     self.pos += n
                 else:  # arrays of arrays
-                    self.skip_array()
-        if self.pos > len(self.buf):
-            raise HeaderError(f"an array of {count} runs past the end of the file (truncated?)")
+                    self.skip_array(where, depth + 1)
         return count
 
+    def array(self, where: str) -> list[Any]:
+        """Read an array of scalars or strings (after its type tag) into a list."""
+        item = self.value_type(f"{where}: array element")
+        count = self.unpack("<Q")
+        if item == gguf.GGUFValueType.STRING:
+            if count * 8 > self.left():
+                raise HeaderError(f"{where}: an array of {count} strings runs past the end of the file (truncated?)")
+            return [self.string() for _ in range(count)]
+        if item not in SCALARS:
+            raise HeaderError(f"{where}: arrays of {item.name} are not read here")
+        size = struct.calcsize(SCALARS[item])
+        if count * size > self.left():
+            raise HeaderError(f"{where}: an array of {count} elements runs past the end of the file (truncated?)")
+        fmt = "<" + SCALARS[item][1] * count
+        values = list(struct.unpack_from(fmt, self.buf, self.pos))
+        self.pos += count * size
+        return values
 
-def read_header(path: str | Path) -> GGUFHeader:
-    """Parse a GGUF file's header. Raises ``HeaderError`` (or ``OSError``) on a bad file."""
-    with open(path, "rb") as f:
+
+def read_header(path: str | Path, arrays: tuple[str, ...] = ()) -> GGUFHeader:
+    """Parse a GGUF file's header. Raises ``HeaderError`` (or ``NearswapError`` for a file that
+    is not a regular file, ``OSError`` for a failed read) on a bad file. Metadata arrays whose
+    key starts with one of ``arrays`` are read into ``GGUFHeader.arrays``; the rest are skipped."""
+    from ..files import open_regular
+
+    fd = open_regular(path)
+    try:
         try:
-            m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
         except ValueError:  # an empty file
             raise HeaderError("is empty") from None
+    finally:
+        os.close(fd)
     try:
-        return _parse(_Cursor(m), len(m))
+        return _parse(_Cursor(m), len(m), arrays)
     finally:
         m.close()
 
 
-def _parse(cur: _Cursor, size: int) -> GGUFHeader:
+def _alignment(header: GGUFHeader) -> int:
+    """general.alignment as llama.cpp accepts it: an unsigned integer, a power of 2."""
+    value = header.metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if type(value) is not int or value <= 0 or value & (value - 1):
+        raise HeaderError(f"general.alignment is {shown(value)}; it must be a power of 2 (llama.cpp refuses the file too)")
+    return value
+
+
+def _parse(cur: _Cursor, size: int, arrays: tuple[str, ...] = ()) -> GGUFHeader:
     if cur.unpack("<I") != gguf.GGUF_MAGIC:
         raise HeaderError("does not start with the GGUF magic")
     version = cur.unpack("<I")
@@ -118,36 +179,55 @@ def _parse(cur: _Cursor, size: int) -> GGUFHeader:
         raise HeaderError(f"is GGUF version {version}; versions {VERSIONS} are supported (little-endian)")
     header = GGUFHeader(version)
     n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    if n_kv * 12 > cur.left() or n_tensors * 24 > cur.left():  # the smallest key/value and tensor info
+        raise HeaderError(f"claims {n_kv} metadata keys and {n_tensors} tensors, more than the file can hold (truncated?)")
     for _ in range(n_kv):
         key = cur.string()
-        try:
-            vtype = gguf.GGUFValueType(cur.unpack("<I"))
-        except ValueError as e:
-            raise HeaderError(f"metadata {key!r}: {e}") from None
+        vtype = cur.value_type(f"metadata {shown(key)}")
+        header.types[key] = (vtype, None)
         if vtype == gguf.GGUFValueType.ARRAY:
-            header.array_lengths[key] = cur.skip_array()
+            item_code = cur.unpack("<I")
+            cur.pos -= 4
+            header.types[key] = (vtype, gguf.GGUFValueType(item_code) if item_code in _VALUE_CODES else None)
+            if arrays and key.startswith(arrays):
+                header.arrays[key] = cur.array(f"metadata {shown(key)}")
+                header.array_lengths[key] = len(header.arrays[key])
+            else:
+                header.array_lengths[key] = cur.skip_array(f"metadata {shown(key)}")
         elif vtype == gguf.GGUFValueType.STRING:
             header.metadata[key] = cur.string()
         else:
             header.metadata[key] = cur.unpack(SCALARS[vtype])
     infos = []
+    seen = set()
     for _ in range(n_tensors):
         name = cur.string()
-        shape = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+        if name in seen:
+            raise HeaderError(f"tensor {shown(name)} appears twice")
+        seen.add(name)
+        n_dims = cur.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise HeaderError(f"tensor {shown(name)} has {n_dims} dimensions; GGUF allows at most {MAX_DIMS}")
+        shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
+        code = cur.unpack("<I")
         try:
-            qtype = gguf.GGMLQuantizationType(cur.unpack("<I"))
-        except ValueError as e:
-            raise HeaderError(f"tensor {name!r}: {e}") from None
-        infos.append((name, shape, qtype, cur.unpack("<Q")))
-    alignment = int(header.metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+            qtype = gguf.GGMLQuantizationType(code)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise HeaderError(f"tensor {shown(name)}: unknown tensor type {code}") from None
+        if shape and shape[0] % block:
+            raise HeaderError(f"tensor {shown(name)}: rows of {shape[0]} elements do not fill {qtype.name} blocks of {block}")
+        infos.append((name, shape, qtype, cur.unpack("<Q"), block, type_size))
+    alignment = _alignment(header)
     data_start = -(-cur.pos // alignment) * alignment
-    for name, shape, qtype, offset in infos:
+    for name, shape, qtype, offset, block, type_size in infos:
         n = 1
         for d in shape:
             n *= d
-        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        if offset % alignment:
+            raise HeaderError(f"tensor {shown(name)}: data offset {offset} is not a multiple of the alignment {alignment}")
         t = GGUFTensor(name, shape, qtype, data_start + offset, n, n // block * type_size)
         if t.data_offset + t.n_bytes > size:
-            raise HeaderError(f"tensor {name!r} runs past the end of the file (truncated?)")
+            raise HeaderError(f"tensor {shown(name)} runs past the end of the file (truncated?)")
         header.tensors.append(t)
     return header

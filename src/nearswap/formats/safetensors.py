@@ -11,6 +11,7 @@ engine write each output tensor exactly once, in parallel.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..dtypes import BY_NAME, DType
-from ..errors import NearswapError
+from ..errors import NearswapError, shown
+from ..files import open_regular, parse_json
 
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 if TYPE_CHECKING:
@@ -53,30 +55,41 @@ class TensorInfo:
         return self.numel * self.dtype.itemsize
 
 
+MAX_DIM = 2**64 - 1  # safetensors stores shapes as usize
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header. Returns (tensors in offset order, metadata)."""
+    """Parse and validate a safetensors header. Returns (tensors in offset order, metadata).
+
+    Refused, in one line naming the file: anything the safetensors library itself would not
+    read (a shape of booleans, a dimension beyond 64 bits or a shape whose product overflows,
+    names or metadata that are not UTF-8, metadata that is not strings), a header with no
+    length (a shard whose writer was killed before finishing it: nearswap writes the header
+    last), gaps, overlaps and truncation."""
+    fd = open_regular(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise NearswapError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER or 8 + n > size:
-                raise NearswapError(
-                    f"{path}: corrupt safetensors header (claims {n} header bytes, file has {size}); "
-                    "the file is truncated or not safetensors: re-download it"
-                )
-            raw = f.read(n)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise NearswapError(f"{path}: not a safetensors file (only {size} bytes); re-download or re-save it")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0:
+            raise NearswapError(f"{path}: unfinished safetensors file (its header was never written: the program "
+                                "writing it was interrupted); delete it and write it again")
+        if n > MAX_HEADER or 8 + n > size:
+            raise NearswapError(
+                f"{path}: corrupt safetensors header (claims {n} header bytes, file has {size}); "
+                "the file is truncated or not safetensors: re-download it"
+            )
+        raw = os.pread(fd, n, 8)
     except OSError as e:
         raise NearswapError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise NearswapError(f"{path}: corrupt safetensors header ({e}); re-download or re-save the file") from None
-    metadata = header.pop("__metadata__", None) or {}
+    finally:
+        os.close(fd)
+    header = parse_json(raw, f"{path}: corrupt safetensors header")
+    if not isinstance(header, dict):
+        raise NearswapError(f"{path}: corrupt safetensors header (not a JSON object); re-download or re-save the file")
+    metadata = _metadata(path, header.pop("__metadata__", None))
     data_start = 8 + n
     data_len = size - data_start
     tensors: list[TensorInfo] = []
@@ -86,37 +99,65 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     end = data_start
     for t in tensors:
         if t.offset != end and t.nbytes:
-            raise NearswapError(f"{path}: tensor {t.name!r} does not follow the previous one (gap or overlap); the file is corrupt")
+            raise NearswapError(f"{path}: tensor {shown(t.name)} does not follow the previous one (gap or overlap); "
+                                "the file is corrupt")
         end = t.offset + t.nbytes if t.nbytes else end
     if end != size:
         raise NearswapError(
             f"{path}: {size - end} bytes {'missing' if end > size else 'left over'} after the last tensor; "
             "the file is truncated or corrupt: re-download it"
         )
-    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+    return {t.name: t for t in tensors}, metadata
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: JSON allows them, UTF-8 (and the library) do not
+        return False
+    return True
+
+
+def _metadata(path: Path, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise NearswapError(f"{path}: __metadata__ must map strings to strings (it is {shown(metadata)}); "
+                            "the file is corrupt: re-save it")
+    for k, v in metadata.items():
+        if not (_utf8(k) and _utf8(v)):
+            raise NearswapError(f"{path}: __metadata__ entry {shown(k)} is not valid UTF-8; the file is corrupt")
+    return metadata
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, data_len: int) -> TensorInfo:
     def bad(why: str) -> NearswapError:
-        return NearswapError(f"{path}: tensor {name!r}: {why}; the file is corrupt: re-download or re-save it")
+        return NearswapError(f"{path}: tensor {shown(name)}: {why}; the file is corrupt: re-download or re-save it")
 
+    if not _utf8(name):
+        raise bad("the name is not valid UTF-8")
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise bad("header entry lacks dtype/shape/data_offsets")
-    dtype = BY_NAME.get(str(entry["dtype"]))
+    dtype = BY_NAME.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise NearswapError(
-            f"{path}: tensor {name!r} has dtype {entry['dtype']}, which nearswap does not handle "
+            f"{path}: tensor {shown(name)} has dtype {shown(entry['dtype'])}, which nearswap does not handle "
             f"(supported: {', '.join(BY_NAME)})"
         )
     shape, offsets = entry["shape"], entry["data_offsets"]
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise bad(f"bad shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-        raise bad(f"bad data_offsets {offsets!r}")
+    if not (isinstance(shape, list) and all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+        raise bad(f"bad shape {shown(shape if isinstance(shape, list) and len(shape) > 8 else str(shape))}")
+    numel = 1
+    for d in shape:  # as the library checks it: a running product that must fit in 64 bits
+        numel *= d
+        if numel > MAX_DIM:
+            raise bad(f"shape {shape} has more elements than 64 bits can count")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise bad(f"bad data_offsets {shown(str(offsets))}")
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise bad(f"data_offsets {offsets} fall outside the {data_len}-byte data section (truncated file?)")
-    if end - begin != math.prod(shape) * dtype.itemsize:
+    if end - begin != numel * dtype.itemsize:
         raise bad(f"{end - begin} bytes for shape {shape} of {dtype.name}")
     return TensorInfo(name, dtype, tuple(shape), path, data_start + begin)
 
@@ -133,9 +174,12 @@ def pread_exact(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
     """Fill ``view`` from ``fd`` at ``pos``; a short file is an error naming the tensor."""
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], pos + done)
+        try:
+            got = os.preadv(fd, [view[done:]], pos + done)
+        except OSError as e:
+            raise NearswapError(f"cannot read {info.file} ({shown(info.name)}): {e.strerror}") from None
         if got == 0:
-            raise NearswapError(f"{info.file}: unexpected end of file reading {info.name!r}; "
+            raise NearswapError(f"{info.file}: unexpected end of file reading {shown(info.name)}; "
                                 "the file changed or is truncated")
         done += got
 
@@ -151,7 +195,10 @@ class FileReader:
         elements) with the elements from ``start`` on; returns ``out``."""
         fd = self._fds.get(info.file)
         if fd is None:
-            fd = self._fds.setdefault(info.file, os.open(info.file, os.O_RDONLY))
+            fd = open_regular(info.file)
+            if self._fds.setdefault(info.file, fd) != fd:  # another thread opened it first
+                os.close(fd)
+                fd = self._fds[info.file]
         if info.source is not None:
             return info.source.read(fd, info, start, out)
         pread_exact(fd, byte_view(out), info.offset + start * info.dtype.itemsize, info)
@@ -197,12 +244,14 @@ class MappedReader:
         if info.file not in self._maps:
             with self._lock:
                 if info.file not in self._maps:
+                    fd = open_regular(info.file)
                     try:
-                        with open(info.file, "rb") as f:
-                            m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                        m = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
                         self._maps[info.file] = (m, memoryview(m))
                     except (OSError, ValueError):
                         self._maps[info.file] = None
+                    finally:
+                        os.close(fd)
         return self._maps[info.file]
 
     def _mapped(self, info: TensorInfo) -> tuple[mmap.mmap, memoryview]:
@@ -217,7 +266,7 @@ class MappedReader:
         hi = lo + n * info.dtype.itemsize
         _, whole = self._mapped(info)
         if hi > len(whole):  # the file shrank since its header was read
-            raise NearswapError(f"{info.file}: unexpected end of file reading {info.name!r}; "
+            raise NearswapError(f"{info.file}: unexpected end of file reading {shown(info.name)}; "
                                 "the file changed or is truncated")
         return whole[lo:hi]
 
@@ -274,7 +323,9 @@ class ShardedWriter:
     ``plan`` lists (name, dtype, shape) in output order. Tensors are packed greedily into
     shards of at most ``shard_size`` bytes (a larger tensor gets a shard of its own). After
     construction every tensor has a place; ``write(name, start, array)`` may be called from
-    any thread, in any order; ``close()`` fsyncs everything and writes the index.
+    any thread, in any order; ``close()`` writes each shard's header, fsyncs everything and
+    writes the index. Until ``close`` a shard's 8-byte header length is zero, so a shard left
+    by a killed run reads as unfinished, never as a model whose missing data are zeros.
     """
 
     def __init__(self, directory: Path, plan: Iterable[tuple[str, DType, tuple[int, ...]]],
@@ -287,9 +338,10 @@ class ShardedWriter:
             shards[-1].tensors.append((name, dtype, shape))
             shards[-1].nbytes += nbytes
         self.directory = directory
-        self.places: dict[str, tuple[int, int, DType]] = {}  # name -> (fd, offset, dtype)
+        self.places: dict[str, tuple[int, int, DType, Path]] = {}  # name -> (fd, offset, dtype, file)
         self.weight_map: dict[str, str] = {}
         self.fds: list[int] = []
+        self.headers: list[tuple[int, bytes, Path]] = []  # written by close()
         self.total_size = 0
         for shard, fname in zip(shards, shard_names(len(shards))):
             shard.path = directory / fname
@@ -302,27 +354,43 @@ class ShardedWriter:
             nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": dtype.name, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
             pos += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        try:
+            raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise NearswapError(f"{shard.path.name}: a tensor name or metadata value is not valid UTF-8 "
+                                "(safetensors needs UTF-8)") from None
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
-        fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise NearswapError(f"cannot write {shard.path}: {e.strerror}") from None
         self.fds.append(fd)
-        os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
         data_start = 8 + len(raw)
-        os.ftruncate(fd, data_start + pos)
+        self._io(shard.path, os.ftruncate, fd, data_start + pos)  # the length field stays 0 until close()
+        self.headers.append((fd, struct.pack("<Q", len(raw)) + raw, shard.path))
         for name, dtype, shape in shard.tensors:
             begin = header[name]["data_offsets"][0]  # type: ignore[index]
-            self.places[name] = (fd, data_start + begin, dtype)
+            self.places[name] = (fd, data_start + begin, dtype, shard.path)
             self.weight_map[name] = shard.path.name
         self.total_size += pos
 
+    def _io(self, path: Path, fn: Any, *args: Any) -> Any:
+        """An OS call on a shard; a failure (disk full, I/O error) is one line naming the file."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            hint = (f"; the output needs {self.total_size / 1e6:,.1f} MB in all: free space and run again"
+                    if e.errno == errno.ENOSPC else "")
+            raise NearswapError(f"cannot write {path}: {e.strerror}{hint}") from None
+
     def write(self, name: str, start: int, data: Any) -> None:
         """Write ``data`` (a 1-D array of the tensor's dtype, or its bytes) at element ``start``."""
-        fd, offset, dtype = self.places[name]
+        fd, offset, dtype, path = self.places[name]
         view = byte_view(data)
         pos = offset + start * dtype.itemsize
         done = 0
         while done < len(view):
-            done += os.pwrite(fd, view[done:], pos + done)
+            done += self._io(path, os.pwrite, fd, view[done:], pos + done)
         if _FADV_DONTNEED is not None:
             # Start writing these pages to disk now (asynchronously) and let the page cache
             # drop them once written: the final fsync has little left to wait for, and a
@@ -330,16 +398,19 @@ class ShardedWriter:
             os.posix_fadvise(fd, pos, len(view), _FADV_DONTNEED)
 
     def close(self) -> list[Path]:
-        """fsync and close every shard; write the index when there are several. Returns the files."""
+        """Write the headers, fsync and close every shard; write the index when there are several.
+        Returns the files."""
+        for fd, header, path in self.headers:
+            self._io(path, os.pwrite, fd, header, 0)
+            self._io(path, os.fsync, fd)
         for fd in self.fds:
-            os.fsync(fd)
             os.close(fd)
         self.fds.clear()
         files = sorted({self.directory / f for f in self.weight_map.values()})
         if len(files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             path = self.directory / INDEX_NAME
-            path.write_text(json.dumps(index, indent=2) + "\n")
+            self._io(path, path.write_text, json.dumps(index, indent=2, ensure_ascii=False) + "\n")
             files.append(path)
         return files
 
