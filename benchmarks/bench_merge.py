@@ -1,11 +1,15 @@
 """Side-by-side merge benchmark: nearswap vs mergekit vs the I/O floor, in one run.
 
-    python benchmarks/bench_merge.py [--size 0.5b] [--mergekit-venv DIR] [--repeat 3]
+    python benchmarks/bench_merge.py [--size 0.5b] [--mergekit-venv DIR] [--repeat 3] [--baseline DIR]
 
 Generates (once, cached in benchmarks/work/) a bf16 Llama-shaped base and three
 secondaries (base + Laplace noise) in 3 shards each, warms the page cache, then runs each
 contender under /usr/bin/time -v and reports wall time, parameters/s, peak RSS and ratios.
 Medians over --repeat runs; the machine is noisy, so compare ratios within one run.
+
+``--baseline DIR`` runs every nearswap contender a second time from another checkout of
+nearswap (``git worktree add DIR COMMIT`` and ``python setup.py build_ext --inplace`` there),
+interleaved with this one: before/after figures from one run.
 
 mergekit is optional: create its venv with
     python3 -m venv /work/mk/venv && /work/mk/venv/bin/pip install torch==2.13.0 mergekit==0.1.5
@@ -100,12 +104,16 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated subset of contenders")
     ap.add_argument("--tag", help="suffix of the results file name (default: 'subset' with --only, else none)")
     ap.add_argument("--workdir", type=Path, default=HERE / "work")
+    ap.add_argument("--baseline", type=Path, help="another nearswap checkout (src/ with its C kernel built in place) "
+                    "to run each nearswap contender from as well, for before/after figures")
     ap.add_argument("--outdir", type=Path, help="where outputs are written (default: under --workdir, on disk; "
                     "/dev/shm takes the disk out of the measurement)")
     args = ap.parse_args()
 
     base, secs = ensure_inputs(args.size, args.workdir)
     compile_nearswap()
+    if args.baseline:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(args.baseline / "src" / "nearswap")], check=True)
     from nearswap.formats import open_model
 
     params = open_model(base).num_params
@@ -137,6 +145,7 @@ def main() -> None:
         "io-floor 1 step": ([py, str(HERE / "io_floor.py"), str(out_root / "out"), str(out_bytes), *map(str, inputs1)], None, 1),
         "nearswap 1 step": ([*ns, str(base), str(secs[0]), "-o", str(out_root / "out")], None, 1),
         "nearswap curve 1 step": ([py, "-m", "nearswap", "curve", "-q", str(base), str(secs[0])], None, 1),
+        "nearswap convert": ([py, "-m", "nearswap", "convert", "-q", str(base), "-o", str(out_root / "out")], None, 0),
         "mergekit exact 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "exact.yml"), str(out_root / "out")], mk_env, 1),
         "mergekit default 1 step": ([str(mk / "mergekit-yaml"), str(tmp / "default.yml"), str(out_root / "out")], mk_env, 1),
         "io-floor 3 steps": ([py, str(HERE / "io_floor.py"), str(out_root / "out"), str(out_bytes), str(base), *map(str, secs)], None, 3),
@@ -144,6 +153,11 @@ def main() -> None:
         "mergekit-multi exact 3 steps": ([str(mk / "mergekit-multi"), str(tmp / "multi.yml"), "--out-path", str(out_root / "out"),
                                           "-I", str(out_root / "inter")], mk_env, 3),
     }
+    if args.baseline:
+        old_env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve() / "src")}
+        for name, (cmd, _, steps) in list(contenders.items()):
+            if name.startswith("nearswap"):
+                contenders[f"baseline {name}"] = (cmd, old_env, steps)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     chosen = {}
     for name, spec in contenders.items():
@@ -167,6 +181,7 @@ def main() -> None:
         wall = statistics.median(r[0] for r in runs[name])
         rss = max(r[1] for r in runs[name])
         results[name] = {"wall_s": wall, "peak_rss_mb": rss, "steps": steps, "params_per_s": params / wall,
+                         "baseline": str(args.baseline) if name.startswith("baseline") else None,
                          "runs": runs[name]}
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out_root / "out", ignore_errors=True)
@@ -179,8 +194,10 @@ def main() -> None:
     for name, r in results.items():
         mine = results.get(f"nearswap {r['steps']} step" + ("s" if r["steps"] > 1 else ""))
         ratio = f"{r['wall_s'] / mine['wall_s']:.1f}x" if mine and "nearswap" not in name else ""
-        if "curve" in name and mine:  # how much faster than the merge it predicts
+        if "curve" in name and mine and not name.startswith("baseline"):  # how much faster than the merge it predicts
             ratio = f"merge / curve = {mine['wall_s'] / r['wall_s']:.1f}x"
+        if name.startswith("baseline") and name.removeprefix("baseline ") in results:
+            ratio = f"this / baseline = {results[name.removeprefix('baseline ')]['wall_s'] / r['wall_s']:.2f}x"
         print(f"| {name} | {r['wall_s']:.2f} | {r['params_per_s'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | {ratio} |")
     tag = args.tag if args.tag is not None else ("subset" if args.only else "")
     out = HERE / "results" / f"merge-{args.size}{'-' + args.outdir.name if args.outdir else ''}{'-' + tag if tag else ''}.json"
