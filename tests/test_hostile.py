@@ -216,6 +216,31 @@ def test_item2_racing_merges_never_both_succeed(tmp_path):
         no_leftovers(tmp_path, out.name)
 
 
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "plain-rename"])
+def test_the_final_rename_with_and_without_renameat2(tmp_path, monkeypatch, renameat2):
+    """Where renameat2 is missing (or the file system refuses its flags) the same guarantees
+    hold, by a check under the lock just before a plain rename."""
+    from nearswap import output
+
+    if not renameat2:
+        monkeypatch.setattr(output, "_renameat2", None)
+    elif output._libc_renameat2() is None:
+        pytest.skip("this system has no renameat2")
+    base, s1 = pair(tmp_path)
+    out = tmp_path / "out"
+    nearswap.merge(base, [s1], t=1e-4, out=out)
+    with pytest.raises(NearswapError, match="already exists"):
+        nearswap.merge(base, [s1], t=1e-3, out=out)
+    nearswap.merge(base, [s1], t=1e-3, out=out, force=True)  # the swap
+    assert json.loads((out / "merge_report.json").read_text())["steps"][0]["t"] == 1e-3
+    late = tmp_path / "late"
+    with pytest.raises(NearswapError, match="appeared while"):
+        nearswap.merge(base, [s1], t=1e-4, out=late, progress=lambda n: late.mkdir(exist_ok=True), threads=1)
+    assert late.is_dir() and os.listdir(late) == []
+    no_leftovers(tmp_path)
+    no_leftovers(tmp_path, "late")
+
+
 def test_item3_force_never_deletes_an_input_reached_through_a_symlink(tmp_path, run):
     out = nearswap_output(tmp_path / "out")
     arrays = random_model(0)
@@ -585,7 +610,7 @@ def test_item14_recipe_metadata_that_is_not_json(tmp_path, run):
               metadata={"nearswap_recipe": "{not json", "nearswap_version": "0"})
     result = run("inspect", hf, "--json")  # a description, with the damage said
     assert result.exit_code == 0, result.output
-    assert "not JSON" in json.loads(result.stdout)["recipe_error"]
+    assert "not valid JSON" in json.loads(result.stdout)["recipe_error"]
     line = one_line(run("export", hf, "-o", tmp_path / "x.gguf", "--type", "f32"))
     assert "nearswap_recipe" in line and not list(tmp_path.glob("*x.gguf*"))
 

@@ -22,10 +22,8 @@ Names of these siblings stay within the file system's 255-byte limit however lon
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import tempfile
@@ -41,10 +39,19 @@ RANDOM_PART = 8  # characters tempfile adds
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
-try:
-    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-except (OSError, AttributeError):  # not glibc >= 2.28 / not Linux
-    _renameat2 = None
+_renameat2: object = "unresolved"  # libc's renameat2, looked up on first use (ctypes costs 3 ms to import)
+
+
+def _libc_renameat2() -> object:
+    global _renameat2
+    if _renameat2 == "unresolved":
+        import ctypes
+
+        try:
+            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+        except (OSError, AttributeError):  # not glibc >= 2.28 / not Linux
+            _renameat2 = None
+    return _renameat2
 
 
 def fsync_dir(path: Path) -> None:
@@ -70,6 +77,8 @@ def sibling_stem(target: Path) -> str:
     name = target.name
     if len(os.fsencode(name)) + 2 + RANDOM_PART + len(".partial") <= NAME_MAX:
         return f".{name}"
+    import hashlib
+
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     return f".{os.fsdecode(os.fsencode(name)[:100])}~{digest}"
 
@@ -84,10 +93,13 @@ def _is_partial_of(stem: str, entry: str) -> bool:
 
 def _rename2(src: Path, dst: Path, flags: int) -> bool:
     """renameat2(2); False where the system or file system does not offer it."""
-    if _renameat2 is None:
+    fn = _libc_renameat2()
+    if fn is None:
         return False
-    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:  # type: ignore[operator]
         return True
+    import ctypes
+
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
         return False
