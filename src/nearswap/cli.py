@@ -333,6 +333,73 @@ def sweep(inputs, ts, out, keep, jobs, force):
     click.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
 
 
+class _Phases:
+    """One tqdm bar per phase of a long job (``what`` changes: a new bar), with rate and ETA."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet or not _stderr_is_a_terminal()
+        self.what, self.bar = None, None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if what != self.what:
+            self.close()
+            from tqdm import tqdm
+
+            self.what = what
+            self.bar = tqdm(total=total, desc=what, dynamic_ncols=True, leave=False, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.what = None, None
+
+
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Report directory (written atomically).")
+@click.option("--tasks", default="quick", show_default=True,
+              help="Task names and presets (quick, leaderboard, all), comma-separated; NAME:N sets N few-shot examples; "
+                   "'none' for no benchmarks.")
+@click.option("--limit", type=click.IntRange(1), help="Score the first N items of each task (default: 100 for quick, else all).")
+@click.option("--no-drift", is_flag=True, help="Skip the KL divergence from the reference.")
+@click.option("--no-writing", is_flag=True, help="Skip the stories and their scores.")
+@click.option("--cliches", type=click.Path(path_type=Path), help="Phrase list for the cliché rate (one phrase per line).")
+@click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the KL divergence (default: the shipped one).")
+@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads (default: all cores).")
+@click.option("--force", is_flag=True, help="Replace an earlier report directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (without per-item results).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
+def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, threads, force, as_json, quiet):
+    """Judge MODEL [MODEL ...] against the first (the reference): benchmarks, drift, writing.
+
+    \b
+      nearswap eval base/ merged/ -o report/                  # the quick preset
+      nearswap eval base/ merged/ --tasks leaderboard --limit 100 -o report/
+    """
+    from . import judge
+    from .judge.report import markdown
+
+    bar = _Phases(quiet or as_json)
+    say = (lambda s: None) if quiet or as_json else (lambda s: (bar.close(), click.echo(s, err=True)))
+    try:
+        report = judge.evaluate(list(models), out, tasks="" if tasks.strip() == "none" else tasks, limit=limit,
+                                drift=not no_drift, writing=not no_writing, cliches=cliches, drift_text=drift_text,
+                                threads=threads, force=force, echo=say, progress=bar)
+    finally:
+        bar.close()
+    if as_json:
+        slim = {**report, "tasks": [{k: v for k, v in t.items() if k != "items"} for t in report["tasks"]]}
+        click.echo(json.dumps(slim, indent=1))
+        return
+    click.echo(markdown(report).split("\n### Stories")[0].rstrip())
+    click.echo(f"\nwrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'} ({report['seconds']:.0f} s)")
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")

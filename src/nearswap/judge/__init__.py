@@ -1,0 +1,104 @@
+"""``nearswap eval``: is a merge better than its base at anything, and is the difference real?
+
+The first model is the reference (usually the base); every other model is compared with it,
+item by item:
+
+1. **Benchmarks** through lm-evaluation-harness (``harness``: its prompts and metrics, local
+   data from ``data``), scored by nearswap's batched LM (``lm``) whose decisions equal lm-eval's
+   own HF backend's; per task: each model's score ± its standard error, and the paired
+   difference from the reference with a 95% interval and a word (``stats``).
+2. **Drift** (``drift``): KL divergence of each model's next-token distributions from the
+   reference's on a fixed text, top-1 agreement, perplexity.
+3. **Writing** (``writing``): seeded stories from fixed prompts, scored for clichés,
+   distinct n-grams, repetition and word salad.
+
+Everything goes into one report directory, written atomically (``report``). Needs the
+``judge`` extra: torch (CPU), transformers, lm-eval.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import NearswapError
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+def require() -> None:
+    """The judge extra, or one line saying how to install it."""
+    missing = []
+    for module in ("torch", "transformers", "lm_eval"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise NearswapError(f"nearswap eval needs the judge extra ({', '.join(missing)} missing): "
+                            "pip install 'nearswap[judge]' (torch==2.13.0 is the CPU build)")
+
+
+def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick", limit: int | None = None,
+             drift: bool = True, writing: bool = True, cliches: str | Path | None = None,
+             drift_text: str | Path | None = None, threads: int | None = None, force: bool = False,
+             echo: Callable[[str], None] = lambda s: None, progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluate ``models`` (the first is the reference) and write ``report.json``, ``report.md``
+    and ``report.html`` into ``out``. Returns the report. ``tasks``: task names and presets,
+    comma-separated ("" for none); ``limit``: the first N items of every task (default: the
+    quick preset's fixed limit for ``quick``, else all)."""
+    from ..output import check_replaceable
+    from . import data, models as loader, tasks as task_table
+
+    started = time.perf_counter()
+    if not models:
+        raise NearswapError("give at least one model (the reference) to evaluate")
+    selected = task_table.select(tasks) if tasks else []
+    if limit is None and tasks and all(p.strip() == "quick" for p in tasks.split(",")):
+        limit = task_table.QUICK_LIMIT
+    if limit is not None and limit < 1:
+        raise NearswapError(f"--limit must be at least 1, got {limit}")
+    phrases = None
+    if writing:
+        from . import writing as writing_mod
+
+        phrases = writing_mod.load_cliches(cliches) if cliches else dict(writing_mod.CLICHES)
+    text = None
+    if drift:
+        text = _read_text(drift_text) if drift_text else _fixed_text()
+    out = Path(out)
+    check_replaceable(out, force)  # before any work (atomic_directory checks again, under its lock)
+    require()
+    candidates = loader.check(list(models))
+    todo = data.missing([s.task for s in selected])
+    if todo:
+        data.prepare(todo, echo=echo)
+    from ..output import atomic_directory
+    from . import harness, report as reports
+    from .run import run_models
+
+    with atomic_directory(out, force) as tmp:
+        config_dir = tmp / "tasks"
+        if selected:
+            harness.write_configs(selected, config_dir)
+        results = run_models(candidates, selected, limit, phrases, text, config_dir, threads, echo, progress)
+        result = reports.build(candidates, selected, limit, results, phrases, out, time.perf_counter() - started)
+        reports.write(result, tmp)
+    return result
+
+
+def _fixed_text() -> str:
+    from ..evaluate import fixed_text
+
+    return fixed_text()
+
+
+def _read_text(path: str | Path) -> str:
+    from ..files import read_bytes
+
+    raw = read_bytes(path, 16 << 20, "--drift-text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NearswapError(f"--drift-text {path}: not UTF-8 text") from None

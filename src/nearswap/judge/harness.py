@@ -1,0 +1,155 @@
+"""Driving lm-evaluation-harness: task configs pointed at local data, runs, per-item results.
+
+nearswap does not score anything itself here: it writes lm-eval task configs that ``include``
+lm-eval's own YAML for each task (prompt, choices, metrics, filters) and override only where
+the items come from and which split gives few-shot examples; then it runs them through
+``lm_eval.simple_evaluate`` and reads back every item's result (``log_samples``), which the
+paired statistics need. The same configs run from lm-eval's own CLI
+(``lm_eval --include_path DIR/tasks ...``): the report prints that command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import NearswapError
+from . import data
+from .tasks import Selected, Task
+
+LM_EVAL_VERSION = "0.4.13"
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _yaml(config: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def _split_keys(task: Task) -> dict[str, Any]:
+    names = {s.name for s in task.splits}
+    keys: dict[str, Any] = {"training_split": None, "validation_split": None, "test_split": None}
+    keys[f"{task.eval_split}_split"] = task.eval_split
+    if task.eval_split == "test" and "validation" in names:
+        keys["validation_split"] = "validation"
+    keys["fewshot_split"] = task.fewshot_split
+    return keys
+
+
+def write_configs(selected: list[Selected], directory: Path, cache: Path | None = None) -> list[str]:
+    """Write one lm-eval config per task (and per MMLU subject, plus its group) into
+    ``directory``; returns the lm-eval task names to run."""
+    base = lm_eval_tasks_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for sel in selected:
+        task = sel.task
+        if task.subtasks:
+            for subject in task.subtasks:
+                files = {split: str(data.split_path(task, s, cache)) for s in task.splits
+                         for split in (s.name.split("/")[1],) if s.name.startswith(subject + "/")}
+                config = {"include": str(base / task.lm_eval_yaml.rsplit("/", 1)[0] / f"mmlu_{subject}.yaml"),
+                          "task": f"{task.lm_eval_name}_{subject}", "tag": f"{task.lm_eval_name}_tasks",
+                          "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files},
+                          "test_split": "test", "fewshot_split": "dev", "num_fewshot": sel.shots}
+                (directory / f"{task.lm_eval_name}_{subject}.yaml").write_text(_yaml(config))
+            group = {"group": task.lm_eval_name, "task": [f"{task.lm_eval_name}_tasks"],
+                     "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
+            (directory / f"{task.lm_eval_name}.yaml").write_text(_yaml(group))
+        else:
+            files = {s.name: str(data.split_path(task, s, cache)) for s in task.splits}
+            config = {"include": str(base / task.lm_eval_yaml), "task": task.lm_eval_name, "tag": "nearswap",
+                      "dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files},
+                      **_split_keys(task), "num_fewshot": sel.shots, **task.overrides}
+            (directory / f"{task.lm_eval_name}.yaml").write_text(_yaml(config))
+        names.append(task.lm_eval_name)
+    return names
+
+
+@dataclass
+class TaskResult:
+    """One task, one model: lm-eval's aggregate and every item's score on the headline metric."""
+
+    task: str
+    metric: str
+    value: float
+    items: dict[str, float] = field(default_factory=dict)  # "subtask/doc_id" -> 0/1 (or the metric's value)
+    n: int = 0
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # lm-eval's own results entry
+
+
+def _quiet_libraries() -> None:
+    """lm-eval and datasets log every step at INFO; keep the terminal for nearswap's progress."""
+    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "filelock", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) -> dict[str, TaskResult]:
+    """Evaluate ``lm`` (an lm-eval LM) on ``selected``; results by nearswap task name."""
+    from lm_eval import evaluator
+    from lm_eval.tasks import TaskManager
+
+    _quiet_libraries()
+    manager = TaskManager(include_path=str(config_dir), include_defaults=False)
+    names = [s.task.lm_eval_name for s in selected]
+    was = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # lm-eval's own bars; nearswap shows one per phase
+    try:
+        out = evaluator.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=True,
+                                        bootstrap_iters=0, random_seed=0, numpy_random_seed=1234,
+                                        torch_random_seed=1234, fewshot_random_seed=1234)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise NearswapError(f"lm-evaluation-harness could not run the tasks ({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        if was is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = was
+    results = {}
+    for sel in selected:
+        task = sel.task
+        metric_key = f"{task.metric},none" if "," not in task.metric else task.metric
+        entry = out["results"][task.lm_eval_name]
+        metric = task.metric.split(",")[0]
+        items: dict[str, float] = {}
+        subtasks = [f"{task.lm_eval_name}_{s}" for s in task.subtasks] or [task.lm_eval_name]
+        for name in subtasks:
+            for sample in out["samples"].get(name, []):
+                key = f"{name.removeprefix(task.lm_eval_name).lstrip('_') or task.name}/{sample['doc_id']}"
+                items[key] = float(sample[metric] if metric in sample else sample[metric_key.split(",", 1)[0]])
+        results[task.name] = TaskResult(task.name, task.metric, float(entry[metric_key]), items, len(items), entry)
+    return results
+
+
+def cli_command(selected: list[Selected], config_dir: Path, model_path: Path, limit: int | None) -> str:
+    """The lm-eval command line that runs the same tasks on the same items with lm-eval's own HF backend."""
+    names = ",".join(s.task.lm_eval_name for s in selected)
+    lim = f" --limit {limit}" if limit else ""
+    return (f"lm_eval --model hf --model_args pretrained={model_path},dtype=float32 --device cpu "
+            f"--include_path {config_dir} --tasks {names}{lim}")
+
+
+def versions() -> dict[str, str]:
+    import lm_eval
+    import torch
+    import transformers
+
+    return {"lm_eval": getattr(lm_eval, "__version__", LM_EVAL_VERSION), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def dump(results: dict[str, TaskResult]) -> str:
+    return json.dumps({k: {"metric": r.metric, "value": r.value, "n": r.n} for k, r in results.items()})

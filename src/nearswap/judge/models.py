@@ -1,0 +1,102 @@
+"""The models an evaluation reads: any path nearswap opens, as a transformers model on the CPU.
+
+An HF directory is loaded as it is. A GGUF file is first converted by ``nearswap convert``
+(the same conversion a merge uses: its tensors dequantized to float32, config and tokenizer
+from its metadata) into the cache, once per file version; a lone ``.safetensors`` file has no
+config, so it is refused with what to pass instead. Every check happens before any model is
+loaded: a missing path, an unreadable model, a model without a tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import NearswapError
+from ..fetch import cache_dir
+from ..formats import open_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+@dataclass
+class Candidate:
+    """One model of an evaluation: what the user named and the HF directory that is loaded."""
+
+    name: str  # as the report shows it
+    given: Path
+    hf_dir: Path | None  # None until a GGUF is converted
+    format: str
+    parameters: int
+
+
+def check(paths: list[str | Path]) -> list[Candidate]:
+    """Open every model's header (no weights) and refuse what cannot be evaluated."""
+    out = []
+    names: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        label = "reference" if i == 0 else f"model {i + 1}"
+        path = Path(p)
+        if not path.exists():
+            hint = " (a Hub id? download the model first: nearswap reads local files)" if "/" in str(p) and not str(p).startswith((".", "/")) else ""
+            raise NearswapError(f"{label}: {path} does not exist{hint}")
+        model = open_model(path, label)
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            raise NearswapError(f"{label}: {path} is a lone .safetensors file without config.json; evaluate the "
+                                "model directory that holds it")
+        if path.is_dir():
+            if model.config is None:
+                raise NearswapError(f"{label}: {path} has no config.json; transformers cannot build the model")
+            if not any((path / f).exists() for f in TOKENIZER_FILES):
+                raise NearswapError(f"{label}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy "
+                                    "the base model's tokenizer files into it (a nearswap merge does this itself)")
+        name = path.name if path.name else str(path)
+        names[name] = names.get(name, 0) + 1
+        if names[name] > 1:
+            name = f"{name} ({names[name]})"
+        out.append(Candidate(name, path, path if path.is_dir() else None, model.format, model.num_params))
+    return out
+
+
+def hf_directory(candidate: Candidate, echo: Callable[[str], None] = lambda s: None) -> Path:
+    """The HF directory to load: the model's own, or its GGUF converted once into the cache."""
+    if candidate.hf_dir is not None:
+        return candidate.hf_dir
+    from ..convert import convert
+
+    st = candidate.given.stat()
+    key = hashlib.sha256(f"{candidate.given.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "eval" / "converted" / f"{candidate.given.stem}-{key}"
+    if not (target / "config.json").exists():
+        echo(f"converting {candidate.given.name} to an HF checkpoint for transformers (once, cached in {target.parent})")
+        convert(candidate.given, target, force=True)
+    if not any((target / f).exists() for f in TOKENIZER_FILES):
+        raise NearswapError(f"{candidate.given}: its GGUF vocabulary could not be turned into a tokenizer by transformers; "
+                            "evaluate its HF twin instead")
+    candidate.hf_dir = target
+    return target
+
+
+def load(path: Path, threads: int | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF directory: float32, CPU, evaluation mode."""
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise NearswapError(f"{path}: transformers cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    model.eval()
+    return model, tokenizer
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
