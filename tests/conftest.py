@@ -7,7 +7,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
+from nearswap import fetch
 from nearswap.cli import cli
+
+CACHE = fetch.cache_dir()  # the real cache, read at import before the per-test HOME isolation
 
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
 
@@ -85,3 +88,30 @@ def _isolate_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A tiny random Llama (hidden 64, 2 layers) with SmolLM2's vocabulary and tokenizer, and a
+    noised secondary: real tokenization, seconds of compute."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from nearswap import synthetic
+    from nearswap.convert import convert
+    from nearswap.errors import NearswapError
+
+    try:
+        gguf = fetch.fetch(cache=CACHE)
+    except NearswapError as e:
+        pytest.skip(f"SmolLM2 (for its tokenizer) unavailable: {e}")
+    root = tmp_path_factory.mktemp("tiny")
+    convert(gguf, root / "smol")  # only its tokenizer files are used
+    shape = synthetic.LlamaShape(64, 2, 128, 49152, 4, 2)
+    synthetic.make_base(root / "base", shape, "float32", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "base" / name).write_bytes((root / "smol" / name).read_bytes())
+    synthetic.make_secondary(root / "base", root / "s1", 0.0125, seed=1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (root / "s1" / name).write_bytes((root / "smol" / name).read_bytes())
+    return root

@@ -31,35 +31,6 @@ def test_verdict_rule(metrics, want):
     assert sweep.verdict(metrics) == want
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's vocabulary and tokenizer, and a noised secondary."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
-    from nearswap import fetch, synthetic
-    from nearswap.convert import convert
-    from nearswap.errors import NearswapError
-
-    try:
-        gguf = fetch.fetch(cache=CACHE)
-    except NearswapError as e:
-        pytest.skip(f"SmolLM2 (for its tokenizer) unavailable: {e}")
-    root = tmp_path_factory.mktemp("tiny")
-    convert(gguf, root / "smol")  # only its tokenizer files are used
-    shape = synthetic.LlamaShape(64, 2, 128, 49152, 4, 2)
-    synthetic.make_base(root / "base", shape, "float32", seed=0)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (root / "base" / name).write_bytes((root / "smol" / name).read_bytes())
-    synthetic.make_secondary(root / "base", root / "s1", 0.0125, seed=1)
-    return root
-
-
-from nearswap import fetch as _fetch  # noqa: E402
-
-CACHE = _fetch.cache_dir()
-
-
 def test_sweep_end_to_end_on_a_tiny_model(tiny_llm, tmp_path, run):
     result = run("sweep", tiny_llm / "base", tiny_llm / "s1", "--t", "1e-4,1e-2", "-o", tmp_path / "sw", "--jobs", "2")
     assert result.exit_code == 0, result.output

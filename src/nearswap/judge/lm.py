@@ -26,7 +26,8 @@ from typing import Any, Callable
 from ..errors import NearswapError
 
 TOKENS_PER_BATCH = 4096  # padded tokens in one forward pass
-LOGITS_BYTES = 256 << 20  # the kept logits of one batch
+LOGITS_BYTES = 256 << 20  # the needed logits of one batch
+VOCAB_GUESS = 131072  # vocabulary size assumed when sizing batches by their logits (Llama 3's is 128,256)
 MAX_BATCH = 64
 TIE = 2e-3  # nats: decisions closer than this are recomputed exactly (batching moves them by ~1e-5)
 
@@ -68,46 +69,72 @@ def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
             return self._batched(requests)
 
         def _batched(self, requests: list[Any]) -> list[tuple[float, bool]]:
-            import torch.nn.functional as F
-
             inputs = []
             for _, context_enc, continuation_enc in requests:  # exactly as HFLM builds them
                 whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
                 inputs.append((whole[:-1], continuation_enc))
-            order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
             results: list[tuple[float, bool] | None] = [None] * len(inputs)
             margins = [0.0] * len(inputs)
-            vocab = self.model.config.vocab_size
-            start = 0
-            while start < len(order):
-                batch = _next_batch(order, start, inputs, vocab)
-                start += len(batch)
-                longest = len(inputs[batch[0]][0])
-                # logits only for the trailing positions that hold some request's continuation
-                keep = longest - min(len(inputs[i][0]) - len(inputs[i][1]) for i in batch)
-                ids = torch.zeros((len(batch), longest), dtype=torch.long)
-                mask = torch.zeros((len(batch), longest), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    inp = inputs[i][0]
-                    ids[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-                    mask[row, :len(inp)] = 1
-                with torch.inference_mode():
-                    logits = self.model(ids, attention_mask=mask, logits_to_keep=keep).logits
-                    for row, i in enumerate(batch):
-                        inp, cont = inputs[i]
-                        n = len(cont)
-                        first = keep - (longest - len(inp)) - n  # row of the first continuation token
-                        logp = F.log_softmax(logits[row, first:first + n], dim=-1)
-                        target = torch.tensor(cont, dtype=torch.long)
-                        picked = logp.gather(1, target[:, None]).squeeze(1)
-                        logp[torch.arange(n), target] = float("-inf")
-                        gap = picked - logp.max(dim=1).values  # > 0 where the target is the argmax
-                        results[i] = (float(picked.sum()), bool((gap > 0).all()))
-                        margins[i] = float(gap.abs().min())
+            groups = _groups(inputs)
+            done = 0
+            for batch in _pack(groups):
+                self._score_batch(batch, inputs, results, margins)
+                done += sum(len(g.members) for g in batch)
                 if on_progress:
-                    on_progress(start, self._total)
+                    on_progress(done, self._total)
             self._margins.extend(margins)
             return results  # type: ignore[return-value]
+
+        def _score_batch(self, batch: list["_Group"], inputs: list[tuple[list[int], list[int]]],
+                         results: list[Any], margins: list[float]) -> None:
+            """One forward pass over packed groups: each group's shared prefix once, then each
+            member's remainder, attending to the prefix and to itself (a tree mask)."""
+            import torch.nn.functional as F
+
+            width = max(g.length for g in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            pos = torch.zeros((len(batch), width), dtype=torch.long)
+            seg = torch.full((len(batch), width), -1, dtype=torch.long)  # -1 padding, 0 prefix, k member k
+            for row, g in enumerate(batch):
+                ids[row, :g.length] = torch.tensor(g.tokens, dtype=torch.long)
+                pos[row, :g.length] = torch.tensor(g.positions, dtype=torch.long)
+                seg[row, :g.length] = torch.tensor(g.segments, dtype=torch.long)
+            q = torch.arange(width)
+            sq, sk = seg[:, :, None], seg[:, None, :]
+            allowed = (q[None, None, :] <= q[None, :, None]) & (sk >= 0) & ((sk == 0) | (sk == sq))
+            allowed |= torch.eye(width, dtype=torch.bool)[None]  # padding attends to itself: no empty rows
+            mask = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
+            rows, owners = [], []
+            for row, g in enumerate(batch):
+                for i, where in zip(g.members, g.needed):
+                    rows.append(row * width + torch.tensor(where))
+                    owners.append(i)
+            with torch.inference_mode():
+                hidden = self._body(input_ids=ids, attention_mask=mask[:, None], position_ids=pos).last_hidden_state
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                logits = self._head(flat[torch.cat(rows)])
+                start = 0
+                for i, r in zip(owners, rows):
+                    n = len(r)
+                    logp = F.log_softmax(logits[start:start + n], dim=-1)
+                    start += n
+                    target = torch.tensor(inputs[i][1], dtype=torch.long)
+                    picked = logp.gather(1, target[:, None]).squeeze(1)
+                    logp[torch.arange(n), target] = float("-inf")
+                    gap = picked - logp.max(dim=1).values  # > 0 where the target is the argmax
+                    results[i] = (float(picked.sum()), bool((gap > 0).all()))
+                    margins[i] = float(gap.abs().min())
+
+        def _head(self, hidden: Any) -> Any:
+            logits = self.model.get_output_embeddings()(hidden)
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap:  # Gemma 2/3 cap their logits after the head
+                logits = torch.tanh(logits / cap) * cap
+            return logits
+
+        @property
+        def _body(self) -> Any:
+            return getattr(self.model, self.model.base_model_prefix)
 
         def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
             """lm-eval's own generation (one request at a time, as its batch size 1 does), with progress."""
@@ -126,20 +153,90 @@ def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
         raise NearswapError(f"lm-evaluation-harness could not wrap the model ({type(e).__name__}: {str(e)[:160]})") from None
 
 
-def _next_batch(order: list[int], start: int, inputs: list[tuple[list[int], list[int]]], vocab: int) -> list[int]:
-    """The next requests (longest first) that fit TOKENS_PER_BATCH padded tokens, MAX_BATCH
-    requests, and LOGITS_BYTES of kept logits."""
-    longest = len(inputs[order[start]][0])
-    batch = [order[start]]
-    min_ctx = len(inputs[order[start]][0]) - len(inputs[order[start]][1])
-    for i in order[start + 1:start + MAX_BATCH]:
-        ctx = min(min_ctx, len(inputs[i][0]) - len(inputs[i][1]))
-        rows = len(batch) + 1
-        if rows * longest > TOKENS_PER_BATCH or rows * (longest - ctx) * vocab * 4 > LOGITS_BYTES:
-            break
-        batch.append(i)
-        min_ctx = ctx
-    return batch
+PACK_TOKENS = 1024  # tokens in one packed group (attention over a packed group costs its length squared)
+MIN_SHARED = 8  # tokens a request must share with a group to join it
+
+
+class _Group:
+    """Requests that share a prefix, packed into one sequence: the prefix once, then each
+    member's remainder with positions continuing from the prefix."""
+
+    def __init__(self, first: int, inp: list[int]) -> None:
+        self.prefix = list(inp)
+        self.rest: dict[int, list[int]] = {first: []}
+
+    def shared_with(self, inp: list[int]) -> int:
+        n = 0
+        for a, b in zip(self.prefix, inp):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    def add(self, i: int, inp: list[int], shared: int) -> None:
+        cut = self.prefix[shared:]
+        for j in self.rest:
+            self.rest[j] = cut + self.rest[j]
+        self.prefix = self.prefix[:shared]
+        self.rest[i] = list(inp[shared:])
+
+    def size_with(self, inp: list[int], shared: int) -> int:
+        extra = len(self.prefix) - shared
+        return shared + sum(len(r) + extra for r in self.rest.values()) + len(inp) - shared
+
+    def finish(self, inputs: list[tuple[list[int], list[int]]]) -> "_Group":
+        p = len(self.prefix)
+        self.members = list(self.rest)
+        self.tokens, self.positions, self.segments, self.needed = list(self.prefix), list(range(p)), [0] * p, []
+        for k, i in enumerate(self.members, 1):
+            offset = len(self.tokens)
+            r = self.rest[i]
+            self.tokens += r
+            self.positions += range(p, p + len(r))
+            self.segments += [k] * len(r)
+            inp, cont = inputs[i]
+            self.needed.append([q if q < p else offset + q - p for q in range(len(inp) - len(cont), len(inp))])
+        self.length = len(self.tokens)
+        return self
+
+
+def _groups(inputs: list[tuple[list[int], list[int]]]) -> list[_Group]:
+    """Requests sorted by their tokens, so that those sharing a prefix are neighbours, then
+    gathered greedily into groups sharing at least MIN_SHARED tokens, each at most PACK_TOKENS long."""
+    order = sorted(range(len(inputs)), key=lambda i: inputs[i][0])
+    groups: list[_Group] = []
+    current: _Group | None = None
+    for i in order:
+        inp = inputs[i][0]
+        if current is not None:
+            shared = current.shared_with(inp)
+            # (the shared prefix must leave every member's first needed position in place)
+            if shared >= MIN_SHARED and current.size_with(inp, shared) <= PACK_TOKENS:
+                current.add(i, inp, shared)
+                continue
+            groups.append(current.finish(inputs))
+        current = _Group(i, inp)
+    if current is not None:
+        groups.append(current.finish(inputs))
+    return groups
+
+
+def _pack(groups: list[_Group]) -> list[list[_Group]]:
+    """Groups, longest first, into batches of at most TOKENS_PER_BATCH padded tokens and
+    LOGITS_BYTES of needed logits."""
+    groups = sorted(groups, key=lambda g: -g.length)
+    batches, current, rows = [], [], 0
+    for g in groups:
+        need = sum(len(w) for w in g.needed)
+        if current and ((len(current) + 1) * current[0].length > TOKENS_PER_BATCH or len(current) >= MAX_BATCH
+                        or (rows + need) * VOCAB_GUESS * 4 > LOGITS_BYTES):
+            batches.append(current)
+            current, rows = [], 0
+        current.append(g)
+        rows += need
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _close_documents(requests: list[Any], results: list[tuple[float, bool]], margins: list[float]) -> list[int]:
