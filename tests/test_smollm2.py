@@ -174,8 +174,5 @@ def test_verdict_rule_on_both_ends(smol_pair, tmp_path):
     base = sweep.judge(root / "base_hf", root / "base_hf", root / "base_hf")
     synthetic.make_broken(root / "base_hf", tmp_path / "broken")
     broken = sweep.judge(tmp_path / "broken", root / "base_hf", root / "base_hf")
-    for row in (base, broken):
-        row["ppl_ratio"] = row["perplexity"] / base["perplexity"]
-        row["cont_ppl_ratio"] = row["cont_ppl"] / base["cont_ppl"]
-    assert sweep.verdict(base) == "ok"
-    assert sweep.verdict(broken) == "garbage", broken
+    assert base["kl_mean"] == 0.0 and sweep.verdict(base) == "ok", base
+    assert sweep.verdict_and_reason(broken)[0] == "garbage", broken

@@ -18,30 +18,39 @@ def test_degeneration_scores():
     assert salad["nondict"] == pytest.approx(5 / 7)
 
 
-@pytest.mark.parametrize("metrics, want", [
-    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.95}, "ok"),
-    ({"ppl_ratio": 1.6, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.95}, "degraded"),
-    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.6}, "degraded"),
-    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.3}, "garbage"),
-    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 25.0, "nondict": 0.05, "distinct2": 0.95}, "garbage"),
-    ({"ppl_ratio": 1.0, "cont_ppl_ratio": 1.0, "nondict": 0.5, "distinct2": 0.95}, "garbage"),
-    ({"ppl_ratio": 6.0, "cont_ppl_ratio": 1.0, "nondict": 0.05, "distinct2": 0.95}, "garbage"),
+OK = {"kl_mean": 0.01, "nondict": 0.05, "distinct2": 0.95, "tasks_worse": 0}
+
+
+@pytest.mark.parametrize("change, want, decided", [
+    ({}, "ok", ""),
+    ({"kl_mean": 0.3}, "degraded", "kl_mean"),
+    ({"tasks_worse": 1}, "degraded", "tasks_worse"),
+    ({"distinct2": 0.6}, "degraded", "distinct2"),
+    ({"nondict": 0.2}, "degraded", "nondict"),
+    ({"distinct2": 0.3}, "repetitive", "distinct2"),
+    ({"distinct2": 0.3, "kl_mean": 0.5}, "repetitive", "distinct2"),  # the more severe rule decides
+    ({"kl_mean": 3.0}, "garbage", "kl_mean"),
+    ({"nondict": 0.5, "distinct2": 0.3}, "garbage", "nondict"),
 ])
-def test_verdict_rule(metrics, want):
-    assert sweep.verdict(metrics) == want
+def test_verdict_rule(change, want, decided):
+    word, reason = sweep.verdict_and_reason({**OK, **change})
+    assert word == want == sweep.verdict({**OK, **change})
+    assert reason.split(" ")[0] == decided if decided else reason == ""
 
 
 def test_sweep_end_to_end_on_a_tiny_model(tiny_llm, tmp_path, run):
-    result = run("sweep", tiny_llm / "base", tiny_llm / "s1", "--t", "1e-4,1e-2", "-o", tmp_path / "sw", "--jobs", "2")
+    result = run("sweep", tiny_llm / "base", tiny_llm / "s1", "--t", "1e-4,1e-2", "-o", tmp_path / "sw", "--jobs", "2",
+                 "--tasks", "none")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert [r["t"] for r in data["rows"]] == [0.0, 1e-4, 1e-2]
     # a random tiny model writes gibberish, so no verdict is assumed: each must follow the rule
     for row in data["rows"]:
-        assert row["verdict"] == sweep.verdict(row) and row["verdict"] in ("ok", "degraded", "garbage")
+        assert row["verdict"] == sweep.verdict(row) and row["verdict"] in ("ok", "degraded", "repetitive", "garbage")
+    assert data["rows"][0]["kl_mean"] == 0.0 and 0 < data["rows"][1]["kl_mean"] < data["rows"][2]["kl_mean"]
     assert data["rows"][0]["ppl_ratio"] == 1.0
     assert data["rows"][2]["swapped"][0] > data["rows"][1]["swapped"][0] > 0
     md = (tmp_path / "sw" / "sweep.md").read_text()
-    assert len(md.strip().splitlines()) == 2 + 3 and "| base |" in md and "| 0.01 |" in md
+    assert len(md.strip().splitlines()) == 2 + 3 and "| base |" in md and "| 0.01 |" in md and "decided by" in md
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "sw" / "models").exists()  # not --keep

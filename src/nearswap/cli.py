@@ -321,14 +321,18 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
 @click.option("--keep", is_flag=True, help="Keep the merged models (under OUT/models/).")
 @click.option("--jobs", type=click.IntRange(1, 64), help="Parallel t values (default: by cores and memory).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def sweep(inputs, ts, out, keep, jobs, force):
-    """Merge BASE SECONDARY [...] at each t and judge it: the card's quality table (eval extra)."""
+@click.option("--tasks", default="arc_easy:0,hellaswag:0", show_default=True,
+              help="Benchmark tasks each merge is compared with the base on ('none' to skip).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="Items per task.")
+def sweep(inputs, ts, out, keep, jobs, force, tasks, limit):
+    """Merge BASE SECONDARY [...] at each t and judge it: the card's quality table (judge extra)."""
     from . import sweep as sweeps
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
     values = _parse_ts(ts)
-    result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force, echo=click.echo)
+    result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force,
+                        tasks="" if tasks.strip() == "none" else tasks, limit=limit, echo=click.echo)
     click.echo(sweeps.markdown(result))
     click.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
 

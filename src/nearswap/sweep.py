@@ -1,15 +1,21 @@
 """`nearswap sweep`: the card's t-table for any models — merge at each t, then judge the result.
 
-For every t: merge with the engine, then (``eval`` extra, CPU) measure perplexity on the fixed
-text and let the merge continue a story prompt (seeded), scored for degeneration:
+For every t: merge with the engine, then (``judge`` extra, CPU) measure how far the merge
+moved from the base and whether it still writes:
 
-- ``distinct2``: distinct word bigrams / all bigrams of the continuation (loops drive it down);
-- ``nondict``: share of its words that are not a whole-word token of the base tokenizer's
-  vocabulary (~32k English words for SmolLM2; "pseudorandom tokens" drive it up);
-- ``cont_ppl``: perplexity of the continuation under the *base* model (word salad drives it up).
+- ``kl_mean``: the mean KL divergence of its next-token distributions from the base's on the
+  fixed text (``nearswap.judge.drift``): the most sensitive signal, and one whose scale does
+  not depend on the model (nats per token);
+- a quick task subset through lm-evaluation-harness (``--tasks``, default ARC-Easy and
+  HellaSwag at 50 items), compared with the base item by item (``nearswap.judge.stats``):
+  ``tasks_worse`` counts the tasks where the merge is detectably worse;
+- an 80-token seeded continuation of a story prompt, scored for ``distinct2`` (distinct word
+  bigrams / bigrams: loops drive it down) and ``nondict`` (share of words that are not a
+  whole-word token of the base tokenizer: word salad drives it up); and, for reference, the
+  perplexity on the fixed text and the continuation's perplexity under the base.
 
-The verdict compares with the base model's own figures (``VERDICT`` below, also in the README):
-garbage if any garbage limit is crossed, else degraded if any degraded limit is, else ok.
+The verdict (``VERDICT`` below, also in the README) is the first rule a row crosses, the
+most severe first, and the row says which metric decided it.
 t values run in parallel in a process pool bounded by cores and memory.
 """
 
@@ -29,28 +35,37 @@ from .errors import NearswapError
 from .output import atomic_directory
 
 DEFAULT_SWEEP_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+DEFAULT_TASKS = "arc_easy:0,hellaswag:0"
+DEFAULT_LIMIT = 50
 CONTINUATION_TOKENS = 80
 WORD = re.compile(r"[A-Za-z]+")
 
-# (metric, limit for "degraded", limit for "garbage", direction): ratios are to the base model.
+# (verdict, metric, limit, direction), most severe first: the first rule a row crosses decides.
 VERDICT = [
-    ("ppl_ratio", 1.5, 5.0, "above"),  # perplexity on the fixed text / base's
-    ("cont_ppl_ratio", 3.0, 20.0, "above"),  # continuation perplexity under the base / base's own
-    ("nondict", 0.15, 0.30, "above"),  # share of non-dictionary words
-    ("distinct2", 0.75, 0.50, "below"),  # distinct bigram share
+    ("garbage", "kl_mean", 2.0, "above"),  # next-token distributions far from the base's (nats/token)
+    ("garbage", "nondict", 0.30, "above"),  # word salad: words that are not words of the vocabulary
+    ("repetitive", "distinct2", 0.50, "below"),  # fluent but looping
+    ("degraded", "tasks_worse", 0, "above"),  # detectably worse than the base on a quick task
+    ("degraded", "kl_mean", 0.2, "above"),
+    ("degraded", "nondict", 0.15, "above"),
+    ("degraded", "distinct2", 0.75, "below"),
 ]
 
 
-def verdict(metrics: dict[str, float]) -> str:
-    """ok / degraded / garbage by the table ``VERDICT``."""
-    def crosses(value: float, limit: float, direction: str) -> bool:
-        return value > limit if direction == "above" else value < limit
+def verdict_and_reason(metrics: dict[str, float]) -> tuple[str, str]:
+    """(verdict, the rule that decided it) by the table ``VERDICT``; ("ok", "") when none applies."""
+    for word, metric, limit, direction in VERDICT:
+        value = metrics.get(metric)
+        if value is None:
+            continue
+        if (value > limit) if direction == "above" else (value < limit):
+            return word, f"{metric} {value:.3g} {'>' if direction == 'above' else '<'} {limit:g}"
+    return "ok", ""
 
-    if any(crosses(metrics[m], g, d) for m, _, g, d in VERDICT):
-        return "garbage"
-    if any(crosses(metrics[m], deg, d) for m, deg, _, d in VERDICT):
-        return "degraded"
-    return "ok"
+
+def verdict(metrics: dict[str, float]) -> str:
+    """ok / degraded / repetitive / garbage by the table ``VERDICT``."""
+    return verdict_and_reason(metrics)[0]
 
 
 def dictionary(tokenizer: Any) -> set[str]:
@@ -89,9 +104,12 @@ def continuation_perplexity(m: Any, prompt: str, continuation: str) -> float:
         return math.exp(m.model(full, labels=labels).loss.item())
 
 
-def judge(path: Path, tokenizer_path: Path, base_path: Path) -> dict[str, Any]:
-    """Perplexity, a seeded continuation and its degeneration scores for the model at ``path``."""
+def judge(path: Path, tokenizer_path: Path, base_path: Path, *, selected: Sequence[Any] = (),
+          config_dir: Path | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Drift from the base, the quick tasks (per item), a seeded continuation and its scores,
+    for the model at ``path``."""
     from . import evaluate
+    from .judge import drift
 
     m = evaluate.load(path, tokenizer_path)
     out: dict[str, Any] = {"perplexity": evaluate.perplexity(m)}
@@ -100,10 +118,20 @@ def judge(path: Path, tokenizer_path: Path, base_path: Path) -> dict[str, Any]:
     base = m if path == base_path else evaluate.load(base_path, tokenizer_path)
     out["cont_ppl"] = continuation_perplexity(base, evaluate.STORY_PROMPT, text)
     out.update(degeneration(text, dictionary(m.tokenizer)))
+    ref = drift.reference(base.model, base.tokenizer, evaluate.fixed_text())
+    d = drift.compare(ref, m.model)
+    out.update({k: d[k] for k in ("kl_mean", "kl_median", "kl_p99", "top1_agreement")})
+    if selected:
+        from .judge import harness
+        from .judge.lm import make_lm
+
+        results = harness.run(make_lm(m.model, m.tokenizer), list(selected), config_dir, limit)
+        out["tasks"] = {name: {"value": r.value, "metric": r.metric, "items": r.items} for name, r in results.items()}
     return out
 
 
-def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_path: str, keep: bool) -> dict[str, Any]:
+def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_path: str, keep: bool,
+           selected: Sequence[Any], limit: int | None) -> dict[str, Any]:
     """Worker: merge at t, judge, drop the model unless kept. Runs in its own process."""
     import torch
 
@@ -112,7 +140,8 @@ def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_pat
     rec = recipe.build(rec_data, "sweep")
     report = engine.merge(rec, model_dir, threads=1)
     result = {"t": t, "swapped": [s["swapped"] / s["total"] for s in report["steps"]]}
-    result.update(judge(model_dir, Path(tokenizer_path), Path(base_path)))
+    result.update(judge(model_dir, Path(tokenizer_path), Path(base_path), selected=selected,
+                        config_dir=Path(out_dir) / "tasks", limit=limit))
     if not keep:
         shutil.rmtree(model_dir)
     return result
@@ -120,41 +149,58 @@ def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_pat
 
 def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_SWEEP_TS, *,
         out: str | Path, keep: bool = False, jobs: int | None = None, force: bool = False,
+        tasks: str = DEFAULT_TASKS, limit: int | None = DEFAULT_LIMIT,
         echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Merge at every t and judge each merge; writes sweep.json, sweep.md and sweep.png to ``out``."""
     from . import evaluate
-    from .convert import convert
+    from .judge import data, harness, models as loader, stats, tasks as task_table
 
-    evaluate._torch_and_transformers()  # the eval extra, or one clear line
+    evaluate._torch_and_transformers()  # the judge extra, or one clear line
     ts = sorted(kernels.check_t(float(t)) for t in ts)
+    selected = task_table.select(tasks) if tasks else []
+    if selected:
+        from . import judge as judge_pkg
+
+        judge_pkg.require()
+        data.prepare(data.missing([s.task for s in selected]), echo=echo)
     steps = [{"model": str(s), "t": ts[0]} for s in secondaries]
     base_model = engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep")).base  # preflight first
     with atomic_directory(out, force) as tmp:
-        base_hf = Path(base) if base_model.directory else tmp / "base_hf"
-        if not base_model.directory:
-            echo(f"converting {Path(base).name} to HF for evaluation")
-            convert(base, base_hf)
+        # a GGUF base is evaluated through its HF conversion, cached outside the output
+        base_hf = loader.hf_directory(loader.check([base])[0], echo)
+        if selected:
+            harness.write_configs(selected, tmp / "tasks")
         echo("judging the base model")
-        rows = [{"t": 0.0, "swapped": [0.0] * len(secondaries), **judge(base_hf, base_hf, base_hf)}]
+        rows = [{"t": 0.0, "swapped": [0.0] * len(secondaries),
+                 **judge(base_hf, base_hf, base_hf, selected=selected, config_dir=tmp / "tasks", limit=limit)}]
         base_row = rows[0]
         jobs = jobs or _default_jobs(base_model.nbytes, len(ts))
         echo(f"merging and judging {len(ts)} values of t, {jobs} at a time")
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = [pool.submit(_one_t, t, {"base": str(base), "steps": [{**s, "t": t} for s in steps]},
-                                   str(tmp), str(base_hf), str(base_hf), keep) for t in ts]
+                                   str(tmp), str(base_hf), str(base_hf), keep, selected, limit) for t in ts]
             for fut in futures:
                 row = fut.result()
                 rows.append(row)
-                echo(f"t={row['t']:g}: perplexity {row['perplexity']:.2f}")
+                echo(f"t={row['t']:g}: KL {row['kl_mean']:.3g}, perplexity {row['perplexity']:.2f}")
         for row in rows:
             row["ppl_ratio"] = row["perplexity"] / base_row["perplexity"]
             row["cont_ppl_ratio"] = row["cont_ppl"] / base_row["cont_ppl"]
-            row["verdict"] = verdict(row)
+            worse = 0
+            for name, res in row.get("tasks", {}).items():
+                ref_items = base_row["tasks"][name]["items"]
+                keys = sorted(ref_items)
+                p = stats.paired([ref_items[k] for k in keys], [res["items"][k] for k in keys])
+                res.update(diff=p.diff, low=p.low, high=p.high, verdict=p.verdict)
+                worse += p.verdict == "worse"
+            row["tasks_worse"] = worse
+            row["verdict"], row["decided_by"] = verdict_and_reason(row)
         from ._version import __version__
 
-        result = {"nearswap_version": __version__, "base": str(base), "secondaries": [str(s) for s in secondaries], "rows": rows,
-                  "verdict_rule": [dict(zip(("metric", "degraded", "garbage", "direction"), v)) for v in VERDICT]}
+        result = {"nearswap_version": __version__, "base": str(base), "secondaries": [str(s) for s in secondaries],
+                  "tasks": [{"name": s.task.name, "shots": s.shots} for s in selected], "limit": limit, "rows": rows,
+                  "verdict_rule": [dict(zip(("verdict", "metric", "limit", "direction"), v)) for v in VERDICT]}
         (tmp / "sweep.json").write_text(json.dumps(result, indent=1) + "\n")
         (tmp / "sweep.md").write_text(markdown(result) + "\n")
         plot(result, tmp / "sweep.png")
@@ -174,15 +220,22 @@ def _default_jobs(model_bytes: int, n: int) -> int:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The card's table: t, % swapped per step, perplexity, verdict, first words of the sample."""
+    """The card's table: t, % swapped per step, KL from the base, the quick tasks' differences,
+    perplexity, the verdict and what decided it, the first words of the sample."""
     n = len(result["secondaries"])
-    head = "| t | " + " | ".join(f"% swapped, step {k + 1}" for k in range(n)) + " | perplexity | verdict | sample |"
-    lines = [head, "|" + "---|" * (n + 4)]
+    tasks = [t["name"] for t in result.get("tasks", [])]
+    head = ("| t | " + " | ".join(f"% swapped, step {k + 1}" for k in range(n)) + " | KL from base | "
+            + "".join(f"{t} Δ | " for t in tasks) + "perplexity | verdict | decided by | sample |")
+    lines = [head, "|" + "---|" * (n + len(tasks) + 6)]
     for row in result["rows"]:
-        words = " ".join(row["sample"].split()[:12]).replace("|", "/")
+        words = " ".join(row["sample"].split()[:16]).replace("|", "/")
         t = "base" if row["t"] == 0 else f"{row['t']:g}"
         swapped = " | ".join(f"{100 * s:.2f}%" for s in row["swapped"]) if row["t"] else " | ".join("—" for _ in range(n))
-        lines.append(f"| {t} | {swapped} | {row['perplexity']:.2f} | {row['verdict']} | {words} … |")
+        deltas = "".join(("— | " if row["t"] == 0 else
+                          f"{100 * row['tasks'][name]['diff']:+.1f} ({row['tasks'][name]['verdict'].replace('no detectable difference', 'n.d.')}) | ")
+                         for name in tasks)
+        lines.append(f"| {t} | {swapped} | {row['kl_mean']:.3g} | {deltas}{row['perplexity']:.2f} | {row['verdict']} | "
+                     f"{row.get('decided_by') or '—'} | {words} … |")
     return "\n".join(lines)
 
 
@@ -197,7 +250,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         raise NearswapError("plots need matplotlib: pip install 'nearswap[plot]'") from None
     rows = [r for r in result["rows"] if r["t"] > 0]
     base = result["rows"][0]
-    colors = {"ok": "tab:green", "degraded": "tab:orange", "garbage": "tab:red"}
+    colors = {"ok": "tab:green", "degraded": "tab:orange", "repetitive": "tab:purple", "garbage": "tab:red"}
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot([r["t"] for r in rows], [r["perplexity"] for r in rows], color="gray", lw=1)
     for r in rows:
