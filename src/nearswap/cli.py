@@ -343,6 +343,7 @@ class _Phases:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet or not _stderr_is_a_terminal()
         self.what, self.bar = None, None
+        self.file = sys.stderr  # the terminal, even while a library's own output is being hidden
 
     def __call__(self, what: str, done: int, total: int) -> None:
         if self.quiet:
@@ -352,7 +353,7 @@ class _Phases:
             from tqdm import tqdm
 
             self.what = what
-            self.bar = tqdm(total=total, desc=what, dynamic_ncols=True, leave=False, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=what, dynamic_ncols=True, leave=False, file=self.file)
         if self.bar is not None:
             self.bar.total = total
             self.bar.update(done - self.bar.n)

@@ -169,7 +169,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
         # a GGUF base is evaluated through its HF conversion, cached outside the output
         base_hf = loader.hf_directory(loader.check([base])[0], echo)
         if selected:
-            harness.write_configs(selected, tmp / "tasks")
+            harness.write_configs(selected, tmp / "tasks", limit)
         echo("judging the base model")
         rows = [{"t": 0.0, "swapped": [0.0] * len(secondaries),
                  **judge(base_hf, base_hf, base_hf, selected=selected, config_dir=tmp / "tasks", limit=limit)}]

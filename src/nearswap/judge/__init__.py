@@ -81,7 +81,7 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     with atomic_directory(out, force) as tmp:
         config_dir = tmp / "tasks"
         if selected:
-            harness.write_configs(selected, config_dir)
+            harness.write_configs(selected, config_dir, limit)
         results = run_models(candidates, selected, limit, phrases, text, config_dir, threads, echo, progress)
         result = reports.build(candidates, selected, limit, results, phrases, out, time.perf_counter() - started)
         reports.write(result, tmp)

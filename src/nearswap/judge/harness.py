@@ -10,6 +10,8 @@ paired statistics need. The same configs run from lm-eval's own CLI
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -46,9 +48,14 @@ def _split_keys(task: Task) -> dict[str, Any]:
     return keys
 
 
-def write_configs(selected: list[Selected], directory: Path, cache: Path | None = None) -> list[str]:
+SAMPLES_FILE = "samples.json"
+
+
+def write_configs(selected: list[Selected], directory: Path, limit: int | None = None,
+                  cache: Path | None = None) -> list[str]:
     """Write one lm-eval config per task (and per MMLU subject, plus its group) into
-    ``directory``; returns the lm-eval task names to run."""
+    ``directory``, and the items ``limit`` means where lm-eval's --limit would not say it
+    (``samples.json``, for its --samples); returns the lm-eval task names to run."""
     base = lm_eval_tasks_dir()
     directory.mkdir(parents=True, exist_ok=True)
     names = []
@@ -73,6 +80,9 @@ def write_configs(selected: list[Selected], directory: Path, cache: Path | None 
                       **_split_keys(task), "num_fewshot": sel.shots, **task.overrides}
             (directory / f"{task.lm_eval_name}.yaml").write_text(_yaml(config))
         names.append(task.lm_eval_name)
+    chosen = samples(selected, limit)
+    if chosen:
+        (directory / SAMPLES_FILE).write_text(json.dumps(chosen) + "\n")
     return names
 
 
@@ -88,13 +98,37 @@ class TaskResult:
     lm_eval: dict[str, Any] = field(default_factory=dict)  # lm-eval's own results entry
 
 
-def _quiet_libraries() -> None:
-    """lm-eval and datasets log every step at INFO; keep the terminal for nearswap's progress."""
+def quiet_libraries() -> None:
+    """lm-eval and datasets log every step at INFO and draw their own bars; keep the terminal
+    for nearswap's progress (the run itself also hides their stderr, see ``run``)."""
     for name in ("lm_eval", "lm-eval", "datasets", "transformers", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def samples(selected: list[Selected], limit: int | None) -> dict[str, list[int]] | None:
+    """Which items ``limit`` means when a group (MMLU) is selected: the first N of every task,
+    and for a group N in all, the first ceil(N / subtasks) of each subtask (lm-eval's own
+    --limit would take N of each of MMLU's 57 subjects). None where --limit says it already."""
+    if limit is None or not any(s.task.subtasks for s in selected):
+        return None
+    out: dict[str, list[int]] = {}
+    for sel in selected:
+        task = sel.task
+        if task.subtasks:
+            per = -(-limit // len(task.subtasks))
+            for sub in task.subtasks:
+                count = next(sp.count for sp in task.splits if sp.name == f"{sub}/{task.eval_split}")
+                out[f"{task.lm_eval_name}_{sub}"] = list(range(min(per, count)))
+        else:
+            count = next(sp.count for sp in task.splits if sp.name == task.eval_split)
+            out[task.lm_eval_name] = list(range(min(limit, count)))
+    return out
 
 
 def run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) -> dict[str, TaskResult]:
@@ -102,22 +136,20 @@ def run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) 
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
-    _quiet_libraries()
+    quiet_libraries()
     manager = TaskManager(include_path=str(config_dir), include_defaults=False)
     names = [s.task.lm_eval_name for s in selected]
-    was = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # lm-eval's own bars; nearswap shows one per phase
+    hidden = io.StringIO()
     try:
-        out = evaluator.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=True,
-                                        bootstrap_iters=0, random_seed=0, numpy_random_seed=1234,
-                                        torch_random_seed=1234, fewshot_random_seed=1234)
+        # lm-eval draws a tqdm bar per step of building requests: nearswap's caller shows one per phase
+        with contextlib.redirect_stderr(hidden):
+            chosen = samples(selected, limit)
+            out = evaluator.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=None if chosen else limit,
+                                            samples=chosen, log_samples=True,
+                                            bootstrap_iters=0, random_seed=0, numpy_random_seed=1234,
+                                            torch_random_seed=1234, fewshot_random_seed=1234)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise NearswapError(f"lm-evaluation-harness could not run the tasks ({type(e).__name__}: {str(e)[:200]})") from None
-    finally:
-        if was is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = was
     results = {}
     for sel in selected:
         task = sel.task
@@ -137,7 +169,8 @@ def run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) 
 def cli_command(selected: list[Selected], config_dir: Path, model_path: Path, limit: int | None) -> str:
     """The lm-eval command line that runs the same tasks on the same items with lm-eval's own HF backend."""
     names = ",".join(s.task.lm_eval_name for s in selected)
-    lim = f" --limit {limit}" if limit else ""
+    chosen = samples(selected, limit)
+    lim = f" --samples {config_dir / SAMPLES_FILE}" if chosen else f" --limit {limit}" if limit else ""
     return (f"lm_eval --model hf --model_args pretrained={model_path},dtype=float32 --device cpu "
             f"--include_path {config_dir} --tasks {names}{lim}")
 

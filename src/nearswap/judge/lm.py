@@ -42,6 +42,7 @@ def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
     class NearswapLM(HFLM):
         exact_rescored = 0  # documents scored again exactly (see the module docstring)
         requests_scored = 0
+        input_tokens = 0  # tokens lm-eval's backend would feed for the same requests (one forward each)
 
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             self._margins: list[float] = []
@@ -75,6 +76,7 @@ def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
                 inputs.append((whole[:-1], continuation_enc))
             results: list[tuple[float, bool] | None] = [None] * len(inputs)
             margins = [0.0] * len(inputs)
+            self.input_tokens += sum(len(inp) for inp, _ in inputs)
             groups = _groups(inputs)
             done = 0
             for batch in _pack(groups):
@@ -140,11 +142,15 @@ def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
             """lm-eval's own generation (one request at a time, as its batch size 1 does), with progress."""
             out = []
             for i, req in enumerate(requests):
+                self.input_tokens += len(self.tok_encode(req.args[0]))
                 out += super().generate_until([req], disable_tqdm=True)
                 if on_progress:
                     on_progress(i + 1, len(requests))
             return out
 
+    from .harness import quiet_libraries
+
+    quiet_libraries()
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -154,6 +160,7 @@ def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
 
 
 PACK_TOKENS = 1024  # tokens in one packed group (attention over a packed group costs its length squared)
+PACK_GROWTH = 1.25  # ... or at most this much longer than its longest request
 MIN_SHARED = 8  # tokens a request must share with a group to join it
 
 
@@ -164,6 +171,7 @@ class _Group:
     def __init__(self, first: int, inp: list[int]) -> None:
         self.prefix = list(inp)
         self.rest: dict[int, list[int]] = {first: []}
+        self.longest = len(inp)
 
     def shared_with(self, inp: list[int]) -> int:
         n = 0
@@ -179,6 +187,7 @@ class _Group:
             self.rest[j] = cut + self.rest[j]
         self.prefix = self.prefix[:shared]
         self.rest[i] = list(inp[shared:])
+        self.longest = max(self.longest, len(inp))
 
     def size_with(self, inp: list[int], shared: int) -> int:
         extra = len(self.prefix) - shared
@@ -210,8 +219,10 @@ def _groups(inputs: list[tuple[list[int], list[int]]]) -> list[_Group]:
         inp = inputs[i][0]
         if current is not None:
             shared = current.shared_with(inp)
-            # (the shared prefix must leave every member's first needed position in place)
-            if shared >= MIN_SHARED and current.size_with(inp, shared) <= PACK_TOKENS:
+            size = current.size_with(inp, shared)
+            # a group stays short (its attention is quadratic in its length), unless a long shared
+            # prefix (a few-shot context) is what makes it long: then members add little to it
+            if shared >= MIN_SHARED and (size <= PACK_TOKENS or size <= PACK_GROWTH * max(current.longest, len(inp))):
                 current.add(i, inp, shared)
                 continue
             groups.append(current.finish(inputs))

@@ -76,8 +76,8 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
                              "models": [{"model": r.name, **(r.writing or {}),
                                          "stories": [{"prompt": s.prompt, "seed": s.seed, "text": s.text}
                                                      for s in r.stories]} for r in results]}
-    report["exactness"] = [{"model": r.name, "requests": r.requests, "documents_rescored_exactly": r.rescored}
-                           for r in results]
+    report["exactness"] = [{"model": r.name, "requests": r.requests, "input_tokens": r.tokens,
+                            "documents_rescored_exactly": r.rescored} for r in results]
     report["timing_seconds"] = [{"model": r.name, **{k: round(v, 1) for k, v in r.seconds.items()}} for r in results]
     if selected:
         report["lm_eval_command"] = harness.cli_command(selected, out / "tasks", Path(candidates[0].hf_dir or ""), limit)
@@ -251,7 +251,7 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
             ax.plot(d["kl_per_token"], lw=0.8, color=f"C{k}", label=f"{d['model']} (mean {d['kl_mean']:.3g})")
         ax.set_yscale("symlog", linthresh=1e-6)
         ax.set_xlabel("token position in the fixed text")
-        ax.set_ylabel(f"KL({names[0]} || model), nats")
+        ax.set_ylabel("KL(reference || model), nats")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         out["drift"] = _svg(fig)
@@ -268,7 +268,8 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
 STYLE = """body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right;vertical-align:top}
 td:first-child,th:first-child{text-align:left}.better{color:#1a7f37;font-weight:600}.worse{color:#c62828;font-weight:600}
-.none{color:#666}.stories td{text-align:left;width:40%}code{background:#f4f4f4;padding:.1em .3em}svg{max-width:100%;height:auto}
+.none{color:#666}table.stories{table-layout:fixed;width:100%}.stories td,.stories th{text-align:left}
+.stories td:first-child,.stories th:first-child{width:22%}code{background:#f4f4f4;padding:.1em .3em}svg{max-width:100%;height:auto}
 .note{color:#555;font-size:90%}"""
 
 

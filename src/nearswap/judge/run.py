@@ -20,6 +20,7 @@ class ModelResults:
     writing: dict[str, Any] | None = None
     rescored: int = 0  # documents scored again exactly (lm.NearswapLM)
     requests: int = 0
+    tokens: int = 0  # input tokens of the requests, as lm-eval's backend would feed them
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -45,7 +46,7 @@ def run_models(candidates: list[loader.Candidate], selected: list[Selected], lim
             lm = make_lm(model, tokenizer, on_progress=(lambda done, total, n=cand.name: progress(f"{n}: benchmarks", done, total))
                          if progress else None)
             res.tasks = harness.run(lm, selected, config_dir, limit)
-            res.rescored, res.requests = lm.exact_rescored, lm.requests_scored
+            res.rescored, res.requests, res.tokens = lm.exact_rescored, lm.requests_scored, lm.input_tokens
             res.seconds["benchmarks"] = time.perf_counter() - t
             del lm
         if text is not None:

@@ -148,7 +148,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("mmlu", "MMLU", "mmlu/default/_default_template_yaml", _mmlu_splits(),
          "test", "dev", "acc", shots=5, subtasks=tuple(MMLU_SUBJECTS),
          notes="57 subjects (14,042 test items), few-shot from each subject's dev split as lm-eval does; "
-               "--limit applies per subject"),
+               "--limit N scores the first ceil(N/57) items of every subject (lm-eval's own --limit would take N "
+               "of each)"),
     Task("truthfulqa_mc2", "TruthfulQA", "truthfulqa/truthfulqa_mc2.yaml",
          (Split("validation", BIGBENCH, "bigbench/benchmark_tasks/truthful_qa/", "truthfulqa", 299),),
          "validation", None, "acc",
