@@ -230,7 +230,12 @@ def test_unsupported_architecture_is_named(tmp_path, run):
     write_llama_gguf(tmp_path / "m.gguf", random_model(0, "f32", shapes=hf_shapes()), Q.F32, arch="mamba")
     with pytest.raises(NearswapError, match="GGUF architecture 'mamba' is not supported yet.*llama"):
         open_model(tmp_path / "m.gguf")
-    result = run("inspect", tmp_path / "m.gguf")
+    result = run("inspect", tmp_path / "m.gguf")  # inspect describes any GGUF ...
+    assert result.exit_code == 0 and "mamba" in result.stdout, result.output
+    info = json.loads(run("inspect", tmp_path / "m.gguf", "--json", "--tensors").stdout)
+    assert info["gguf_architecture"] == "mamba" and not info["hf_names"]
+    assert {t["name"] for t in info["tensors"]} >= {"token_embd.weight", "blk.0.attn_q.weight"}
+    result = run("convert", tmp_path / "m.gguf", "-o", tmp_path / "out")  # ... a conversion needs HF names
     assert result.exit_code == 1 and "mamba" in result.stderr and "Traceback" not in result.output
 
 

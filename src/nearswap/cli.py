@@ -418,7 +418,11 @@ def inspect(model, as_json, list_tensors):
         click.echo(json.dumps(info, indent=1))
         return
     click.echo(f"{info['path']}: {info['format']}")
-    click.echo(f"  architecture  {', '.join(info['architectures'] or ['(no config.json)'])}")
+    if info.get("gguf_architecture") and not info.get("hf_names"):
+        click.echo(f"  architecture  {info['gguf_architecture']} (GGUF; no HF name table in nearswap yet: "
+                   "inspect works, merging needs one)")
+    else:
+        click.echo(f"  architecture  {', '.join(info['architectures'] or ['(no config.json)'])}")
     click.echo(f"  parameters    {info['parameters']:,} in {info['tensor_count']} tensors, {info['bytes'] / 1e9:.3f} GB")
     click.echo("  dtypes        " + ", ".join(f"{k} {v:,}" for k, v in info["dtypes"].items()))
     click.echo(f"  files         {', '.join(info['files'])}")

@@ -25,14 +25,12 @@ from .errors import NearswapError, shown
 from .formats import CONFIG_FILES, TOKENIZER_FILES, Model, open_model
 from .formats import safetensors as st
 from .formats.safetensors import FileReader, ShardedWriter, TensorInfo
-from .files import read_bytes
 from .output import atomic_directory
 from .recipe import Recipe
 from .stats import StepReport, Tally, format_table
 
 CHUNK = int(os.environ.get("NEARSWAP_CHUNK", 1 << 20))  # elements per work item
 REPORT_NAME = "merge_report.json"
-MAX_SIDE_FILE = 1 << 30  # config and tokenizer files: tens of MB at most
 RECIPE_NAME = "nearswap_recipe.yaml"
 EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight", "token_embd")
 
@@ -135,9 +133,11 @@ def _check_compatible(base: Model, sec: Model) -> None:
 
 def _input_files(model: Model) -> list[Path]:
     """Every file of ``model`` that a merge reads or copies: weights, index, side files."""
+    from .formats import side_files
+
     files = [model.path, *model.files]
     if model.directory is not None:
-        files += [model.directory / n for n in (*CONFIG_FILES, *TOKENIZER_FILES, st.INDEX_NAME)]
+        files += [model.directory / st.INDEX_NAME] + [path for _, path in side_files(model.directory)[0]]
     return files
 
 
@@ -306,19 +306,22 @@ def merge(recipe: Recipe, out: str | Path, **run: Any) -> dict:
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card({**report, "output_name": out.name}, recipe_yaml))
 
-    steps, report = write_checkpoint(recipe, out, {"nearswap_recipe": json.dumps(recipe.to_dict())}, finish, **run)
+    steps, report = write_checkpoint(recipe, out, {"nearswap_recipe": json.dumps(recipe.to_dict())}, finish,
+                                     regenerated=("README.md", REPORT_NAME, RECIPE_NAME), **run)
     report["table"] = format_table(steps)
     return report
 
 
 def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str],
-                     finish: Callable[[Path, dict], None] | None = None, *, force: bool = False,
+                     finish: Callable[[Path, dict], None] | None = None, *, regenerated: tuple[str, ...] = (),
+                     force: bool = False,
                      threads: int | None = None, progress: Callable[[int], None] | None = None,
                      on_plan: Callable[[Plan], None] | None = None) -> tuple[list[StepReport], dict]:
     """Preflight ``recipe``, stream it into an HF checkpoint at ``out`` (atomically: a hidden
-    partial directory renamed into place) with the base's config and tokenizer files, and
-    ``provenance`` in every shard's metadata; ``finish(partial_dir, report)`` adds files
-    before the rename. A recipe without steps rewrites the base (``nearswap.convert``).
+    partial directory renamed into place) with every side file of the base (but those in
+    ``regenerated``, which ``finish`` writes), and ``provenance`` in every shard's metadata;
+    ``finish(partial_dir, report)`` adds files before the rename. A recipe without steps
+    rewrites the base (``nearswap.convert``).
 
     ``progress`` is called with the number of input bytes processed as work completes;
     ``on_plan`` once the preflight has passed (e.g. to size a progress bar). Returns the
@@ -341,7 +344,7 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
         except BaseException:
             writer.abort()
             raise
-        copied = _copy_side_files(plan_, tmp)
+        copied = _copy_side_files(plan_, tmp, regenerated)
         report = {
             "nearswap_version": __version__,
             "kernel": kernels.describe_backend(),
@@ -358,18 +361,44 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
     return steps, report
 
 
-def _copy_side_files(plan_: Plan, dest: Path) -> list[str]:
-    """config, generation config and tokenizer files from the base (or the tokenizer source)."""
+def _copy_side_files(plan_: Plan, dest: Path, regenerated: tuple[str, ...] = ()) -> list[str]:
+    """Every non-weight file of the base (configs, every tokenizer file, sentence-transformers'
+    files and folders, ...), with the tokenizer files from the tokenizer source instead when
+    one is given; ``regenerated`` (the model card) is left to the caller. Links that lead out of
+    a model directory are not followed (a warning names them). Returns what was copied."""
+    import warnings
+
+    from .errors import NearswapWarning
+    from .files import open_regular
+    from .formats import side_files
+
     recipe = plan_.recipe
-    config_dir = plan_.base.directory
-    tok_dir = config_dir if recipe.tokenizer_source == "base" else Path(recipe.tokenizer_source)
-    copied = []
-    for names, src in ((CONFIG_FILES, config_dir), (TOKENIZER_FILES, tok_dir)):
-        for name in names:
-            if src is not None and os.path.lexists(src / name):
-                dest.joinpath(name).write_bytes(read_bytes(src / name, MAX_SIDE_FILE, "side file"))
-                copied.append(name)
-    if config_dir is None and plan_.base.side_files is not None:  # e.g. a GGUF base: from its metadata
+    base_dir = plan_.base.directory
+    copied: list[str] = []
+    jobs: list[tuple[str, Path]] = []
+    if base_dir is not None:
+        skip = set(regenerated) | (set(TOKENIZER_FILES) if recipe.tokenizer_source != "base" else set())
+        found, left_out = side_files(base_dir, skip)
+        jobs += found
+        for rel in left_out:
+            warnings.warn(f"{base_dir / rel} was not copied: it links outside the model directory", NearswapWarning)
+    if recipe.tokenizer_source != "base":
+        src = Path(recipe.tokenizer_source)
+        found, left_out = side_files(src)
+        jobs += [(rel, path) for rel, path in found if rel in TOKENIZER_FILES]
+    for rel, path in jobs:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = open_regular(path, "side file")
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as src_f, open(target, "wb") as out:
+                shutil.copyfileobj(src_f, out, 1 << 20)
+        except OSError as e:
+            raise NearswapError(f"cannot copy {path} to {target}: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        copied.append(rel)
+    if base_dir is None and plan_.base.side_files is not None:  # e.g. a GGUF base: from its metadata
         copied += plan_.base.side_files(dest, skip_tokenizer=recipe.tokenizer_source != "base")
     config = dest / "config.json"
     if config.exists() and recipe.dtype:

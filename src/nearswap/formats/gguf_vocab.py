@@ -1,0 +1,113 @@
+"""A GGUF's vocabulary as HF tokenizer files, built with the ``tokenizers`` package alone.
+
+Converting or merging from a GGUF must give a directory that transformers loads with the same
+tokenizer the GGUF describes — without transformers (and torch) installed. For byte-level BPE
+vocabularies (``tokenizer.ggml.model == "gpt2"``: SmolLM, Llama 3, Qwen 2/3, ...) this builds
+the tokenizer exactly as transformers' own GGUF conversion does: the vocabulary (tokens spelled
+in the byte alphabet, others re-spelled byte by byte), the file's merges, a byte-level
+pre-tokenizer (or the split regex of the file's ``tokenizer.ggml.pre``, from the same table),
+control tokens as special tokens and user-defined ones as added tokens. Other vocabulary types
+(SentencePiece-style llama/gemma, t5) are left to transformers when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import NearswapError
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+
+# tokenizer.ggml.pre -> the regex its merges were learned with (as transformers' GGUF conversion
+# maps them); a pre-tokenizer not listed splits as GPT-2 does.
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLITS = {"llama3": _LLAMA3, "llama-v3": _LLAMA3, "llama-bpe": _LLAMA3, "falcon3": _LLAMA3, "dbrx": _LLAMA3,
+          "smaug-bpe": _LLAMA3, "pixtral": _LLAMA3, "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2, "megrez": _QWEN2}
+SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+           "pad_token": "padding_token_id"}
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of every byte (the byte-level BPE alphabet)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def supported(metadata: dict[str, Any]) -> bool:
+    return metadata.get("tokenizer.ggml.model") == "gpt2"
+
+
+def build(metadata: dict[str, Any], arrays: dict[str, list[Any]]) -> tuple[str, dict[str, Any], str | None]:
+    """(tokenizer.json text, tokenizer_config.json data, chat template or None) for a byte-level
+    BPE vocabulary; ``metadata`` and ``arrays`` as ``gguf_header.read_header`` gives them."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = arrays.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise NearswapError("the GGUF has no tokenizer.ggml.tokens")
+    types = arrays.get("tokenizer.ggml.token_type") or []
+    merges = [tuple(m.split(" ", 1)) for m in arrays.get("tokenizer.ggml.merges") or []]
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")), i)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    split = SPLITS.get(metadata.get("tokenizer.ggml.pre"))
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+                         if split else pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True))
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1")
+    control = [AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types)
+               if k == CONTROL and set(t) <= alphabet]
+    if control:
+        tok.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == USER_DEFINED]
+    if user:
+        tok.add_tokens(user)
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000}
+    for name, key in SPECIAL.items():
+        index = metadata.get(f"tokenizer.ggml.{key}")
+        if isinstance(index, int) and 0 <= index < len(tokens):
+            config[name] = tokens[index]
+    for key in ("add_bos_token", "add_eos_token"):
+        if isinstance(metadata.get(f"tokenizer.ggml.{key}"), bool):
+            config[key] = metadata[f"tokenizer.ggml.{key}"]
+    template = metadata.get("tokenizer.chat_template")
+    return tok.to_str(), config, template if isinstance(template, str) else None
+
+
+def write(path: Path, dest: Path) -> list[str]:
+    """Write tokenizer.json, tokenizer_config.json (and chat_template.jinja) for the GGUF at
+    ``path`` into ``dest``; returns what was written. Raises NearswapError for a vocabulary
+    type this module does not build."""
+    from .gguf_header import HeaderError, read_header
+
+    try:
+        header = read_header(path, arrays=("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"))
+    except (HeaderError, OSError) as e:
+        raise NearswapError(f"{path}: not a readable GGUF file: {e}") from None
+    if not supported(header.metadata):
+        raise NearswapError(f"{path}: vocabulary type {header.metadata.get('tokenizer.ggml.model')!r} is built by "
+                            "transformers (install the judge extra), not by nearswap yet")
+    text, config, template = build(header.metadata, header.arrays)
+    (dest / "tokenizer.json").write_text(text)
+    (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    written = ["tokenizer.json (from GGUF vocabulary)", "tokenizer_config.json (from GGUF vocabulary)"]
+    if template:
+        (dest / "chat_template.jinja").write_text(template)
+        written.append("chat_template.jinja (from GGUF metadata)")
+    return written
