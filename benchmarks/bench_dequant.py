@@ -6,7 +6,8 @@
    and of ``nearswap.formats.gguf.dequantize`` (the C kernel) on the same random blocks,
    after checking that they agree bit for bit.
 2. The demo merge (SmolLM2-135M, one secondary, t = 1e-4) from the Q4_1 GGUF base and from
-   its safetensors twin (the same float32 values), interleaved rounds, wall time medians.
+   its safetensors twin (the same float32 values), interleaved rounds, wall time medians
+   (``--outdir /dev/shm`` writes the merges to memory: this VM's disk varies by 2x between runs).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def per_type(elements: int, repeat: int) -> list[dict]:
     return rows
 
 
-def merge_gguf_vs_twin(repeat: int) -> dict:
+def merge_gguf_vs_twin(repeat: int, outdir: Path | None) -> dict:
     from nearswap import fetch, synthetic
     from nearswap.convert import convert
 
@@ -68,20 +69,22 @@ def merge_gguf_vs_twin(repeat: int) -> dict:
         convert(base, work / "twin")
         synthetic.make_secondary(base, work / "s1", 0.0125, seed=1)
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(synthetic.__file__).parent)], check=True)
+        out = (outdir or work) / "nearswap-bench-dq-out"
         runs = {"GGUF base": [], "safetensors twin": []}
         for _ in range(repeat):
             for name, b in (("GGUF base", base), ("safetensors twin", work / "twin")):
-                shutil.rmtree(work / "out", ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
                 os.sync()
                 t = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "nearswap", "merge", str(b), str(work / "s1"), "-t", "1e-4",
-                                "-o", str(work / "out"), "-q"], check=True, capture_output=True)
+                                "-o", str(out), "-q"], check=True, capture_output=True)
                 runs[name].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in runs.items()}
         ratio = med["GGUF base"] / med["safetensors twin"]
         print(f"\nmerge from the GGUF base {med['GGUF base']:.2f} s, from its safetensors twin "
               f"{med['safetensors twin']:.2f} s: {ratio:.2f}x (medians of {repeat})")
-        return {"median_s": med, "runs": runs, "ratio": ratio}
+        shutil.rmtree(out, ignore_errors=True)
+        return {"median_s": med, "runs": runs, "ratio": ratio, "outdir": str(outdir or "disk")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -90,9 +93,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--elements", type=int, default=1 << 24)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--outdir", type=Path, help="where the merges write (/dev/shm takes the disk out of it)")
     args = ap.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    result = {"per_type": per_type(args.elements, args.repeat), "merge": merge_gguf_vs_twin(args.repeat)}
+    result = {"per_type": per_type(args.elements, args.repeat), "merge": merge_gguf_vs_twin(args.repeat, args.outdir)}
     out = HERE / "results" / "dequant.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"saved {out}")

@@ -55,6 +55,10 @@ static inline void scale_min(const uint8_t *s, uint8_t *sc, uint8_t *mn)
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* one build, the best the CPU runs: the loops above vectorize with each target's instructions */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
 static void run(int qtype, const uint8_t *src, Py_ssize_t nblocks, float *out, const float *h)
 {
     switch (qtype) {
@@ -116,12 +120,16 @@ static void run(int qtype, const uint8_t *src, Py_ssize_t nblocks, float *out, c
         for (Py_ssize_t b = 0; b < nblocks; b++, src += 84, out += QK_K) {
             const uint8_t *scales = src, *qs = src + 16;
             const float d = h[rd16(src + 80)], dmin = h[rd16(src + 82)];
-            for (int e = 0; e < QK_K; e++) {
-                const int g = e / 128, s = (e % 128) / 32, l = e % 32, k = e / 16;
-                const float dl = d * (float)(scales[k] & 0x0F), ml = dmin * (float)(scales[k] >> 4);
-                const float q = (float)((qs[g * 32 + l] >> (2 * s)) & 3);
-                out[e] = dl * q - ml;
-            }
+            /* element e = g*128 + s*32 + l: quant (qs[g*32 + l] >> 2s) & 3, sub-block e / 16 */
+            for (int g = 0; g < 2; g++)
+                for (int s = 0; s < 4; s++)
+                    for (int half = 0; half < 2; half++) {
+                        const int k = g * 8 + s * 2 + half;
+                        const float dl = d * (float)(scales[k] & 0x0F), ml = dmin * (float)(scales[k] >> 4);
+                        const uint8_t *q = qs + g * 32 + half * 16;
+                        float *o = out + g * 128 + s * 32 + half * 16;
+                        for (int l = 0; l < 16; l++) o[l] = dl * (float)((q[l] >> (2 * s)) & 3) - ml;
+                    }
         }
         break;
     case 11: /* Q3_K: 32 bytes high-bit mask, 64 bytes of 2-bit quants, 12 bytes of 6-bit scales, d */
@@ -134,12 +142,19 @@ static void run(int qtype, const uint8_t *src, Py_ssize_t nblocks, float *out, c
                 const int hi = (sb[8 + k % 4] >> (2 * (k / 4))) & 0x03;
                 dl[k] = d * (float)((int)(int8_t)(uint8_t)(lo | (hi << 4)) - 32);
             }
-            for (int e = 0; e < QK_K; e++) {
-                const int g = e / 128, s = (e % 128) / 32, l = e % 32;
-                const int ql = (qs[g * 32 + l] >> (2 * s)) & 3;
-                const int qh = ((hmask[l] >> (e / 32)) & 1) ^ 1;
-                out[e] = dl[e / 16] * (float)(ql - (qh << 2));
-            }
+            /* element e = g*128 + s*32 + l: low bits (qs[g*32 + l] >> 2s) & 3, high bit mask bit (g*4 + s) of hmask[l] */
+            for (int g = 0; g < 2; g++)
+                for (int s = 0; s < 4; s++)
+                    for (int half = 0; half < 2; half++) {
+                        const float dk = dl[g * 8 + s * 2 + half];
+                        const uint8_t *q = qs + g * 32 + half * 16, *m = hmask + half * 16;
+                        float *o = out + g * 128 + s * 32 + half * 16;
+                        for (int l = 0; l < 16; l++) {
+                            const int ql = (q[l] >> (2 * s)) & 3;
+                            const int qh = ((m[l] >> (g * 4 + s)) & 1) ^ 1;
+                            o[l] = dk * (float)(ql - (qh << 2));
+                        }
+                    }
         }
         break;
     case 12: /* Q4_K: d, dmin, 12 bytes of scales and mins, 128 bytes of nibbles;  d*sc*q - dmin*m */
@@ -178,12 +193,19 @@ static void run(int qtype, const uint8_t *src, Py_ssize_t nblocks, float *out, c
             const float d = h[rd16(src + 208)];
             float dk[16];
             for (int k = 0; k < 16; k++) dk[k] = d * (float)scales[k];
-            for (int e = 0; e < QK_K; e++) {
-                const int g = e / 128, r = e % 128;
-                const int lo = (ql[g * 64 + r % 64] >> (4 * (r / 64))) & 0x0F;
-                const int hi = (qh[g * 32 + r % 32] >> (2 * (r / 32))) & 0x03;
-                out[e] = dk[e / 16] * (float)((int)(int8_t)(uint8_t)(lo | (hi << 4)) - 32);
-            }
+            /* element e = g*128 + q*32 + l: low nibble of ql[g*64 + (q%2)*32 + l] (high one for q >= 2),
+               two high bits (qh[g*32 + l] >> 2q) & 3, sub-block e / 16 */
+            for (int g = 0; g < 2; g++)
+                for (int q = 0; q < 4; q++)
+                    for (int half = 0; half < 2; half++) {
+                        const float dq = dk[g * 8 + q * 2 + half];
+                        const uint8_t *lo = ql + g * 64 + (q % 2) * 32 + half * 16, *hi = qh + g * 32 + half * 16;
+                        float *o = out + g * 128 + q * 32 + half * 16;
+                        for (int l = 0; l < 16; l++) {
+                            const int v = ((lo[l] >> (4 * (q / 2))) & 0x0F) | (((hi[l] >> (2 * q)) & 0x03) << 4);
+                            o[l] = dq * (float)(v - 32);
+                        }
+                    }
         }
         break;
     }

@@ -144,8 +144,10 @@ def open_model(path: str | Path, label: str = "model") -> Model:
         from .gguf import write_side_files
 
         fmt, tensors, config, meta = open_gguf(path, label)
+        vocabulary = meta.get("tokenizer.ggml.model")
         return Model(path, label, fmt, [path], tensors, config, {k: str(v) for k, v in meta.items()},
-                     side_files=lambda dest, skip_tokenizer=False: write_side_files(path, config, dest, skip_tokenizer))
+                     side_files=lambda dest, skip_tokenizer=False: write_side_files(path, config, dest, skip_tokenizer,
+                                                                                    vocabulary))
     if suffix != ".safetensors":
         raise NearswapError(f"{label}: {path}: unknown model format {suffix or '(no suffix)'}; "
                             "expected an HF directory, a .safetensors or a .gguf file")

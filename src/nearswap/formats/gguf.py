@@ -171,7 +171,11 @@ class GGUFSource:
         nblocks = (e1 - e0) // self.block
         raw = bytearray(nblocks * self.type_size)
         pread_exact(fd, memoryview(raw), info.offset + e0 // self.block * self.type_size, info)
-        block = self._dequantize(np.frombuffer(raw, np.uint8).reshape(nblocks, self.type_size)).reshape(-1)
+        blocks = np.frombuffer(raw, np.uint8).reshape(nblocks, self.type_size)
+        if not self.heads and e0 == start and e1 - e0 == n:  # whole blocks: straight into the caller's buffer
+            dequantize(blocks, self.qtype, out=target)
+            return out
+        block = dequantize(blocks, self.qtype).reshape(-1)
         if self.heads:
             per_head = info.numel // self.row_len // self.heads
             block = block.reshape(-1, per_head // 2, 2, self.row_len).swapaxes(1, 2).reshape(-1)
@@ -179,8 +183,6 @@ class GGUFSource:
         target[:] = block[first:first + n]
         return out
 
-    def _dequantize(self, raw: np.ndarray) -> np.ndarray:
-        return dequantize(raw, self.qtype)
 
 
 try:  # the compiled dequantizer; gguf's numpy code computes the same bits, 20-100x slower
@@ -196,20 +198,26 @@ def _half_table() -> np.ndarray:
     return np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def dequantize(raw: np.ndarray, qtype: Any) -> np.ndarray:
+def dequantize(raw: np.ndarray, qtype: Any, out: np.ndarray | None = None) -> np.ndarray:
     """Blocks of ``qtype`` (a uint8 array of whole blocks, rows of them or flat) as float32,
     bit-identical to ``gguf.quants.dequantize``: the C kernel for the common types (GIL
-    released), gguf's own code for the rest."""
-    if qtype.name == "F32":
-        return raw.view(np.float32)
+    released), gguf's own code for the rest. ``out``: a flat float32 array to fill instead."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    shape = (*raw.shape[:-1], raw.shape[-1] // size * block)
     if _dequant is not None and int(qtype) in DEQUANT_TYPES:
-        block, size = GGML_QUANT_SIZES[qtype]
-        out = np.empty(raw.size // size * block, np.float32)
-        _dequant.dequantize(int(qtype), np.ascontiguousarray(raw).reshape(-1), out, _half_table())
-        return out.reshape(*raw.shape[:-1], raw.shape[-1] // size * block) if raw.ndim > 1 else out
-    from gguf import quants
+        dest = np.empty(raw.size // size * block, np.float32) if out is None else out
+        _dequant.dequantize(int(qtype), np.ascontiguousarray(raw).reshape(-1), dest, _half_table())
+        return dest.reshape(shape)
+    if qtype.name == "F32":
+        values = raw.view(np.float32)
+    else:
+        from gguf import quants
 
-    return quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+        values = quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+    if out is not None:
+        out[:] = values.reshape(-1)
+        return out.reshape(shape)
+    return values
 
 
 DEQUANT_TYPES = frozenset(_dequant.types()) if _dequant is not None else frozenset()
@@ -271,10 +279,11 @@ def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[
     return f"GGUF ({arch_name}; {kinds}; dequantized to F32)", tensors, config, meta
 
 
-def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokenizer: bool = False) -> list[str]:
+def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokenizer: bool = False,
+                     vocabulary: str | None = None) -> list[str]:
     """config.json and generation_config.json from the GGUF metadata; tokenizer files from its
-    vocabulary: built by nearswap for byte-level BPE vocabularies, by transformers (when
-    installed) for the others. Returns what was written."""
+    vocabulary (``vocabulary``: its tokenizer.ggml.model): built by nearswap for byte-level
+    BPE vocabularies, by transformers (when installed) for the others. Returns what was written."""
     import json
 
     written = ["config.json (from GGUF metadata)"]
@@ -286,9 +295,8 @@ def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokeni
     if skip_tokenizer:
         return written
     from . import gguf_vocab
-    from .gguf_header import read_header
 
-    if gguf_vocab.supported(read_header(path).metadata):  # byte-level BPE: built here, no transformers needed
+    if vocabulary == "gpt2":  # byte-level BPE: built here, no transformers needed
         return written + gguf_vocab.write(path, dest)
     try:
         from transformers import AutoTokenizer
