@@ -140,6 +140,9 @@ def run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) 
     manager = TaskManager(include_path=str(config_dir), include_defaults=False)
     names = [s.task.lm_eval_name for s in selected]
     hidden = io.StringIO()
+    # lm-eval records the git commit of the current directory, whatever it is, by running git
+    # (which prints "fatal: not a git repository" outside one): it says nothing about this run.
+    git_hash, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, lambda: None
     try:
         # lm-eval draws a tqdm bar per step of building requests: nearswap's caller shows one per phase
         with contextlib.redirect_stderr(hidden):
@@ -150,6 +153,8 @@ def run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) 
                                             torch_random_seed=1234, fewshot_random_seed=1234)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise NearswapError(f"lm-evaluation-harness could not run the tasks ({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        evaluator.get_git_commit_hash = git_hash
     results = {}
     for sel in selected:
         task = sel.task
