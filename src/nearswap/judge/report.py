@@ -279,8 +279,9 @@ def page(report: dict[str, Any], plots: dict[str, str]) -> str:
     ref = names[0]
     parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>nearswap eval: {e(', '.join(names))}</title>"
              f"<style>{STYLE}</style></head><body>",
-             f"<h1>nearswap eval</h1><p>Reference: <b>{e(ref)}</b>. Compared with it, item by item: "
-             + ", ".join(f"<b>{e(n)}</b>" for n in names[1:]) + ".</p>"]
+             f"<h1>nearswap eval</h1><p>Reference: <b>{e(ref)}</b>. "
+             + ("Compared with it, item by item: " + ", ".join(f"<b>{e(n)}</b>" for n in names[1:]) + "."
+                if len(names) > 1 else "No other model was given: its scores alone.") + "</p>"]
 
     def verdict(p: dict[str, Any]) -> str:
         cls = {"better": "better", "worse": "worse"}.get(p["verdict"], "none")
