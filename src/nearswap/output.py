@@ -39,7 +39,7 @@ RANDOM_PART = 8  # characters tempfile adds
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
-_renameat2: object = "unresolved"  # libc's renameat2, looked up on first use (ctypes costs 3 ms to import)
+_renameat2: object = "unresolved"  # libc's renameat2, looked up on first use (keeps ctypes off start-up)
 
 
 def _libc_renameat2() -> object:

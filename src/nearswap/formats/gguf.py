@@ -185,7 +185,7 @@ class GGUFSource:
 
 
 
-try:  # the compiled dequantizer; gguf's numpy code computes the same bits, 20-100x slower
+try:  # the compiled dequantizer; gguf's numpy code computes the same bits, slower (README)
     from .. import _dequant
 except ImportError:  # pragma: no cover - depends on the build
     _dequant = None

@@ -113,7 +113,7 @@ class _Cursor:
             raise HeaderError(f"{where}: an array of {count} elements runs past the end of the file (truncated?)")
         if item in SCALARS:
             self.pos += count * least
-        elif item == gguf.GGUFValueType.STRING:  # a vocabulary: a tight loop, 100k strings in ~30 ms
+        elif item == gguf.GGUFValueType.STRING:  # a vocabulary: one tight loop over the lengths
             buf, pos, end, unpack = self.buf, self.pos, len(self.buf), struct.Struct("<Q").unpack_from
             for _ in range(count):
                 if pos + 8 > end:

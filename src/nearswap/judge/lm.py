@@ -1,14 +1,14 @@
 """nearswap's LM for lm-evaluation-harness on a CPU: lm-eval's HF backend, with log-likelihoods
 computed in batches — and every decision lm-eval makes from them the same as its own backend's.
 
-On a CPU a forward pass of a small model is bound by reading its weights, not by arithmetic:
-SmolLM2-135M takes ~70 ms for 1 token and ~140 ms for 30 (the 540 MB of float32 weights are
-streamed either way). lm-eval's HF backend scores one request per forward pass; this class
-packs requests of similar length into batches of a few thousand tokens (right-padded, sorted
-by length), so the weights are read once per batch.
+On a CPU a forward pass over a few tokens is bound by reading the model's weights, not by
+arithmetic, and the choices of one question repeat its whole context. lm-eval's HF backend
+scores one request per forward pass; this class packs the requests that share a prefix into
+one sequence (the prefix once, a tree-shaped attention mask) and batches those sequences, so
+the weights are read once per batch and shared contexts are computed once (figures: README).
 
 Batched arithmetic is not bit-identical to one-at-a-time arithmetic (matrix products and
-attention reduce in another order; the log-likelihoods differ by ~1e-5). Scores are only
+attention reduce in another order; the log-likelihoods differ in their last digits). Scores are only
 compared with each other, so what must not change is every comparison lm-eval makes: which
 choice has the highest log-likelihood (``acc``), the highest per-character log-likelihood
 (``acc_norm``), and whether the continuation is the greedy one (``is_greedy``). After the
@@ -29,7 +29,7 @@ TOKENS_PER_BATCH = 4096  # padded tokens in one forward pass
 LOGITS_BYTES = 256 << 20  # the needed logits of one batch
 VOCAB_GUESS = 131072  # vocabulary size assumed when sizing batches by their logits (Llama 3's is 128,256)
 MAX_BATCH = 64
-TIE = 2e-3  # nats: decisions closer than this are recomputed exactly (batching moves them by ~1e-5)
+TIE = 2e-3  # nats: decisions closer than this are recomputed exactly (far above what batching moves: README)
 
 
 def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
