@@ -788,3 +788,25 @@ def test_unexpected_exceptions_say_internal_error_and_keep_the_traceback(tmp_pat
     trace = Path(line.rsplit(" ", 1)[-1])
     assert trace.is_file() and "TypeError: a bug" in trace.read_text()
     assert not (tmp_path / "out").exists()
+
+
+def test_only_what_nearswap_marked_as_its_partial_is_removed(tmp_path, run):
+    """A directory or file that merely has a partial's name (or the old output an interrupted
+    replacement left) is named in a warning and left alone; it was not made by a run of nearswap's."""
+    base, s1 = pair(tmp_path)
+    theirs = tmp_path / ".out.abcdefgh.partial"
+    theirs.mkdir()
+    (theirs / "mine.txt").write_text("keep")
+    result = run("merge", base, s1, "-t", "1e-4", "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert (theirs / "mine.txt").read_text() == "keep"
+    assert "found" in result.stderr and theirs.name in result.stderr and "left as it is" in result.stderr
+    assert not (tmp_path / "out" / ".nearswap-partial").exists()  # the marker never reaches an output
+
+
+def test_a_users_file_with_the_lock_files_name_is_never_truncated(tmp_path, run):
+    base, s1 = pair(tmp_path)
+    (tmp_path / ".out.lock").write_text("my notes, not a pid")
+    line = one_line(run("merge", base, s1, "-t", "1e-4", "-o", tmp_path / "out"))
+    assert "not a nearswap lock file" in line
+    assert (tmp_path / ".out.lock").read_text() == "my notes, not a pid" and not (tmp_path / "out").exists()

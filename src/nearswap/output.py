@@ -15,7 +15,8 @@ its path and renamed into place once complete. Around that rename:
   The old output is swapped out in one step (``RENAME_EXCHANGE``) and removed only then; an
   interruption during that removal says that the new output is complete, and what is left.
 - **Partial outputs of killed runs are found.** A run that was SIGKILLed leaves its hidden
-  ``.NAME.<random>.partial`` directory; the next run into the same path removes it and warns.
+  ``.NAME.<random>.partial`` directory, marked as nearswap's while unfinished; the next run into
+  the same path removes it and warns. Anything else by such a name is only named, never removed.
 
 Names of these siblings stay within the file system's 255-byte limit however long NAME is.
 """
@@ -26,6 +27,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -261,10 +263,14 @@ class _Lock:
     def acquire(self) -> None:
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
             except OSError as e:
                 raise NearswapError(f"cannot write in {self.target.parent}: {e.strerror}; "
                                     "choose an output path on a writable file system") from None
+            if not self._is_ours(fd):  # a file of the user's that happens to have this name: untouched
+                os.close(fd)
+                raise NearswapError(f"{self.path} exists and is not a nearswap lock file; move it away or choose "
+                                    "another output path")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -285,6 +291,14 @@ class _Lock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             self.fd = fd
             return
+
+    @staticmethod
+    def _is_ours(fd: int) -> bool:
+        """A regular file that is empty or holds a pid: what this class writes, nothing else."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 32:
+            return False
+        return os.pread(fd, 32, 0).strip().isdigit() or st.st_size == 0
 
     def release(self) -> None:
         if self.fd is None:
@@ -324,19 +338,30 @@ def claimed(target: Path, force: bool, kind: str = "dir",
         raise
 
 
+PARTIAL_MARKER = ".nearswap-partial"  # in a partial directory until it is committed: "nearswap made this"
+
+
 def _remove_stale_partials(target: Path) -> None:
-    """We hold the lock, so no live run is writing these: they belong to runs that were killed."""
+    """We hold the lock, so no live run is writing these: they belong to runs that were killed.
+    Only a directory nearswap marked as its own partial output is removed; anything else with
+    such a name (an old output left by an interrupted replacement, a partial file of an export,
+    whatever else) is named and left as it is."""
     stem = sibling_stem(target)
     try:
         entries = os.listdir(target.parent)
     except OSError:
         return
     for entry in entries:
-        if _is_partial_of(stem, entry):
-            path = target.parent / entry
+        if not _is_partial_of(stem, entry):
+            continue
+        path = target.parent / entry
+        if path.is_dir() and not path.is_symlink() and (path / PARTIAL_MARKER).is_file():
             _remove(path)
             warnings.warn(f"removed {path}, the unfinished output of an earlier run into {target} "
                           "that was killed", NearswapWarning, stacklevel=4)
+        else:
+            warnings.warn(f"found {path}, left by an earlier run into {target}; it was left as it is: "
+                          "remove it if you do not need it", NearswapWarning, stacklevel=4)
 
 
 def _remove(path: Path) -> None:
@@ -392,7 +417,9 @@ def atomic_directory(target: str | Path, force: bool = False,
             raise NearswapError(f"cannot write in {target.parent}: {e.strerror}") from None
         new = os.lstat(tmp)
         try:
+            (tmp / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
             yield tmp
+            (tmp / PARTIAL_MARKER).unlink()
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a result should look like any new folder
             fsync_dir(tmp)
             old = _commit(tmp, target, force, "dir", replaceable)
