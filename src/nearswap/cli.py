@@ -297,7 +297,7 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
         raise NearswapError("give a base and at least one secondary")
     values = _parse_ts(ts)
     if plot_dir:
-        curves.check_plot_output(plot_dir, force)  # before the pass, not after it
+        curves.check_plot_output(plot_dir, force, inputs)  # before the pass, not after it
     bar = _Progress("reading", quiet or as_json)
     try:
         result = curves.compute(inputs[0], inputs[1:], values, threads=threads, progress=bar.update,

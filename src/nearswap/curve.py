@@ -27,7 +27,7 @@ from . import engine, kernels, recipe
 from .engine import ChunkBuffers, Plan, default_threads, plan, run_pool, work_items
 from .errors import NearswapError
 from .formats.safetensors import FileReader, MappedReader, TensorInfo
-from .output import atomic_directory, refuse_existing
+from .output import atomic_directory, check_replaceable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -299,10 +299,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def check_plot_output(directory: str | Path, force: bool = False) -> None:
+def check_plot_output(directory: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> None:
     """What ``write_plots`` would refuse, checked before the pass: an existing directory
-    (without ``force``), or no matplotlib."""
-    refuse_existing(Path(directory), force)
+    (without ``force``; with it, anything but an earlier nearswap output), a directory that
+    holds one of ``inputs``' files, or no matplotlib."""
+    from .formats import open_model
+
+    check_replaceable(Path(directory), force)
+    engine.check_output_not_input(Path(directory), [open_model(p, "input") for p in inputs])
     _pyplot()
 
 

@@ -213,11 +213,6 @@ def check_replaceable(target: Path, force: bool, kind: str = "dir",
                                 "--force will not replace it: remove it yourself or choose another path")
 
 
-def refuse_existing(target: Path, force: bool, kind: str = "dir") -> None:
-    """``check_replaceable`` for callers that only know the path (kept for the CLI's early checks)."""
-    check_replaceable(Path(target), force, kind)
-
-
 # ---------------------------------------------------------------- claiming an output path
 
 

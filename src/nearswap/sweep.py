@@ -162,10 +162,12 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
         from . import judge as judge_pkg
 
         judge_pkg.require()
-        data.prepare(data.missing([s.task for s in selected]), echo=echo)
+        data.prepare([s.task for s in selected], echo=echo)  # (only what is not prepared yet)
     steps = [{"model": str(s), "t": ts[0]} for s in secondaries]
-    base_model = engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep")).base  # preflight first
+    plan_ = engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep"))  # preflight first
+    base_model = plan_.base
     with atomic_directory(out, force) as tmp:
+        engine.check_output_not_input(Path(out), [plan_.base, *plan_.secondaries])
         # a GGUF base is evaluated through its HF conversion, cached outside the output
         base_hf = loader.hf_directory(loader.check([base])[0], echo)
         if selected:

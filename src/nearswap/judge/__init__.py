@@ -71,14 +71,14 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     check_replaceable(out, force)  # before any work (atomic_directory checks again, under its lock)
     require()
     candidates = loader.check(list(models))
-    todo = data.missing([s.task for s in selected])
-    if todo:
-        data.prepare(todo, echo=echo)
+    data.prepare([s.task for s in selected], echo=echo)  # (only what is not prepared yet)
+    from ..engine import check_output_not_input
     from ..output import atomic_directory
     from . import harness, report as reports
     from .run import run_models
 
     with atomic_directory(out, force) as tmp:
+        check_output_not_input(out, [c.model for c in candidates])  # --force never replaces a model it reads
         config_dir = tmp / "tasks"
         if selected:
             harness.write_configs(selected, config_dir, limit)

@@ -31,6 +31,7 @@ class Candidate:
     hf_dir: Path | None  # None until a GGUF is converted
     format: str
     parameters: int
+    model: Any = None  # the opened header (formats.Model): its files must not be overwritten by the report
 
 
 def check(paths: list[str | Path]) -> list[Candidate]:
@@ -57,7 +58,7 @@ def check(paths: list[str | Path]) -> list[Candidate]:
         names[name] = names.get(name, 0) + 1
         if names[name] > 1:
             name = f"{name} ({names[name]})"
-        out.append(Candidate(name, path, path if path.is_dir() else None, model.format, model.num_params))
+        out.append(Candidate(name, path, path if path.is_dir() else None, model.format, model.num_params, model))
     return out
 
 
