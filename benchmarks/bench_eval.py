@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--merged", type=Path, help="default: the demo's merge in the cache")
     args = ap.parse_args()
     from nearswap import fetch
-    from nearswap.judge import harness, models, tasks
+    from nearswap.judge import harness, tasks
 
     cache = fetch.cache_dir()
     base = args.base or fetch.fetch()

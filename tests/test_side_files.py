@@ -7,7 +7,6 @@ followed. The real all-MiniLM-L6-v2 (a sentence-transformers BERT, from PyPI) is
 loaded back by sentence-transformers.
 """
 
-import json
 import os
 
 import numpy as np

@@ -22,7 +22,7 @@ from . import kernels
 from ._version import __version__
 from .dtypes import BY_NAME, DType
 from .errors import NearswapError, shown
-from .formats import CONFIG_FILES, TOKENIZER_FILES, Model, open_model
+from .formats import TOKENIZER_FILES, Model, open_model
 from .formats import safetensors as st
 from .formats.safetensors import FileReader, ShardedWriter, TensorInfo
 from .output import atomic_directory
