@@ -93,7 +93,7 @@ def test_links_out_of_the_model_are_not_followed(tmp_path):
     (tmp_path / "elsewhere" / "x.json").write_text("{}")
     (b / "extra").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     s1 = write_model(tmp_path / "s1", random_model(1, like=base))
-    with pytest.warns(NearswapWarning, match="notes.txt was not copied: it links outside"):
+    with pytest.warns(NearswapWarning, match="notes.txt was not copied: it is a link leading out"):
         nearswap.merge(b, [s1], t=1e-4, out=tmp_path / "out")
     assert not (tmp_path / "out" / "notes.txt").exists() and not (tmp_path / "out" / "extra").exists()
 
@@ -151,3 +151,14 @@ def test_minilm_merge_keeps_what_makes_it_a_sentence_transformer(minilm, tmp_pat
     assert a.shape == b.shape == (1, 384)
     cosine = float(np.dot(a[0], b[0]) / np.linalg.norm(a[0]) / np.linalg.norm(b[0]))
     assert cosine > 0.99, cosine  # t = 1e-4 moves it very little
+
+
+def test_a_folder_linked_back_into_itself_is_not_walked(tmp_path):
+    base = random_model(0)
+    b = model_with_side_files(tmp_path / "base", base)
+    (b / "loop").symlink_to(b, target_is_directory=True)
+    s1 = write_model(tmp_path / "s1", random_model(1, like=base))
+    with pytest.warns(NearswapWarning, match="loop was not copied"):
+        report = nearswap.merge(b, [s1], t=1e-4, out=tmp_path / "out")
+    assert not any(rel.startswith("loop") for rel in report["output"]["copied"])
+    assert (tmp_path / "out" / "modules.json").exists()

@@ -381,7 +381,8 @@ def _copy_side_files(plan_: Plan, dest: Path, regenerated: tuple[str, ...] = ())
         found, left_out = side_files(base_dir, skip)
         jobs += found
         for rel in left_out:
-            warnings.warn(f"{base_dir / rel} was not copied: it links outside the model directory", NearswapWarning)
+            warnings.warn(f"{base_dir / rel} was not copied: it is a link leading out of the model directory, "
+                          "a linked folder or not a regular file", NearswapWarning)
     if recipe.tokenizer_source != "base":
         src = Path(recipe.tokenizer_source)
         found, left_out = side_files(src)

@@ -56,8 +56,8 @@ def _allowed_root(directory: Path) -> Path:
 
 def side_files(directory: Path, skip: set[str] = frozenset()) -> tuple[list[tuple[str, Path]], list[str]]:
     """The non-weight files of a model directory, as (relative path, file to read), and the
-    relative paths left out because they are links leading outside the model (or not regular
-    files). ``skip``: relative paths not to take (say, tokenizer files from elsewhere)."""
+    relative paths left out because they are links leading outside the model, linked folders,
+    or not regular files. ``skip``: relative paths not to take (say, tokenizer files from elsewhere)."""
     root = _allowed_root(directory)
     found: list[tuple[str, Path]] = []
     left_out: list[str] = []
@@ -76,7 +76,9 @@ def side_files(directory: Path, skip: set[str] = frozenset()) -> tuple[list[tupl
                 left_out.append(rel)
                 continue
             if e.is_dir():
-                if e.name not in SKIPPED_DIRS:
+                if e.is_symlink():  # a linked folder is not walked (it could loop back on itself)
+                    left_out.append(rel)
+                elif e.name not in SKIPPED_DIRS:
                     stack.append(path)
                 continue
             if is_weight_file(e.name) or rel in skip:
