@@ -1,20 +1,18 @@
-"""GGUF input: llama.cpp checkpoints presented under HF names, in HF layouts, as float32.
+"""GGUF input and output: llama.cpp checkpoints presented under HF names, in HF layouts, as float32.
 
-The header is read with the ``gguf`` package (imported only when a GGUF file is opened);
-tensor rows are fetched with positional reads and dequantized chunk by chunk with
-``gguf.quants.dequantize``, which knows every common type (K-quants and i-quants included),
-so memory stays bounded. llama.cpp stores each attention head's Q and K rows permuted for
-its RoPE; those rows are put back in HF order here, a whole head at a time. Architecture
-facts (names, which tensors are permuted, the HF config) live in the ``ARCHITECTURES`` table.
+The header is read with nearswap's bounded reader (``gguf_header``); tensor rows are fetched
+with positional reads and dequantized chunk by chunk (the C kernel, or ``gguf.quants``), so
+memory stays bounded. What differs per architecture (names, llama's permuted Q/K rows,
+Gemma's +1 norms, the HF config) is a row of ``architectures.ARCHITECTURES``. A GGUF can also
+be opened under its own names and values (``native``): what a GGUF-to-GGUF merge reads, for
+any architecture.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,119 +24,8 @@ from ..dtypes import BY_NAME
 from ..errors import NearswapError, shown
 from .safetensors import TensorInfo, pread_exact
 
-# ---------------------------------------------------------------- architecture tables
-
-
-@dataclass(frozen=True)
-class Arch:
-    """How one GGUF architecture maps onto its HF counterpart."""
-
-    hf_architecture: str
-    names: dict[str, str]  # GGUF name pattern -> HF name pattern ({bid}: block number)
-    permuted: dict[str, str]  # GGUF tensor (without blk.N.) -> metadata key holding its head count
-    ignored: tuple[str, ...]  # GGUF tensors with no HF counterpart (recomputed by HF code)
-    config: Callable[[dict[str, Any], dict[str, TensorInfo]], dict[str, Any]]
-
-    @cached_property
-    def to_hf(self) -> list[tuple[re.Pattern[str], str]]:  # compiled once per architecture
-        return [(_pattern(g), h) for g, h in self.names.items()]
-
-    @cached_property
-    def to_gguf(self) -> list[tuple[re.Pattern[str], str]]:
-        return [(_pattern(h), g) for g, h in self.names.items()]
-
-
-LLAMA_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{bid}.attn_norm.weight": "model.layers.{bid}.input_layernorm.weight",
-    "blk.{bid}.attn_q.weight": "model.layers.{bid}.self_attn.q_proj.weight",
-    "blk.{bid}.attn_k.weight": "model.layers.{bid}.self_attn.k_proj.weight",
-    "blk.{bid}.attn_v.weight": "model.layers.{bid}.self_attn.v_proj.weight",
-    "blk.{bid}.attn_output.weight": "model.layers.{bid}.self_attn.o_proj.weight",
-    "blk.{bid}.ffn_norm.weight": "model.layers.{bid}.post_attention_layernorm.weight",
-    "blk.{bid}.ffn_gate.weight": "model.layers.{bid}.mlp.gate_proj.weight",
-    "blk.{bid}.ffn_up.weight": "model.layers.{bid}.mlp.up_proj.weight",
-    "blk.{bid}.ffn_down.weight": "model.layers.{bid}.mlp.down_proj.weight",
-}
-
-
-def meta_number(meta: dict[str, Any], key: str, default: Any = None, kind: type = int) -> Any:
-    """A metadata value the reader relies on, of the right type (an integer, or a float where
-    ``kind`` is float), or ``default`` when absent; anything else is refused by name."""
-    if key not in meta:
-        return default
-    value = meta[key]
-    ok = (type(value) is int) if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise MetadataError(f"metadata {key} is {shown(value)}, not {'an integer' if kind is int else 'a number'}")
-    return value
-
-
-class MetadataError(ValueError):
-    """A GGUF metadata value the reader needs is missing or wrong; the caller names the file."""
-
-
-def _llama_config(meta: dict[str, Any], tensors: dict[str, TensorInfo]) -> dict[str, Any]:
-    a = "llama."
-    if "model.embed_tokens.weight" not in tensors:
-        raise MetadataError("it has no token_embd.weight (the token embeddings), so it is not a complete llama model")
-    embed = tensors["model.embed_tokens.weight"].shape
-    if len(embed) != 2:
-        raise MetadataError(f"token_embd.weight has shape {list(embed)}; a 2-D matrix is expected")
-    num = functools.partial(meta_number, meta)
-    heads = num(a + "attention.head_count")
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": num(a + "embedding_length", embed[1]),
-        "intermediate_size": num(a + "feed_forward_length"),
-        "num_hidden_layers": num(a + "block_count"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": num(a + "attention.head_count_kv", heads),
-        "max_position_embeddings": num(a + "context_length", 2048),
-        "rms_norm_eps": num(a + "attention.layer_norm_rms_epsilon", 1e-5, float),
-        "rope_theta": num(a + "rope.freq_base", 10000.0, float),
-        "vocab_size": embed[0],
-        "hidden_act": "silu",
-        "tie_word_embeddings": "lm_head.weight" not in tensors,
-        "torch_dtype": "float32",
-    }
-    for key in ("bos_token_id", "eos_token_id"):
-        value = num(f"tokenizer.ggml.{key}")
-        if value is not None:
-            config[key] = value
-    return {k: v for k, v in config.items() if v is not None}
-
-
-ARCHITECTURES: dict[str, Arch] = {
-    "llama": Arch(
-        hf_architecture="LlamaForCausalLM",
-        names=LLAMA_NAMES,
-        permuted={"attn_q.weight": "llama.attention.head_count", "attn_k.weight": "llama.attention.head_count_kv"},
-        ignored=("rope_freqs.weight",),
-        config=_llama_config,
-    ),
-}
-
-
-def _pattern(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)") + "$")
-
-
-def _rename(table: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
-    for pattern, target in table:
-        m = pattern.match(name)
-        if m:
-            return target.format(**m.groupdict())
-    return None
-
-
-def hf_name(arch: Arch, name: str) -> str | None:
-    """The HF name of GGUF tensor ``name`` (``blk.3.attn_q.weight`` -> ``model.layers.3...``)."""
-    return _rename(arch.to_hf, name)
-
+from .architectures import (ARCHITECTURES, BY_HF_CLASS, Arch, MetadataError, add_metadata, gguf_name, hf_config,
+                            hf_name, meta_number, short_name, unsupported)
 
 # ---------------------------------------------------------------- reading
 
@@ -152,6 +39,7 @@ class GGUFSource:
     type_size: int  # bytes per block
     row_len: int  # elements per row (GGML ne0, the HF last dimension)
     heads: int | None  # rows come permuted in this many heads (llama Q/K), or None
+    offset: float = 0.0  # subtracted from every value (Gemma's norms are stored +1)
 
     def read(self, fd: int, info: TensorInfo, start: int, out: Any) -> Any:
         """Fill ``out`` (float32 array, or a byte buffer) with HF-layout elements from ``start`` on.
@@ -174,13 +62,15 @@ class GGUFSource:
         blocks = np.frombuffer(raw, np.uint8).reshape(nblocks, self.type_size)
         if not self.heads and e0 == start and e1 - e0 == n:  # whole blocks: straight into the caller's buffer
             dequantize(blocks, self.qtype, out=target)
-            return out
-        block = dequantize(blocks, self.qtype).reshape(-1)
-        if self.heads:
-            per_head = info.numel // self.row_len // self.heads
-            block = block.reshape(-1, per_head // 2, 2, self.row_len).swapaxes(1, 2).reshape(-1)
-        first = start - e0
-        target[:] = block[first:first + n]
+        else:
+            block = dequantize(blocks, self.qtype).reshape(-1)
+            if self.heads:
+                per_head = info.numel // self.row_len // self.heads
+                block = block.reshape(-1, per_head // 2, 2, self.row_len).swapaxes(1, 2).reshape(-1)
+            first = start - e0
+            target[:] = block[first:first + n]
+        if self.offset:  # float32 arithmetic, as transformers' GGUF loader does it
+            np.subtract(target, np.float32(self.offset), out=target)
         return out
 
 
@@ -235,48 +125,62 @@ def _head_count(meta: dict[str, Any], key: str, name: str, rows: int) -> int:
     return heads
 
 
-def open_gguf(path: Path, label: str) -> tuple[str, dict[str, TensorInfo], dict[str, Any], dict[str, Any]]:
-    """Read a GGUF header. Returns (format description, HF-named tensors, HF config, metadata)."""
+HEAD_KEYS = {"num_attention_heads": "attention.head_count", "num_key_value_heads": "attention.head_count_kv"}
+
+
+def read_gguf_header(path: Path, label: str) -> Any:
+    """The header (scalars and tensor infos; vocabulary arrays skipped), or one line."""
     from .gguf_header import HeaderError, read_header
 
     try:
-        header = read_header(path)  # scalars and tensor infos; the vocabulary arrays are skipped
+        return read_header(path)
     except (HeaderError, OSError) as e:
         raise NearswapError(f"{label}: {path}: not a readable GGUF file: {e}; re-download it") from None
+
+
+def open_gguf(path: Path, label: str, native: bool = False
+              ) -> tuple[str, dict[str, TensorInfo], dict[str, Any] | None, dict[str, Any]]:
+    """Read a GGUF header. Returns (format description, tensors, HF config, metadata): under HF
+    names and values with the config of its architecture's row, or (``native``) under its own
+    names and stored values with no config, for any architecture."""
+    header = read_gguf_header(path, label)
     meta = header.metadata
     arch_name = meta.get("general.architecture", "?")
     arch = ARCHITECTURES.get(arch_name) if isinstance(arch_name, str) else None
-    if arch is None:
-        raise NearswapError(f"{label}: {path}: GGUF architecture {shown(arch_name)} is not supported yet "
-                            f"(supported: {', '.join(ARCHITECTURES)})")
+    if arch is None and not native:
+        raise unsupported(arch_name, f"{label}: {path}")
     f32 = BY_NAME["F32"]
     tensors: dict[str, TensorInfo] = {}
     qtypes: dict[str, int] = {}
     try:
         for t in sorted(header.tensors, key=lambda t: t.data_offset):
+            shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists dimensions innermost first
+            block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+            qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
+            if native:
+                source = GGUFSource(t.tensor_type, block, type_size, shape[-1] if shape else 1, None)
+                tensors[t.name] = TensorInfo(t.name, f32, shape, path, int(t.data_offset), source)
+                continue
             if t.name in arch.ignored:
                 continue
             name = hf_name(arch, t.name)
             if name is None:
-                raise MetadataError(f"GGUF tensor {shown(t.name)} has no HF name in the {arch_name} table; "
-                                    "this variant is not supported yet")
-            shape = tuple(int(d) for d in reversed(t.shape))  # GGML lists dimensions innermost first
-            row_len = shape[-1] if shape else 1
-            short = t.name.split(".", 2)[-1] if t.name.startswith("blk.") else t.name
+                raise MetadataError(f"GGUF tensor {shown(t.name)} has no HF name in the {arch_name} row; "
+                                    "this variant is not mapped yet (a merge into -o merged.gguf needs no mapping)")
             heads = None
-            if short in arch.permuted:
+            key = arch.permuted_heads(short_name(t.name))
+            if key:
                 if len(shape) != 2:
                     raise MetadataError(f"{t.name} has shape {list(shape)}; a 2-D matrix is expected")
-                heads = _head_count(meta, arch.permuted[short], t.name, shape[0])
-            block, type_size = GGML_QUANT_SIZES[t.tensor_type]
-            source = GGUFSource(t.tensor_type, block, type_size, row_len, heads)
+                heads = _head_count(meta, f"{arch_name}.{HEAD_KEYS[key]}", t.name, shape[0])
+            source = GGUFSource(t.tensor_type, block, type_size, shape[-1] if shape else 1, heads, arch.offset(t.name))
             tensors[name] = TensorInfo(name, f32, shape, path, int(t.data_offset), source)
-            qtypes[t.tensor_type.name] = qtypes.get(t.tensor_type.name, 0) + 1
-        config = arch.config(meta, tensors)
+        config = None if native else hf_config(arch, meta, {n: i.shape for n, i in tensors.items()})
     except MetadataError as e:
         raise NearswapError(f"{label}: {path}: {e}; the file is corrupt or of a variant nearswap does not read") from None
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]))
-    return f"GGUF ({arch_name}; {kinds}; dequantized to F32)", tensors, config, meta
+    names = "GGUF names" if native else "dequantized to F32"
+    return f"GGUF ({shown(arch_name) if not isinstance(arch_name, str) else arch_name}; {kinds}; {names})", tensors, config, meta
 
 
 def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokenizer: bool = False,
@@ -325,60 +229,57 @@ LLAMA_CPP_TYPES = {
     "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M",
     "q6_k": "MOSTLY_Q6_K", "iq4_nl": "MOSTLY_IQ4_NL", "iq4_xs": "MOSTLY_IQ4_XS",
 }
-# HF architectures exported as a GGUF architecture of ARCHITECTURES.
-HF_TO_GGUF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
-
-
-def gguf_name(arch: Arch, name: str) -> str | None:
-    """The GGUF name of HF tensor ``name`` (the inverse of ``hf_name``)."""
-    return _rename(arch.to_gguf, name)
-
-
 REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _export_config(model: Any) -> dict[str, Any]:
-    """The config.json values the GGUF metadata needs, checked: positive integers for the
-    shapes, numbers for the rest; vocab_size from the embeddings when config.json omits it."""
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    """``config[key]``, also where transformers 5 keeps it (``rope_parameters``, per attention
+    kind for Gemma 3: the full-attention layers' theta is the one GGUF stores)."""
+    if key == "rope_theta" and config.get("rope_theta") is None and isinstance(config.get("rope_parameters"), dict):
+        params = config["rope_parameters"]
+        params = params.get("full_attention", params) if isinstance(params.get("full_attention"), dict) else params
+        return params.get("rope_theta")
+    return config.get(key)
+
+
+def export_config(model: Any, arch: Arch) -> dict[str, Any]:
+    """The config.json values the GGUF metadata of ``arch`` needs, checked: positive integers
+    for the shapes, numbers for the rest; vocab_size from the embeddings when config.json
+    omits it; optional values (head_dim, sliding_window, softcaps) only when set."""
+    from .architectures import CONFIG_KEYS
+
     config = model.config or {}
     where = str(model.path)
-    out: dict[str, Any] = {}
     for key in REQUIRED_CONFIG:
         if key not in config:
             raise NearswapError(f"{where}: config.json has no {key}, which the GGUF metadata needs; add it")
     embed = model.tensors.get("model.embed_tokens.weight")
     defaults = {"num_key_value_heads": config["num_attention_heads"], "max_position_embeddings": 2048,
-                "vocab_size": embed.shape[0] if embed is not None else None, "head_dim": None}
-    for key in (*REQUIRED_CONFIG, "num_key_value_heads", "max_position_embeddings", "vocab_size", "head_dim"):
-        value = config.get(key, defaults.get(key))
-        if value is None and key == "head_dim":
+                "rope_theta": 10000.0, "rms_norm_eps": 1e-5}
+    out: dict[str, Any] = {}
+    for key, _template, kind in CONFIG_KEYS:
+        if key not in arch.keys:
             continue
-        if type(value) is not int or value <= 0:
+        value = _config_value(config, key)
+        if value is None:
+            value = defaults.get(key)
+        if value is None:
+            continue
+        if kind is int and (type(value) is not int or value <= 0):
             raise NearswapError(f"{where}: config.json {key} is {shown(value)}; a positive integer is needed")
-        out[key] = value
-    for key, default in (("rope_theta", 10000.0), ("rms_norm_eps", 1e-5)):
-        value = config.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise NearswapError(f"{where}: config.json {key} is {shown(value)}; a number is needed")
-        out[key] = float(value)
-    if out["hidden_size"] % out["num_attention_heads"] and "head_dim" not in out:
+        out[key] = kind(value)
+    vocab = config.get("vocab_size", embed.shape[0] if embed is not None else None)
+    if type(vocab) is not int or vocab <= 0:
+        raise NearswapError(f"{where}: config.json vocab_size is {shown(vocab)}; a positive integer is needed")
+    out["vocab_size"] = vocab
+    if config.get("head_dim") is None and out["hidden_size"] % out["num_attention_heads"]:
         raise NearswapError(f"{where}: config.json hidden_size {out['hidden_size']} is not a multiple of "
                             f"num_attention_heads {out['num_attention_heads']}; give head_dim")
+    if isinstance(config.get("head_dim"), int):
+        out["head_dim"] = config["head_dim"]
     return out
-
-
-def _llama_metadata(w: Any, config: dict[str, Any]) -> None:
-    heads = config["num_attention_heads"]
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
-    w.add_rope_freq_base(config["rope_theta"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_vocab_size(config["vocab_size"])
 
 
 def _gguf_vocab(source: Path) -> Callable[[Any], None]:
@@ -519,41 +420,42 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
         if f.resolve() == out.resolve():
             raise NearswapError(f"the output {out} is an input of the export; write it somewhere else")
     hf_arch = ((model.config or {}).get("architectures") or ["?"])[0]
-    arch_name = HF_TO_GGUF_ARCH.get(hf_arch)
-    if arch_name is None:
+    arch = BY_HF_CLASS.get(hf_arch)
+    if arch is None:
         raise NearswapError(f"{model.path}: exporting {shown(hf_arch)} to GGUF is not supported yet "
-                            f"(supported: {', '.join(HF_TO_GGUF_ARCH)})")
-    arch = ARCHITECTURES[arch_name]
+                            f"(supported: {', '.join(BY_HF_CLASS)})")
+    arch_name = arch.gguf
     vocab_kind, vocab_path = _vocab_source(model, vocab)
     add_vocab = _gguf_vocab(vocab_path) if vocab_kind == "gguf" else _hf_vocab(vocab_path)
-    config = _export_config(model)
+    config = export_config(model, arch)
     qtype = Q[EXPORT_TYPES[type_name][0]]
-    head_counts = {"attn_q.weight": config["num_attention_heads"], "attn_k.weight": config["num_key_value_heads"]}
 
-    plan = []  # (hf name, gguf name, ggml type, permute heads)
+    plan = []  # (hf name, gguf name, ggml type, permute heads, offset)
     for name, info in model.tensors.items():
         target = gguf_name(arch, name)
         if target is None:
-            raise NearswapError(f"{model.path}: tensor {shown(name)} has no GGUF name in the {arch_name} table")
+            if name == "lm_head.weight" and arch.tied:  # tied: the embeddings serve as the output
+                continue
+            raise NearswapError(f"{model.path}: tensor {shown(name)} has no GGUF name in the {arch_name} row")
         block = gguf.GGML_QUANT_SIZES[qtype][0]
         tq = qtype if len(info.shape) == 2 and info.shape[-1] % block == 0 else Q.F32 if len(info.shape) < 2 else Q.F16
-        short = target.split(".", 2)[-1] if target.startswith("blk.") else target
-        heads = head_counts.get(short)
+        key = arch.permuted_heads(short_name(target))
+        heads = config[key] if key else None
         if heads and (len(info.shape) != 2 or info.shape[0] % heads or (info.shape[0] // heads) % 2):
             raise NearswapError(f"{model.path}: {name} has shape {list(info.shape)}, which config.json's head count "
                                 f"{heads} does not split into heads of whole row pairs; check config.json")
-        plan.append((name, target, tq, heads))
+        plan.append((name, target, tq, heads, arch.offset(target)))
 
     if on_start:
         on_start(model)
     w = gguf.GGUFWriter(str(part), arch_name)
     try:
         w.add_name(out.stem)
-        _llama_metadata(w, config)
+        add_metadata(w, arch, config)
         w.add_file_type(int(getattr(gguf.LlamaFileType, EXPORT_TYPES[type_name][1])))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(w)
-        for name, target, tq, _ in plan:
+        for name, target, tq, _, _ in plan:
             shape = model.tensors[name].shape
             byte_shape = quants.quant_shape_to_byte_shape(shape, tq) if tq not in (Q.F32, Q.F16) else shape
             np_dtype = {Q.F32: np.float32, Q.F16: np.float16}.get(tq, np.uint8)
@@ -565,9 +467,11 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
         reader = FileReader()
         counts: dict[str, int] = {}
         try:
-            for name, target, tq, heads in plan:  # one tensor in memory at a time
+            for name, target, tq, heads, offset in plan:  # one tensor in memory at a time
                 info = model.tensors[name]
                 x = reader.read(info, 0, np.empty(info.numel, info.dtype.np)).reshape(info.shape).astype(np.float32)
+                if offset:
+                    x += np.float32(offset)
                 if heads:
                     x = x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
                 w.write_tensor_data(quants.quantize(x, tq))
