@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from gguf import Keys
 
 from ..errors import NearswapError
@@ -24,8 +25,9 @@ from ..errors import NearswapError
 # ---------------------------------------------------------------- HF tensor names
 
 _LAYER = "model.layers.{bid}."
-DECODER = (  # what every llama-style decoder has
-    "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+HEAD = ("lm_head.weight",)
+DECODER = (  # what every llama-style decoder has (an lm_head unless its embeddings are tied)
+    "model.embed_tokens.weight", "model.norm.weight",
     _LAYER + "input_layernorm.weight", _LAYER + "post_attention_layernorm.weight",
     _LAYER + "self_attn.o_proj.weight", _LAYER + "mlp.down_proj.weight",
 )
@@ -111,11 +113,11 @@ class Arch:
 
 GEMMA_FIXED = {"hidden_activation": "gelu_pytorch_tanh"}
 ROWS = (
-    Arch("llama", ("LlamaForCausalLM", "MistralForCausalLM"), "llama", DECODER + SPLIT_QKV + SPLIT_GATE_UP,
+    Arch("llama", ("LlamaForCausalLM", "MistralForCausalLM"), "llama", DECODER + HEAD + SPLIT_QKV + SPLIT_GATE_UP,
          keys=BASE_KEYS + ("head_dim",), fixed={"hidden_act": "silu"}, rope_permuted=True, ignored=("rope_freqs.weight",)),
-    Arch("qwen2", ("Qwen2ForCausalLM",), "qwen2", DECODER + SPLIT_QKV + SPLIT_GATE_UP + QKV_BIAS,
+    Arch("qwen2", ("Qwen2ForCausalLM",), "qwen2", DECODER + HEAD + SPLIT_QKV + SPLIT_GATE_UP + QKV_BIAS,
          fixed={"hidden_act": "silu"}),
-    Arch("qwen3", ("Qwen3ForCausalLM",), "qwen3", DECODER + SPLIT_QKV + SPLIT_GATE_UP + QK_NORM,
+    Arch("qwen3", ("Qwen3ForCausalLM",), "qwen3", DECODER + HEAD + SPLIT_QKV + SPLIT_GATE_UP + QK_NORM,
          keys=BASE_KEYS + ("head_dim",), fixed={"hidden_act": "silu"}),
     Arch("gemma2", ("Gemma2ForCausalLM",), "gemma2", DECODER + SPLIT_QKV + SPLIT_GATE_UP + SANDWICH_NORMS,
          keys=BASE_KEYS + ("head_dim", "sliding_window", "attn_logit_softcapping", "final_logit_softcapping"),
@@ -123,7 +125,7 @@ ROWS = (
     Arch("gemma3", ("Gemma3ForCausalLM",), "gemma3_text", DECODER + SPLIT_QKV + SPLIT_GATE_UP + SANDWICH_NORMS + QK_NORM,
          keys=BASE_KEYS + ("head_dim", "sliding_window", "final_logit_softcapping"),
          fixed=GEMMA_FIXED, norm_offset=1.0, tied=True, head_dim_is_scalar=True),
-    Arch("phi3", ("Phi3ForCausalLM",), "phi3", DECODER + FUSED,
+    Arch("phi3", ("Phi3ForCausalLM",), "phi3", DECODER + HEAD + FUSED,
          fixed={"hidden_act": "silu"}, ignored=("rope_factors_long.weight", "rope_factors_short.weight")),
 )
 ARCHITECTURES: dict[str, Arch] = {row.gguf: row for row in ROWS}
@@ -197,8 +199,8 @@ def hf_config(arch: Arch, meta: dict[str, Any], shapes: dict[str, tuple[int, ...
     for key, template, kind in CONFIG_KEYS:
         if key in arch.keys:
             value = meta_number(meta, template.format(arch=arch.gguf), kind=kind)
-            if value is not None:
-                config[key] = value
+            if value is not None:  # GGUF floats are float32: the shortest decimal that is that float
+                config[key] = float(str(np.float32(value))) if kind is float else value
     config.setdefault("hidden_size", embed[1])
     blocks = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.")}
     config.setdefault("num_hidden_layers", max(blocks) + 1 if blocks else 0)
