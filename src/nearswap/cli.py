@@ -175,8 +175,11 @@ class _Progress:
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-t", "ts", multiple=True, type=float, help="Threshold; once for all steps or once per secondary.")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (HF format).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output directory (HF format), or a .gguf file (GGUF inputs of one architecture).")
 @click.option("--dtype", help="Output dtype (bfloat16, float16, float32). Default: each base tensor's own.")
+@click.option("--type", "gguf_type", help="Tensor type of a .gguf output: like-base (default: each tensor keeps the "
+              "base's type), f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k, ...")
 @click.option("--shard-size", help="Largest output shard, e.g. 5GB (default), 500MB, 2GiB.")
 @click.option("--tokenizer-source", help="Model directory to take tokenizer files from (default: the base).")
 @click.option("--carry-float32", is_flag=True, help="Keep float32 between steps instead of rounding after each.")
@@ -185,13 +188,14 @@ class _Progress:
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, allow_nonfinite, force, threads,
-          as_json, quiet):
+def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite, force,
+          threads, as_json, quiet):
     """Merge BASE SECONDARY [SECONDARY ...] (or one RECIPE.yaml) sequentially by NearSwap.
 
     \b
       nearswap merge base/ s1/ s2/ s3/ -t 1e-4 -o merged/
       nearswap merge recipe.yaml -o merged/
+      nearswap merge base.gguf s1.gguf -t 1e-4 -o merged.gguf --type like-base
     """
     from . import engine, recipe as recipes
 
@@ -218,7 +222,7 @@ def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, a
 
     bar = _Progress("merging", quiet or as_json)
     try:
-        report = engine.merge(rec, out, force=force, threads=threads, progress=bar.update,
+        report = engine.merge(rec, out, gguf_type, force=force, threads=threads, progress=bar.update,
                               on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
@@ -226,8 +230,13 @@ def merge(inputs, ts, out, dtype, shard_size, tokenizer_source, carry_float32, a
         click.echo(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
     else:
         click.echo(report["table"])
-        click.echo(f"wrote {out} ({report['output']['total_size'] / 1e9:.2f} GB in {len(report['output']['files'])} files, "
-                   f"{report['seconds']:.1f} s); per-tensor counts in {out / engine.REPORT_NAME}")
+        size = f"{report['output']['total_size'] / 1e9:.2f} GB"
+        if "types" in report["output"]:  # a GGUF file
+            types = ", ".join(f"{k} x{v}" for k, v in report["output"]["types"].items())
+            click.echo(f"wrote {out} ({size}; {types}; {report['seconds']:.1f} s)")
+        else:
+            click.echo(f"wrote {out} ({size} in {len(report['output']['files'])} files, "
+                       f"{report['seconds']:.1f} s); per-tensor counts in {out / engine.REPORT_NAME}")
 
 
 @cli.command()

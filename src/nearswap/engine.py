@@ -80,10 +80,11 @@ class Plan:
 # ---------------------------------------------------------------- preflight
 
 
-def plan(recipe: Recipe) -> Plan:
-    """Open every input and check that they can be merged. Raises ``NearswapError``."""
-    base = open_model(recipe.base, "base")
-    secondaries = [open_model(step.model, f"s{i}") for i, step in enumerate(recipe.steps, 1)]
+def plan(recipe: Recipe, native: bool = False) -> Plan:
+    """Open every input and check that they can be merged. Raises ``NearswapError``.
+    ``native``: GGUF inputs under their own names and values (a merge into a .gguf file)."""
+    base = open_model(recipe.base, "base", native)
+    secondaries = [open_model(step.model, f"s{i}", native) for i, step in enumerate(recipe.steps, 1)]
     for sec in secondaries:
         _check_compatible(base, sec)
     if recipe.tokenizer_source != "base":
@@ -105,6 +106,11 @@ def plan(recipe: Recipe) -> Plan:
 
 
 def _check_compatible(base: Model, sec: Model) -> None:
+    arch = "general.architecture"
+    if base.metadata.get(arch) != sec.metadata.get(arch) and (base.metadata.get(arch) or sec.metadata.get(arch)) \
+            and base.path.suffix.lower() == sec.path.suffix.lower() == ".gguf":
+        raise NearswapError(f"{sec.describe()} is a GGUF of architecture {shown(sec.metadata.get(arch))} but the base "
+                            f"is {shown(base.metadata.get(arch))}; NearSwap merges models of one architecture")
     missing = [n for n in base.tensors if n not in sec.tensors]
     extra = [n for n in sec.tensors if n not in base.tensors]
     shapes = [n for n in base.tensors if n in sec.tensors and base.tensors[n].shape != sec.tensors[n].shape]
@@ -292,11 +298,16 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def merge(recipe: Recipe, out: str | Path, **run: Any) -> dict:
+def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: Any) -> dict:
     """Run a recipe and write the merged HF checkpoint to ``out`` atomically, with the recipe,
-    ``merge_report.json`` and a model card. Returns the report. ``run``: ``force``,
-    ``threads``, ``progress``, ``on_plan`` as for ``write_checkpoint``."""
+    ``merge_report.json`` and a model card; or, when ``out`` ends in ``.gguf``, a GGUF file
+    (``merge_to_gguf``, ``gguf_type``). Returns the report. ``run``: ``force``, ``threads``,
+    ``progress``, ``on_plan`` as for ``write_checkpoint``."""
     out = Path(out)
+    if out.suffix.lower() == ".gguf":
+        return merge_to_gguf(recipe, out, gguf_type or "like-base", **run)
+    if gguf_type is not None:
+        raise NearswapError(f"--type is for a .gguf output; {out} is a directory (use --dtype there)")
     recipe_yaml = recipe.to_yaml()
 
     def finish(tmp: Path, report: dict) -> None:
@@ -407,3 +418,85 @@ def _copy_side_files(plan_: Plan, dest: Path, regenerated: tuple[str, ...] = ())
         data["torch_dtype"] = BY_NAME[recipe.dtype].hf_name
         config.write_text(json.dumps(data, indent=2) + "\n")
     return copied
+
+
+# ---------------------------------------------------------------- GGUF in, GGUF out
+
+
+def gguf_types(plan_: Plan, type_name: str) -> list[Any]:
+    """The GGML type of each output tensor: the base's own (``like-base``), or ``type_name``
+    for matrices (F16 where a row does not fill whole blocks) and F32 for the rest, as
+    llama.cpp's quantizer does."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+    if type_name == "like-base":
+        return [t.base.source.qtype for t in plan_.tasks]
+    try:
+        qtype = Q[type_name.upper()]
+    except KeyError:
+        raise NearswapError(f"unknown GGUF type {type_name!r}; give like-base or a GGML type such as "
+                            "f16, bf16, q8_0, q4_0, q4_k, q6_k") from None
+    block = GGML_QUANT_SIZES[qtype][0]
+    return [Q.F32 if len(t.shape) < 2 else qtype if t.shape[-1] % block == 0 else Q.F16 for t in plan_.tasks]
+
+
+def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base", *, force: bool = False,
+                  threads: int | None = None, progress: Callable[[int], None] | None = None,
+                  on_plan: Callable[[Plan], None] | None = None) -> dict:
+    """Merge GGUF inputs of one architecture, any architecture, in their own names and values
+    into the GGUF file ``out``: every metadata value of the base (vocabulary, chat template)
+    kept, each tensor coded as ``type_name`` (``like-base``: the base tensor's own type).
+    Written into a hidden sibling and renamed when complete."""
+    import gguf
+
+    from .formats.gguf_writer import GGUFStreamWriter, metadata_of, quantizer_for
+    from .output import atomic_file
+
+    out = Path(out)
+    if recipe.dtype:
+        raise NearswapError("--dtype is for directory outputs; a .gguf output takes --type (like-base, f16, q8_0, ...)")
+    if recipe.tokenizer_source != "base":
+        raise NearswapError("a .gguf output keeps the base's vocabulary; tokenizer_source is for directory outputs")
+    if CHUNK % 256:  # chunks must start on block boundaries (blocks are 1, 32 or 256 elements)
+        raise NearswapError(f"NEARSWAP_CHUNK={CHUNK} is not a multiple of 256, which a .gguf output needs")
+    with atomic_file(out, force) as part:
+        plan_ = plan(recipe, native=True)
+        check_output_not_input(out, [plan_.base, *plan_.secondaries])
+        types = gguf_types(plan_, type_name)
+        coders = {q.name: quantizer_for(q) for q in set(types)}  # refuses up front what cannot be written here
+        sizes = [t.numel // gguf.GGML_QUANT_SIZES[q][0] * gguf.GGML_QUANT_SIZES[q][1] for t, q in zip(plan_.tasks, types)]
+        _check_disk(out, sum(sizes))
+        if on_plan:
+            on_plan(plan_)
+        started = time.perf_counter()
+        arch, kv = metadata_of(plan_.base.path, drop=() if type_name == "like-base" else ("general.file_type",))
+        if type_name != "like-base":
+            file_type = getattr(gguf.LlamaFileType, "ALL_F32" if type_name.upper() == "F32" else f"MOSTLY_{type_name.upper()}", None)
+            if file_type is not None:
+                kv.append(("general.file_type", int(file_type), gguf.GGUFValueType.UINT32, None))
+        kv.append(("nearswap.version", __version__, gguf.GGUFValueType.STRING, None))
+        kv.append(("nearswap.recipe", json.dumps(recipe.to_dict()), gguf.GGUFValueType.STRING, None))
+        writer = GGUFStreamWriter(part, arch, kv, [(t.name, t.shape, q) for t, q in zip(plan_.tasks, types)])
+        try:
+            steps = _stream(plan_, writer, threads or default_threads(), progress)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        counts: dict[str, int] = {}
+        for q in types:
+            counts[q.name] = counts.get(q.name, 0) + 1
+        report = {
+            "nearswap_version": __version__,
+            "kernel": kernels.describe_backend(),
+            "base": recipe.base,
+            "output_type": type_name,
+            "carry_float32": recipe.carry_float32,
+            "seconds": round(time.perf_counter() - started, 3),
+            "output": {"files": [out.name], "total_size": writer.total_size, "tensors": len(plan_.tasks),
+                       "parameters": plan_.base.num_params, "gguf_architecture": arch, "types": counts,
+                       "quantizers": coders},
+            "steps": [s.to_json() for s in steps],
+        }
+    report["table"] = format_table(steps)
+    return report

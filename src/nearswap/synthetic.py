@@ -152,6 +152,37 @@ def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.012
     return _rewrite(base, directory, noised, dtype, shards)
 
 
+def make_secondary_gguf(base: str | Path, path: str | Path, scale: float = 0.0125, seed: int = 1) -> Path:
+    """``make_secondary`` for a GGUF of any architecture, written as a GGUF: the base's own
+    tensor names, stored values + Laplace(``scale``) noise (norms kept), each tensor in the
+    base's own type, every metadata value of the base. Chunk by chunk: bounded memory."""
+    from .formats import open_model
+    from .formats.gguf_writer import GGUFStreamWriter, metadata_of
+    from .formats.safetensors import FileReader
+
+    model = open_model(base, "base", native=True)
+    arch, kv = metadata_of(model.path)
+    plan = [(name, info.shape, info.source.qtype) for name, info in model.tensors.items()]
+    rng = np.random.default_rng(seed)
+    writer = GGUFStreamWriter(Path(path), arch, kv, plan)
+    reader = FileReader()
+    try:
+        for name, info in model.tensors.items():
+            for start in range(0, info.numel, 1 << 20):
+                w = reader.read(info, start, np.empty(min(1 << 20, info.numel - start), np.float32))
+                if not is_norm(name):
+                    w += rng.laplace(0.0, scale, w.shape).astype(np.float32)
+                writer.write(name, start, w)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        Path(path).unlink(missing_ok=True)
+        raise
+    finally:
+        reader.close()
+    return Path(path)
+
+
 def make_broken(base: str | Path, directory: str | Path, seed: int = 0) -> Path:
     """Write ``base`` with every weight matrix replaced by Gaussian noise of its own mean and
     standard deviation (norms and other 1-D tensors kept): same shapes and scales, no knowledge.

@@ -127,17 +127,22 @@ class Model:
         return f"{self.label} ({self.path})"
 
 
-def open_model(path: str | Path, label: str = "model") -> Model:
+def open_model(path: str | Path, label: str = "model", native: bool = False) -> Model:
     """Open a model for streaming: an HF directory, a ``.safetensors`` or a ``.gguf`` file.
+    ``native``: a GGUF under its own names and stored values, of any architecture (only GGUF
+    files can be opened so).
 
     Raises ``NearswapError`` with a one-line explanation for anything unusable.
     """
     path = Path(path)
     if not path.exists():
         raise NearswapError(f"{label}: {path} does not exist")
+    suffix = path.suffix.lower()
+    if native and (path.is_dir() or suffix != ".gguf"):
+        raise NearswapError(f"{label}: {path} is not a GGUF file; a merge into a .gguf output reads GGUF inputs only "
+                            "(merge into a directory, then `nearswap export` it)")
     if path.is_dir():
         return _open_directory(path, label)
-    suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise NearswapError(f"{label}: refusing {path}: {PICKLE_HINT}")
     if suffix == ".gguf":
@@ -145,7 +150,9 @@ def open_model(path: str | Path, label: str = "model") -> Model:
 
         from .gguf import write_side_files
 
-        fmt, tensors, config, meta = open_gguf(path, label)
+        fmt, tensors, config, meta = open_gguf(path, label, native)
+        if native:
+            return Model(path, label, fmt, [path], tensors, None, {k: str(v) for k, v in meta.items()})
         vocabulary = meta.get("tokenizer.ggml.model")
         return Model(path, label, fmt, [path], tensors, config, {k: str(v) for k, v in meta.items()},
                      side_files=lambda dest, skip_tokenizer=False: write_side_files(path, config, dest, skip_tokenizer,

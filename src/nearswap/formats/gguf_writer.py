@@ -1,0 +1,175 @@
+"""GGUF output written in chunks, in place: what a GGUF-to-GGUF merge streams into.
+
+The header (every metadata value of the base, tensor infos) is written with the ``gguf``
+package's own writer; the file is then sized to its full length and each chunk of float32
+values is quantized and written at its block's offset (``os.pwrite``), by any thread, in any
+order — the same streaming the safetensors writer does, so memory stays bounded by the
+chunk. Chunks start on block boundaries (the merge's chunk size is a multiple of every block
+size), and the quantizers used here code each block on its own, so a tensor written in
+chunks has the bytes it would have written whole.
+
+Which quantizer codes a type: llama.cpp's own ``ggml_quantize_chunk`` when the llama-cpp-python
+extra is installed (every type that needs no importance matrix; the reference, and 7-500x
+faster than numpy here), else ``gguf.quants`` for the types it implements (Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, BF16; the two agree byte for byte, tested). F32 and F16 are plain casts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import NearswapError
+
+
+@functools.lru_cache(maxsize=None)
+def gguf_quantizes(qtype: GGMLQuantizationType) -> bool:
+    """Whether the ``gguf`` package can code ``qtype`` itself (asked, not listed)."""
+    if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return True
+    from gguf import quants
+
+    block = GGML_QUANT_SIZES[qtype][0]
+    try:
+        quants.quantize(np.zeros((1, block), np.float32), qtype)
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml() -> Any:
+    """llama.cpp's ggml library as llama-cpp-python ships it, or None (found without importing
+    llama_cpp itself, which loads a model runtime and its dependencies)."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    lib_dir = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so"):
+        if (lib_dir / name).exists():
+            lib = ctypes.CDLL(str(lib_dir / name))
+            if not hasattr(lib, "ggml_quantize_chunk"):
+                continue
+            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+            lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+            return lib
+    return None
+
+
+PLAIN = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
+
+
+def quantizer_for(qtype: GGMLQuantizationType) -> str:
+    """``"numpy"``, ``"llama.cpp"`` or ``"gguf"``: who codes ``qtype`` here; a one-line error
+    if nobody can."""
+    if qtype in PLAIN:
+        return "numpy"
+    lib = _ggml()
+    if lib is None and gguf_quantizes(qtype):
+        return "gguf"
+    if lib is None:
+        raise NearswapError(f"writing {qtype.name} tensors needs llama.cpp's quantizer: install llama-cpp-python "
+                            "(the gguf package codes only Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16, F16, F32), "
+                            "or pass --type q8_0")
+    if lib.ggml_quantize_requires_imatrix(int(qtype)):
+        raise NearswapError(f"{qtype.name} needs an importance matrix, which a merge does not have; "
+                            "pass --type q8_0 (or another type) and quantize with llama-quantize --imatrix")
+    return "llama.cpp"
+
+
+def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Whole blocks of float32 ``values`` coded as ``qtype`` (a flat uint8/float array)."""
+    if qtype == GGMLQuantizationType.F32:
+        return values
+    if qtype == GGMLQuantizationType.F16:
+        return values.astype(np.float16)
+    block, size = GGML_QUANT_SIZES[qtype]
+    if _ggml() is None:
+        from gguf import quants
+
+        return quants.quantize(values.reshape(-1, block), qtype).reshape(-1)
+    values = np.ascontiguousarray(values, np.float32)
+    out = np.empty(len(values) // block * size, np.uint8)
+    # rows of one block: every type here codes a block on its own without an importance matrix
+    n = _ggml().ggml_quantize_chunk(int(qtype), values.ctypes.data, out.ctypes.data, 0, len(values) // block, block,
+                                    None)
+    if n != out.nbytes:
+        raise NearswapError(f"llama.cpp's quantizer wrote {n} bytes for {qtype.name}, {out.nbytes} expected")
+    return out
+
+
+def metadata_of(path: Path, drop: tuple[str, ...] = ()) -> tuple[str, list[tuple[str, Any, Any, Any]]]:
+    """The architecture and every metadata value of the GGUF at ``path`` (vocabulary arrays
+    included, read by the bounded header reader) as (key, value, type, item type), but ``drop``."""
+    from .gguf_header import read_header
+
+    header = read_header(path, arrays=("",))
+    kv = [(key, header.arrays[key] if key in header.arrays else header.metadata[key], vtype, item)
+          for key, (vtype, item) in header.types.items() if key not in drop]
+    return header.metadata.get("general.architecture"), kv
+
+
+class GGUFStreamWriter:
+    """A GGUF file at ``path`` with ``kv`` metadata and ``plan`` tensors (name, HF-order shape,
+    type), its data written by ``write`` in chunks of float32 values."""
+
+    def __init__(self, path: Path, arch: str, kv: Iterable[tuple[str, Any, Any, Any]],
+                 plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> None:
+        import gguf
+
+        from .gguf_header import read_header
+
+        self.path = path
+        w = gguf.GGUFWriter(str(path), arch)
+        try:
+            for key, value, vtype, item in kv:
+                if key == "general.alignment":
+                    w.add_custom_alignment(int(value))
+                elif key != "general.architecture":
+                    w.add_key_value(key, value, vtype, item)
+            for name, shape, qtype in plan:
+                block, size = GGML_QUANT_SIZES[qtype]
+                numel = int(np.prod(shape)) if shape else 1
+                byte_shape = (*shape[:-1], shape[-1] // block * size) if shape else (size,)
+                dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qtype, np.uint8)
+                w.add_tensor_info(name, byte_shape if dtype is np.uint8 else shape, np.dtype(dtype),
+                                  numel // block * size, raw_dtype=qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            header_end = w.fout[0].tell()
+        finally:
+            w.close()
+        align = w.data_alignment
+        data_start = -(-header_end // align) * align
+        total = sum(-(-(ti.nbytes) // align) * align for ti in w.tensors[0].values())
+        self.fd = os.open(path, os.O_RDWR)
+        os.ftruncate(self.fd, data_start + total)
+        header = read_header(path)  # where the reader will look: the offsets written, read back
+        self.tensors = {t.name: (int(t.data_offset), t.tensor_type) for t in header.tensors}
+        self.total_size = data_start + total
+
+    def write(self, name: str, start: int, data: Any) -> None:
+        offset, qtype = self.tensors[name]
+        values = np.frombuffer(data, np.float32)
+        block, size = GGML_QUANT_SIZES[qtype]
+        coded = quantize(values, qtype)
+        os.pwrite(self.fd, memoryview(coded).cast("B"), offset + start // block * size)
+
+    def close(self) -> list[Path]:
+        os.fsync(self.fd)
+        os.close(self.fd)
+        return [self.path]
+
+    def abort(self) -> None:
+        os.close(self.fd)
