@@ -200,7 +200,7 @@ def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokeni
         return written
     from . import gguf_vocab
 
-    if vocabulary == "gpt2":  # byte-level BPE: built here, no transformers needed
+    if vocabulary in ("gpt2", "llama"):  # byte-level and SentencePiece-style BPE: built here, no transformers
         return written + gguf_vocab.write(path, dest)
     try:
         from transformers import AutoTokenizer
