@@ -32,6 +32,11 @@ COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_la
               num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MODELS = {  # the HF class -> (config class, extra config, GGUF architecture)
     "llama": ("LlamaConfig", {}, "llama"),
+    # Llama 3.x rope scaling (llama.cpp stores it as a rope_freqs tensor); head_dim 64 puts
+    # several frequencies in the smoothed band; not the published values, so they are fitted
+    "llama3": ("LlamaConfig", {"hidden_size": 256, "max_position_embeddings": 131072, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 2.0, "original_max_position_embeddings": 4096}}, "llama"),
     "mistral": ("MistralConfig", {}, "llama"),
     "qwen2": ("Qwen2Config", {}, "qwen2"),
     # head_dim apart from hidden / heads, as in Qwen3-0.6B (128 is also what transformers' GGUF
@@ -105,7 +110,7 @@ def tiny(request, tmp_path_factory, converter):
     kind = request.param
     config_cls, extra, gguf_arch = MODELS[kind]
     torch.manual_seed(sorted(MODELS).index(kind))
-    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -150,6 +155,10 @@ def test_llama_cpp_converter_output_reads_back_as_the_hf_model(tiny):
     assert set(got) == set(want)
     for name, x in want.items():
         assert got[name].shape == x.shape and np.array_equal(got[name], x), name
+    if kind == "llama3":  # the rope scaling comes back from the rope_freqs tensor
+        scaling = open_model(gguf_file).config["rope_scaling"]
+        original = tiny[3].config.rope_parameters
+        assert {k: scaling[k] for k in scaling} == {k: original[k] for k in scaling}
 
 
 def test_export_writes_what_llama_cpp_writes(tiny, tmp_path, run, vocab_gguf):
@@ -168,6 +177,13 @@ def test_export_writes_what_llama_cpp_writes(tiny, tmp_path, run, vocab_gguf):
     # values: both files read back the same (and as the HF model, by the test above)
     a, b = read_all(tmp_path / "ours.gguf"), read_all(gguf_file)
     assert set(a) == set(b) and all(np.array_equal(a[n], b[n]) for n in a)
+    import gguf
+
+    generated = [{t.name: np.array(t.data) for t in gguf.GGUFReader(str(f)).tensors if t.name == "rope_freqs.weight"}
+                 for f in (tmp_path / "ours.gguf", gguf_file)]
+    assert generated[0].keys() == generated[1].keys() == ({"rope_freqs.weight"} if kind == "llama3" else set())
+    for name, values in generated[0].items():  # Llama 3's factors, computed as the converter does
+        np.testing.assert_allclose(values, generated[1][name], rtol=1e-6)
 
 
 def test_transformers_gguf_loader_agrees_and_conversion_runs_the_same(tiny, tmp_path, run):

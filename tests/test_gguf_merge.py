@@ -168,3 +168,20 @@ def test_bad_gguf_merges_are_one_line(tmp_path, run):
         assert not (tmp_path / "out.gguf").exists()
     result = run("merge", base, sec, "-t", 1e-3, "-o", tmp_path / "dir", "--type", "q8_0", "-q")
     assert result.exit_code == 1 and "--type is for a .gguf output" in result.stderr
+
+
+def test_secondaries_of_other_types_merge_by_their_values(tmp_path, run):
+    """Quant layouts may differ between inputs (a Q8_0 base, a Q4_0 secondary): each is read
+    as its values; the output takes the base's types."""
+    rng = np.random.default_rng(3)
+    base = {k: rng.normal(0, 0.02, s).astype(np.float32) for k, s in SHAPES.items()}
+    sec = {k: v + rng.laplace(0, 0.0125, v.shape).astype(np.float32) for k, v in base.items()}
+    t8 = {k: Q.F32 if len(s) == 1 else Q.Q8_0 for k, s in SHAPES.items()}
+    t4 = {k: Q.F32 if len(s) == 1 else Q.Q4_0 for k, s in SHAPES.items()}
+    stored = [write_gguf(tmp_path / "b.gguf", base, t8), write_gguf(tmp_path / "s.gguf", sec, t4)]
+    result = run("merge", tmp_path / "b.gguf", tmp_path / "s.gguf", "-t", 1e-3, "-o", tmp_path / "out.gguf", "-q")
+    assert result.exit_code == 0, result.output
+    _, got = read_raw(tmp_path / "out.gguf")
+    want = expected_bytes(stored, [1e-3], t8, gguf_code)
+    for name in SHAPES:
+        assert got[name][0] == t8[name] and np.array_equal(got[name][1], want[name]), name

@@ -219,6 +219,73 @@ def hf_config(arch: Arch, meta: dict[str, Any], shapes: dict[str, tuple[int, ...
     return config
 
 
+# ---------------------------------------------------------------- Llama 3 rope scaling
+# llama.cpp stores Llama 3.x's rope scaling as a tensor of per-frequency factors (rope_freqs),
+# computed from config.json's rope_scaling by its converter; these two functions go both ways.
+
+LLAMA3_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+
+
+def llama3_rope_factors(theta: float, dim: int, scaling: dict[str, Any]) -> np.ndarray:
+    """The rope_freqs tensor for ``scaling`` (the converter's formula, float32 frequencies)."""
+    p = {**LLAMA3_DEFAULTS, **{k: v for k, v in scaling.items() if k in LLAMA3_DEFAULTS}}
+    freqs = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+    old, low, high, factor = (p["original_max_position_embeddings"], p["low_freq_factor"], p["high_freq_factor"],
+                              p["factor"])
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+def llama3_rope_scaling(values: np.ndarray, theta: float, dim: int) -> dict[str, Any]:
+    """config.json's rope_scaling that gives these rope_freqs factors: Llama 3.x's published
+    values if they do, else the ones fitted to the factors (the tensor fixes the parameters
+    only up to a common scale of the three; low_freq_factor is taken as 1). Checked by
+    recomputing the tensor; MetadataError if nothing reproduces it."""
+    values = np.asarray(values, np.float32)
+    factor = float(values.max())
+    candidates = [dict(LLAMA3_DEFAULTS, factor=factor)]
+    freqs = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    inv_wavelen = freqs.astype(np.float64) / (2 * np.pi)
+    smooth = (values != 1) & (values != np.float32(factor))
+    s = (1 / values[smooth].astype(np.float64) - 1 / factor) / (1 - 1 / factor) if factor != 1 else np.array([])
+    # s = (old / wavelen - low) / (high - low), linear in 1 / wavelen; with low = 1:
+    if len(s) >= 2:  # the line through the smoothed band fixes high and old
+        a, b = np.polyfit(inv_wavelen[smooth], s, 1)
+        if b < 0:
+            high = 1 - 1 / b
+            candidates.append({"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(high),
+                               "original_max_position_embeddings": int(round(a * (high - 1)))})
+    for high in (4.0, 2.0, 8.0, 3.0, 16.0):  # one point (or none): a usual high_freq_factor, old from it
+        olds = [int(round((s[0] * (high - 1) + 1) / inv_wavelen[smooth][0]))] if len(s) else [2 ** k for k in range(10, 21)]
+        candidates += [{"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": high,
+                        "original_max_position_embeddings": old} for old in olds]
+    for c in candidates:
+        if np.allclose(llama3_rope_factors(theta, dim, c), values, rtol=1e-5, atol=0):
+            return {"rope_type": "llama3", **c}
+    raise MetadataError("its rope_freqs.weight matches no Llama 3 rope scaling; this variant is not mapped")
+
+
+def rope_scaling_of(config: dict[str, Any]) -> dict[str, Any] | None:
+    """config.json's Llama 3 rope scaling (``rope_scaling``, or transformers 5's ``rope_parameters``)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        params = config.get(key)
+        if isinstance(params, dict):
+            params = params.get("full_attention", params) if isinstance(params.get("full_attention"), dict) else params
+            if str(params.get("rope_type", params.get("type", ""))).lower() == "llama3":
+                return params
+    return None
+
+
 def add_metadata(w: Any, arch: Arch, config: dict[str, Any]) -> None:
     """The GGUF metadata of ``config`` (checked values, see gguf.export_config) on writer ``w``."""
     from gguf import GGUFValueType

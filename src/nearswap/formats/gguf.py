@@ -25,7 +25,7 @@ from ..errors import NearswapError, shown
 from .safetensors import TensorInfo, pread_exact
 
 from .architectures import (ARCHITECTURES, BY_HF_CLASS, Arch, MetadataError, add_metadata, gguf_name, hf_config,
-                            hf_name, meta_number, short_name, unsupported)
+                            hf_name, llama3_rope_factors, meta_number, rope_scaling_of, short_name, unsupported)
 
 # ---------------------------------------------------------------- reading
 
@@ -176,11 +176,37 @@ def open_gguf(path: Path, label: str, native: bool = False
             source = GGUFSource(t.tensor_type, block, type_size, shape[-1] if shape else 1, heads, arch.offset(t.name))
             tensors[name] = TensorInfo(name, f32, shape, path, int(t.data_offset), source)
         config = None if native else hf_config(arch, meta, {n: i.shape for n, i in tensors.items()})
+        rope = next((t for t in header.tensors if t.name == "rope_freqs.weight"), None)
+        if config is not None and rope is not None and arch.gguf == "llama":  # Llama 3.x rope scaling
+            config["rope_scaling"] = _llama3_scaling(path, rope, config, meta)
     except MetadataError as e:
         raise NearswapError(f"{label}: {path}: {e}; the file is corrupt or of a variant nearswap does not read") from None
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]))
     names = "GGUF names" if native else "dequantized to F32"
     return f"GGUF ({shown(arch_name) if not isinstance(arch_name, str) else arch_name}; {kinds}; {names})", tensors, config, meta
+
+
+def _llama3_scaling(path: Path, rope: Any, config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json's rope_scaling from a llama GGUF's rope_freqs tensor (a few hundred floats)."""
+    from .architectures import llama3_rope_scaling
+
+    block, size = GGML_QUANT_SIZES[rope.tensor_type]
+    n = int(rope.n_elements)
+    if n > 65536 or n % block:
+        raise MetadataError(f"rope_freqs.weight has {n} elements; a short vector is expected")
+    raw = bytearray(n // block * size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pread_exact(fd, memoryview(raw), int(rope.data_offset), TensorInfo("rope_freqs.weight", BY_NAME["F32"], (n,), path,
+                                                                           int(rope.data_offset)))
+    finally:
+        os.close(fd)
+    values = dequantize(np.frombuffer(raw, np.uint8).reshape(-1, size), rope.tensor_type).reshape(-1)
+    dim = meta_number(meta, "llama.rope.dimension_count") or config.get("head_dim") or \
+        config["hidden_size"] // config["num_attention_heads"]
+    if dim != 2 * n:
+        raise MetadataError(f"rope_freqs.weight has {n} factors for a rope dimension of {dim}")
+    return llama3_rope_scaling(values, config.get("rope_theta", 10000.0), dim)
 
 
 def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokenizer: bool = False,
@@ -446,6 +472,11 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
                                 f"{heads} does not split into heads of whole row pairs; check config.json")
         plan.append((name, target, tq, heads, arch.offset(target)))
 
+    generated: dict[str, np.ndarray] = {}  # GGUF tensors made from config.json, not from a weight
+    scaling = rope_scaling_of(model.config or {}) if arch_name == "llama" else None
+    if scaling is not None:
+        dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        generated["rope_freqs.weight"] = llama3_rope_factors(config["rope_theta"], dim, scaling)
     if on_start:
         on_start(model)
     w = gguf.GGUFWriter(str(part), arch_name)
@@ -455,6 +486,8 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
         w.add_file_type(int(getattr(gguf.LlamaFileType, EXPORT_TYPES[type_name][1])))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(w)
+        for target, values in generated.items():  # written first, so their data comes first
+            w.add_tensor_info(target, values.shape, values.dtype, values.nbytes, raw_dtype=Q.F32)
         for name, target, tq, _, _ in plan:
             shape = model.tensors[name].shape
             byte_shape = quants.quant_shape_to_byte_shape(shape, tq) if tq not in (Q.F32, Q.F16) else shape
@@ -464,6 +497,8 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        for values in generated.values():
+            w.write_tensor_data(values)
         reader = FileReader()
         counts: dict[str, int] = {}
         try:
