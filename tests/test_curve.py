@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nearswap import curve
+from nearswap.stream import Settings
 from reference import counts as ref_counts
 from reference import nearswap_step
 
@@ -55,11 +56,8 @@ def test_counts_are_exact(make_quartet, dtype, n, backend):
 
 
 def test_counts_exact_with_tiny_chunks(make_quartet, monkeypatch):
-    from nearswap import engine
-
-    monkeypatch.setattr(engine, "CHUNK", 29)
     paths, arrays = make_quartet("bf16", n=1, noise=0.002)
-    result = curve.compute(paths[0], paths[1:], TS)
+    result = curve.compute(paths[0], paths[1:], TS, settings=Settings(29))
     want = expected_step_counts(arrays, sorted(TS))
     for name, c in result.steps[0].tensors.items():
         assert [int(x) for x in c.swapped] == [want[(0, t, name)][0] for t in result.ts]
@@ -142,14 +140,12 @@ def test_no_page_of_the_inputs_stays_mapped(tmp_path, monkeypatch):
     """The curve maps its inputs and drops each chunk's pages once counted; what is still
     mapped when it finishes would be resident memory that grows with the model."""
     from conftest import random_model, write_model
-    from nearswap import engine
     from nearswap.formats import safetensors
 
     shapes = {"model.layers.0.mlp.up_proj.weight": (1024, 1000), "model.layers.0.mlp.down_proj.weight": (1000, 1024),
               "model.norm.weight": (1000,)}
     base = random_model(0, "f32", shapes=shapes)
     paths = [write_model(tmp_path / "base", base), write_model(tmp_path / "s1", random_model(1, "f32", shapes=shapes, like=base))]
-    monkeypatch.setattr(engine, "CHUNK", 100_003)  # chunk edges fall mid-page
     left: dict[str, int] = {}
     close = safetensors.MappedReader.close
 
@@ -163,7 +159,7 @@ def test_no_page_of_the_inputs_stays_mapped(tmp_path, monkeypatch):
         close(self)
 
     monkeypatch.setattr(safetensors.MappedReader, "close", close_and_look)
-    result = curve.compute(paths[0], paths[1:], [1e-3])
+    result = curve.compute(paths[0], paths[1:], [1e-3], settings=Settings(100_003))  # chunk edges fall mid-page
     assert result.steps[0].totals.total == sum(a.size for a in base.values())
     assert len(left) == 2 and all(kb == 0 for kb in left.values()), left
 
@@ -212,12 +208,9 @@ def test_files_that_cannot_be_mapped_are_read(make_quartet, monkeypatch):
 def test_chain_counts_exact_across_blocks(make_quartet, monkeypatch):
     """Later steps are simulated block by block (all t per block): blocks that split chunks and
     tensors at odd places still sum to the reference chain's counts."""
-    from nearswap import engine
-
-    monkeypatch.setattr(engine, "CHUNK", 101)
     monkeypatch.setattr(curve, "CHAIN_BLOCK", 37)
     paths, arrays = make_quartet("bf16", n=3, noise=0.002)
-    result = curve.compute(paths[0], paths[1:], TS)
+    result = curve.compute(paths[0], paths[1:], TS, settings=Settings(101))
     want = expected_step_counts(arrays, sorted(TS))
     for k, step in enumerate(result.steps):
         for name, c in step.tensors.items():

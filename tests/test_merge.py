@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 import nearswap
 from nearswap import engine, recipe
 from nearswap.errors import NearswapError
+from nearswap.stream import Settings
 from reference import chain as ref_chain
 from reference import counts as ref_counts
 from reference import nearswap_step, same_bits
@@ -135,9 +136,8 @@ def test_rules_set_t_per_tensor(make_quartet, tmp_path):
 
 def test_chunking_across_tensors_and_shards(make_quartet, tmp_path, monkeypatch):
     """Tiny chunks and shards: tensors split over many work items still come out exact."""
-    monkeypatch.setattr(engine, "CHUNK", 37)
     paths, arrays = make_quartet("bf16", n=3, shards=3)
-    nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o", shard_size="1KB", threads=3)
+    nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o", shard_size="1KB", settings=Settings(37, 3))
     files = sorted(p.name for p in (tmp_path / "o").glob("*.safetensors"))
     assert len(files) > 3 and (tmp_path / "o" / "model.safetensors.index.json").exists()
     merged = load_dir(tmp_path / "o")
@@ -202,7 +202,6 @@ def test_nonfinite_refused_naming_model_tensor_and_count(make_quartet, tmp_path)
 
 def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
     paths, _ = make_quartet("bf16", n=3)
-    monkeypatch.setattr(engine, "CHUNK", 64)
     calls = {"n": 0}
     real = engine.kernels.chain_raw
 
@@ -214,7 +213,7 @@ def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine.kernels, "chain_raw", flaky)
     with pytest.raises(KeyboardInterrupt):
-        nearswap.merge(paths[0], paths[1:], t=1e-4, out=tmp_path / "o", threads=2)
+        nearswap.merge(paths[0], paths[1:], t=1e-4, out=tmp_path / "o", settings=Settings(64, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "s1", "s2", "s3"]
 
 

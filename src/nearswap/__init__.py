@@ -26,7 +26,8 @@ def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **op
     ``t`` is one threshold or a list with one per secondary. ``base`` may instead be a
     ``Recipe`` (then ``secondaries`` and ``t`` are unused). Options: ``dtype``,
     ``shard_size``, ``tokenizer_source``, ``carry_float32``, ``allow_nonfinite`` (recipe
-    fields) and ``force``, ``threads``, ``progress`` (run settings). An ``out`` ending in
+    fields) and ``force``, ``threads`` or ``settings`` (a ``stream.Settings``: chunk size and
+    threads), ``progress`` (run settings). An ``out`` ending in
     ``.gguf`` merges GGUF inputs of one architecture into a GGUF file, ``gguf_type`` giving
     its tensor type (default ``like-base``). Returns the report.
 
@@ -34,7 +35,7 @@ def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **op
     """
     from . import engine, recipe
 
-    run_keys = {"force", "threads", "progress", "on_plan", "gguf_type"}
+    run_keys = {"force", "threads", "settings", "progress", "on_plan", "gguf_type"}
     run = {k: v for k, v in options.items() if k in run_keys}
     fields = {k: v for k, v in options.items() if k not in run_keys}
     if isinstance(base, recipe.Recipe):

@@ -120,6 +120,18 @@ class _Group(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """Exact, streaming, sequential NearSwap merges of language models."""
     ctx.meta["nearswap.debug"] = debug
+    if os.environ.get("NEARSWAP_ISA"):  # force a kernel implementation (avx512, avx2, scalar), to compare them
+        from . import kernels
+
+        kernels.use_isa(os.environ["NEARSWAP_ISA"])
+
+
+def _settings(threads: int | None):
+    """How passes run: ``--threads``, and ``NEARSWAP_CHUNK`` (elements per work item) from the
+    environment — the only place nearswap reads it."""
+    from .stream import Settings
+
+    return Settings.from_env(os.environ, threads)
 
 
 def _parse_ts(text: str) -> list[float]:
@@ -223,7 +235,7 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
 
     bar = _Progress("merging", quiet or as_json)
     try:
-        report = engine.merge(rec, out, gguf_type, force=force, threads=threads, progress=bar.update,
+        report = engine.merge(rec, out, gguf_type, force=force, settings=_settings(threads), progress=bar.update,
                               on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
@@ -254,7 +266,7 @@ def convert(model, out, dtype, shard_size, force, threads, quiet):
 
     bar = _Progress("converting", quiet)
     try:
-        report = run_convert(model, out, dtype=dtype, shard_size=shard_size, force=force, threads=threads,
+        report = run_convert(model, out, dtype=dtype, shard_size=shard_size, force=force, settings=_settings(threads),
                              progress=bar.update, on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
@@ -310,7 +322,7 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
         curves.check_plot_output(plot_dir, force, inputs)  # before the pass, not after it
     bar = _Progress("reading", quiet or as_json)
     try:
-        result = curves.compute(inputs[0], inputs[1:], values, threads=threads, progress=bar.update,
+        result = curves.compute(inputs[0], inputs[1:], values, settings=_settings(threads), progress=bar.update,
                                 on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()

@@ -18,13 +18,13 @@ def convert(source: str | Path, out: str | Path, *, dtype: str | None = None,
 
     ``dtype`` casts floating tensors (round to nearest even); by default they keep their
     dtype, which for a GGUF is float32 (its dequantized values, exactly). ``run``: ``force``,
-    ``threads``, ``progress``, ``on_plan`` as for ``merge``.
+    ``threads`` or ``settings``, ``progress``, ``on_plan`` as for ``merge``.
     """
     try:
         name = dtypes.by_name(dtype).name if dtype else None
         size = parse_size(shard_size)
-    except (KeyError, ValueError) as e:
-        raise NearswapError(str(e).strip("'\"")) from None
+    except ValueError as e:
+        raise NearswapError(str(e)) from None
     # no steps: a conversion (a user recipe needs at least one, so this bypasses build())
     recipe = Recipe(base=str(source), steps=[], dtype=name, shard_size=size, allow_nonfinite=True)
     return engine.write_checkpoint(recipe, out, {"nearswap_converted_from": recipe.base}, **run)[1]

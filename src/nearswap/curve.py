@@ -21,12 +21,13 @@ import threading
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
-from . import engine, kernels, recipe
-from .engine import ChunkBuffers, Plan, default_threads, plan, run_pool, work_items
+from . import engine, kernels, plots, recipe, stream
+from .engine import Plan, plan
 from .errors import NearswapError
-from .formats.safetensors import FileReader, MappedReader, TensorInfo
+from .stream import ChunkBuffers, Settings, work_items
+from .formats.safetensors import FileReader, MappedReader
 from .output import atomic_directory, check_replaceable
 
 if TYPE_CHECKING:
@@ -177,42 +178,68 @@ class _ThreadHistograms(threading.local):
         registry.append(self.by_kind)  # runs once per thread, on its first use
 
 
-def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
-            threads: int | None = None, progress: Callable[[int], None] | None = None,
-            on_plan: Callable[[Plan], None] | None = None) -> CurveResult:
-    """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve."""
-    ts = sorted(kernels.check_t(t) for t in ts)
-    if not 1 <= len(ts) <= kernels.MAX_THRESHOLDS:
-        raise NearswapError(f"give 1 to {kernels.MAX_THRESHOLDS} values of t (got {len(ts)})")
-    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": ts[0]} for s in secondaries]}, "curve")
-    plan_ = plan(rec)  # the same preflight as a merge: names, shapes, architectures
-    if on_plan:
-        on_plan(plan_)
-    tasks = [t for t in plan_.tasks if t.merged]
-    kinds = [kind_of(t.name) for t in tasks]
-    steps = [StepCurve(str(s)) for s in secondaries]
-    registry: list[dict[str, array]] = []
-    histograms = _ThreadHistograms(registry)
-    mapped, reader, buffers = MappedReader(), FileReader(), ChunkBuffers()
-    chunk = engine.CHUNK
+class Counted(NamedTuple):
+    """What one work item of the count pass found."""
 
-    def view_of(slot: int, info: TensorInfo, start: int, n: int) -> Any:
-        if mapped.mappable(info):  # zero-copy from the page cache
-            return mapped.view(info, start, n)
-        return reader.read(info, start, buffers.get(slot, info.dtype, n))  # decoded (GGUF)
+    index: int  # the tensor
+    n: int  # elements
+    identical: int
+    nonfinite: int
+    le: array  # step 1: elements with |d| <= t, per t
+    later: list[tuple[int, list[Any]]]  # steps 2+: (elements, per-t step counts) per block
+    nbytes: int  # input bytes read
 
-    def work(i: int, start: int, n: int):
-        task = tasks[i]
+
+class CountPass:
+    """Curve's pass: exact step-1 counts at every t (and the step-1 |d| histogram by kind), and
+    for chains the per-step counts at each t, without writing anything. The inputs are mapped
+    (zero-copy from the page cache; a chunk's pages dropped once counted) or, for GGUF,
+    decoded into per-thread buffers; all of it opened lazily where the pass runs, so the pass
+    pickles."""
+
+    def __init__(self, tasks: list[Any], ts: Sequence[float], secondaries: Sequence[str | Path]) -> None:
+        self.tasks = tasks
+        self.ts = list(ts)
+        self.kinds = [kind_of(t.name) for t in tasks]
+        self.steps = [StepCurve(str(s)) for s in secondaries]
+        self.registry: list[dict[str, array]] = []  # each thread's histograms (this process)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_io", "registry")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, registry=[])
+
+    def _open(self) -> tuple[MappedReader, FileReader, ChunkBuffers, _ThreadHistograms]:
+        io = self.__dict__.get("_io")
+        if io is None:
+            with _OPEN_LOCK:
+                io = self.__dict__.get("_io")
+                if io is None:
+                    io = self._io = (MappedReader(), FileReader(), ChunkBuffers(), _ThreadHistograms(self.registry))
+        return io
+
+    def items(self, settings: Settings) -> Iterator[tuple[int, int, int, int]]:
+        for i, start, n in work_items([t.numel for t in self.tasks], CHUNKS_PER_ITEM * settings.chunk):
+            yield i, start, n, settings.chunk
+
+    def work(self, item: tuple[int, int, int, int]) -> Counted:
+        i, start, n, chunk = item
+        mapped, reader, buffers, histograms = self._open()
+        task = self.tasks[i]
+        ts = self.ts
         inputs = [task.base, *task.secondaries]
-        hist = histograms.by_kind.get(kinds[i])
+        hist = histograms.by_kind.get(self.kinds[i])
         if hist is None:
-            hist = histograms.by_kind[kinds[i]] = _zeros(kernels.HIST_BINS)
+            hist = histograms.by_kind[self.kinds[i]] = _zeros(kernels.HIST_BINS)
         le = _zeros(len(ts))
         identical = nonfinite = 0
-        later = []
+        later: list[tuple[int, list[Any]]] = []
         for sub in range(start, start + n, chunk):  # pages are released every chunk
             m = min(chunk, start + n - sub)
-            views = [view_of(k, info, sub, m) for k, info in enumerate(inputs)]
+            views = [mapped.view(info, sub, m) if mapped.mappable(info)  # zero-copy from the page cache
+                     else reader.read(info, sub, buffers.get(k, info.dtype, m))  # decoded (GGUF)
+                     for k, info in enumerate(inputs)]
             counts = kernels.threshold_counts(views[0], task.base.dtype, views[1], task.secondaries[0].dtype, ts, le, hist)
             identical += counts.identical
             nonfinite += counts.nonfinite
@@ -223,33 +250,53 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
                 if mapped.mappable(info):
                     # resident memory stays bounded by the chunks in flight
                     mapped.release(info, sub, m, more=sub + m < start + n)
-        return i, n, identical, nonfinite, le, later, sum(info.dtype.itemsize for info in inputs) * n
+        return Counted(i, n, identical, nonfinite, le, later, sum(info.dtype.itemsize for info in inputs) * n)
 
-    def collect(result) -> None:
-        i, n, identical, nonfinite, le, later, nbytes = result
-        name = tasks[i].name
-        steps[0].tensors.setdefault(name, Counts()).add(n, identical, nonfinite, [c - identical for c in le])
-        for m, per_t in later:
-            for k in range(1, len(steps)):
+    def collect(self, result: Counted) -> None:
+        name = self.tasks[result.index].name
+        self.steps[0].tensors.setdefault(name, Counts()).add(result.n, result.identical, result.nonfinite,
+                                                             [c - result.identical for c in result.le])
+        for m, per_t in result.later:
+            for k in range(1, len(self.steps)):
                 step_k = [counts[k] for counts in per_t]
-                steps[k].tensors.setdefault(name, Counts()).add(m, step_k[0].identical, step_k[0].nonfinite,
-                                                                [c.swapped for c in step_k])
-        if progress:
-            progress(nbytes)
+                self.steps[k].tensors.setdefault(name, Counts()).add(m, step_k[0].identical, step_k[0].nonfinite,
+                                                                     [c.swapped for c in step_k])
 
-    try:
-        run_pool(work_items(tasks, CHUNKS_PER_ITEM * chunk), work, collect, threads or default_threads())
-    finally:
-        mapped.close()
-        reader.close()
-    by_kind: dict[str, array] = {}
-    for per_thread in registry:
-        for kind, h in per_thread.items():
-            total = by_kind.setdefault(kind, _zeros(kernels.HIST_BINS))
-            for b, v in enumerate(h):
-                total[b] += v
-    by_kind = dict(sorted(by_kind.items(), key=lambda kv: KIND_ORDER.index(kv[0])))
-    return CurveResult(list(ts), str(base), steps, by_kind)
+    def close(self) -> None:
+        io = self.__dict__.pop("_io", None)
+        if io is not None:
+            io[0].close()
+            io[1].close()
+
+    def histograms(self) -> dict[str, array]:
+        """The step-1 histograms by kind, summed over the threads that ran here."""
+        by_kind: dict[str, array] = {}
+        for per_thread in self.registry:
+            for kind, h in per_thread.items():
+                total = by_kind.setdefault(kind, _zeros(kernels.HIST_BINS))
+                for b, v in enumerate(h):
+                    total[b] += v
+        return dict(sorted(by_kind.items(), key=lambda kv: KIND_ORDER.index(kv[0])))
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
+            threads: int | None = None, settings: Settings | None = None,
+            progress: Callable[[int], None] | None = None,
+            on_plan: Callable[[Plan], None] | None = None) -> CurveResult:
+    """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve."""
+    ts = sorted(kernels.check_t(t) for t in ts)
+    if not 1 <= len(ts) <= kernels.MAX_THRESHOLDS:
+        raise NearswapError(f"give 1 to {kernels.MAX_THRESHOLDS} values of t (got {len(ts)})")
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": ts[0]} for s in secondaries]}, "curve")
+    plan_ = plan(rec)  # the same preflight as a merge: names, shapes, architectures
+    if on_plan:
+        on_plan(plan_)
+    pass_ = CountPass([t for t in plan_.tasks if t.merged], ts, secondaries)
+    stream.run(pass_, settings or Settings(threads=threads), progress)
+    return CurveResult(list(ts), str(base), pass_.steps, pass_.histograms())
 
 
 def _chains(task: Any, views: list[Any], ts: Sequence[float], scratch: Any) -> list[tuple[int, list[Any]]]:
@@ -277,7 +324,7 @@ def format_table(result: CurveResult, by_kind: bool = True) -> str:
     totals = [s.totals for s in result.steps]
     for j, t in enumerate(result.ts):
         lines.append(f"{t:<10g}" + "".join(f"{100 * c.swapped[j] / c.total:9.2f}%" for c in totals))
-    lines.append(f"identical (|d| = 0): " + ", ".join(f"step {k + 1} {100 * c.identical / c.total:.2f}%"
+    lines.append("identical (|d| = 0): " + ", ".join(f"step {k + 1} {100 * c.identical / c.total:.2f}%"
                                                       for k, c in enumerate(totals)))
     if not by_kind:
         return "\n".join(lines)
@@ -288,15 +335,11 @@ def format_table(result: CurveResult, by_kind: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _pyplot() -> Any:
+def _check_matplotlib() -> None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         raise NearswapError("plots need matplotlib: pip install 'nearswap[plot]'") from None
-    return plt
 
 
 def check_plot_output(directory: str | Path, force: bool = False, inputs: Sequence[str | Path] = ()) -> None:
@@ -307,7 +350,7 @@ def check_plot_output(directory: str | Path, force: bool = False, inputs: Sequen
 
     check_replaceable(Path(directory), force)
     engine.check_output_not_input(Path(directory), [open_model(p, "input") for p in inputs])
-    _pyplot()
+    _check_matplotlib()
 
 
 def write_plots(result: CurveResult, directory: str | Path, at: float | None = None, force: bool = False) -> list[Path]:
@@ -329,14 +372,13 @@ def write_plots(result: CurveResult, directory: str | Path, at: float | None = N
 def plot(result: CurveResult, directory: str | Path, at: float | None = None) -> list[Path]:
     """Swap share vs t (log axis, a line per tensor kind) and a layer x kind heatmap at ``at``;
     PNG and SVG each, into an existing ``directory``. Returns the files written."""
-    plt = _pyplot()
     import numpy as np
 
     directory = Path(directory)
     at = result.ts[0] if at is None else at
     written = []
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plots.figure((8, 5))
     keep = result.plotted
     for kind, h in result.hist_by_kind.items():
         ax.plot(result.edges[keep], 100 * result.curve_share(h)[keep], lw=1, label=kind)
@@ -359,9 +401,8 @@ def plot(result: CurveResult, directory: str | Path, at: float | None = None) ->
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     for ext in ("png", "svg"):
-        fig.savefig(directory / f"curve.{ext}", dpi=120, bbox_inches="tight")
+        plots.save(fig, directory / f"curve.{ext}", dpi=120, bbox_inches="tight")
         written.append(directory / f"curve.{ext}")
-    plt.close(fig)
 
     j = min(range(len(result.ts)), key=lambda k: abs(np.log(result.ts[k] / at)) if at > 0 else k)
     grid: dict[tuple[int, str], float] = {}
@@ -374,7 +415,7 @@ def plot(result: CurveResult, directory: str | Path, at: float | None = None) ->
         data = np.full((len(layers), len(kinds)), np.nan)
         for (layer, kind), v in grid.items():
             data[layers.index(layer), kinds.index(kind)] = v
-        fig, ax = plt.subplots(figsize=(1.1 * len(kinds) + 2, 0.22 * len(layers) + 1.5))
+        fig, ax = plots.figure((1.1 * len(kinds) + 2, 0.22 * len(layers) + 1.5))
         im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xticks(range(len(kinds)), kinds, rotation=30)
         ax.set_yticks(range(len(layers)), [str(x) for x in layers])
@@ -382,7 +423,6 @@ def plot(result: CurveResult, directory: str | Path, at: float | None = None) ->
         ax.set_title(f"% swapped at t = {result.ts[j]:g}, step 1, by layer and tensor kind")
         fig.colorbar(im, ax=ax, label="% swapped")
         for ext in ("png", "svg"):
-            fig.savefig(directory / f"heatmap.{ext}", dpi=120, bbox_inches="tight")
+            plots.save(fig, directory / f"heatmap.{ext}", dpi=120, bbox_inches="tight")
             written.append(directory / f"heatmap.{ext}")
-        plt.close(fig)
     return written

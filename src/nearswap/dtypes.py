@@ -6,6 +6,8 @@ files and the C kernel and does not need it to start.
 
 from __future__ import annotations
 
+from .errors import InvalidValue
+
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -67,7 +69,7 @@ def by_name(name: str) -> DType:
     try:
         return BY_NAME[key]
     except KeyError:
-        raise KeyError(f"unknown dtype {name!r}; expected one of {', '.join(sorted(ALIASES))}") from None
+        raise InvalidValue(f"unknown dtype {name!r}; expected one of {', '.join(sorted(ALIASES))}") from None
 
 
 @lru_cache(maxsize=1)

@@ -1,24 +1,23 @@
-"""The merge: preflight every input, plan the stream, run the fused chain, write atomically.
+"""The merge: preflight every input, plan the stream, run the chain pass, write atomically.
 
-read -> plan -> kernel -> write -> report. Each input tensor is read once and each output
-tensor written once, in chunks of ``CHUNK`` elements, by a pool of threads that each own
-their buffers: memory is bounded by threads x chunk x models, not by model size.
+read -> plan -> pass -> write -> report. Each input tensor is read once and each output
+tensor written once, in chunks (``stream.Settings``), by the pass's work run on a pool of
+threads (``stream.run``): memory is bounded by threads x chunk x models, not by model size.
+Merge's pass is ``ChainPass``, convert's ``CopyPass`` (a recipe without steps).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
-from . import kernels
+from . import kernels, stream
 from ._version import __version__
 from .dtypes import BY_NAME, DType
 from .errors import NearswapError, shown
@@ -28,8 +27,7 @@ from .formats.safetensors import FileReader, ShardedWriter, TensorInfo
 from .output import atomic_directory
 from .recipe import Recipe
 from .stats import StepReport, Tally, format_table
-
-CHUNK = int(os.environ.get("NEARSWAP_CHUNK", 1 << 20))  # elements per work item
+from .stream import DEFAULT_CHUNK, ChunkBuffers, Settings, work_items
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "nearswap_recipe.yaml"
 EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight", "token_embd")
@@ -175,71 +173,106 @@ def _check_disk(out: Path, nbytes: int) -> None:
                             f"{free / 1e9:.2f} GB are free on {parent}; free space or choose another output path")
 
 
-# ---------------------------------------------------------------- streaming
+# ---------------------------------------------------------------- the passes
 
 
-class ChunkBuffers(threading.local):
-    """Per-thread reusable chunk buffers (raw bytes: no numpy), keyed by (slot, dtype)."""
+class Result(NamedTuple):
+    """What one work item did: its tensor, the per-step counts (None: copied), input bytes read."""
 
-    def get(self, slot: int, dtype: DType, n: int) -> memoryview:
-        """A buffer for ``n`` elements of ``dtype``."""
-        pool = self.__dict__.setdefault("pool", {})
-        buf = pool.get((slot, dtype.name))
-        if buf is None or len(buf) < n * dtype.itemsize:
-            buf = pool[(slot, dtype.name)] = memoryview(bytearray(max(n, CHUNK) * dtype.itemsize))
-        return buf[: n * dtype.itemsize]
+    index: int
+    counts: list[kernels.StepCounts] | None
+    nbytes: int
 
 
-def work_items(tasks: list[TensorTask], chunk: int | None = None) -> Iterator[tuple[int, int, int]]:
-    chunk = chunk or CHUNK
-    for i, task in enumerate(tasks):
-        for start in range(0, max(task.numel, 1), chunk):
-            yield i, start, min(chunk, task.numel - start)
+class _Inputs:
+    """Readers and buffers a pass opens lazily in whichever process runs it (so that the pass
+    pickles: none of them travel)."""
+
+    _open_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_reader", "_buffers")}
+
+    def _io(self) -> tuple[FileReader, ChunkBuffers]:
+        io = self.__dict__.get("_reader"), self.__dict__.get("_buffers")
+        if io[0] is None:
+            with _Inputs._open_lock:
+                if self.__dict__.get("_reader") is None:
+                    self._buffers = ChunkBuffers()
+                    self._reader = FileReader()
+            io = self._reader, self._buffers
+        return io
+
+    def close(self) -> None:
+        reader = self.__dict__.pop("_reader", None)
+        self.__dict__.pop("_buffers", None)
+        if reader is not None:
+            reader.close()
 
 
-def _stream(plan_: Plan, writer: ShardedWriter, threads: int,
-            progress: Callable[[int], None] | None) -> list[StepReport]:
-    recipe = plan_.recipe
-    steps = [StepReport(model=s.model, label=m.label, t=s.t) for s, m in zip(recipe.steps, plan_.secondaries)]
-    for task in plan_.tasks:
-        if task.merged:
-            for k, step in enumerate(steps):
-                step.tensors[task.name] = Tally()
-                step.t_by_tensor[task.name] = task.ts[k]
-    reader, buffers = FileReader(), ChunkBuffers()
-    round_between = not recipe.carry_float32
+class CopyPass(_Inputs):
+    """Convert's pass: every tensor copied to the writer, cast to its output dtype."""
 
-    def work(i: int, start: int, n: int) -> tuple[int, list[kernels.StepCounts] | None, int]:
-        task = plan_.tasks[i]
+    def __init__(self, tasks: list[TensorTask], writer: Any) -> None:
+        self.tasks, self.writer = tasks, writer
+
+    def items(self, settings: Settings) -> Iterator[tuple[int, int, int]]:
+        return work_items([t.numel for t in self.tasks], settings.chunk)
+
+    def work(self, item: tuple[int, int, int]) -> Result:
+        i, start, n = item
+        task = self.tasks[i]
         if n == 0:
-            return i, None, 0
+            return Result(i, None, 0)
+        reader, buffers = self._io()
         base = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
-        if not task.merged or not task.secondaries:  # copied (integers; or a conversion)
-            writer.write(task.name, start, _cast(base, task.base.dtype, task.out_dtype))
-            return i, None, len(base)
+        self.writer.write(task.name, start, _cast(base, task.base.dtype, task.out_dtype))
+        return Result(i, None, len(base))
+
+    def collect(self, result: Result) -> None:
+        pass
+
+
+class ChainPass(CopyPass):
+    """Merge's pass: each chunk of every floating tensor through the chain of NearSwap steps
+    (the C kernel, GIL released), the per-step counts tallied on the driver; integer tensors
+    copied. Refuses non-finite inputs unless the recipe allows them."""
+
+    def __init__(self, plan_: Plan, writer: Any) -> None:
+        super().__init__(plan_.tasks, writer)
+        recipe = plan_.recipe
+        self.inputs = [plan_.base, *plan_.secondaries]
+        self.round_between = not recipe.carry_float32
+        self.allow_nonfinite = recipe.allow_nonfinite
+        self.steps = [StepReport(model=s.model, label=m.label, t=s.t) for s, m in zip(recipe.steps, plan_.secondaries)]
+        for task in self.tasks:
+            if task.merged:
+                for k, step in enumerate(self.steps):
+                    step.tensors[task.name] = Tally()
+                    step.t_by_tensor[task.name] = task.ts[k]
+
+    def work(self, item: tuple[int, int, int]) -> Result:
+        i, start, n = item
+        task = self.tasks[i]
+        if n == 0 or not task.merged or not task.secondaries:  # copied (integers)
+            return super().work(item)
+        reader, buffers = self._io()
+        base = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
         secs = [reader.read(s, start, buffers.get(k + 1, s.dtype, n)) for k, s in enumerate(task.secondaries)]
         out = buffers.get(-1, task.out_dtype, n)
         counts = kernels.chain_raw(out, task.out_dtype, base, task.base.dtype,
-                                   list(zip(secs, (s.dtype for s in task.secondaries))), task.ts, round_between)
-        writer.write(task.name, start, out)
-        return i, counts, len(base) + sum(len(s) for s in secs)
+                                   list(zip(secs, (s.dtype for s in task.secondaries))), task.ts, self.round_between)
+        self.writer.write(task.name, start, out)
+        return Result(i, counts, len(base) + sum(len(x) for x in secs))
 
-    def collect(result: tuple[int, list[kernels.StepCounts] | None, int]) -> None:
-        i, counts, nbytes = result
-        if counts is not None:
-            task = plan_.tasks[i]
-            for step, c in zip(steps, counts):
-                step.tensors[task.name].add(c)
-            if not recipe.allow_nonfinite and any(c.nonfinite for c in counts):
-                _refuse_nonfinite(plan_, task, reader)
-        if progress:
-            progress(nbytes)
-
-    try:
-        run_pool(work_items(plan_.tasks), work, collect, threads)
-    finally:
-        reader.close()
-    return steps
+    def collect(self, result: Result) -> None:
+        if result.counts is None:
+            return
+        task = self.tasks[result.index]
+        for step, c in zip(self.steps, result.counts):
+            step.tensors[task.name].add(c)
+        if not self.allow_nonfinite and any(c.nonfinite for c in result.counts):
+            _refuse_nonfinite(self.inputs, task)
 
 
 def _cast(data: memoryview, src: DType, dst: DType) -> Any:
@@ -251,51 +284,26 @@ def _cast(data: memoryview, src: DType, dst: DType) -> Any:
     return np.frombuffer(data, src.np).astype(dst.np)
 
 
-def run_pool(items: Iterator[tuple], work: Callable[..., Any], collect: Callable[[Any], None], threads: int) -> None:
-    """Run ``work(*item)`` for every item on ``threads`` threads, at most 2 x threads in flight,
-    handing each result to ``collect`` on this thread. An exception (Ctrl-C included) in either
-    cancels what has not started and is re-raised once the running items have finished."""
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nearswap")
-    pending: set[Future] = set()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # the stream allocates only short-lived tuples; collections would just stall it
-    try:
-        for item in items:
-            if len(pending) >= 2 * threads:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    collect(fut.result())
-            pending.add(pool.submit(work, *item))
-        for fut in pending:
-            collect(fut.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        if gc_was_enabled:
-            gc.enable()
-
-
-def _refuse_nonfinite(plan_: Plan, task: TensorTask, reader: FileReader) -> None:
+def _refuse_nonfinite(models: list[Model], task: TensorTask) -> None:
     """An input of ``task`` holds NaN/inf: name the model and the count, then stop."""
     import numpy as np
 
-    models = [plan_.base, *plan_.secondaries]
+    reader = FileReader()
     for model, info in zip(models, [task.base, *task.secondaries]):
         bad = 0
-        for start in range(0, info.numel, CHUNK):
-            n = min(CHUNK, info.numel - start)
+        for start in range(0, info.numel, DEFAULT_CHUNK):
+            n = min(DEFAULT_CHUNK, info.numel - start)
             chunk = reader.read(info, start, np.empty(n, info.dtype.np))
             bad += int(n - np.count_nonzero(np.isfinite(chunk)))
         if bad:
+            reader.close()
             raise NearswapError(f"{model.describe()}: tensor {shown(task.name)} has {bad} non-finite values (NaN/inf); "
                                 "repair the checkpoint, or pass --allow-nonfinite to merge them by the formula")
+    reader.close()
     # Only the differences overflowed (huge finite weights of opposite sign): the formula keeps v0.
 
 
 # ---------------------------------------------------------------- the merge
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: Any) -> dict:
@@ -325,8 +333,8 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
 
 def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str],
                      finish: Callable[[Path, dict], None] | None = None, *, regenerated: tuple[str, ...] = (),
-                     force: bool = False,
-                     threads: int | None = None, progress: Callable[[int], None] | None = None,
+                     force: bool = False, threads: int | None = None, settings: Settings | None = None,
+                     progress: Callable[[int], None] | None = None,
                      on_plan: Callable[[Plan], None] | None = None) -> tuple[list[StepReport], dict]:
     """Preflight ``recipe``, stream it into an HF checkpoint at ``out`` (atomically: a hidden
     partial directory renamed into place) with every side file of the base (but those in
@@ -335,8 +343,9 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
     rewrites the base (``nearswap.convert``).
 
     ``progress`` is called with the number of input bytes processed as work completes;
-    ``on_plan`` once the preflight has passed (e.g. to size a progress bar). Returns the
-    per-step reports and the report dict.
+    ``on_plan`` once the preflight has passed (e.g. to size a progress bar); ``settings``
+    (chunk size, threads) how the pass runs (``threads`` alone: the default chunk). Returns
+    the per-step reports and the report dict.
     """
     out = Path(out)
     with atomic_directory(out, force) as tmp:  # the lock on OUT is held from here to the rename
@@ -350,7 +359,9 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
         metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
         writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)
         try:
-            steps = _stream(plan_, writer, threads or default_threads(), progress)
+            pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
+            stream.run(pass_, settings or Settings(threads=threads), progress)
+            steps = getattr(pass_, "steps", [])
             files = writer.close()
         except BaseException:
             writer.abort()
@@ -441,7 +452,8 @@ def gguf_types(plan_: Plan, type_name: str) -> list[Any]:
 
 
 def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base", *, force: bool = False,
-                  threads: int | None = None, progress: Callable[[int], None] | None = None,
+                  threads: int | None = None, settings: Settings | None = None,
+                  progress: Callable[[int], None] | None = None,
                   on_plan: Callable[[Plan], None] | None = None) -> dict:
     """Merge GGUF inputs of one architecture, any architecture, in their own names and values
     into the GGUF file ``out``: every metadata value of the base (vocabulary, chat template)
@@ -457,8 +469,9 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
         raise NearswapError("--dtype is for directory outputs; a .gguf output takes --type (like-base, f16, q8_0, ...)")
     if recipe.tokenizer_source != "base":
         raise NearswapError("a .gguf output keeps the base's vocabulary; tokenizer_source is for directory outputs")
-    if CHUNK % 256:  # chunks must start on block boundaries (blocks are 1, 32 or 256 elements)
-        raise NearswapError(f"NEARSWAP_CHUNK={CHUNK} is not a multiple of 256, which a .gguf output needs")
+    settings = settings or Settings(threads=threads)
+    if settings.chunk % 256:  # chunks must start on block boundaries (blocks are 1, 32 or 256 elements)
+        raise NearswapError(f"a chunk of {settings.chunk} elements is not a multiple of 256, which a .gguf output needs")
     with atomic_file(out, force) as part:
         plan_ = plan(recipe, native=True)
         check_output_not_input(out, [plan_.base, *plan_.secondaries])
@@ -478,7 +491,9 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
         kv.append(("nearswap.recipe", json.dumps(recipe.to_dict()), gguf.GGUFValueType.STRING, None))
         writer = GGUFStreamWriter(part, arch, kv, [(t.name, t.shape, q) for t, q in zip(plan_.tasks, types)])
         try:
-            steps = _stream(plan_, writer, threads or default_threads(), progress)
+            pass_ = ChainPass(plan_, writer)
+            stream.run(pass_, settings, progress)
+            steps = pass_.steps
             writer.close()
         except BaseException:
             writer.abort()

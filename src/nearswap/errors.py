@@ -1,7 +1,8 @@
 """What a user sees when something is wrong: one plain sentence saying what, where, and how to fix it.
 
 - ``NearswapError``: bad input, a refused operation, a missing file. The CLI prints ``str(err)``
-  as one line and exits non-zero; library callers catch it.
+  as one line and exits non-zero; library callers catch it. ``InvalidValue`` is the one for a
+  bad argument value (also a ``ValueError``): every user-facing error is a ``NearswapError``.
 - ``NearswapWarning``: something worth saying that does not stop the work (the CLI prints it
   as ``nearswap: warning: ...``; library callers get a normal Python warning).
 - ``InterruptedAfterCommit``: Ctrl-C or SIGTERM arrived once the output was already complete
@@ -22,6 +23,11 @@ class NearswapError(Exception):
 
     The CLI prints ``str(err)`` as one line and exits non-zero; library callers catch it.
     """
+
+
+class InvalidValue(NearswapError, ValueError):
+    """A bad value given to a library call (a negative t, an unknown dtype): a ``NearswapError``
+    like every user-facing error, and a ``ValueError`` as Python callers expect of bad values."""
 
 
 class NearswapWarning(UserWarning):

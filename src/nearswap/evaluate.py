@@ -42,11 +42,12 @@ class LoadedModel:
 
 def load(path: str | Path, tokenizer_path: str | Path | None = None) -> LoadedModel:
     """Load an HF checkpoint (float32, CPU) and its tokenizer (from ``tokenizer_path`` if given)."""
+    from .judge.models import quiet_transformers
+
     torch, transformers = _torch_and_transformers()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     path = Path(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    with quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     model.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_path or path))
     return LoadedModel(model, tokenizer, path)

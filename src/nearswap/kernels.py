@@ -14,10 +14,10 @@ result is bit-identical to the model card's numpy code.
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from .dtypes import DType
+from .errors import InvalidValue, NearswapError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -29,9 +29,17 @@ except ImportError:  # pragma: no cover - depends on the build
 
 BACKEND = "c" if _ckernel is not None else "numpy"
 
-if _ckernel is not None and os.environ.get("NEARSWAP_ISA"):
-    # Force a step implementation (avx512, avx2, scalar), e.g. to compare them.
-    _ckernel.use_isa(os.environ["NEARSWAP_ISA"])
+
+
+def use_isa(name: str) -> None:
+    """Force the C kernel's step implementation (``avx512``, ``avx2``, ``scalar``), e.g. to
+    compare them; the CLI calls it for ``NEARSWAP_ISA``. Process-wide, by design."""
+    if _ckernel is None:
+        raise NearswapError("the C kernel is not built: no implementation to choose")
+    try:
+        _ckernel.use_isa(name)
+    except (ValueError, RuntimeError) as e:
+        raise NearswapError(f"NEARSWAP_ISA={name!r}: {e}") from None
 
 
 def describe_backend() -> str:
@@ -63,16 +71,16 @@ def check_t(t: Any) -> Any:
         return _scalar_t(t)
     arr = np.asarray(t)
     if arr.dtype.kind not in "fiu":
-        raise ValueError(f"t must be a number or a numeric array, got {arr.dtype}")
+        raise InvalidValue(f"t must be a number or a numeric array, got {arr.dtype}")
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ValueError("t must be finite and >= 0 everywhere")
+        raise InvalidValue("t must be finite and >= 0 everywhere")
     return arr + 0.0
 
 
 def _scalar_t(t: Any) -> float:
     value = float(t)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"t must be a finite number >= 0, got {t!r}")
+        raise InvalidValue(f"t must be a finite number >= 0, got {t!r}")
     return value + 0.0  # -0.0 -> +0.0, so numpy versions that differ on clip(-0.0) agree
 
 
@@ -230,7 +238,7 @@ def threshold_counts(a: Any, a_dtype: DType, b: Any, b_dtype: DType, ts: Sequenc
     MAX_THRESHOLDS) and adds every HIST_STRIDE-th d to ``hist`` (int64[HIST_BINS], see above).
     Returns the identical and non-finite counts. Thread-safe; the C kernel releases the GIL."""
     if len(ts) > MAX_THRESHOLDS:
-        raise ValueError(f"at most {MAX_THRESHOLDS} thresholds at once, got {len(ts)}")
+        raise InvalidValue(f"at most {MAX_THRESHOLDS} thresholds at once, got {len(ts)}")
     if _ckernel is not None and a_dtype.kernel_code is not None and b_dtype.kernel_code is not None:
         return ThresholdCounts(*_ckernel.histogram(_bytes(a), a_dtype.kernel_code, _bytes(b), b_dtype.kernel_code,
                                                    tuple(float(t) for t in ts), hist, le))

@@ -185,7 +185,7 @@ def _dtype(value: Any) -> str | None:
         return None
     try:
         d = dtypes.by_name(value) if isinstance(value, str) else None
-    except KeyError:
+    except ValueError:
         d = None
     if d is None or not d.is_float:
         raise ValueError(f"unknown output dtype {shown(value)}; use bfloat16, float16, float32 or float64")

@@ -30,8 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import engine, kernels, recipe
-from .errors import NearswapError
+from . import engine, kernels, plots, recipe
 from .output import atomic_directory
 
 DEFAULT_SWEEP_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -243,17 +242,10 @@ def markdown(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Perplexity vs t (log axis), points coloured by verdict, swap share on a second axis."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise NearswapError("plots need matplotlib: pip install 'nearswap[plot]'") from None
     rows = [r for r in result["rows"] if r["t"] > 0]
     base = result["rows"][0]
     colors = {"ok": "tab:green", "degraded": "tab:orange", "repetitive": "tab:purple", "garbage": "tab:red"}
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plots.figure((8, 5))
     ax.plot([r["t"] for r in rows], [r["perplexity"] for r in rows], color="gray", lw=1)
     for r in rows:
         ax.scatter(r["t"], r["perplexity"], color=colors[r["verdict"]], s=50, zorder=3)
@@ -268,5 +260,4 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.set_ylabel("% swapped (step 1)", color="tab:blue")
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("NearSwap sweep: quality vs t")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    plots.save(fig, path, dpi=120, bbox_inches="tight")

@@ -383,9 +383,31 @@ class ShardedWriter:
                     if e.errno == errno.ENOSPC else "")
             raise NearswapError(f"cannot write {path}: {e.strerror}{hint}") from None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy for another process (a pass sent to a worker): it writes tensor data into the
+        same files, reopened by path on first use; headers and the index stay the driver's."""
+        return {"directory": self.directory, "weight_map": self.weight_map, "total_size": self.total_size,
+                "places": {n: (None, off, dt, path) for n, (_, off, dt, path) in self.places.items()},
+                "fds": [], "headers": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._opened: dict[Path, int] = {}
+        self._open_lock = threading.Lock()
+
+    def _fd(self, fd: int | None, path: Path) -> int:
+        if fd is not None:
+            return fd
+        with self._open_lock:
+            if path not in self._opened:
+                self._opened[path] = self._io(path, os.open, path, os.O_WRONLY | os.O_CLOEXEC)
+                self.fds.append(self._opened[path])
+            return self._opened[path]
+
     def write(self, name: str, start: int, data: Any) -> None:
         """Write ``data`` (a 1-D array of the tensor's dtype, or its bytes) at element ``start``."""
         fd, offset, dtype, path = self.places[name]
+        fd = self._fd(fd, path)
         view = byte_view(data)
         pos = offset + start * dtype.itemsize
         done = 0
@@ -399,7 +421,13 @@ class ShardedWriter:
 
     def close(self) -> list[Path]:
         """Write the headers, fsync and close every shard; write the index when there are several.
-        Returns the files."""
+        Returns the files. (A copy in another process only syncs and closes what it opened.)"""
+        if not self.headers and self.__dict__.get("_opened") is not None:
+            for fd in self.fds:
+                self._io(self.directory, os.fsync, fd)
+                os.close(fd)
+            self.fds.clear()
+            return []
         for fd, header, path in self.headers:
             self._io(path, os.pwrite, fd, header, 0)
             self._io(path, os.fsync, fd)

@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import NearswapError
 from . import data
@@ -98,17 +98,38 @@ class TaskResult:
     lm_eval: dict[str, Any] = field(default_factory=dict)  # lm-eval's own results entry
 
 
-def quiet_libraries() -> None:
-    """lm-eval and datasets log every step at INFO and draw their own bars; keep the terminal
-    for nearswap's progress (the run itself also hides their stderr, see ``run``)."""
-    for name in ("lm_eval", "lm-eval", "datasets", "transformers", "filelock", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
+QUIET_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "filelock", "huggingface_hub")
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """While nearswap drives lm-eval: its libraries' INFO logs and bars off (the terminal is for
+    nearswap's progress; the run also hides their stderr, see ``run``) and the hub offline
+    (the data are local). Everything is put back afterwards: no process-wide side effect."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    env = {key: os.environ.get(key) for key in OFFLINE}
+    bars = datasets_logging.is_progress_bar_enabled()
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
     datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def samples(selected: list[Selected], limit: int | None) -> dict[str, list[int]] | None:
@@ -133,10 +154,14 @@ def samples(selected: list[Selected], limit: int | None) -> dict[str, list[int]]
 
 def run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) -> dict[str, TaskResult]:
     """Evaluate ``lm`` (an lm-eval LM) on ``selected``; results by nearswap task name."""
+    with quiet_libraries():
+        return _run(lm, selected, config_dir, limit)
+
+
+def _run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None) -> dict[str, TaskResult]:
     from lm_eval import evaluator
     from lm_eval.tasks import TaskManager
 
-    quiet_libraries()
     manager = TaskManager(include_path=str(config_dir), include_defaults=False)
     names = [s.task.lm_eval_name for s in selected]
     hidden = io.StringIO()

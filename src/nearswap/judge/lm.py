@@ -150,11 +150,11 @@ def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
 
     from .harness import quiet_libraries
 
-    quiet_libraries()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return NearswapLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu", dtype=torch.float32)
+        with quiet_libraries():
+            return NearswapLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu", dtype=torch.float32)
     except (ValueError, TypeError) as e:
         raise NearswapError(f"lm-evaluation-harness could not wrap the model ({type(e).__name__}: {str(e)[:160]})") from None
 

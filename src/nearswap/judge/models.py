@@ -9,11 +9,12 @@ loaded: a missing path, an unreadable model, a model without a tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import NearswapError
 from ..fetch import cache_dir
@@ -81,6 +82,22 @@ def hf_directory(candidate: Candidate, echo: Callable[[str], None] = lambda s: N
     return target
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and bars off while nearswap loads a model, and back afterwards."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
 def load(path: Path, threads: int | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) from an HF directory: float32, CPU, evaluation mode."""
     import torch
@@ -88,11 +105,10 @@ def load(path: Path, threads: int | None = None) -> tuple[Any, Any]:
 
     if threads:
         torch.set_num_threads(threads)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        with quiet_transformers():
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as e:
         raise NearswapError(f"{path}: transformers cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     model.eval()

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .. import plots
 from .._version import __version__
 from . import stats
 from .tasks import Selected
@@ -191,27 +192,20 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _svg(fig: Any) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    plots.save(fig, buf, format="svg", bbox_inches="tight")
     text = buf.getvalue()
     return text[text.index("<svg"):]
 
 
 def _plots(report: dict[str, Any]) -> dict[str, str]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
         return {}
-    plt.rcParams["svg.fonttype"] = "path"  # glyphs as paths: no font is ever fetched
     names = [m["name"] for m in report["models"]]
     out = {}
     if report["tasks"]:
-        fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(report["tasks"]) * len(names)))
+        fig, ax = plots.figure((8, 0.5 + 0.45 * len(report["tasks"]) * len(names)))
         y = 0
         labels, ticks = [], []
         for t in reversed(report["tasks"]):
@@ -229,7 +223,7 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
         ax.grid(axis="x", alpha=0.3)
         out["scores"] = _svg(fig)
         if len(names) > 1:
-            fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(report["tasks"]) * (len(names) - 1)))
+            fig, ax = plots.figure((8, 0.5 + 0.45 * len(report["tasks"]) * (len(names) - 1)))
             y = 0
             labels, ticks = [], []
             colors = {"better": "tab:green", "worse": "tab:red", "no detectable difference": "tab:gray"}
@@ -246,7 +240,7 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
             ax.grid(axis="x", alpha=0.3)
             out["paired"] = _svg(fig)
     if "drift" in report and len(names) > 1:
-        fig, ax = plt.subplots(figsize=(8, 3.2))
+        fig, ax = plots.figure((8, 3.2))
         for k, d in enumerate(report["drift"][1:], 1):
             ax.plot(d["kl_per_token"], lw=0.8, color=f"C{k}", label=f"{d['model']} (mean {d['kl_mean']:.3g})")
         ax.set_yscale("symlog", linthresh=1e-6)
@@ -256,7 +250,7 @@ def _plots(report: dict[str, Any]) -> dict[str, str]:
         ax.grid(alpha=0.3)
         out["drift"] = _svg(fig)
     if "writing" in report:
-        fig, ax = plt.subplots(figsize=(6, 0.6 + 0.4 * len(names)))
+        fig, ax = plots.figure((6, 0.6 + 0.4 * len(names)))
         rates = [m["cliches_per_1000_words"] for m in report["writing"]["models"]]
         ax.barh(range(len(names))[::-1], rates, color=[f"C{k}" for k in range(len(names))])
         ax.set_yticks(range(len(names))[::-1], names)
