@@ -250,7 +250,8 @@ def test_inspect_gguf(tmp_path, run):
     hf = random_model(0, "f32", shapes=hf_shapes())
     write_llama_gguf(tmp_path / "m.gguf", hf, Q.Q4_1)
     info = json.loads(run("inspect", tmp_path / "m.gguf", "--json").stdout)
-    assert info["format"].startswith("GGUF (llama; Q4_1") and info["parameters"] == sum(a.size for a in hf.values())
+    assert info["kind"] == "gguf" and info["gguf_architecture"] == "llama" and "Q4_1" in info["dtypes"]
+    assert info["parameters"] == sum(a.size for a in hf.values())
     assert info["architectures"] == ["LlamaForCausalLM"]
 
 

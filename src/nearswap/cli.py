@@ -211,6 +211,7 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
       nearswap merge base.gguf s1.gguf -t 1e-4 -o merged.gguf --type like-base
     """
     from . import engine, recipe as recipes
+    from .stats import format_table
 
     options = {k: v for k, v in dict(dtype=dtype, shard_size=shard_size, tokenizer_source=tokenizer_source).items()
                if v is not None}
@@ -240,9 +241,9 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
     finally:
         bar.close()
     if as_json:
-        click.echo(json.dumps({k: v for k, v in report.items() if k != "table"}, indent=1))
+        click.echo(json.dumps(report, indent=1))
     else:
-        click.echo(report["table"])
+        click.echo(format_table(report["steps"]))
         size = f"{report['output']['total_size'] / 1e9:.2f} GB"
         if "types" in report["output"]:  # a GGUF file
             types = ", ".join(f"{k} x{v}" for k, v in report["output"]["types"].items())

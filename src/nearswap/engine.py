@@ -23,10 +23,11 @@ from .dtypes import BY_NAME, DType
 from .errors import NearswapError, shown
 from .formats import TOKENIZER_FILES, Model, open_model
 from .formats import safetensors as st
-from .formats.safetensors import FileReader, ShardedWriter, TensorInfo
+from .formats.safetensors import FileReader, ShardedWriter
+from .formats.types import TensorInfo
 from .output import atomic_directory
 from .recipe import Recipe
-from .stats import StepReport, Tally, format_table
+from .stats import MergeReport, StepReport, Tally
 from .stream import DEFAULT_CHUNK, ChunkBuffers, Settings, work_items
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "nearswap_recipe.yaml"
@@ -106,7 +107,7 @@ def plan(recipe: Recipe, native: bool = False) -> Plan:
 def _check_compatible(base: Model, sec: Model) -> None:
     arch = "general.architecture"
     if base.metadata.get(arch) != sec.metadata.get(arch) and (base.metadata.get(arch) or sec.metadata.get(arch)) \
-            and base.path.suffix.lower() == sec.path.suffix.lower() == ".gguf":
+            and base.kind == sec.kind == "gguf":
         raise NearswapError(f"{sec.describe()} is a GGUF of architecture {shown(sec.metadata.get(arch))} but the base "
                             f"is {shown(base.metadata.get(arch))}; NearSwap merges models of one architecture")
     missing = [n for n in base.tensors if n not in sec.tensors]
@@ -306,7 +307,7 @@ def _refuse_nonfinite(models: list[Model], task: TensorTask) -> None:
 # ---------------------------------------------------------------- the merge
 
 
-def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: Any) -> dict:
+def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: Any) -> MergeReport:
     """Run a recipe and write the merged HF checkpoint to ``out`` atomically, with the recipe,
     ``merge_report.json`` and a model card; or, when ``out`` ends in ``.gguf``, a GGUF file
     (``merge_to_gguf``, ``gguf_type``). Returns the report. ``run``: ``force``, ``threads``,
@@ -327,7 +328,6 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
 
     steps, report = write_checkpoint(recipe, out, {"nearswap_recipe": json.dumps(recipe.to_dict())}, finish,
                                      regenerated=("README.md", REPORT_NAME, RECIPE_NAME), **run)
-    report["table"] = format_table(steps)
     return report
 
 
@@ -335,7 +335,7 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
                      finish: Callable[[Path, dict], None] | None = None, *, regenerated: tuple[str, ...] = (),
                      force: bool = False, threads: int | None = None, settings: Settings | None = None,
                      progress: Callable[[int], None] | None = None,
-                     on_plan: Callable[[Plan], None] | None = None) -> tuple[list[StepReport], dict]:
+                     on_plan: Callable[[Plan], None] | None = None) -> tuple[list[StepReport], MergeReport]:
     """Preflight ``recipe``, stream it into an HF checkpoint at ``out`` (atomically: a hidden
     partial directory renamed into place) with every side file of the base (but those in
     ``regenerated``, which ``finish`` writes), and ``provenance`` in every shard's metadata;
@@ -367,7 +367,7 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
             writer.abort()
             raise
         copied = _copy_side_files(plan_, tmp, regenerated)
-        report = {
+        report: MergeReport = {
             "nearswap_version": __version__,
             "kernel": kernels.describe_backend(),
             "base": recipe.base,
@@ -454,7 +454,7 @@ def gguf_types(plan_: Plan, type_name: str) -> list[Any]:
 def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base", *, force: bool = False,
                   threads: int | None = None, settings: Settings | None = None,
                   progress: Callable[[int], None] | None = None,
-                  on_plan: Callable[[Plan], None] | None = None) -> dict:
+                  on_plan: Callable[[Plan], None] | None = None) -> MergeReport:
     """Merge GGUF inputs of one architecture, any architecture, in their own names and values
     into the GGUF file ``out``: every metadata value of the base (vocabulary, chat template)
     kept, each tensor coded as ``type_name`` (``like-base``: the base tensor's own type).
@@ -501,7 +501,7 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
         counts: dict[str, int] = {}
         for q in types:
             counts[q.name] = counts.get(q.name, 0) + 1
-        report = {
+        report: MergeReport = {
             "nearswap_version": __version__,
             "kernel": kernels.describe_backend(),
             "base": recipe.base,
@@ -513,5 +513,4 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
                        "quantizers": coders},
             "steps": [s.to_json() for s in steps],
         }
-    report["table"] = format_table(steps)
     return report

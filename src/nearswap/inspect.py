@@ -27,6 +27,8 @@ def describe_gguf(path: Path, list_tensors: bool = False) -> dict:
     info = {
         "path": str(path),
         "format": f"GGUF v{header.version} ({shown(arch) if not isinstance(arch, str) else arch})",
+        "kind": "gguf",
+        "gguf_version": header.version,
         "architectures": None,
         "gguf_architecture": arch if isinstance(arch, str) else None,
         "hf_names": isinstance(arch, str) and arch in ARCHITECTURES,
@@ -61,6 +63,7 @@ def describe(path: str | Path, list_tensors: bool = False) -> dict:
     info = {
         "path": str(model.path),
         "format": model.format,
+        "kind": model.kind,
         "architectures": model.architectures,
         "parameters": model.num_params,
         "bytes": model.nbytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 from .kernels import StepCounts
 
@@ -67,14 +68,43 @@ class StepReport:
         return out
 
 
-def format_table(steps: list[StepReport]) -> str:
-    """The short per-step summary printed after a merge."""
+class StepJSON(TypedDict):
+    """One step in a report (``StepReport.to_json``): counts are exact integers."""
+
+    model: str
+    label: str
+    t: float
+    total: int
+    identical: int
+    swapped: int
+    moved: int
+    nonfinite: int
+    mean_abs_change: float
+    tensors: dict[str, dict[str, Any]]
+
+
+class MergeReport(TypedDict, total=False):
+    """What ``nearswap.merge`` (and ``convert``) return, and ``merge_report.json`` holds."""
+
+    nearswap_version: str
+    kernel: str
+    base: str
+    output_dtype: str  # a directory output
+    output_type: str  # a .gguf output
+    carry_float32: bool
+    seconds: float
+    output: dict[str, Any]  # files, total_size, tensors, parameters (+ copied; + GGUF types)
+    steps: list[StepJSON]
+
+
+def format_table(steps: list[StepJSON]) -> str:
+    """The short per-step summary printed after a merge, from a report's ``steps``."""
     lines = []
     for i, step in enumerate(steps, 1):
-        tot = step.totals
+        share = {k: step[k] / step["total"] if step["total"] else 0.0 for k in ("swapped", "moved", "identical")}
         lines.append(
-            f"step {i}  {step.label:<4} t={step.t:<8g} swapped {100 * tot.share('swapped'):6.2f}%  "
-            f"moved {100 * tot.share('moved'):6.2f}%  identical {100 * tot.share('identical'):6.2f}%  "
-            f"nonfinite {tot.nonfinite}  mean|Δ| {tot.to_json()['mean_abs_change']:.3g}"
+            f"step {i}  {step['label']:<4} t={step['t']:<8g} swapped {100 * share['swapped']:6.2f}%  "
+            f"moved {100 * share['moved']:6.2f}%  identical {100 * share['identical']:6.2f}%  "
+            f"nonfinite {step['nonfinite']}  mean|Δ| {step['mean_abs_change']:.3g}"
         )
     return "\n".join(lines)

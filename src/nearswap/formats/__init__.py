@@ -7,14 +7,12 @@ from the tables below, and checks the things that span files (index vs shards).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import NearswapError, shown
 from ..files import read_json_object
 from . import safetensors as st
-from .safetensors import TensorInfo
+from .types import Model, TensorInfo
 
 # Checkpoints that are Python pickles: loading them can run arbitrary code, so we refuse.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -93,40 +91,6 @@ def side_files(directory: Path, skip: set[str] = frozenset()) -> tuple[list[tupl
     return sorted(found), left_out
 
 
-@dataclass
-class Model:
-    """A checkpoint opened for streaming: tensor locations plus its config, nothing loaded."""
-
-    path: Path
-    label: str  # how messages name it: "base", "s1", ...
-    format: str
-    files: list[Path]
-    tensors: dict[str, TensorInfo]  # in file order, then offset order
-    config: dict | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-    # writes config/tokenizer files for a model that has no HF directory (GGUF); returns their names
-    side_files: Callable[..., list[str]] | None = None
-
-    @property
-    def directory(self) -> Path | None:
-        return self.path if self.path.is_dir() else None
-
-    @property
-    def architectures(self) -> list[str] | None:
-        return (self.config or {}).get("architectures")
-
-    @property
-    def num_params(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def describe(self) -> str:
-        return f"{self.label} ({self.path})"
-
-
 def open_model(path: str | Path, label: str = "model", native: bool = False) -> Model:
     """Open a model for streaming: an HF directory, a ``.safetensors`` or a ``.gguf`` file.
     ``native``: a GGUF under its own names and stored values, of any architecture (only GGUF
@@ -152,11 +116,11 @@ def open_model(path: str | Path, label: str = "model", native: bool = False) -> 
 
         fmt, tensors, config, meta = open_gguf(path, label, native)
         if native:
-            return Model(path, label, fmt, [path], tensors, None, {k: str(v) for k, v in meta.items()})
+            return Model(path, label, fmt, [path], tensors, None, {k: str(v) for k, v in meta.items()}, kind="gguf")
         vocabulary = meta.get("tokenizer.ggml.model")
         return Model(path, label, fmt, [path], tensors, config, {k: str(v) for k, v in meta.items()},
                      side_files=lambda dest, skip_tokenizer=False: write_side_files(path, config, dest, skip_tokenizer,
-                                                                                    vocabulary))
+                                                                                    vocabulary), kind="gguf")
     if suffix != ".safetensors":
         raise NearswapError(f"{label}: {path}: unknown model format {suffix or '(no suffix)'}; "
                             "expected an HF directory, a .safetensors or a .gguf file")

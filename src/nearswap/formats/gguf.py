@@ -22,7 +22,8 @@ from gguf import GGML_QUANT_SIZES
 
 from ..dtypes import BY_NAME
 from ..errors import NearswapError, shown
-from .safetensors import TensorInfo, pread_exact
+from .safetensors import pread_exact
+from .types import TensorInfo
 
 from .architectures import (ARCHITECTURES, BY_HF_CLASS, Arch, MetadataError, add_metadata, gguf_name, hf_config,
                             hf_name, llama3_rope_factors, meta_number, rope_scaling_of, short_name, unsupported)

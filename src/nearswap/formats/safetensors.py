@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from ..dtypes import BY_NAME, DType
 from ..errors import NearswapError, shown
 from ..files import open_regular, parse_json
+from .types import TensorInfo
 
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 if TYPE_CHECKING:
@@ -33,26 +34,6 @@ if TYPE_CHECKING:
 MAX_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes are: file, absolute offset, dtype, shape."""
-
-    name: str
-    dtype: DType
-    shape: tuple[int, ...]
-    file: Path
-    offset: int  # absolute byte offset of the first element in ``file``
-    source: Any = None  # set when the bytes must be decoded (GGUF): has read(fd, info, start, out)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
 
 
 MAX_DIM = 2**64 - 1  # safetensors stores shapes as usize
