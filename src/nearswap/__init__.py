@@ -27,7 +27,8 @@ def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **op
     ``Recipe`` (then ``secondaries`` and ``t`` are unused). Options: ``dtype``,
     ``shard_size``, ``tokenizer_source``, ``carry_float32``, ``allow_nonfinite`` (recipe
     fields) and ``force``, ``threads`` or ``settings`` (a ``stream.Settings``: chunk size and
-    threads), ``progress`` (run settings). An ``out`` ending in
+    threads), ``ray_address`` (run on a Ray cluster: ``HOST:PORT``, ``auto`` or ``local``),
+    ``progress`` (run settings). An ``out`` ending in
     ``.gguf`` merges GGUF inputs of one architecture into a GGUF file, ``gguf_type`` giving
     its tensor type (default ``like-base``). Returns the report.
 
@@ -35,7 +36,7 @@ def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **op
     """
     from . import engine, recipe
 
-    run_keys = {"force", "threads", "settings", "progress", "on_plan", "gguf_type"}
+    run_keys = {"force", "threads", "settings", "progress", "on_plan", "gguf_type", "ray_address"}
     run = {k: v for k, v in options.items() if k in run_keys}
     fields = {k: v for k, v in options.items() if k not in run_keys}
     if isinstance(base, recipe.Recipe):

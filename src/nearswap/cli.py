@@ -199,10 +199,13 @@ class _Progress:
 @click.option("--allow-nonfinite", is_flag=True, help="Merge NaN/inf weights by the formula instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="Run on a Ray cluster: HOST:PORT, auto (this machine's `ray start` cluster; the default "
+                   "when --ray is given alone) or local (a private Ray for this run). Needs the ray extra.")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite, force,
-          threads, as_json, quiet):
+          threads, ray_address, as_json, quiet):
     """Merge BASE SECONDARY [SECONDARY ...] (or one RECIPE.yaml) sequentially by NearSwap.
 
     \b
@@ -236,7 +239,8 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
 
     bar = _Progress("merging", quiet or as_json)
     try:
-        report = engine.merge(rec, out, gguf_type, force=force, settings=_settings(threads), progress=bar.update,
+        report = engine.merge(rec, out, gguf_type, force=force, settings=_settings(threads), ray_address=ray_address,
+                              progress=bar.update,
                               on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
@@ -347,7 +351,9 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
 @click.option("--tasks", default="arc_easy:0,hellaswag:0", show_default=True,
               help="Benchmark tasks each merge is compared with the base on ('none' to skip).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="Items per task.")
-def sweep(inputs, ts, out, keep, jobs, force, tasks, limit):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="One t per task on a Ray cluster (HOST:PORT, auto or local); OUT on storage every node sees.")
+def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address):
     """Merge BASE SECONDARY [...] at each t and judge it: the card's quality table (judge extra)."""
     from . import sweep as sweeps
 
@@ -355,7 +361,8 @@ def sweep(inputs, ts, out, keep, jobs, force, tasks, limit):
         raise NearswapError("give a base and at least one secondary")
     values = _parse_ts(ts)
     result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force,
-                        tasks="" if tasks.strip() == "none" else tasks, limit=limit, echo=click.echo)
+                        tasks="" if tasks.strip() == "none" else tasks, limit=limit, ray_address=ray_address,
+                        echo=click.echo)
     click.echo(sweeps.markdown(result))
     click.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
 

@@ -334,7 +334,7 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
 def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str],
                      finish: Callable[[Path, dict], None] | None = None, *, regenerated: tuple[str, ...] = (),
                      force: bool = False, threads: int | None = None, settings: Settings | None = None,
-                     progress: Callable[[int], None] | None = None,
+                     ray_address: str | None = None, progress: Callable[[int], None] | None = None,
                      on_plan: Callable[[Plan], None] | None = None) -> tuple[list[StepReport], MergeReport]:
     """Preflight ``recipe``, stream it into an HF checkpoint at ``out`` (atomically: a hidden
     partial directory renamed into place) with every side file of the base (but those in
@@ -344,8 +344,9 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
 
     ``progress`` is called with the number of input bytes processed as work completes;
     ``on_plan`` once the preflight has passed (e.g. to size a progress bar); ``settings``
-    (chunk size, threads) how the pass runs (``threads`` alone: the default chunk). Returns
-    the per-step reports and the report dict.
+    (chunk size, threads) how the pass runs (``threads`` alone: the default chunk);
+    ``ray_address``: run the pass's work on that Ray cluster (``distributed``) instead of
+    local threads. Returns the per-step reports and the report dict.
     """
     out = Path(out)
     with atomic_directory(out, force) as tmp:  # the lock on OUT is held from here to the rename
@@ -360,7 +361,12 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
         writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)
         try:
             pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
-            stream.run(pass_, settings or Settings(threads=threads), progress)
+            if ray_address:
+                from . import distributed
+
+                distributed.run(pass_, settings or Settings(threads=threads), ray_address, progress)
+            else:
+                stream.run(pass_, settings or Settings(threads=threads), progress)
             steps = getattr(pass_, "steps", [])
             files = writer.close()
         except BaseException:
@@ -452,7 +458,7 @@ def gguf_types(plan_: Plan, type_name: str) -> list[Any]:
 
 
 def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base", *, force: bool = False,
-                  threads: int | None = None, settings: Settings | None = None,
+                  threads: int | None = None, settings: Settings | None = None, ray_address: str | None = None,
                   progress: Callable[[int], None] | None = None,
                   on_plan: Callable[[Plan], None] | None = None) -> MergeReport:
     """Merge GGUF inputs of one architecture, any architecture, in their own names and values
@@ -469,6 +475,8 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
         raise NearswapError("--dtype is for directory outputs; a .gguf output takes --type (like-base, f16, q8_0, ...)")
     if recipe.tokenizer_source != "base":
         raise NearswapError("a .gguf output keeps the base's vocabulary; tokenizer_source is for directory outputs")
+    if ray_address:
+        raise NearswapError("--ray writes directory outputs for now; merge into a directory, or drop --ray for a .gguf")
     settings = settings or Settings(threads=threads)
     if settings.chunk % 256:  # chunks must start on block boundaries (blocks are 1, 32 or 256 elements)
         raise NearswapError(f"a chunk of {settings.chunk} elements is not a multiple of 256, which a .gguf output needs")

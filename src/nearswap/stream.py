@@ -32,10 +32,12 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """How a pass is run: elements per work item, worker threads (None: all cores)."""
+    """How a pass is run: elements per work item, worker threads (None: all cores), and on a
+    Ray cluster the input bytes per task."""
 
     chunk: int = DEFAULT_CHUNK
     threads: int | None = None
+    group_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if type(self.chunk) is not int or self.chunk <= 0:

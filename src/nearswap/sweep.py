@@ -148,9 +148,11 @@ def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_pat
 
 def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_SWEEP_TS, *,
         out: str | Path, keep: bool = False, jobs: int | None = None, force: bool = False,
-        tasks: str = DEFAULT_TASKS, limit: int | None = DEFAULT_LIMIT,
+        tasks: str = DEFAULT_TASKS, limit: int | None = DEFAULT_LIMIT, ray_address: str | None = None,
         echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Merge at every t and judge each merge; writes sweep.json, sweep.md and sweep.png to ``out``."""
+    """Merge at every t and judge each merge; writes sweep.json, sweep.md and sweep.png to ``out``.
+    ``ray_address``: one t per task on that Ray cluster (``distributed.map_tasks``) instead of
+    local processes; ``out`` must then be on storage every node sees."""
     from . import evaluate
     from .judge import data, harness, models as loader, stats, tasks as task_table
 
@@ -177,14 +179,22 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
         base_row = rows[0]
         jobs = jobs or _default_jobs(base_model.nbytes, len(ts))
         echo(f"merging and judging {len(ts)} values of t, {jobs} at a time")
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_one_t, t, {"base": str(base), "steps": [{**s, "t": t} for s in steps]},
-                                   str(tmp), str(base_hf), str(base_hf), keep, selected, limit) for t in ts]
-            for fut in futures:
-                row = fut.result()
-                rows.append(row)
-                echo(f"t={row['t']:g}: KL {row['kl_mean']:.3g}, perplexity {row['perplexity']:.2f}")
+        calls = [(t, {"base": str(base), "steps": [{**s, "t": t} for s in steps]}, str(tmp), str(base_hf),
+                  str(base_hf), keep, selected, limit) for t in ts]
+
+        def done(row: dict[str, Any]) -> None:
+            rows.append(row)
+            echo(f"t={row['t']:g}: KL {row['kl_mean']:.3g}, perplexity {row['perplexity']:.2f}")
+
+        if ray_address:  # one t per Ray task: its merge and its evaluation on the same node
+            from . import distributed
+
+            distributed.map_tasks(_one_t, calls, ray_address, done)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                for fut in [pool.submit(_one_t, *call) for call in calls]:
+                    done(fut.result())
         for row in rows:
             row["ppl_ratio"] = row["perplexity"] / base_row["perplexity"]
             row["cont_ppl_ratio"] = row["cont_ppl"] / base_row["cont_ppl"]

@@ -1,0 +1,154 @@
+"""Passes on a real Ray cluster: a head node and a second node on 127.0.0.1, started with
+`ray start` and stopped by the fixture. The merge through the cluster must be bit-identical to
+the local one — also when a worker is killed mid-merge — and the sweep must give the same
+table. Skipped, with the reason, where Ray (the `ray` extra) is not installed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+import nearswap  # noqa: E402
+from nearswap import synthetic  # noqa: E402
+from nearswap.errors import NearswapError  # noqa: E402
+from nearswap.stream import Settings  # noqa: E402
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two Ray nodes of one CPU each on this machine; their address."""
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    head = subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
+                          capture_output=True, text=True, env=env)
+    if head.returncode:
+        pytest.skip(f"ray start failed here: {head.stderr.strip()[-300:]}")
+    address = f"127.0.0.1:{port}"
+    try:
+        node = subprocess.run([RAY, "start", "--address", address, *common], capture_output=True, text=True, env=env)
+        assert node.returncode == 0, node.stderr[-2000:]
+        yield address
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def quartet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quartet")
+    shape = synthetic.LlamaShape(256, 4, 512, 2048, 4, 2)
+    synthetic.make_base(root / "base", shape, "bfloat16", seed=0)
+    return [root / "base"] + [synthetic.make_secondary(root / "base", root / f"s{i}", 0.0125, seed=i)
+                              for i in (1, 2, 3)]
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.safetensors*"))}
+
+
+def ray_workers() -> list[int]:
+    """Pids of Ray worker processes running a merge task (their title names the function)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ray::_run_group" in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def test_three_step_merge_through_the_cluster_is_bit_identical(cluster, quartet, tmp_path):
+    settings = Settings(chunk=8192, group_bytes=1 << 20)
+    local = nearswap.merge(quartet[0], quartet[1:], t=1e-3, out=tmp_path / "local", shard_size="4MB")
+    remote = nearswap.merge(quartet[0], quartet[1:], t=1e-3, out=tmp_path / "ray", shard_size="4MB",
+                            settings=settings, ray_address=cluster)
+    assert len(files_of(tmp_path / "local")) > 2
+    assert files_of(tmp_path / "ray") == files_of(tmp_path / "local")
+    assert remote["steps"] == local["steps"]
+
+
+def test_a_killed_worker_changes_nothing(cluster, quartet, tmp_path):
+    settings = Settings(chunk=4096, group_bytes=256 << 10)  # ~100 small tasks: a window to kill one
+    local = nearswap.merge(quartet[0], quartet[1:], t=1e-3, out=tmp_path / "local")
+    killed = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline and not finished.is_set():
+            for pid in ray_workers():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.005)
+
+    finished = threading.Event()
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        remote = nearswap.merge(quartet[0], quartet[1:], t=1e-3, out=tmp_path / "ray", settings=settings,
+                                ray_address=cluster)
+    finally:
+        finished.set()
+        thread.join()
+    if not killed:
+        pytest.skip("no Ray worker was caught running a task (the merge finished first)")
+    assert files_of(tmp_path / "ray") == files_of(tmp_path / "local")
+    assert remote["steps"] == local["steps"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local", "ray"]  # no partial left behind
+
+
+def test_unreachable_cluster_and_missing_paths_are_one_line(quartet, tmp_path, run):
+    result = run("merge", quartet[0], quartet[1], "-t", 1e-3, "-o", tmp_path / "o", "--ray", f"127.0.0.1:{free_port()}")
+    assert result.exit_code == 1 and "cannot reach the Ray cluster" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "o").exists()
+
+
+def test_worker_that_cannot_see_a_path_says_which(cluster, quartet, tmp_path):
+    """A pass planned on the driver whose input is not where the workers look (moved away
+    here, as on a node that does not mount the share): the task says which path, where."""
+    import shutil
+
+    from nearswap import distributed, engine, recipe
+    from nearswap.formats.safetensors import ShardedWriter
+
+    base = tmp_path / "base"
+    shutil.copytree(quartet[0], base)
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(quartet[1]), "t": 1e-3}]}, "test")
+    plan_ = engine.plan(rec)
+    (tmp_path / "out").mkdir()
+    writer = ShardedWriter(tmp_path / "out", [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], 1 << 40, {})
+    base.rename(tmp_path / "elsewhere")
+    with pytest.raises(NearswapError, match=f"cannot see {base}"):
+        distributed.run(engine.ChainPass(plan_, writer), Settings(), cluster)
+    writer.abort()
+
+
+def test_sweep_through_the_cluster_gives_the_local_table(cluster, tiny_llm, tmp_path, run):
+    tables = {}
+    for name, extra in (("local", ["--jobs", "1"]), ("ray", ["--ray", cluster])):
+        result = run("sweep", tiny_llm / "base", tiny_llm / "s1", "--t", "1e-2", "-o", tmp_path / name,
+                     "--tasks", "none", *extra)
+        assert result.exit_code == 0, result.output
+        rows = json.loads((tmp_path / name / "sweep.json").read_text())["rows"]
+        tables[name] = rows
+    assert tables["ray"] == tables["local"]
+    assert (tmp_path / "ray" / "sweep.md").read_text() == (tmp_path / "local" / "sweep.md").read_text()
