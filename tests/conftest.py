@@ -115,3 +115,24 @@ def tiny_llm(tmp_path_factory):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (root / "s1" / name).write_bytes((root / "smol" / name).read_bytes())
     return root
+
+
+def assert_tokenizer_built_without_torch(code: list[str], directory, gguf_path, text: str):
+    """Run ``code`` (argv of a Python process that builds ``directory`` from ``gguf_path``):
+    neither torch nor transformers may be imported there; transformers must then tokenize
+    ``text`` with that directory exactly as with its own GGUF conversion. Returns theirs."""
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    probe = "; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code[0] + probe, *code[1:]], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"  # neither torch nor transformers was imported
+    ours = transformers.AutoTokenizer.from_pretrained(str(directory))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    assert ours(text).input_ids == theirs(text).input_ids
+    assert ours.decode(ours(text).input_ids) == theirs.decode(theirs(text).input_ids)
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    return theirs

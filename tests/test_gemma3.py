@@ -73,25 +73,13 @@ def test_tokenizer_without_transformers_equals_transformers_own(gemma, tmp_path)
     """A merge from the GGUF base writes Gemma's SentencePiece tokenizer with tokenizers alone
     (torch and transformers never imported); transformers tokenizes with it exactly as with
     its own GGUF conversion."""
-    import subprocess
-    import sys
+    from conftest import assert_tokenizer_built_without_torch
 
-    transformers = pytest.importorskip("transformers")
     sec = synthetic.make_secondary_gguf(gemma, tmp_path / "s1.gguf", seed=1)
-    code = ("import sys, nearswap; nearswap.merge(sys.argv[1], [sys.argv[2]], t=1e-4, out=sys.argv[3]); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, str(gemma), str(sec), str(tmp_path / "m")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
-    ours = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "m"))
-    theirs = transformers.AutoTokenizer.from_pretrained(str(gemma.parent), gguf_file=gemma.name)
+    code = "import sys, nearswap; nearswap.merge(sys.argv[1], [sys.argv[2]], t=1e-4, out=sys.argv[3])"
     text = ("<start_of_turn>user\nHello,  world!\tGrüße aus Köln — 東京は晴れ。 Привет, мир. مرحبا 🤖 "
             "12345 x**2   {code}<end_of_turn>\n<start_of_turn>model\n<eos>")
-    assert ours(text).input_ids == theirs(text).input_ids
-    assert ours.decode(ours(text).input_ids) == theirs.decode(theirs(text).input_ids)
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        assert getattr(ours, name) == getattr(theirs, name), name
+    assert_tokenizer_built_without_torch([code, str(gemma), str(sec), str(tmp_path / "m")], tmp_path / "m", gemma, text)
 
 
 def test_hf_base_merge_equals_gguf_base_merge(gemma, converted, tmp_path):

@@ -181,23 +181,13 @@ def test_verdict_rule_on_both_ends(smol_pair, tmp_path):
 def test_tokenizer_built_without_transformers_equals_transformers_own(smollm2, tmp_path):
     """convert writes SmolLM2's tokenizer with the tokenizers package alone; transformers loads
     that directory and tokenizes exactly as its own GGUF loader does."""
-    import subprocess
-    import sys
+    from conftest import assert_tokenizer_built_without_torch
 
-    transformers = pytest.importorskip("transformers")
-    code = ("import sys, nearswap.convert as c; c.convert(sys.argv[1], sys.argv[2]); "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code, str(smollm2), str(tmp_path / "hf")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]"  # neither torch nor transformers was imported
-    ours = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    theirs = transformers.AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
+    code = "import sys, nearswap.convert as c; c.convert(sys.argv[1], sys.argv[2])"
     text = ("<|im_start|>user\nHello, world! Grüße aus Köln — 東京は晴れ。 Привет, мир. 12345 + 678 = 13023 "
             "   spaces\tand\ttabs 🙂 <|im_end|>\n<|endoftext|>don't we'll I'M")
-    assert ours(text).input_ids == theirs(text).input_ids
-    assert ours.decode(ours(text).input_ids) == theirs.decode(theirs(text).input_ids)
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        assert getattr(ours, name) == getattr(theirs, name), name
+    theirs = assert_tokenizer_built_without_torch([code, str(smollm2), str(tmp_path / "hf")], tmp_path / "hf", smollm2,
+                                                  text)
     assert (tmp_path / "hf" / "chat_template.jinja").read_text() == theirs.chat_template
 
 
