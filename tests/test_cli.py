@@ -273,3 +273,35 @@ def test_synthetic_demo_prints_the_cards_share(tmp_path, run):
     assert rows["0.0001"][0] == lines[0].split("swapped")[1].split()[0]
     shares = [float(rows[t][0].rstrip("%")) for t in ("0.0001", "0.001", "0.01")]
     assert shares == sorted(shares) and 50 < shares[2] < 60  # Laplace(0.0125): 1 - exp(-0.8) = 55%
+
+
+def test_silent_no_ops_are_said(make_quartet, tmp_path, run):
+    """What would do nothing, quietly, is said: a rule glob matching no tensor, a secondary
+    identical to the base (warnings), a tokenizer source without tokenizer files (refused), and
+    a command-line option overriding what the recipe set (warning)."""
+    import yaml
+
+    paths, _ = make_quartet("bf16", n=1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": str(paths[0]), "dtype": "bfloat16", "steps": [
+        {"model": str(paths[1]), "t": 1e-3, "rules": [{"match": "*.mpl.*", "t": 0}, {"match": "*.mlp.*", "t": 0}]}]}))
+    result = run("merge", recipe, "-o", tmp_path / "a", "-q")
+    assert result.exit_code == 0, result.output
+    assert "warning: step 1: rule '*.mpl.*' matches no tensor" in result.stderr
+    assert "'*.mlp.*'" not in result.stderr  # a rule that matches is not mentioned
+
+    result = run("merge", recipe, "-o", tmp_path / "b", "--dtype", "float32", "-q")
+    assert result.exit_code == 0 and "warning: --dtype overrides the recipe's dtype ('BF16' -> 'F32')" in result.stderr
+    result = run("merge", recipe, "-o", tmp_path / "c", "--shard-size", "1GB", "-q")  # the recipe set no shard size
+    assert result.exit_code == 0 and "overrides" not in result.stderr
+
+    result = run("merge", paths[0], paths[0], "-t", 1e-3, "-o", tmp_path / "d", "-q")
+    assert result.exit_code == 0 and "warning: step 1 (s1: " in result.stderr and "changed nothing" in result.stderr
+    result = run("merge", paths[0], paths[1], "-t", 1e-3, "-o", tmp_path / "e", "-q")
+    assert "changed nothing" not in result.stderr
+
+    empty = tmp_path / "no-tokenizer"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    result = run("merge", paths[0], paths[1], "-t", 1e-3, "-o", tmp_path / "f", "--tokenizer-source", empty)
+    assert result.exit_code == 1 and "has no tokenizer files" in result.stderr and not (tmp_path / "f").exists()

@@ -224,7 +224,15 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
             raise NearswapError("-t goes in the recipe when merging from a recipe file; remove -t")
         rec = recipes.load(inputs[0])
         if options:
-            rec = recipes.build({**rec.to_dict(), **options}, "command line")
+            import dataclasses
+
+            written = rec.to_dict()
+            defaults = {f.name: f.default for f in dataclasses.fields(recipes.Recipe)}
+            rec = recipes.build({**written, **options}, "command line")
+            for key, value in rec.to_dict().items():  # what the command line changed that the recipe set: said
+                if key in options and written.get(key) != value and written.get(key) != defaults.get(key):
+                    warnings.warn(f"--{key.replace('_', '-')} overrides the recipe's {key} "
+                                  f"({shown(written.get(key))} -> {shown(value)})", NearswapWarning)
     else:
         if len(inputs) < 2:
             raise NearswapError("give a base and at least one secondary (or a recipe .yaml)")

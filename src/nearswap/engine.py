@@ -90,6 +90,9 @@ def plan(recipe: Recipe, native: bool = False) -> Plan:
         src = Path(recipe.tokenizer_source)
         if not src.is_dir():
             raise NearswapError(f"tokenizer_source {src} is not a model directory")
+        if not any((src / name).is_file() for name in TOKENIZER_FILES):
+            raise NearswapError(f"tokenizer_source {src} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...): "
+                                "the output would have no tokenizer; point it at a model directory that has one")
     out_dtype = BY_NAME[recipe.dtype] if recipe.dtype else None
     tasks = []
     for name, info in base.tensors.items():
@@ -101,7 +104,37 @@ def plan(recipe: Recipe, native: bool = False) -> Plan:
             secondaries=[sec.tensors[name] for sec in secondaries],
             ts=[step.t_for(name) for step in recipe.steps],
         ))
+    _warn_unmatched_rules(recipe, [t.name for t in tasks])
     return Plan(recipe, base, secondaries, tasks)
+
+
+def _warn_unmatched_rules(recipe: Recipe, names: list[str]) -> None:
+    """A per-tensor rule whose glob matches no tensor of the base does nothing: say so (a typo
+    such as ``*.mpl.*`` would otherwise merge those tensors at the step's t, silently)."""
+    import fnmatch
+    import warnings
+
+    from .errors import NearswapWarning
+
+    for k, step in enumerate(recipe.steps, 1):
+        for rule in step.rules:
+            if not any(fnmatch.fnmatchcase(name, rule.match) for name in names):
+                warnings.warn(f"step {k}: rule {shown(rule.match)} matches no tensor of the base; it does nothing "
+                              "(check the glob against `nearswap inspect BASE --tensors`)", NearswapWarning)
+
+
+def warn_no_ops(steps: list[StepReport]) -> None:
+    """A secondary identical to the running result (every element the same) changed nothing:
+    say so (the wrong folder, or a secondary saved from the base)."""
+    import warnings
+
+    from .errors import NearswapWarning
+
+    for k, step in enumerate(steps, 1):
+        total = step.totals
+        if total.total and total.identical == total.total:
+            warnings.warn(f"step {k} ({step.label}: {step.model}) changed nothing: it is identical to "
+                          f"{'the base' if k == 1 else 'the result of step ' + str(k - 1)}", NearswapWarning)
 
 
 def _check_compatible(base: Model, sec: Model) -> None:
@@ -368,6 +401,7 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
             else:
                 stream.run(pass_, settings or Settings(threads=threads), progress)
             steps = getattr(pass_, "steps", [])
+            warn_no_ops(steps)
             files = writer.close()
         except BaseException:
             writer.abort()
@@ -502,6 +536,7 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
             pass_ = ChainPass(plan_, writer)
             stream.run(pass_, settings, progress)
             steps = pass_.steps
+            warn_no_ops(steps)
             writer.close()
         except BaseException:
             writer.abort()
