@@ -305,3 +305,31 @@ def test_silent_no_ops_are_said(make_quartet, tmp_path, run):
     (empty / "config.json").write_text("{}")
     result = run("merge", paths[0], paths[1], "-t", 1e-3, "-o", tmp_path / "f", "--tokenizer-source", empty)
     assert result.exit_code == 1 and "has no tokenizer files" in result.stderr and not (tmp_path / "f").exists()
+
+
+WORK_COMMANDS = ("merge", "convert", "export", "curve", "sweep", "eval")
+T_COMMANDS = ("merge", "curve", "sweep")
+
+
+@pytest.mark.parametrize("command", WORK_COMMANDS)
+def test_every_working_command_has_the_shared_options(command, run):
+    """One CLI: every command that does work takes -q, --json and --threads; every command
+    that takes thresholds takes them as -t and as --t, the same way."""
+    text = run(command, "--help").stdout
+    for option in ("-q, --quiet", "--json", "--threads"):
+        assert option in text, (command, option)
+    if command in T_COMMANDS:
+        assert "-t, --t" in text, command
+
+
+def test_t_is_read_the_same_way_everywhere(make_quartet, tmp_path, run):
+    paths, _ = make_quartet("bf16", n=2)
+    a = run("merge", *paths, "-t", "1e-3", "-t", "2e-3", "-o", tmp_path / "a", "--json", "-q")
+    b = run("merge", *paths, "--t", "1e-3,2e-3", "-o", tmp_path / "b", "--json", "-q")
+    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    assert [s["t"] for s in json.loads(a.stdout)["steps"]] == [s["t"] for s in json.loads(b.stdout)["steps"]] == [1e-3, 2e-3]
+    c = run("curve", paths[0], paths[1], "-t", "1e-3", "--t", "2e-3", "--json", "-q")
+    d = run("curve", paths[0], paths[1], "-t", "1e-3,2e-3", "--json", "-q")
+    assert c.exit_code == d.exit_code == 0 and json.loads(c.stdout)["ts"] == json.loads(d.stdout)["ts"] == [1e-3, 2e-3]
+    bad = run("merge", *paths, "-t", "x", "-o", tmp_path / "e")
+    assert bad.exit_code == 2 and "-t/--t" in bad.stderr and "takes numbers" in bad.stderr

@@ -109,11 +109,13 @@ def test_cli_table_json_and_plots(make_quartet, tmp_path, run):
     assert js["curve"]["share"] == sorted(js["curve"]["share"])
 
 
-@pytest.mark.parametrize("ts, needle", [("abc", "comma-separated numbers"), ("-1e-4", "t must be"), ("nan", "t must be")])
-def test_cli_bad_t(make_quartet, run, ts, needle):
+@pytest.mark.parametrize("ts, needle, code", [("abc", "comma-separated lists", 2), ("-1e-4", "t must be", 1),
+                                             ("nan", "t must be", 1)])
+def test_cli_bad_t(make_quartet, run, ts, needle, code):
+    """Not a number: a usage error (2, as for any malformed option); out of range: 1."""
     paths, _ = make_quartet(n=1)
     result = run("curve", *paths, "--t", ts)
-    assert result.exit_code == 1 and needle in result.stderr and "Traceback" not in result.output
+    assert result.exit_code == code and needle in result.stderr and "Traceback" not in result.output
 
 
 def test_counting_needs_no_numpy(make_quartet, tmp_path):

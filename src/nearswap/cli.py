@@ -134,14 +134,36 @@ def _settings(threads: int | None):
     return Settings.from_env(os.environ, threads)
 
 
-def _parse_ts(text: str) -> list[float]:
-    """A comma-separated --t list: finite numbers >= 0, at least one."""
+def t_option(default: str | None, help: str):
+    """``-t``/``--t``, the same on every command that takes thresholds: repeatable, and each
+    value may be a comma-separated list (``-t 1e-4 -t 3e-4`` is ``-t 1e-4,3e-4``)."""
+    return click.option("-t", "--t", "ts", multiple=True, default=(default,) if default else (), show_default=True,
+                        help=help)
+
+
+def threads_option(help: str = "Worker threads (default: all cores)."):
+    return click.option("--threads", type=click.IntRange(1, 256), help=help)
+
+
+def json_option(help: str):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def quiet_option(help: str = "No progress bar."):
+    return click.option("-q", "--quiet", is_flag=True, help=help)
+
+
+def _parse_ts(text: "str | tuple[str, ...]") -> list[float]:
+    """Thresholds from -t/--t values (each a number or a comma-separated list): finite numbers
+    >= 0, at least one."""
+    text = ",".join(text) if isinstance(text, tuple) else text
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise NearswapError(f"--t takes comma-separated numbers, got {shown(text)}") from None
+        raise click.BadParameter(f"takes numbers (or comma-separated lists of them), got {shown(text)}",
+                                 param_hint="-t/--t") from None
     if not values:
-        raise NearswapError("--t needs at least one threshold")
+        raise click.BadParameter("needs at least one threshold", param_hint="-t/--t")
     from .kernels import check_t
 
     try:
@@ -187,7 +209,7 @@ class _Progress:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-t", "ts", multiple=True, type=float, help="Threshold; once for all steps or once per secondary.")
+@t_option(None, "Threshold: one for all steps, or one per secondary (repeat -t, or comma-separated).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output directory (HF format), or a .gguf file (GGUF inputs of one architecture).")
 @click.option("--dtype", help="Output dtype (bfloat16, float16, float32). Default: each base tensor's own.")
@@ -239,6 +261,7 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
         secondaries = inputs[1:]
         if not ts:
             raise NearswapError("missing -t: give one threshold for all steps, or one per secondary")
+        ts = _parse_ts(ts)
         if len(ts) not in (1, len(secondaries)):
             raise NearswapError(f"{len(ts)} -t values for {len(secondaries)} secondaries; give one, or one per secondary")
         per_step = list(ts) if len(ts) > 1 else [ts[0]] * len(secondaries)
@@ -273,16 +296,20 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def convert(model, out, dtype, shard_size, force, threads, quiet):
+@json_option("Print the conversion report as JSON.")
+def convert(model, out, dtype, shard_size, force, threads, quiet, as_json):
     """Rewrite MODEL (GGUF, safetensors, HF dir) as an HF checkpoint: safetensors, config, tokenizer."""
     from .convert import convert as run_convert
 
-    bar = _Progress("converting", quiet)
+    bar = _Progress("converting", quiet or as_json)
     try:
         report = run_convert(model, out, dtype=dtype, shard_size=shard_size, force=force, settings=_settings(threads),
                              progress=bar.update, on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
     click.echo(f"wrote {out} ({report['output']['total_size'] / 1e9:.2f} GB, {report['output']['tensors']} tensors)")
     for name in report["output"]["copied"]:
         click.echo(f"  {name}")
@@ -296,24 +323,28 @@ def convert(model, out, dtype, shard_size, force, threads, quiet):
 @click.option("--vocab-from", type=click.Path(path_type=Path), help="A GGUF whose vocabulary to embed.")
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def export(model, out, type_name, vocab_from, force, quiet):
+@threads_option("Threads for llama.cpp's quantizer (K-quants; default: all cores).")
+@json_option("Print what was written as JSON.")
+def export(model, out, type_name, vocab_from, force, quiet, threads, as_json):
     """Write MODEL (a llama-family HF dir, safetensors or GGUF) as a GGUF file for llama.cpp."""
     from .formats.gguf import export_gguf
 
-    bar = _Progress("exporting", quiet)
+    bar = _Progress("exporting", quiet or as_json)
     try:
         result = export_gguf(model, out, type_name, vocab_from=vocab_from, force=force, progress=bar.update,
-                             on_start=lambda m: bar.start(m.nbytes))
+                             on_start=lambda m: bar.start(m.nbytes), threads=threads)
     finally:
         bar.close()
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
     kinds = ", ".join(f"{k} x{v}" for k, v in result["tensors"].items())
     click.echo(f"wrote {out} ({result['bytes'] / 1e6:.1f} MB; {kinds}; vocabulary from {result['vocabulary']})")
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--t", "ts", default="1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2", show_default=True,
-              help="Comma-separated thresholds to count exactly.")
+@t_option("1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2", "Thresholds to count exactly (comma-separated, or repeat -t).")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path), help="Write curve and heatmap (PNG, SVG) here.")
 @click.option("--at", type=float, help="t of the layer x kind heatmap (default: the first --t).")
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
@@ -350,8 +381,8 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--t", "ts", default="1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2,2e-2,5e-2,1e-1", show_default=True,
-              help="Comma-separated thresholds to merge and judge.")
+@t_option("1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2,2e-2,5e-2,1e-1",
+          "Thresholds to merge and judge (comma-separated, or repeat -t).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory for the table and plot.")
 @click.option("--keep", is_flag=True, help="Keep the merged models (under OUT/models/).")
 @click.option("--jobs", type=click.IntRange(1, 64), help="Parallel t values (default: by cores and memory).")
@@ -361,16 +392,23 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="Items per task.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="One t per task on a Ray cluster (HOST:PORT, auto or local); OUT on storage every node sees.")
-def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address):
+@threads_option("CPU threads per t value (default: 1; --jobs of them run at once).")
+@json_option("Print the sweep (sweep.json) instead of the table.")
+@quiet_option("No progress messages.")
+def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads, as_json, quiet):
     """Merge BASE SECONDARY [...] at each t and judge it: the card's quality table (judge extra)."""
     from . import sweep as sweeps
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
     values = _parse_ts(ts)
+    say = (lambda m: None) if quiet or as_json else click.echo
     result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force,
                         tasks="" if tasks.strip() == "none" else tasks, limit=limit, ray_address=ray_address,
-                        echo=click.echo)
+                        threads=threads or 1, echo=say)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
     click.echo(sweeps.markdown(result))
     click.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
 

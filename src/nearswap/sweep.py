@@ -130,14 +130,14 @@ def judge(path: Path, tokenizer_path: Path, base_path: Path, *, selected: Sequen
 
 
 def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_path: str, keep: bool,
-           selected: Sequence[Any], limit: int | None) -> dict[str, Any]:
+           selected: Sequence[Any], limit: int | None, threads: int = 1) -> dict[str, Any]:
     """Worker: merge at t, judge, drop the model unless kept. Runs in its own process."""
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     model_dir = Path(out_dir) / "models" / f"t={t:g}"
     rec = recipe.build(rec_data, "sweep")
-    report = engine.merge(rec, model_dir, threads=1)
+    report = engine.merge(rec, model_dir, threads=threads)
     result = {"t": t, "swapped": [s["swapped"] / s["total"] for s in report["steps"]]}
     result.update(judge(model_dir, Path(tokenizer_path), Path(base_path), selected=selected,
                         config_dir=Path(out_dir) / "tasks", limit=limit))
@@ -149,10 +149,11 @@ def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_pat
 def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_SWEEP_TS, *,
         out: str | Path, keep: bool = False, jobs: int | None = None, force: bool = False,
         tasks: str = DEFAULT_TASKS, limit: int | None = DEFAULT_LIMIT, ray_address: str | None = None,
-        echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+        threads: int = 1, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Merge at every t and judge each merge; writes sweep.json, sweep.md and sweep.png to ``out``.
     ``ray_address``: one t per task on that Ray cluster (``distributed.map_tasks``) instead of
-    local processes; ``out`` must then be on storage every node sees."""
+    local processes; ``out`` must then be on storage every node sees. ``threads``: CPU threads
+    each t's merge and evaluation use (``jobs`` of them run at once)."""
     from . import evaluate
     from .judge import data, harness, models as loader, stats, tasks as task_table
 
@@ -180,7 +181,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
         jobs = jobs or _default_jobs(base_model.nbytes, len(ts))
         echo(f"merging and judging {len(ts)} values of t, {jobs} at a time")
         calls = [(t, {"base": str(base), "steps": [{**s, "t": t} for s in steps]}, str(tmp), str(base_hf),
-                  str(base_hf), keep, selected, limit) for t in ts]
+                  str(base_hf), keep, selected, limit, threads) for t in ts]
 
         def done(row: dict[str, Any]) -> None:
             rows.append(row)

@@ -382,7 +382,7 @@ def _vocab_source(model: Any, vocab_from: Path | None) -> tuple[str, Path]:
 
 def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *, vocab_from: str | Path | None = None,
                 force: bool = False, progress: Callable[[int], None] | None = None,
-                on_start: Callable[[Any], None] | None = None) -> dict[str, Any]:
+                on_start: Callable[[Any], None] | None = None, threads: int | None = None) -> dict[str, Any]:
     """Write a llama-family model (HF dir, safetensors or GGUF) as a GGUF file of ``type_name``.
 
     2-D weights become ``type_name`` (quantized with gguf.quants; F16 where a row does not
@@ -408,7 +408,7 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
                 result = _write_gguf(source, out, f32, "f32", vocab_from, progress, on_start)
                 params = llama_cpp.llama_model_quantize_default_params()
                 params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
-                params.nthread = os.cpu_count() or 1
+                params.nthread = threads or os.cpu_count() or 1
                 if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
                     raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
             finally:
