@@ -171,7 +171,7 @@ def test_provenance_and_side_files(make_quartet, tmp_path):
     assert json.loads((out / "tokenizer.json").read_text())["from"] == "s2"
     assert not (out / "tokenizer_config.json").exists()  # the tokenizer source has none
     rec = yaml.safe_load((out / "nearswap_recipe.yaml").read_text())
-    assert rec["steps"][1]["model"] == str(paths[2]) and rec["steps"][0]["t"] == 1e-4
+    assert (out / rec["steps"][1]["model"]).resolve() == paths[2].resolve() and rec["steps"][0]["t"] == 1e-4
     with safe_open(str(out / "model.safetensors"), "numpy") as f:
         meta = f.metadata()
     assert meta["format"] == "pt" and meta["nearswap_version"] == nearswap.__version__
@@ -242,3 +242,43 @@ def test_model_card_reports_the_measured_steps(make_quartet, tmp_path):
     for i, step in enumerate(report["steps"], 1):
         assert f"| {i} | `s{i}` | {step['t']:g} | {100 * step['swapped'] / step['total']:.2f}% |" in card
     assert "t: 0.002" in card  # the recipe, as YAML
+
+
+def test_saved_recipe_reruns_from_anywhere_to_the_same_bits(make_quartet, tmp_path, monkeypatch, run):
+    """The recipe written into an output names its inputs relative to the output, so it re-runs
+    from any working directory; the card carries no absolute path of this machine, and the
+    recipe reads as written (no defaults, bfloat16 not BF16)."""
+    paths, _ = make_quartet("bf16", n=2)
+    recipe_dir = tmp_path / "recipes"
+    recipe_dir.mkdir()
+    (recipe_dir / "r.yaml").write_text(yaml.safe_dump({
+        "base": f"../{paths[0].name}", "dtype": "bfloat16", "shard_size": "2KB",
+        "steps": [{"model": f"../{p.name}", "t": 1e-3} for p in paths[1:]]}))
+    monkeypatch.chdir(recipe_dir)
+    first = run("merge", "r.yaml", "-o", tmp_path / "out" / "first", "-q")
+    assert first.exit_code == 0, first.output
+    saved = tmp_path / "out" / "first" / "nearswap_recipe.yaml"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = run("merge", saved, "-o", "again", "-q")
+    assert again.exit_code == 0, again.output
+    a, b = load_dir(tmp_path / "out" / "first"), load_dir(elsewhere / "again")  # (the metadata names the paths used)
+    assert len(a) > 5 and a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+    reports = [json.loads((d / "merge_report.json").read_text())["steps"] for d in (tmp_path / "out" / "first",
+                                                                                     elsewhere / "again")]
+    assert [s["swapped"] for s in reports[0]] == [s["swapped"] for s in reports[1]]
+    card = (tmp_path / "out" / "first" / "README.md").read_text()
+    assert str(tmp_path) not in card
+    written = yaml.safe_load(saved.read_text())
+    assert written == {"base": f"../../{paths[0].name}", "steps": [{"model": f"../../{p.name}", "t": 1e-3} for p in paths[1:]],
+                       "dtype": "bfloat16", "shard_size": "2KB"}
+    # inputs given on the command line, relative to the working directory of that run
+    monkeypatch.chdir(tmp_path)
+    cli = run("merge", *[p.name for p in paths], "-t", "1e-3", "-o", "out/cli", "-q")
+    assert cli.exit_code == 0, cli.output
+    monkeypatch.chdir(elsewhere)
+    rerun = run("merge", tmp_path / "out" / "cli" / "nearswap_recipe.yaml", "-o", "rerun", "-q")
+    assert rerun.exit_code == 0, rerun.output
+    c, d = load_dir(tmp_path / "out" / "cli"), load_dir(elsewhere / "rerun")
+    assert c.keys() == d.keys() and all(same_bits(c[k], d[k]) for k in c)

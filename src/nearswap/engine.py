@@ -350,7 +350,7 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
         return merge_to_gguf(recipe, out, gguf_type or "like-base", **run)
     if gguf_type is not None:
         raise NearswapError(f"--type is for a .gguf output; {out} is a directory (use --dtype there)")
-    recipe_yaml = recipe.to_yaml()
+    recipe_yaml = recipe.to_yaml(relative_to=out.absolute())  # re-runs from any working directory
 
     def finish(tmp: Path, report: dict) -> None:
         from .card import model_card

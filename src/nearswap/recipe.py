@@ -137,10 +137,39 @@ class Recipe:
             data["tokenizer_source"] = fix(self.tokenizer_source)
         return build(data, "recipe")
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, relative_to: str | Path | None = None) -> str:
+        """The recipe as a person would write it: defaults left out, ``bfloat16`` and ``5GB``
+        spelled so. ``relative_to``: write model paths relative to that folder (where the
+        recipe file will live), so that it re-runs from any working directory."""
+        import os
+
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        from .dtypes import BY_NAME
+
+        def path(p: str) -> str:
+            if relative_to is None:
+                return p
+            return os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())
+
+        out: dict[str, Any] = {"base": path(self.base), "steps": []}
+        for step in self.steps:
+            item: dict[str, Any] = {"model": path(step.model), "t": step.t}
+            if step.rules:
+                item["rules"] = [{"match": r.match, "t": r.t} for r in step.rules]
+            out["steps"].append(item)
+        if self.dtype:
+            out["dtype"] = BY_NAME[self.dtype].hf_name or self.dtype
+        if self.shard_size != DEFAULT_SHARD_SIZE:
+            size = self.shard_size
+            out["shard_size"] = next((f"{size // u}{n}" for u, n in ((1000**3, "GB"), (1000**2, "MB"), (1000, "KB"))
+                                      if size % u == 0), size)
+        if self.tokenizer_source != "base":
+            out["tokenizer_source"] = path(self.tokenizer_source)
+        for key in ("carry_float32", "allow_nonfinite"):
+            if getattr(self, key):
+                out[key] = True
+        return yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
 
 
 class _Invalid(Exception):
