@@ -15,7 +15,8 @@ Example (see also ``examples/quartet.yaml``)::
     tokenizer_source: base           # or a model path
 
 Validation is explicit (a few dataclasses and checks, no schema library: a merge starts
-~60 ms sooner), and every problem becomes one line naming the key: ``steps.0.t: ...``.
+~60 ms sooner), and every problem becomes one line naming the key: ``step 1.t: ...`` (steps
+counted from 1, as every output counts them).
 """
 
 from __future__ import annotations
@@ -233,8 +234,8 @@ def _step(data: Any, where: str) -> Step:
     if not isinstance(rules, list):
         raise _Invalid(f"{where}.rules", "expected a list of {match, t}")
     parsed = []
-    for j, rule in enumerate(rules):
-        rw = f"{where}.rules.{j}"
+    for j, rule in enumerate(rules, 1):
+        rw = f"{where}.rule {j}"
         rule = _mapping(rule, rw, Rule)
         parsed.append(Rule(_text(_required(rule, "match", rw), f"{rw}.match"),
                            _check(_t, _required(rule, "t", rw), f"{rw}.t")))
@@ -249,7 +250,7 @@ def _recipe(data: Any) -> Recipe:
         raise _Invalid("steps", f"expected a list of 1 to {MAX_STEPS} steps")
     return Recipe(
         base=_text(_required(data, "base", ""), "base"),
-        steps=[_step(s, f"steps.{i}") for i, s in enumerate(steps)],
+        steps=[_step(s, f"step {i}") for i, s in enumerate(steps, 1)],  # counted from 1, as the output counts them
         dtype=_check(_dtype, data.get("dtype"), "dtype"),
         shard_size=_check(parse_size, data.get("shard_size", DEFAULT_SHARD_SIZE), "shard_size"),
         tokenizer_source=_text(data.get("tokenizer_source", "base"), "tokenizer_source"),

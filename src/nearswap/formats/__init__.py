@@ -7,6 +7,7 @@ from the tables below, and checks the things that span files (index vs shards).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from ..errors import NearswapError, shown
@@ -100,6 +101,10 @@ def open_model(path: str | Path, label: str = "model", native: bool = False) -> 
     """
     path = Path(path)
     if not path.exists():
+        text = str(path)
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):  # a Hugging Face Hub id?
+            raise NearswapError(f"{label}: {path} does not exist here; nearswap reads local files only (no download): "
+                                f"fetch it first, e.g. `huggingface-cli download {text} --local-dir DIR`, and give DIR")
         raise NearswapError(f"{label}: {path} does not exist")
     suffix = path.suffix.lower()
     if native and (path.is_dir() or suffix != ".gguf"):

@@ -348,6 +348,15 @@ def _hf_vocab(directory: Path) -> Callable[[Any], None]:
         raise NearswapError(f"{directory / 'tokenizer.json'}: cannot build a GGUF vocabulary from it "
                             f"({type(e).__name__}: {shown(str(e), 120)}); pass --vocab-from MODEL.gguf") from None
 
+    import warnings
+
+    from ..errors import NearswapWarning
+
+    warnings.warn(f"the GGUF vocabulary is rebuilt from {directory / 'tokenizer.json'}: llama.cpp's pre-tokenizer "
+                  "name cannot be derived from HF files and is written as 'default', and GGUF-only settings "
+                  "(add_space_prefix, general.license) are not carried; pass --vocab-from THE_ORIGINAL.gguf to keep "
+                  "them", NearswapWarning)
+
     def add(w: Any) -> None:
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("default")
