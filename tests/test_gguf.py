@@ -358,3 +358,19 @@ def test_k_quant_export_through_llama_cpp(tmp_path):
     got = read_all(open_model(tmp_path / "m.gguf"))
     for name, x in hf.items():  # a lossy copy of the same tensors, in HF layout
         assert np.abs(got[name] - x).max() < 0.35 * np.abs(x).max(), name
+
+
+def test_gguf_without_vocabulary_converts_without_torch(tmp_path):
+    """No tokenizer.ggml.model: there is no tokenizer to build, so nothing imports transformers
+    or torch for it (which costs ~300 MB and seconds; the hostile benchmark's RSS limit)."""
+    import subprocess
+    import sys
+
+    write_llama_gguf(tmp_path / "m.gguf", random_model(0, "f32", shapes=hf_shapes()), Q.F32)
+    code = ("import sys, nearswap.convert as c; r = c.convert(sys.argv[1], sys.argv[2]); print(r['output']['copied']); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.gguf"), str(tmp_path / "hf")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    copied, imported = proc.stdout.strip().splitlines()[-2:]
+    assert imported == "[]" and "the GGUF has no vocabulary" in copied

@@ -229,6 +229,8 @@ def write_side_files(path: Path, config: dict[str, Any], dest: Path, skip_tokeni
 
     if vocabulary in ("gpt2", "llama"):  # byte-level and SentencePiece-style BPE: built here, no transformers
         return written + gguf_vocab.write(path, dest)
+    if not isinstance(vocabulary, str) or not vocabulary:  # nothing to build: torch is not imported for it
+        return written + ["no tokenizer: the GGUF has no vocabulary (no tokenizer.ggml.model)"]
     try:
         from transformers import AutoTokenizer
     except ImportError:
