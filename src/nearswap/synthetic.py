@@ -160,26 +160,28 @@ def make_secondary_gguf(base: str | Path, path: str | Path, scale: float = 0.012
     from .formats.gguf_writer import GGUFStreamWriter, metadata_of
     from .formats.safetensors import FileReader
 
+    from .output import atomic_file
+
     model = open_model(base, "base", native=True)
     arch, kv = metadata_of(model.path)
     plan = [(name, info.shape, info.source.qtype) for name, info in model.tensors.items()]
     rng = np.random.default_rng(seed)
-    writer = GGUFStreamWriter(Path(path), arch, kv, plan)
-    reader = FileReader()
-    try:
-        for name, info in model.tensors.items():
-            for start in range(0, info.numel, 1 << 20):
-                w = reader.read(info, start, np.empty(min(1 << 20, info.numel - start), np.float32))
-                if not is_norm(name):
-                    w += rng.laplace(0.0, scale, w.shape).astype(np.float32)
-                writer.write(name, start, w)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        Path(path).unlink(missing_ok=True)
-        raise
-    finally:
-        reader.close()
+    with atomic_file(path) as part:  # a hidden sibling, renamed when complete; never over an existing file
+        writer = GGUFStreamWriter(part, arch, kv, plan)
+        reader = FileReader()
+        try:
+            for name, info in model.tensors.items():
+                for start in range(0, info.numel, 1 << 20):
+                    w = reader.read(info, start, np.empty(min(1 << 20, info.numel - start), np.float32))
+                    if not is_norm(name):
+                        w += rng.laplace(0.0, scale, w.shape).astype(np.float32)
+                    writer.write(name, start, w)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            reader.close()
     return Path(path)
 
 

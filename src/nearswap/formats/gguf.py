@@ -315,18 +315,17 @@ def _gguf_vocab(source: Path) -> Callable[[Any], None]:
     """Every tokenizer.* field of another GGUF, as it is, read now (with nearswap's bounded
     header reader: a file declaring a billion tokens is refused, not allocated) and returned
     as a function that adds them to a writer."""
-    from .gguf_header import HeaderError, read_header
+    from .gguf_header import HeaderError
+    from .gguf_writer import metadata_of
 
     try:
-        header = read_header(source, arrays=("tokenizer.",))
+        _, kv = metadata_of(source, prefix="tokenizer.")
     except (HeaderError, OSError) as e:
         raise NearswapError(f"vocabulary source {source}: not a readable GGUF file: {e}") from None
 
     def add(w: Any) -> None:
-        for key, (vtype, item) in header.types.items():
-            if key.startswith("tokenizer."):
-                value = header.arrays[key] if key in header.arrays else header.metadata[key]
-                w.add_key_value(key, value, vtype, item)
+        for key, value, vtype, item in kv:
+            w.add_key_value(key, value, vtype, item)
 
     return add
 

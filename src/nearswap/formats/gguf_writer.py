@@ -9,8 +9,8 @@ size), and the quantizers used here code each block on its own, so a tensor writ
 chunks has the bytes it would have written whole.
 
 Which quantizer codes a type: llama.cpp's own ``ggml_quantize_chunk`` when the llama-cpp-python
-extra is installed (every type that needs no importance matrix; the reference, and 7-500x
-faster than numpy here), else ``gguf.quants`` for the types it implements (Q4_0, Q4_1, Q5_0,
+extra is installed (every type that needs no importance matrix; the reference, and far faster
+than numpy: README), else ``gguf.quants`` for the types it implements (Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, BF16; the two agree byte for byte, tested). F32 and F16 are plain casts.
 """
 
@@ -108,14 +108,15 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return out
 
 
-def metadata_of(path: Path, drop: tuple[str, ...] = ()) -> tuple[str, list[tuple[str, Any, Any, Any]]]:
-    """The architecture and every metadata value of the GGUF at ``path`` (vocabulary arrays
-    included, read by the bounded header reader) as (key, value, type, item type), but ``drop``."""
+def metadata_of(path: Path, drop: tuple[str, ...] = (), prefix: str = "") -> tuple[str, list[tuple[str, Any, Any, Any]]]:
+    """The architecture and the metadata values of the GGUF at ``path`` whose key starts with
+    ``prefix`` (all by default; arrays included, read by the bounded header reader) as (key,
+    value, type, item type), but ``drop``."""
     from .gguf_header import read_header
 
-    header = read_header(path, arrays=("",))
+    header = read_header(path, arrays=(prefix,))
     kv = [(key, header.arrays[key] if key in header.arrays else header.metadata[key], vtype, item)
-          for key, (vtype, item) in header.types.items() if key not in drop]
+          for key, (vtype, item) in header.types.items() if key.startswith(prefix) and key not in drop]
     return header.metadata.get("general.architecture"), kv
 
 
