@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/bench_ray.py [--size 0.5b] [--steps 1] [--repeat 3] [--outdir /dev/shm]
 
-Starts `ray start --head` and a second node on 127.0.0.1 (one CPU each: this machine's two
-cores), merges the benchmark pair (``bench_merge.py``'s inputs) with ``--ray`` and without,
+Starts a head and a second Ray node of its own on 127.0.0.1 (one CPU each: this machine's two
+cores; stopped without touching any other Ray on the machine), merges the benchmark pair (``bench_merge.py``'s inputs) with ``--ray`` and without,
 interleaved, and checks that the outputs are bit-identical. On one machine Ray can only add
 overhead (connecting, starting worker processes, scheduling tasks); it pays off when the I/O
 is spread over nodes with their own disks or network storage (README).
@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,7 +23,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def main() -> None:
@@ -38,16 +35,13 @@ def main() -> None:
     work = HERE / "work" / args.size
     if not (work / "base").is_dir():
         sys.exit(f"no inputs in {work}: run benchmarks/bench_merge.py --size {args.size} first")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
-                   check=True, capture_output=True, env=env)
-    address = f"127.0.0.1:{port}"
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from ray_cluster import LocalCluster  # a cluster of our own, stopped without touching any other Ray
+
+    cluster = LocalCluster(2)
+    address = cluster.start()
+    env = cluster.env
     try:
-        subprocess.run([RAY, "start", "--address", address, *common], check=True, capture_output=True, env=env)
         inputs = [str(work / "base")] + [str(work / f"s{i}") for i in range(1, args.steps + 1)]
         out_root = Path(tempfile.mkdtemp(prefix="nearswap-ray-bench-", dir=args.outdir))
         times: dict[str, list[float]] = {"local threads": [], "Ray, 2 nodes": []}
@@ -64,7 +58,7 @@ def main() -> None:
                    for a in sorted((out_root / "local").glob("*.safetensors")))
         shutil.rmtree(out_root, ignore_errors=True)
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+        cluster.stop()
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["Ray, 2 nodes"] / med["local threads"]
     print(f"\nmerge of the {args.size} pair ({args.steps} step): local {med['local threads']:.2f} s, "

@@ -6,9 +6,6 @@ table. Skipped, with the reason, where Ray (the `ray` extra) is not installed.""
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,32 +19,21 @@ from nearswap import synthetic  # noqa: E402
 from nearswap.errors import NearswapError  # noqa: E402
 from nearswap.stream import Settings  # noqa: E402
 
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """Two Ray nodes of one CPU each on this machine; their address."""
-    port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    head = subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard=false", *common],
-                          capture_output=True, text=True, env=env)
-    if head.returncode:
-        pytest.skip(f"ray start failed here: {head.stderr.strip()[-300:]}")
-    address = f"127.0.0.1:{port}"
+    """Two Ray nodes of one CPU each on this machine, of our own (stopped by killing only
+    their processes); their address."""
+    from ray_cluster import LocalCluster
+
+    nodes = LocalCluster(2)
     try:
-        node = subprocess.run([RAY, "start", "--address", address, *common], capture_output=True, text=True, env=env)
-        assert node.returncode == 0, node.stderr[-2000:]
+        address = nodes.start()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+        nodes.stop()
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +103,8 @@ def test_a_killed_worker_changes_nothing(cluster, quartet, tmp_path):
 
 
 def test_unreachable_cluster_and_missing_paths_are_one_line(quartet, tmp_path, run):
+    from ray_cluster import free_port
+
     result = run("merge", quartet[0], quartet[1], "-t", 1e-3, "-o", tmp_path / "o", "--ray", f"127.0.0.1:{free_port()}")
     assert result.exit_code == 1 and "cannot reach the Ray cluster" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "o").exists()
