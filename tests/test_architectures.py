@@ -8,9 +8,11 @@ with transformers on what a GGUF holds."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,7 @@ def converter(tmp_path_factory):
         sdists = list(tmp.glob("*.tar.gz"))
         if proc.returncode or not sdists:
             pytest.skip(f"{LLAMA_CPP_SDIST} sdist unavailable: {proc.stderr.strip()[-200:]}")
-        part = cache / (root.name + ".part")
+        part = Path(tempfile.mkdtemp(dir=cache, prefix=f".{root.name}."))  # ours alone, whatever a crash left
         with tarfile.open(sdists[0]) as tar:
             prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
             wanted = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix) and (
@@ -71,7 +73,10 @@ def converter(tmp_path_factory):
             for m in wanted:
                 m.name = m.name[len(prefix):]
             tar.extractall(part, members=wanted, filter="data")
-        part.rename(root)
+        try:
+            part.rename(root)
+        except OSError:  # another run cached it meanwhile: use theirs
+            shutil.rmtree(part)
     script = tmp_path_factory.mktemp("conv") / "convert.py"
     # The vocabulary is tested on its own (test_gguf, test_smollm2); here the tensors and the
     # config metadata: set_vocab writes plain tokens, everything else is the converter's own code.
