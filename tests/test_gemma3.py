@@ -75,7 +75,7 @@ def test_tokenizer_without_transformers_equals_transformers_own(gemma, tmp_path)
     its own GGUF conversion."""
     from conftest import assert_tokenizer_built_without_torch
 
-    sec = synthetic.make_secondary_gguf(gemma, tmp_path / "s1.gguf", seed=1)
+    sec = synthetic.make_secondary(gemma, tmp_path / "s1", seed=1)  # (an HF secondary: the base is what matters)
     code = "import sys, nearswap; nearswap.merge(sys.argv[1], [sys.argv[2]], t=1e-4, out=sys.argv[3])"
     text = ("<start_of_turn>user\nHello,  world!\tGrüße aus Köln — 東京は晴れ。 Привет, мир. مرحبا 🤖 "
             "12345 x**2   {code}<end_of_turn>\n<start_of_turn>model\n<eos>")
@@ -101,10 +101,17 @@ def test_hf_base_merge_equals_gguf_base_merge(gemma, converted, tmp_path):
 
 
 def test_gguf_merge_like_base_runs_in_llama_cpp(gemma, tmp_path, run):
-    sec = synthetic.make_secondary_gguf(gemma, tmp_path / "s1.gguf", seed=1)
-    result = run("merge", gemma, sec, "-t", 1e-4, "-o", tmp_path / "merged.gguf", "-q")
-    if result.exit_code == 1 and "llama-cpp-python" in result.stderr:
+    from nearswap.errors import NearswapError
+
+    try:
+        sec = synthetic.make_secondary_gguf(gemma, tmp_path / "s1.gguf", seed=1)
+    except NearswapError as e:  # without llama.cpp's quantizer: one line, nothing written, for both
+        assert "llama-cpp-python" in str(e) and not list(tmp_path.iterdir())
+        result = run("merge", gemma, gemma, "-t", 1e-4, "-o", tmp_path / "merged.gguf", "-q")
+        assert result.exit_code == 1 and "llama-cpp-python" in result.stderr and "Traceback" not in result.output
+        assert not list(tmp_path.iterdir())
         pytest.skip("llama-cpp-python (optional) is not installed: Q4_K/Q6_K need llama.cpp's quantizer")
+    result = run("merge", gemma, sec, "-t", 1e-4, "-o", tmp_path / "merged.gguf", "-q")
     assert result.exit_code == 0, result.output
     base_types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(gemma)).tensors}
     merged_types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(tmp_path / "merged.gguf")).tensors}

@@ -157,14 +157,15 @@ def make_secondary_gguf(base: str | Path, path: str | Path, scale: float = 0.012
     tensor names, stored values + Laplace(``scale``) noise (norms kept), each tensor in the
     base's own type, every metadata value of the base. Chunk by chunk: bounded memory."""
     from .formats import open_model
-    from .formats.gguf_writer import GGUFStreamWriter, metadata_of
+    from .formats.gguf_writer import GGUFStreamWriter, metadata_of, quantizer_for
     from .formats.safetensors import FileReader
-
     from .output import atomic_file
 
     model = open_model(base, "base", native=True)
     arch, kv = metadata_of(model.path)
     plan = [(name, info.shape, info.source.qtype) for name, info in model.tensors.items()]
+    for qtype in {q for _, _, q in plan}:
+        quantizer_for(qtype)  # a type nothing here can write (K-quants without llama.cpp): one line, up front
     rng = np.random.default_rng(seed)
     with atomic_file(path) as part:  # a hidden sibling, renamed when complete; never over an existing file
         writer = GGUFStreamWriter(part, arch, kv, plan)
