@@ -1,4 +1,6 @@
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -84,10 +86,32 @@ def run():
 
 @pytest.fixture(autouse=True)
 def _isolate_home(tmp_path_factory, monkeypatch):
-    """Keep the user's cache untouched: every test gets its own HOME and XDG cache."""
+    """Keep the user's cache untouched: every test gets its own HOME and XDG cache (removed after
+    the test: a thousand of them filled gigabytes)."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    yield
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "disk(gb): the test (with its module's fixtures) writes about gb GB under the "
+                                       "temp dir; it is skipped, saying so, when less is free there")
+
+
+def pytest_runtest_setup(item):
+    """Tests that write real models need room: on a machine short of disk they are skipped with
+    the figures, before any fixture writes a byte, rather than failing half-way."""
+    marker = item.get_closest_marker("disk")
+    if marker is None:
+        return
+    where = Path(item.config.option.basetemp or tempfile.gettempdir()).resolve()
+    while not where.exists():
+        where = where.parent
+    free, need = shutil.disk_usage(where).free, float(marker.args[0]) * 1e9 + 256e6
+    if free < need:
+        pytest.skip(f"needs {need / 1e9:.1f} GB free under {where}, {free / 1e9:.1f} GB are: free disk to include it")
 
 
 @pytest.fixture(scope="session")
@@ -98,15 +122,16 @@ def tiny_llm(tmp_path_factory):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     from nearswap import synthetic
-    from nearswap.convert import convert
     from nearswap.errors import NearswapError
+    from nearswap.formats import gguf_vocab
 
     try:
         gguf = fetch.fetch(cache=CACHE)
     except NearswapError as e:
         pytest.skip(f"SmolLM2 (for its tokenizer) unavailable: {e}")
     root = tmp_path_factory.mktemp("tiny")
-    convert(gguf, root / "smol")  # only its tokenizer files are used
+    (root / "smol").mkdir()
+    gguf_vocab.write(gguf, root / "smol")  # its tokenizer files, as a merge from it writes them
     shape = synthetic.LlamaShape(64, 2, 128, 49152, 4, 2)
     synthetic.make_base(root / "base", shape, "float32", seed=0)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -114,7 +139,8 @@ def tiny_llm(tmp_path_factory):
     synthetic.make_secondary(root / "base", root / "s1", 0.0125, seed=1)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (root / "s1" / name).write_bytes((root / "smol" / name).read_bytes())
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def assert_tokenizer_built_without_torch(code: list[str], directory, gguf_path, text: str):

@@ -258,6 +258,7 @@ def test_output_may_not_overwrite_an_input(make_quartet, tmp_path, run):
     assert (tmp_path / "m1" / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.disk(0.7)
 def test_synthetic_demo_prints_the_cards_share(tmp_path, run):
     result = run("demo", "--synthetic", "--workdir", tmp_path, "-q")
     assert result.exit_code == 0, result.output

