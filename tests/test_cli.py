@@ -248,7 +248,7 @@ def test_example_recipe_is_valid():
 def test_output_may_not_overwrite_an_input(make_quartet, tmp_path, run):
     paths, arrays = make_quartet(n=1)
     before = (paths[1] / "model.safetensors").read_bytes()
-    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "does not look like nearswap's output")
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "holds", "a file of s1")
     assert (paths[1] / "model.safetensors").read_bytes() == before
     # an input that is itself a nearswap output: --force could replace it, but not while it is read
     assert run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "m1", "-q").exit_code == 0

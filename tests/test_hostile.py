@@ -529,7 +529,13 @@ def test_item13_disk_full_while_writing(tmp_path, small_fs, run, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(1 << 40, 0, 1 << 40))
     line = one_line(run("merge", base, s1, "-t", "1e-4", "-o", small_fs / "out"))
     assert "No space left on device" in line and str(small_fs) in line
-    assert os.listdir(small_fs) == []
+    kept = os.listdir(small_fs)  # what was written is kept for the next run, hidden, never at OUT
+    assert len(kept) == 1 and kept[0].startswith(".out.") and kept[0].endswith(".partial") and kept[0] in line
+    assert "continues" in line and "--no-resume" in line
+    result = run("merge", base, s1, "-t", "1e-4", "-o", small_fs / "out", "--no-resume")
+    assert result.exit_code == 1 and result.stderr.count("\n") == 2  # the earlier partial removed, said so
+    assert f"removed {small_fs / kept[0]}" in result.stderr and "No space left on device" in result.stderr
+    assert "kept" not in result.stderr and os.listdir(small_fs) == []
 
 
 def test_item13_free_space_is_measured_where_out_will_be(tmp_path, small_fs, run):
@@ -747,9 +753,10 @@ def test_item17_usage_errors_are_one_line(tmp_path, run, args, needle):
     assert needle in line and "--help" in line
 
 
-def test_item17_a_killed_merge_is_not_mistaken_for_a_model(tmp_path, run):
-    """SIGKILL mid-write: the half-written shard says it is unfinished, and the next run into
-    the same output removes the dead run's partial directory and says so."""
+@pytest.mark.parametrize("restart", [(), ("--restart",)], ids=["continued", "restarted"])
+def test_item17_a_killed_merge_is_not_mistaken_for_a_model(tmp_path, run, restart):
+    """SIGKILL mid-write: the half-written shard says it is unfinished; the next run of the same
+    merge continues it (with --restart: removes it), saying so; a different merge refuses."""
     rng = np.random.default_rng(0)
     shapes = {f"layer.{i}.weight": (512, 1024) for i in range(32)}
     base = {n: (0.02 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
@@ -773,9 +780,13 @@ def test_item17_a_killed_merge_is_not_mistaken_for_a_model(tmp_path, run):
         pytest.skip("the merge finished before the kill")
     line = one_line(run("inspect", shard))
     assert "unfinished" in line or "incomplete" in line, line
-    again = run("merge", tmp_path / "b", tmp_path / "s", "-t", "1e-4", "-o", tmp_path / "out", "-q")
+    changed = run("merge", tmp_path / "b", tmp_path / "s", "-t", "2e-4", "-o", tmp_path / "out", "-q")
+    line = one_line(changed)  # a different merge: refused, the dead run's partial output left as it was
+    assert shard.parent.name in line and "recipe.steps[1].t was 0.0001, now 0.0002" in line and "--restart" in line
+    assert shard.is_file()
+    again = run("merge", tmp_path / "b", tmp_path / "s", "-t", "1e-4", "-o", tmp_path / "out", "-q", *restart)
     assert again.exit_code == 0, again.output
-    assert shard.parent.name in again.stderr and "removed" in again.stderr
+    assert shard.parent.name in again.stderr and ("removed" if restart else "continuing") in again.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import NearswapError
+from .errors import NearswapError, NearswapWarning
 
 if TYPE_CHECKING:
     from .kernels import nearswap
 
-__all__ = ["__version__", "NearswapError", "nearswap", "merge", "load_recipe"]
+__all__ = ["__version__", "NearswapError", "NearswapWarning", "nearswap", "merge", "load_recipe"]
 
 
 def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **options: Any) -> dict:
@@ -28,7 +28,8 @@ def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **op
     ``shard_size``, ``tokenizer_source``, ``carry_float32``, ``allow_nonfinite`` (recipe
     fields) and ``force``, ``threads`` or ``settings`` (a ``stream.Settings``: chunk size and
     threads), ``ray_address`` (run on a Ray cluster: ``HOST:PORT``, ``auto`` or ``local``),
-    ``progress`` (run settings). An ``out`` ending in
+    ``progress`` (run settings), ``resume`` (``auto``: continue an earlier, killed run of
+    the same merge into ``out``; ``restart``; ``never``). An ``out`` ending in
     ``.gguf`` merges GGUF inputs of one architecture into a GGUF file, ``gguf_type`` giving
     its tensor type (default ``like-base``). Returns the report.
 
@@ -36,7 +37,7 @@ def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **op
     """
     from . import engine, recipe
 
-    run_keys = {"force", "threads", "settings", "progress", "on_plan", "gguf_type", "ray_address"}
+    run_keys = {"force", "threads", "settings", "progress", "on_plan", "gguf_type", "ray_address", "resume"}
     run = {k: v for k, v in options.items() if k in run_keys}
     fields = {k: v for k, v in options.items() if k not in run_keys}
     if isinstance(base, recipe.Recipe):

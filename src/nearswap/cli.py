@@ -207,6 +207,10 @@ class _Progress:
             self.bar = None
 
 
+def _resume_mode(restart: bool, no_resume: bool) -> str:
+    return "never" if no_resume else "restart" if restart else "auto"
+
+
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
 @t_option(None, "Threshold: one for all steps, or one per secondary (repeat -t, or comma-separated).")
@@ -220,6 +224,10 @@ class _Progress:
 @click.option("--carry-float32", is_flag=True, help="Keep float32 between steps instead of rounding after each.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge NaN/inf weights by the formula instead of refusing.")
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--restart", is_flag=True, help="Discard the unfinished output of an earlier, killed run into OUT "
+              "instead of continuing it.")
+@click.option("--no-resume", is_flag=True, help="Neither continue an earlier run nor keep this run's partial output "
+              "when writing fails.")
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="Run on a Ray cluster: HOST:PORT, auto (this machine's `ray start` cluster; the default "
@@ -227,7 +235,7 @@ class _Progress:
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite, force,
-          threads, ray_address, as_json, quiet):
+          restart, no_resume, threads, ray_address, as_json, quiet):
     """Merge BASE SECONDARY [SECONDARY ...] (or one RECIPE.yaml) sequentially by NearSwap.
 
     \b
@@ -271,7 +279,7 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
     bar = _Progress("merging", quiet or as_json)
     try:
         report = engine.merge(rec, out, gguf_type, force=force, settings=_settings(threads), ray_address=ray_address,
-                              progress=bar.update,
+                              progress=bar.update, resume=_resume_mode(restart, no_resume),
                               on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
@@ -294,17 +302,21 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
 @click.option("--dtype", help="Cast floating tensors (bfloat16, float16, float32). Default: keep (F32 for GGUF).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
+@click.option("--restart", is_flag=True, help="Discard the unfinished output of an earlier, killed run into OUT "
+              "instead of continuing it.")
+@click.option("--no-resume", is_flag=True, help="Neither continue an earlier run nor keep this run's partial output "
+              "when writing fails.")
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option("Print the conversion report as JSON.")
-def convert(model, out, dtype, shard_size, force, threads, quiet, as_json):
+def convert(model, out, dtype, shard_size, force, restart, no_resume, threads, quiet, as_json):
     """Rewrite MODEL (GGUF, safetensors, HF dir) as an HF checkpoint: safetensors, config, tokenizer."""
     from .convert import convert as run_convert
 
     bar = _Progress("converting", quiet or as_json)
     try:
         report = run_convert(model, out, dtype=dtype, shard_size=shard_size, force=force, settings=_settings(threads),
-                             progress=bar.update, on_plan=lambda p: bar.start(p.in_bytes))
+                             resume=_resume_mode(restart, no_resume), progress=bar.update, on_plan=lambda p: bar.start(p.in_bytes))
     finally:
         bar.close()
     if as_json:

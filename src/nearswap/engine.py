@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -20,12 +21,12 @@ from typing import Any, Callable, Iterator, NamedTuple
 from . import kernels, stream
 from ._version import __version__
 from .dtypes import BY_NAME, DType
-from .errors import NearswapError, shown
+from .errors import InvalidValue, NearswapError, NearswapWarning, WriteFailed, shown
 from .formats import TOKENIZER_FILES, Model, open_model
 from .formats import safetensors as st
 from .formats.safetensors import FileReader, ShardedWriter
 from .formats.types import TensorInfo
-from .output import atomic_directory
+from .output import atomic_directory, check_name
 from .recipe import Recipe
 from .stats import MergeReport, StepReport, Tally
 from .stream import DEFAULT_CHUNK, ChunkBuffers, Settings, work_items
@@ -245,13 +246,51 @@ class _Inputs:
 
 
 class CopyPass(_Inputs):
-    """Convert's pass: every tensor copied to the writer, cast to its output dtype."""
+    """Convert's pass: every tensor copied to the writer, cast to its output dtype.
+
+    With a ``journal`` (a ``JournalWriter``, on the driver) each tensor is reported to it once
+    all its chunks are written; tensors in ``skip`` (written by an earlier run) are not run."""
+
+    journal: Any = None
 
     def __init__(self, tasks: list[TensorTask], writer: Any) -> None:
         self.tasks, self.writer = tasks, writer
+        self.skip: set[int] = set()
+        self._left: dict[int, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__getstate__().items() if k not in ("journal", "_left")}
 
     def items(self, settings: Settings) -> Iterator[tuple[int, int, int]]:
-        return work_items([t.numel for t in self.tasks], settings.chunk)
+        numels = [t.numel for t in self.tasks]
+        self._left = {i: max(1, -(-n // settings.chunk)) for i, n in enumerate(numels) if i not in self.skip}
+        return (item for item in work_items(numels, settings.chunk) if item[0] not in self.skip)
+
+    def resume(self, done: dict[str, Any]) -> int:
+        """Skip the tensors an earlier run completed (name -> journaled tallies); returns the
+        input bytes they stand for."""
+        skipped = 0
+        for i, task in enumerate(self.tasks):
+            if task.name in done:
+                self.skip.add(i)
+                self._restore(task, done[task.name])
+                skipped += task.in_bytes
+        return skipped
+
+    def _restore(self, task: TensorTask, tallies: Any) -> None:
+        pass
+
+    def _tallies(self, task: TensorTask) -> Any:
+        return None
+
+    def _completed(self, result: Result) -> None:
+        if self.journal is None:
+            return
+        left = self._left[result.index] - 1
+        self._left[result.index] = left
+        if left == 0:
+            task = self.tasks[result.index]
+            self.journal.done(task.name, self._tallies(task), task.numel * task.out_dtype.itemsize)
 
     def work(self, item: tuple[int, int, int]) -> Result:
         i, start, n = item
@@ -264,7 +303,7 @@ class CopyPass(_Inputs):
         return Result(i, None, len(base))
 
     def collect(self, result: Result) -> None:
-        pass
+        self._completed(result)
 
 
 class ChainPass(CopyPass):
@@ -300,13 +339,21 @@ class ChainPass(CopyPass):
         return Result(i, counts, len(base) + sum(len(x) for x in secs))
 
     def collect(self, result: Result) -> None:
-        if result.counts is None:
-            return
-        task = self.tasks[result.index]
-        for step, c in zip(self.steps, result.counts):
-            step.tensors[task.name].add(c)
-        if not self.allow_nonfinite and any(c.nonfinite for c in result.counts):
-            _refuse_nonfinite(self.inputs, task)
+        if result.counts is not None:
+            task = self.tasks[result.index]
+            for step, c in zip(self.steps, result.counts):
+                step.tensors[task.name].add(c)
+            if not self.allow_nonfinite and any(c.nonfinite for c in result.counts):
+                _refuse_nonfinite(self.inputs, task)
+        self._completed(result)
+
+    def _tallies(self, task: TensorTask) -> Any:
+        return [step.tensors[task.name].to_journal() for step in self.steps] if task.name in self.steps[0].tensors else None
+
+    def _restore(self, task: TensorTask, tallies: Any) -> None:
+        if tallies is not None:
+            for step, tally in zip(self.steps, tallies):
+                step.tensors[task.name] = Tally.from_journal(tally)
 
 
 def _cast(data: memoryview, src: DType, dst: DType) -> Any:
@@ -365,16 +412,25 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
     return report
 
 
+RESUME_MODES = ("auto", "restart", "never")
+
+
 def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str],
                      finish: Callable[[Path, dict], None] | None = None, *, regenerated: tuple[str, ...] = (),
                      force: bool = False, threads: int | None = None, settings: Settings | None = None,
                      ray_address: str | None = None, progress: Callable[[int], None] | None = None,
-                     on_plan: Callable[[Plan], None] | None = None) -> tuple[list[StepReport], MergeReport]:
+                     on_plan: Callable[[Plan], None] | None = None, resume: str = "auto") -> tuple[list[StepReport], MergeReport]:
     """Preflight ``recipe``, stream it into an HF checkpoint at ``out`` (atomically: a hidden
     partial directory renamed into place) with every side file of the base (but those in
     ``regenerated``, which ``finish`` writes), and ``provenance`` in every shard's metadata;
     ``finish(partial_dir, report)`` adds files before the rename. A recipe without steps
     rewrites the base (``nearswap.convert``).
+
+    The partial directory is resumable: a journal there records the tensors durably written.
+    ``resume``: ``auto`` continues the unfinished partial output of an earlier run of the same
+    merge (refusing, with the reason, one of a different merge or changed inputs) and keeps
+    this run's when writing fails (disk full, I/O error); ``restart`` discards an earlier
+    run's; ``never`` also keeps nothing on failure.
 
     ``progress`` is called with the number of input bytes processed as work completes;
     ``on_plan`` once the preflight has passed (e.g. to size a progress bar); ``settings``
@@ -382,45 +438,117 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
     ``ray_address``: run the pass's work on that Ray cluster (``distributed``) instead of
     local threads. Returns the per-step reports and the report dict.
     """
+    from . import journal
+
+    if resume not in RESUME_MODES:
+        raise InvalidValue(f"resume must be one of {', '.join(RESUME_MODES)}, got {shown(resume)}")
     out = Path(out)
-    with atomic_directory(out, force) as tmp:  # the lock on OUT is held from here to the rename
-        plan_ = plan(recipe)
-        extra = [Path(recipe.tokenizer_source)] if recipe.tokenizer_source != "base" else []
-        check_output_not_input(out, [plan_.base, *plan_.secondaries], extra)
-        _check_disk(out, plan_.out_bytes)
-        if on_plan:
-            on_plan(plan_)
-        started = time.perf_counter()
-        metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
-        writer = ShardedWriter(tmp, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], recipe.shard_size, metadata)
+    check_name(out)
+    settings = settings or Settings(threads=threads)
+    plan_ = plan(recipe)
+    extra = [Path(recipe.tokenizer_source)] if recipe.tokenizer_source != "base" else []
+    check_output_not_input(out, [plan_.base, *plan_.secondaries], extra)
+    metadata = {"format": "pt", "nearswap_version": __version__, **provenance}
+    layout = [(t.name, t.out_dtype, t.shape) for t in plan_.tasks]
+    print_ = journal.fingerprint(
+        _resolved(recipe), [f for m in (plan_.base, *plan_.secondaries) for f in _input_files(m)],
+        {**ShardedWriter.layout(layout, recipe.shard_size), "metadata": metadata}, __version__)
+    earlier: list[journal.Journal] = []
+
+    def adopt(partial: Path) -> bool:
+        found = journal.read(partial) if resume == "auto" else None
+        if found is None:
+            return False
+        why = journal.difference(found.fingerprint, print_)
+        if why:
+            raise NearswapError(f"{partial} holds the unfinished output of a different run into {out}: {why}; "
+                                "run that merge again to continue it, or pass --restart to discard it")
+        earlier.append(found)
+        return True
+
+    partial: list[Path] = []
+    try:
+        with atomic_directory(out, force, adopt=adopt, keep=lambda e: resume != "never" and isinstance(e, WriteFailed),
+                              scratch=(journal.JOURNAL_NAME,)) as tmp:  # the lock on OUT is held to the rename
+            partial.append(tmp)
+            done = earlier[0].done if earlier else {}
+            _check_disk(out, plan_.out_bytes - sum(t.numel * t.out_dtype.itemsize for t in plan_.tasks if t.name in done))
+            steps, report = _write(plan_, tmp, layout, metadata, settings, ray_address, progress, on_plan,
+                                   earlier[0] if earlier else None, print_)
+            report["output"]["copied"] = _copy_side_files(plan_, tmp, regenerated)
+            if finish:
+                finish(tmp, report)
+    except WriteFailed as e:
+        if resume != "never" and partial and partial[0].is_dir():
+            raise WriteFailed(f"{e}; what was written is kept in {partial[0]}: the same command continues from "
+                              "there (--no-resume discards it)") from None
+        raise
+    return steps, report
+
+
+def _resolved(recipe: Recipe) -> dict[str, Any]:
+    """The recipe with every model path absolute and resolved (for the fingerprint)."""
+    data = recipe.to_dict()
+    data["base"] = str(Path(recipe.base).resolve())
+    for step in data["steps"]:
+        step["model"] = str(Path(step["model"]).resolve())
+    if recipe.tokenizer_source != "base":
+        data["tokenizer_source"] = str(Path(recipe.tokenizer_source).resolve())
+    return data
+
+
+def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], settings: Settings,
+           ray_address: str | None, progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
+           earlier: Any, print_: dict[str, Any]) -> tuple[list[StepReport], MergeReport]:
+    """The pass into ``tmp``, continuing ``earlier`` (a journal) when given."""
+    from . import journal
+
+    recipe = plan_.recipe
+    done = earlier.done if earlier is not None else {}
+    written = sum(t.numel * t.out_dtype.itemsize for t in plan_.tasks if t.name in done)
+    if earlier is not None:
+        warnings.warn(f"continuing {tmp}, the unfinished output of an earlier run of this merge ({len(done)} of "
+                      f"{len(plan_.tasks)} tensors, {written / 1e9:.2f} of {plan_.out_bytes / 1e9:.2f} GB written); "
+                      "--restart starts over", NearswapWarning, stacklevel=4)
+    if on_plan:
+        on_plan(plan_)
+    started = time.perf_counter()
+    writer = ShardedWriter(tmp, layout, recipe.shard_size, metadata, resume=earlier is not None)
+    try:
+        pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
+        skipped = pass_.resume(done)
+        pass_.journal = journal.JournalWriter(tmp, print_, writer.sync, settings.journal_bytes, fresh=earlier is None)
+        if progress and skipped:
+            progress(skipped)
         try:
-            pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
             if ray_address:
                 from . import distributed
 
-                distributed.run(pass_, settings or Settings(threads=threads), ray_address, progress)
+                distributed.run(pass_, settings, ray_address, progress)
             else:
-                stream.run(pass_, settings or Settings(threads=threads), progress)
-            steps = getattr(pass_, "steps", [])
-            warn_no_ops(steps)
-            files = writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        copied = _copy_side_files(plan_, tmp, regenerated)
-        report: MergeReport = {
-            "nearswap_version": __version__,
-            "kernel": kernels.describe_backend(),
-            "base": recipe.base,
-            "output_dtype": recipe.dtype or "as base",
-            "carry_float32": recipe.carry_float32,
-            "seconds": round(time.perf_counter() - started, 3),
-            "output": {"files": [f.name for f in files], "copied": copied, "total_size": writer.total_size,
-                       "tensors": len(plan_.tasks), "parameters": plan_.base.num_params},
-            "steps": [s.to_json() for s in steps],
-        }
-        if finish:
-            finish(tmp, report)
+                stream.run(pass_, settings, progress)
+            pass_.journal.flush()
+        finally:
+            pass_.journal.close()
+        steps = getattr(pass_, "steps", [])
+        warn_no_ops(steps)
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    report: MergeReport = {
+        "nearswap_version": __version__,
+        "kernel": kernels.describe_backend(),
+        "base": recipe.base,
+        "output_dtype": recipe.dtype or "as base",
+        "carry_float32": recipe.carry_float32,
+        "seconds": round(time.perf_counter() - started, 3),
+        "output": {"files": [f.name for f in files], "copied": [], "total_size": writer.total_size,
+                   "tensors": len(plan_.tasks), "parameters": plan_.base.num_params},
+        "steps": [s.to_json() for s in steps],
+    }
+    if earlier is not None:
+        report["resumed"] = {"tensors": len(done), "output_bytes": written}
     return steps, report
 
 
@@ -495,7 +623,7 @@ def gguf_types(plan_: Plan, type_name: str) -> list[Any]:
 def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base", *, force: bool = False,
                   threads: int | None = None, settings: Settings | None = None, ray_address: str | None = None,
                   progress: Callable[[int], None] | None = None,
-                  on_plan: Callable[[Plan], None] | None = None) -> MergeReport:
+                  on_plan: Callable[[Plan], None] | None = None, resume: str = "auto") -> MergeReport:
     """Merge GGUF inputs of one architecture, any architecture, in their own names and values
     into the GGUF file ``out``: every metadata value of the base (vocabulary, chat template)
     kept, each tensor coded as ``type_name`` (``like-base``: the base tensor's own type).

@@ -3,6 +3,8 @@
 - ``NearswapError``: bad input, a refused operation, a missing file. The CLI prints ``str(err)``
   as one line and exits non-zero; library callers catch it. ``InvalidValue`` is the one for a
   bad argument value (also a ``ValueError``): every user-facing error is a ``NearswapError``.
+- ``WriteFailed``: the output could not be written (disk full, I/O error); a merge keeps its
+  journaled partial output for the next run to continue.
 - ``NearswapWarning``: something worth saying that does not stop the work (the CLI prints it
   as ``nearswap: warning: ...``; library callers get a normal Python warning).
 - ``InterruptedAfterCommit``: Ctrl-C or SIGTERM arrived once the output was already complete
@@ -28,6 +30,11 @@ class NearswapError(Exception):
 class InvalidValue(NearswapError, ValueError):
     """A bad value given to a library call (a negative t, an unknown dtype): a ``NearswapError``
     like every user-facing error, and a ``ValueError`` as Python callers expect of bad values."""
+
+
+class WriteFailed(NearswapError):
+    """Writing the output failed (disk full, an I/O error): what was durably written may be
+    kept for the next run to continue (``nearswap merge`` resumes)."""
 
 
 class NearswapWarning(UserWarning):

@@ -216,7 +216,8 @@ def check_replaceable(target: Path, force: bool, kind: str = "dir",
 # ---------------------------------------------------------------- claiming an output path
 
 
-def _check_name(target: Path) -> None:
+def check_name(target: Path) -> None:
+    """Refuse an output name no file system takes, or that is (or contains) the current directory."""
     if len(os.fsencode(target.name)) > NAME_MAX:
         raise NearswapError(f"the output name {shown(target.name, 60)} is too long "
                             f"({len(os.fsencode(target.name))} bytes; file systems allow {NAME_MAX})")
@@ -307,21 +308,21 @@ class _Lock:
 
 
 @contextmanager
-def claimed(target: Path, force: bool, kind: str = "dir",
-            replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def claimed(target: Path, force: bool, kind: str = "dir", replaceable: Callable[[Path], bool] | None = None,
+            adopt: Callable[[Path], bool] | None = None) -> Iterator[Path | None]:
     """Hold ``target`` for one run: name checked, parents made, lock taken, an existing
-    output checked against ``force``, partial outputs of killed runs removed (with a warning).
+    output checked against ``force``, partial outputs of killed runs removed (with a warning),
+    but the one ``adopt`` accepts (it may also refuse them all by raising), which is yielded.
     On failure the parents it made are removed again."""
     target = Path(target)
-    _check_name(target)
+    check_name(target)
     created = _make_parents(target.parent)
     lock = _Lock(target)
     try:
         lock.acquire()
         try:
             check_replaceable(target, force, kind, replaceable)
-            _remove_stale_partials(target)
-            yield target
+            yield _remove_stale_partials(target, adopt)
         finally:
             lock.release()
     except BaseException:
@@ -336,27 +337,33 @@ def claimed(target: Path, force: bool, kind: str = "dir",
 PARTIAL_MARKER = ".nearswap-partial"  # in a partial directory until it is committed: "nearswap made this"
 
 
-def _remove_stale_partials(target: Path) -> None:
+def _remove_stale_partials(target: Path, adopt: Callable[[Path], bool] | None = None) -> Path | None:
     """We hold the lock, so no live run is writing these: they belong to runs that were killed.
-    Only a directory nearswap marked as its own partial output is removed; anything else with
-    such a name (an old output left by an interrupted replacement, a partial file of an export,
-    whatever else) is named and left as it is."""
+    Only a directory nearswap marked as its own partial output is removed (or, the first that
+    ``adopt`` accepts, kept and returned, to be continued); anything else with such a name (an
+    old output left by an interrupted replacement, a partial file of an export, whatever else)
+    is named and left as it is."""
     stem = sibling_stem(target)
     try:
-        entries = os.listdir(target.parent)
+        entries = sorted(os.listdir(target.parent))
     except OSError:
-        return
+        return None
+    adopted = None
     for entry in entries:
         if not _is_partial_of(stem, entry):
             continue
         path = target.parent / entry
         if path.is_dir() and not path.is_symlink() and (path / PARTIAL_MARKER).is_file():
+            if adopted is None and adopt is not None and adopt(path):
+                adopted = path
+                continue
             _remove(path)
-            warnings.warn(f"removed {path}, the unfinished output of an earlier run into {target} "
-                          "that was killed", NearswapWarning, stacklevel=4)
+            warnings.warn(f"removed {path}, the unfinished output of an earlier run into {target}",
+                          NearswapWarning, stacklevel=4)
         else:
             warnings.warn(f"found {path}, left by an earlier run into {target}; it was left as it is: "
                           "remove it if you do not need it", NearswapWarning, stacklevel=4)
+    return adopted
 
 
 def _remove(path: Path) -> None:
@@ -395,33 +402,45 @@ def _commit(tmp: Path, target: Path, force: bool, kind: str, replaceable: Callab
 
 
 @contextmanager
-def atomic_directory(target: str | Path, force: bool = False,
-                     replaceable: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def atomic_directory(target: str | Path, force: bool = False, replaceable: Callable[[Path], bool] | None = None,
+                     adopt: Callable[[Path], bool] | None = None,
+                     keep: Callable[[BaseException], bool] | None = None, scratch: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a new hidden sibling directory of ``target`` to fill; put it at ``target`` when the
     block ends without an exception. See the module docstring for every guarantee.
 
     On any exception (Ctrl-C included) the temporary directory is removed and ``target`` is
-    left as it was. With ``force`` an existing nearswap output at ``target`` is replaced only
-    after the new one is complete.
+    left as it was, unless ``keep(exception)`` says to keep it (hidden and still marked as
+    partial: a later run may continue it); files named in ``scratch`` (the run's own records) are
+    removed just before the rename. ``adopt(partial)`` may accept the partial directory
+    of an earlier, killed run into ``target``: it is yielded instead of a new one. With
+    ``force`` an existing nearswap output at ``target`` is replaced only after the new one is
+    complete.
     """
     target = Path(target)
-    with claimed(target, force, "dir", replaceable):
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f"{sibling_stem(target)}.", suffix=".partial", dir=target.parent))
-        except OSError as e:
-            raise NearswapError(f"cannot write in {target.parent}: {e.strerror}") from None
+    with claimed(target, force, "dir", replaceable, adopt) as adopted:
+        if adopted is not None:
+            tmp = adopted
+        else:
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f"{sibling_stem(target)}.", suffix=".partial", dir=target.parent))
+            except OSError as e:
+                raise NearswapError(f"cannot write in {target.parent}: {e.strerror}") from None
         new = os.lstat(tmp)
         try:
             (tmp / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
             yield tmp
+            for name in scratch:
+                if (tmp / name).is_file():
+                    (tmp / name).unlink()
             (tmp / PARTIAL_MARKER).unlink()
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a result should look like any new folder
             fsync_dir(tmp)
             old = _commit(tmp, target, force, "dir", replaceable)
             fsync_dir(target.parent)
         except BaseException as e:
-            if not _same(target, new):  # not committed: nothing of this run may stay
-                _remove(tmp)
+            if not _same(target, new):  # not committed: nothing of this run may stay, but what it may resume
+                if not (keep is not None and keep(e) and (tmp / PARTIAL_MARKER).is_file()):
+                    _remove(tmp)
                 raise
             if isinstance(e, KeyboardInterrupt):
                 raise InterruptedAfterCommit(f"interrupted after {target} was complete: the new output is whole and "

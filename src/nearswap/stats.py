@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -12,14 +13,21 @@ COUNT_FIELDS = ("total", "identical", "swapped", "moved", "nonfinite")
 
 @dataclass
 class Tally:
-    """Exact element counts (integers) and the summed absolute change."""
+    """Exact element counts (integers) and the summed absolute change. The change is kept as
+    the parts added (one per chunk) and summed with ``math.fsum``, exactly rounded whatever
+    the order in which threads finished their chunks: the same merge reports the same
+    figures, resumed or not."""
 
     total: int = 0
     identical: int = 0
     swapped: int = 0
     moved: int = 0
     nonfinite: int = 0
-    abs_change: float = 0.0
+    abs_parts: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def abs_change(self) -> float:
+        return math.fsum(self.abs_parts)
 
     def add(self, c: StepCounts) -> None:
         self.total += c.identical + c.swapped + c.moved + c.nonfinite
@@ -27,11 +35,20 @@ class Tally:
         self.swapped += c.swapped
         self.moved += c.moved
         self.nonfinite += c.nonfinite
-        self.abs_change += c.abs_change
+        self.abs_parts.append(c.abs_change)
 
     def merge(self, other: "Tally") -> None:
-        for name in (*COUNT_FIELDS, "abs_change"):
+        """Add ``other``'s counts, its change as one part (its own exact sum)."""
+        for name in COUNT_FIELDS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.abs_parts.append(other.abs_change)
+
+    def to_journal(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in COUNT_FIELDS}, "abs_change": self.abs_change}
+
+    @classmethod
+    def from_journal(cls, data: dict[str, Any]) -> "Tally":
+        return cls(**{k: int(data[k]) for k in COUNT_FIELDS}, abs_parts=[float(data["abs_change"])])
 
     def share(self, name: str) -> float:
         return getattr(self, name) / self.total if self.total else 0.0
@@ -95,6 +112,7 @@ class MergeReport(TypedDict, total=False):
     seconds: float
     output: dict[str, Any]  # files, total_size, tensors, parameters (+ copied; + GGUF types)
     steps: list[StepJSON]
+    resumed: dict[str, int]  # a merge that continued an earlier run's output: tensors and bytes it had written
 
 
 def format_table(steps: list[StepJSON]) -> str:

@@ -32,12 +32,13 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class Settings:
-    """How a pass is run: elements per work item, worker threads (None: all cores), and on a
-    Ray cluster the input bytes per task."""
+    """How a pass is run: elements per work item, worker threads (None: all cores), on a Ray
+    cluster the input bytes per task, and how often a resumable output is journaled."""
 
     chunk: int = DEFAULT_CHUNK
     threads: int | None = None
     group_bytes: int = 256 << 20
+    journal_bytes: int = 256 << 20  # a resumable output is synced and journaled every this many bytes
 
     def __post_init__(self) -> None:
         if type(self.chunk) is not int or self.chunk <= 0:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..dtypes import BY_NAME, DType
-from ..errors import NearswapError, shown
+from ..errors import NearswapError, WriteFailed, shown
 from ..files import open_regular, parse_json
 from .types import TensorInfo
 
@@ -310,7 +310,7 @@ class ShardedWriter:
     """
 
     def __init__(self, directory: Path, plan: Iterable[tuple[str, DType, tuple[int, ...]]],
-                 shard_size: int, metadata: dict[str, str]) -> None:
+                 shard_size: int, metadata: dict[str, str], resume: bool = False) -> None:
         shards: list[_Shard] = []
         for name, dtype, shape in plan:
             nbytes = math.prod(shape) * dtype.itemsize
@@ -326,9 +326,14 @@ class ShardedWriter:
         self.total_size = 0
         for shard, fname in zip(shards, shard_names(len(shards))):
             shard.path = directory / fname
-            self._lay_out(shard, metadata)
+            self._lay_out(shard, metadata, resume)
 
-    def _lay_out(self, shard: _Shard, metadata: dict[str, str]) -> None:
+    @staticmethod
+    def layout(plan: Iterable[tuple[str, DType, tuple[int, ...]]], shard_size: int) -> dict[str, Any]:
+        """What fixes where every byte goes (for a resumed run to check it is the same)."""
+        return {"shard_size": shard_size, "tensors": [[n, d.name, list(s)] for n, d, s in plan]}
+
+    def _lay_out(self, shard: _Shard, metadata: dict[str, str], resume: bool) -> None:
         header: dict[str, object] = {"__metadata__": metadata}
         pos = 0
         for name, dtype, shape in shard.tensors:
@@ -341,12 +346,16 @@ class ShardedWriter:
             raise NearswapError(f"{shard.path.name}: a tensor name or metadata value is not valid UTF-8 "
                                 "(safetensors needs UTF-8)") from None
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
+        data_start = 8 + len(raw)
+        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if resume else os.O_CREAT | os.O_EXCL)
         try:
-            fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(shard.path, flags, 0o644)
         except OSError as e:
             raise NearswapError(f"cannot write {shard.path}: {e.strerror}") from None
         self.fds.append(fd)
-        data_start = 8 + len(raw)
+        if resume and os.fstat(fd).st_size != data_start + pos:
+            raise NearswapError(f"{shard.path} is not the size an earlier run of this merge gave it; "
+                                "run again with --restart to start over")
         self._io(shard.path, os.ftruncate, fd, data_start + pos)  # the length field stays 0 until close()
         self.headers.append((fd, struct.pack("<Q", len(raw)) + raw, shard.path))
         for name, dtype, shape in shard.tensors:
@@ -362,7 +371,7 @@ class ShardedWriter:
         except OSError as e:
             hint = (f"; the output needs {self.total_size / 1e6:,.1f} MB in all: free space and run again"
                     if e.errno == errno.ENOSPC else "")
-            raise NearswapError(f"cannot write {path}: {e.strerror}{hint}") from None
+            raise WriteFailed(f"cannot write {path}: {e.strerror}{hint}") from None
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy for another process (a pass sent to a worker): it writes tensor data into the
@@ -399,6 +408,11 @@ class ShardedWriter:
             # drop them once written: the final fsync has little left to wait for, and a
             # 140 GB output does not push the inputs out of the cache.
             os.posix_fadvise(fd, pos, len(view), _FADV_DONTNEED)
+
+    def sync(self) -> None:
+        """Everything written so far is on disk when this returns (for the journal)."""
+        for fd, _, path in self.headers:
+            self._io(path, os.fdatasync, fd)
 
     def close(self) -> list[Path]:
         """Write the headers, fsync and close every shard; write the index when there are several.

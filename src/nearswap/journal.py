@@ -1,0 +1,158 @@
+"""The journal of a partial output: what an unfinished merge has durably written, so that the
+next run of the same merge continues where it stopped (after SIGKILL, an OOM kill, a reboot,
+a full disk).
+
+It is one file, ``.nearswap-journal``, in the hidden partial directory. Its first line is the
+run's fingerprint: the recipe (input paths resolved), the output layout, nearswap's version
+and every input file's size and modification time. Each later line lists tensors whose data
+were fsynced before the line was written, with their per-step tallies, so that a resumed
+merge reports the statistics of an uninterrupted one. A line cut short by a kill is ignored
+(its tensors are simply written again: writes are idempotent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import WriteFailed
+
+JOURNAL_NAME = ".nearswap-journal"
+SYNC_BYTES = 256 << 20  # sync and journal after this many output bytes (stream.Settings.journal_bytes) ...
+SYNC_SECONDS = 10.0  # ... or this long, whichever comes first
+
+
+def fingerprint(recipe: dict[str, Any], inputs: list[Path], layout: dict[str, Any], version: str) -> dict[str, Any]:
+    """What must be unchanged for an earlier run's data to be reused: the recipe, the output
+    layout, the tool's version and every input file (resolved path, size, mtime)."""
+    files = {}
+    for path in inputs:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        files[str(Path(path).resolve())] = [st.st_size, st.st_mtime_ns]
+    return {"version": version, "recipe": recipe, "layout": layout, "inputs": files}
+
+
+def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """The first thing that differs between two fingerprints, in words; None when equal."""
+    if old == new:
+        return None
+    if old.get("version") != new.get("version"):
+        return f"it was written by nearswap {old.get('version')}, this is {new.get('version')}"
+    found = _first_change(old.get("recipe"), new.get("recipe"), "recipe")
+    if found:
+        return found
+    old_in, new_in = old.get("inputs", {}), new.get("inputs", {})
+    for path in sorted(set(old_in) | set(new_in)):
+        if path not in new_in:
+            return f"its input {path} is no longer an input (or is gone)"
+        if path not in old_in:
+            return f"{path} is a new input"
+        if old_in[path] != new_in[path]:
+            return f"its input {path} changed since (size or modification time)"
+    return _first_change(old.get("layout"), new.get("layout"), "output layout") or "its fingerprint differs"
+
+
+def _first_change(a: Any, b: Any, where: str) -> str | None:
+    if a == b:
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            found = _first_change(a.get(key), b.get(key), f"{where}.{key}")
+            if found:
+                return found
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b), 1):
+            found = _first_change(x, y, f"{where}[{i}]")
+            if found:
+                return found
+    return f"{where} was {json.dumps(a)}, now {json.dumps(b)}"
+
+
+@dataclass
+class Journal:
+    """What an earlier run left: its fingerprint and the tensors it completed (name -> the
+    per-step tallies as JSON, or None for a copied tensor)."""
+
+    path: Path
+    fingerprint: dict[str, Any]
+    done: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
+
+
+def read(directory: Path) -> Journal | None:
+    """The journal in ``directory``; None when there is none or its first line is unreadable."""
+    path = directory / JOURNAL_NAME
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    lines = raw.split(b"\n")
+    try:
+        head = json.loads(lines[0])
+    except ValueError:
+        return None
+    if not isinstance(head, dict) or not isinstance(head.get("fingerprint"), dict):
+        return None
+    journal = Journal(path, head["fingerprint"])
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            break  # cut short by a kill: what follows was never acknowledged
+        if isinstance(entry, dict) and isinstance(entry.get("done"), dict):
+            journal.done.update(entry["done"])
+    return journal
+
+
+class JournalWriter:
+    """Appends completed tensors to the journal once their data are on disk: ``done(name,
+    tallies, nbytes)`` queues a tensor; every ``SYNC_BYTES`` of output (or ``SYNC_SECONDS``)
+    ``sync()`` (the writer's fsync of its shards) runs, then the queued tensors are appended
+    and the journal fsynced."""
+
+    def __init__(self, directory: Path, fingerprint_: dict[str, Any], sync: Callable[[], None],
+                 every_bytes: int = SYNC_BYTES, every_seconds: float = SYNC_SECONDS, fresh: bool = True) -> None:
+        self.path = directory / JOURNAL_NAME
+        self.sync_data = sync
+        self.every_bytes, self.every_seconds = every_bytes, every_seconds
+        self.queued: dict[str, list[dict[str, Any]] | None] = {}
+        self.queued_bytes = 0
+        self.last = time.monotonic()
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if fresh else 0)
+        try:
+            self.fd = os.open(self.path, flags, 0o644)
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
+        if fresh:
+            self._append({"fingerprint": fingerprint_})
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        try:
+            os.write(self.fd, data)
+            os.fsync(self.fd)
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
+
+    def done(self, name: str, tallies: list[dict[str, Any]] | None, nbytes: int) -> None:
+        self.queued[name] = tallies
+        self.queued_bytes += nbytes
+        if self.queued_bytes >= self.every_bytes or time.monotonic() - self.last >= self.every_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.queued:
+            self.sync_data()
+            self._append({"done": self.queued})
+        self.queued, self.queued_bytes, self.last = {}, 0, time.monotonic()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
