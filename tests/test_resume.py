@@ -166,6 +166,7 @@ def test_killed_anywhere_the_next_run_finishes_it_to_the_same_bits(models, tmp_p
                                 settings=Settings(**SETTINGS))
     assert weights(out) == weights(reference)
     assert report["steps"] == expected["steps"]  # every count and mean |change|, per tensor and in total
+    assert report["output"]["checksums"] == expected["output"]["checksums"]  # the journaled CRCs included
     on_disk = json.loads((out / "merge_report.json").read_text())
     assert on_disk["steps"] == json.loads((reference / "merge_report.json").read_text())["steps"]
     assert sorted(os.listdir(out)) == sorted(os.listdir(reference))  # no journal or marker left in the output

@@ -494,6 +494,46 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
 
 
 @cli.command()
+@click.argument("out")
+@click.option("--inputs", is_flag=True, help="Also recompute a random sample of chunks from the inputs in the saved "
+              "recipe and compare them bit for bit.")
+@click.option("--sample", type=click.IntRange(1, 1_000_000), default=64, show_default=True,
+              help="Chunks to recompute with --inputs.")
+@click.option("--seed", type=int, help="Seed of the sample (default: a new one each run).")
+@click.option("--threads", type=click.IntRange(1, 256), help="Shards checked at once (default: all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@json_option("Print what was checked as JSON.")
+def verify(out, inputs, sample, seed, threads, quiet, as_json):
+    """Check a merge OUT against the checksums it recorded when it was written (every shard
+    re-read), its headers and index, and (--inputs) against its inputs.
+
+    \b
+      nearswap verify merged/
+      nearswap verify merged/ --inputs --sample 200
+    """
+    from pathlib import Path as _Path
+
+    from .verify import verify as run_verify
+
+    bar = _Progress("verifying", quiet or as_json)
+    try:
+        bar.start(sum(p.stat().st_size for p in _Path(out).glob("*.safetensors")) if _Path(out).is_dir() else 0)
+        result = run_verify(out, inputs=inputs, sample=sample, seed=seed, threads=threads, progress=bar.update)
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    rate = result["bytes"] / result["seconds"] / 1e9 if result["seconds"] else 0.0
+    line = (f"{out}: {result['files']} shards ({result['bytes'] / 1e9:.2f} GB) as written ({result['seconds']:.1f} s, "
+            f"{rate:.2f} GB/s); headers and index valid")
+    if "recomputed" in result:
+        r = result["recomputed"]
+        line += f"; {r['chunks']} chunks ({r['elements']:,} elements) recomputed from the inputs: identical"
+    click.echo(line)
+
+
+@cli.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")

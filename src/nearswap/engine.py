@@ -8,6 +8,7 @@ Merge's pass is ``ChainPass``, convert's ``CopyPass`` (a recipe without steps).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
-from . import kernels, stream
+from . import checksums, kernels, stream
 from ._version import __version__
 from .dtypes import BY_NAME, DType
 from .errors import InvalidValue, NearswapError, NearswapWarning, WriteFailed, shown
@@ -212,11 +213,14 @@ def _check_disk(out: Path, nbytes: int) -> None:
 
 
 class Result(NamedTuple):
-    """What one work item did: its tensor, the per-step counts (None: copied), input bytes read."""
+    """What one work item did: its tensor, the per-step counts (None: copied), input bytes read,
+    its first element and the CRC-32 of the bytes it wrote (``checksums``)."""
 
     index: int
     counts: list[kernels.StepCounts] | None
     nbytes: int
+    start: int = 0
+    crc: int | None = None
 
 
 class _Inputs:
@@ -257,9 +261,10 @@ class CopyPass(_Inputs):
         self.tasks, self.writer = tasks, writer
         self.skip: set[int] = set()
         self._left: dict[int, int] = {}
+        self.crcs: dict[int, dict[int, int]] = {}  # tensor index -> {first element: CRC-32 of the chunk}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in super().__getstate__().items() if k not in ("journal", "_left")}
+        return {k: v for k, v in super().__getstate__().items() if k not in ("journal", "_left", "crcs")}
 
     def items(self, settings: Settings) -> Iterator[tuple[int, int, int]]:
         numels = [t.numel for t in self.tasks]
@@ -273,9 +278,14 @@ class CopyPass(_Inputs):
         for i, task in enumerate(self.tasks):
             if task.name in done:
                 self.skip.add(i)
-                self._restore(task, done[task.name])
+                self._restore(task, done[task.name]["tallies"])
+                self.crcs[i] = dict(enumerate(done[task.name]["crc"]))  # (only their order matters)
                 skipped += task.in_bytes
         return skipped
+
+    def checksums(self) -> dict[str, list[int]]:
+        """Each tensor's chunk CRCs in element order."""
+        return {self.tasks[i].name: [c for _, c in sorted(chunks.items())] for i, chunks in self.crcs.items()}
 
     def _restore(self, task: TensorTask, tallies: Any) -> None:
         pass
@@ -284,13 +294,17 @@ class CopyPass(_Inputs):
         return None
 
     def _completed(self, result: Result) -> None:
+        if result.crc is not None:
+            self.crcs.setdefault(result.index, {})[result.start] = result.crc
         if self.journal is None:
             return
         left = self._left[result.index] - 1
         self._left[result.index] = left
         if left == 0:
             task = self.tasks[result.index]
-            self.journal.done(task.name, self._tallies(task), task.numel * task.out_dtype.itemsize)
+            crcs = [c for _, c in sorted(self.crcs.get(result.index, {}).items())]
+            self.journal.done(task.name, {"tallies": self._tallies(task), "crc": crcs},
+                              task.numel * task.out_dtype.itemsize)
 
     def work(self, item: tuple[int, int, int]) -> Result:
         i, start, n = item
@@ -299,8 +313,9 @@ class CopyPass(_Inputs):
             return Result(i, None, 0)
         reader, buffers = self._io()
         base = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
-        self.writer.write(task.name, start, _cast(base, task.base.dtype, task.out_dtype))
-        return Result(i, None, len(base))
+        out = _cast(base, task.base.dtype, task.out_dtype)
+        self.writer.write(task.name, start, out)
+        return Result(i, None, len(base), start, checksums.crc(out))
 
     def collect(self, result: Result) -> None:
         self._completed(result)
@@ -336,7 +351,7 @@ class ChainPass(CopyPass):
         counts = kernels.chain_raw(out, task.out_dtype, base, task.base.dtype,
                                    list(zip(secs, (s.dtype for s in task.secondaries))), task.ts, self.round_between)
         self.writer.write(task.name, start, out)
-        return Result(i, counts, len(base) + sum(len(x) for x in secs))
+        return Result(i, counts, len(base) + sum(len(x) for x in secs), start, checksums.crc(out))
 
     def collect(self, result: Result) -> None:
         if result.counts is not None:
@@ -505,6 +520,8 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
 
     recipe = plan_.recipe
     done = earlier.done if earlier is not None else {}
+    if earlier is not None and earlier.chunk and earlier.chunk != settings.chunk:
+        settings = dataclasses.replace(settings, chunk=earlier.chunk)  # its chunks, for the same tallies and CRCs
     written = sum(t.numel * t.out_dtype.itemsize for t in plan_.tasks if t.name in done)
     if earlier is not None:
         warnings.warn(f"continuing {tmp}, the unfinished output of an earlier run of this merge ({len(done)} of "
@@ -517,7 +534,8 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
     try:
         pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
         skipped = pass_.resume(done)
-        pass_.journal = journal.JournalWriter(tmp, print_, writer.sync, settings.journal_bytes, fresh=earlier is None)
+        pass_.journal = journal.JournalWriter(tmp, print_, writer.sync, settings.journal_bytes, fresh=earlier is None,
+                                              chunk=settings.chunk)
         if progress and skipped:
             progress(skipped)
         try:
@@ -544,12 +562,20 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
         "carry_float32": recipe.carry_float32,
         "seconds": round(time.perf_counter() - started, 3),
         "output": {"files": [f.name for f in files], "copied": [], "total_size": writer.total_size,
-                   "tensors": len(plan_.tasks), "parameters": plan_.base.num_params},
+                   "tensors": len(plan_.tasks), "parameters": plan_.base.num_params,
+                   "checksums": checksums.record(_tensors_by_file(writer), pass_.checksums(), settings.chunk)},
         "steps": [s.to_json() for s in steps],
     }
     if earlier is not None:
         report["resumed"] = {"tensors": len(done), "output_bytes": written}
     return steps, report
+
+
+def _tensors_by_file(writer: ShardedWriter) -> dict[str, list[str]]:
+    files: dict[str, list[str]] = {}
+    for name, fname in writer.weight_map.items():  # in file order
+        files.setdefault(fname, []).append(name)
+    return files
 
 
 def _copy_side_files(plan_: Plan, dest: Path, regenerated: tuple[str, ...] = ()) -> list[str]:

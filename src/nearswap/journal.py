@@ -5,8 +5,8 @@ a full disk).
 It is one file, ``.nearswap-journal``, in the hidden partial directory. Its first line is the
 run's fingerprint: the recipe (input paths resolved), the output layout, nearswap's version
 and every input file's size and modification time. Each later line lists tensors whose data
-were fsynced before the line was written, with their per-step tallies, so that a resumed
-merge reports the statistics of an uninterrupted one. A line cut short by a kill is ignored
+were fsynced before the line was written, with their per-step tallies and chunk CRCs, so
+that a resumed merge reports the statistics and checksums of an uninterrupted one. A line cut short by a kill is ignored
 (its tensors are simply written again: writes are idempotent).
 """
 
@@ -77,12 +77,13 @@ def _first_change(a: Any, b: Any, where: str) -> str | None:
 
 @dataclass
 class Journal:
-    """What an earlier run left: its fingerprint and the tensors it completed (name -> the
-    per-step tallies as JSON, or None for a copied tensor)."""
+    """What an earlier run left: its fingerprint and the tensors it completed (name ->
+    {"tallies": the per-step tallies as JSON, or None for a copied tensor, "crc": its chunk CRCs})."""
 
     path: Path
     fingerprint: dict[str, Any]
-    done: dict[str, list[dict[str, Any]] | None] = field(default_factory=dict)
+    chunk: int | None = None  # elements per work item of that run (its CRCs and tallies are per chunk)
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def read(directory: Path) -> Journal | None:
@@ -99,7 +100,8 @@ def read(directory: Path) -> Journal | None:
         return None
     if not isinstance(head, dict) or not isinstance(head.get("fingerprint"), dict):
         return None
-    journal = Journal(path, head["fingerprint"])
+    chunk = head.get("chunk")
+    journal = Journal(path, head["fingerprint"], chunk if type(chunk) is int and chunk > 0 else None)
     for line in lines[1:]:
         try:
             entry = json.loads(line)
@@ -112,16 +114,17 @@ def read(directory: Path) -> Journal | None:
 
 class JournalWriter:
     """Appends completed tensors to the journal once their data are on disk: ``done(name,
-    tallies, nbytes)`` queues a tensor; every ``SYNC_BYTES`` of output (or ``SYNC_SECONDS``)
+    record, nbytes)`` queues a tensor; every ``SYNC_BYTES`` of output (or ``SYNC_SECONDS``)
     ``sync()`` (the writer's fsync of its shards) runs, then the queued tensors are appended
     and the journal fsynced."""
 
     def __init__(self, directory: Path, fingerprint_: dict[str, Any], sync: Callable[[], None],
-                 every_bytes: int = SYNC_BYTES, every_seconds: float = SYNC_SECONDS, fresh: bool = True) -> None:
+                 every_bytes: int = SYNC_BYTES, every_seconds: float = SYNC_SECONDS, fresh: bool = True,
+                 chunk: int | None = None) -> None:
         self.path = directory / JOURNAL_NAME
         self.sync_data = sync
         self.every_bytes, self.every_seconds = every_bytes, every_seconds
-        self.queued: dict[str, list[dict[str, Any]] | None] = {}
+        self.queued: dict[str, dict[str, Any]] = {}
         self.queued_bytes = 0
         self.last = time.monotonic()
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if fresh else 0)
@@ -130,7 +133,7 @@ class JournalWriter:
         except OSError as e:
             raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
         if fresh:
-            self._append({"fingerprint": fingerprint_})
+            self._append({"fingerprint": fingerprint_, "chunk": chunk})
 
     def _append(self, entry: dict[str, Any]) -> None:
         data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
@@ -140,8 +143,8 @@ class JournalWriter:
         except OSError as e:
             raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
 
-    def done(self, name: str, tallies: list[dict[str, Any]] | None, nbytes: int) -> None:
-        self.queued[name] = tallies
+    def done(self, name: str, record: dict[str, Any], nbytes: int) -> None:
+        self.queued[name] = record
         self.queued_bytes += nbytes
         if self.queued_bytes >= self.every_bytes or time.monotonic() - self.last >= self.every_seconds:
             self.flush()

@@ -1,0 +1,100 @@
+"""A killed merge, resumed: the second run's time against a full merge's, side by side in one run.
+
+    python benchmarks/bench_resume.py [--size 0.5b] [--steps 1] [--at 0.5] [--repeat 3]
+
+Per round: a full merge (timed); a merge SIGKILLed once ``--at`` of its output bytes are
+written (a child process that kills itself there: a real SIGKILL, at a known point); the
+same command again, which continues the journaled partial output (timed). Reports the
+medians and the ratio resumed / full; the issue's target is <= 0.6 at 50%. Inputs are the
+synthetic pair of bench_merge (generated once under benchmarks/work/), page cache warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_merge import HERE, ensure_inputs, settle, timed
+
+T = 1e-4
+KILL_AT = r"""
+import os, signal, sys
+import nearswap.cli
+from nearswap.formats import safetensors as st
+limit = int(sys.argv[1])
+state = {"n": 0}
+write = st.ShardedWriter.write
+def counted(self, name, start, data):
+    write(self, name, start, data)
+    state["n"] += len(st.byte_view(data))
+    if state["n"] >= limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+st.ShardedWriter.write = counted
+sys.argv = ["nearswap", *sys.argv[2:]]
+nearswap.cli.main()
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="0.5b")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--at", type=float, default=0.5, help="kill once this share of the output is written")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=HERE / "work")
+    args = ap.parse_args()
+
+    base, secs = ensure_inputs(args.size, args.workdir)
+    secs = secs[: args.steps]
+    out_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))  # the output is the base's size
+    out = args.workdir / "resume-out"
+    cmd = ["merge", "-q", str(base), *map(str, secs), "-t", str(T), "-o", str(out)]
+    for d in (base, *secs):  # warm the page cache, as bench_merge does
+        for f in d.glob("*.safetensors"):
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+    def clean() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        for p in out.parent.glob(f".{out.name}.*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+        settle()
+
+    full, resumed, killed_at = [], [], []
+    for _ in range(args.repeat):
+        clean()
+        full.append(timed([sys.executable, "-m", "nearswap", *cmd])[0])
+        clean()
+        proc = subprocess.run([sys.executable, "-c", KILL_AT, str(int(out_bytes * args.at)), *cmd], capture_output=True, text=True)
+        if proc.returncode != -signal.SIGKILL:
+            sys.exit(f"the merge was not killed: rc {proc.returncode}\n{proc.stderr[-2000:]}")
+        settle()
+        proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "nearswap", *cmd[:1], "--json", *cmd[2:]],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(proc.stderr[-3000:])
+        report = json.loads(proc.stdout)
+        killed_at.append(report["resumed"]["output_bytes"] / out_bytes)
+        h, m, s = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr).groups()
+        resumed.append(int(h or 0) * 3600 + int(m) * 60 + float(s))
+    clean()
+    f, r = statistics.median(full), statistics.median(resumed)
+    print(f"{args.size}, {args.steps} step(s), killed at {100 * args.at:.0f}% of {out_bytes / 1e9:.2f} GB of output "
+          f"(journaled when killed: {', '.join(f'{100 * k:.0f}%' for k in killed_at)}); medians of {args.repeat}:")
+    print("| run | wall s |")
+    print("|---|---|")
+    print(f"| full merge | {f:.2f} |")
+    print(f"| resumed merge (the run after the kill) | {r:.2f} |")
+    print(f"resumed / full = {r / f:.2f}")
+
+
+if __name__ == "__main__":
+    main()
