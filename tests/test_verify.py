@@ -1,12 +1,13 @@
 """`nearswap verify` (issue 12): a flipped bit in any shard is found, an output that no longer
 matches its inputs is found, a good merge passes; the checksums recorded at write time are those
-of the bytes on disk (recomputed here independently: zlib.crc32 of each chunk, numpy reads)."""
+of the bytes on disk (recomputed here independently: the safetensors library's reads, the crc32c
+library, checked against the CRC-32C standard's check value)."""
 
 import hashlib
 import json
 import struct
-import zlib
 
+import crc32c
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -33,6 +34,7 @@ def merged(tmp_path):
 
 def test_recorded_checksums_are_those_of_the_files(merged):
     """Independently: each shard's tensors read with safetensors, in file order, CRC-32 per chunk."""
+    assert crc32c.crc32c(b"123456789") == 0xE3069283  # RFC 3720's check value: it is CRC-32C
     _, out, report = merged
     recorded = report["output"]["checksums"]
     assert recorded["chunk"] == CHUNK and len(recorded["files"]) == len(report["output"]["files"]) - 1 > 2
@@ -43,7 +45,7 @@ def test_recorded_checksums_are_those_of_the_files(merged):
         with safe_open(str(out / name), "np") as f:
             for tensor in order:
                 flat = f.get_tensor(tensor).reshape(-1)
-                crcs = [zlib.crc32(flat[i: i + CHUNK].tobytes()) for i in range(0, flat.size, CHUNK)]
+                crcs = [crc32c.crc32c(flat[i: i + CHUNK].tobytes()) for i in range(0, flat.size, CHUNK)]
                 sha.update(b"".join(c.to_bytes(4, "big") for c in crcs))
         assert sha.hexdigest() == digest, name
 
