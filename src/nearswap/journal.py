@@ -22,7 +22,7 @@ from typing import Any, Callable
 from .errors import WriteFailed
 
 JOURNAL_NAME = ".nearswap-journal"
-SYNC_BYTES = 256 << 20  # sync and journal after this many output bytes (stream.Settings.journal_bytes) ...
+SYNC_BYTES = 64 << 20  # sync and journal after this many output bytes (stream.Settings.journal_bytes) ...
 SYNC_SECONDS = 10.0  # ... or this long, whichever comes first
 
 

@@ -38,7 +38,7 @@ class Settings:
     chunk: int = DEFAULT_CHUNK
     threads: int | None = None
     group_bytes: int = 256 << 20
-    journal_bytes: int = 256 << 20  # a resumable output is synced and journaled every this many bytes
+    journal_bytes: int = 64 << 20  # a resumable output is synced and journaled every this many bytes
 
     def __post_init__(self) -> None:
         if type(self.chunk) is not int or self.chunk <= 0:
