@@ -114,22 +114,28 @@ def read(directory: Path) -> Journal | None:
 
 class JournalWriter:
     """Appends completed tensors to the journal once their data are on disk: ``done(name,
-    record, nbytes)`` queues a tensor; every ``SYNC_BYTES`` of output (or ``SYNC_SECONDS``)
-    ``sync()`` (the writer's fsync of its shards) runs, then the queued tensors are appended
-    and the journal fsynced."""
+    record, nbytes)`` queues a tensor; every ``SYNC_BYTES`` of output (or ``SYNC_SECONDS``) the
+    queued tensors go to a background thread, which runs ``sync()`` (the writer's fsync of its
+    shards), appends them and fsyncs the journal, while the merge goes on (a sync waits for
+    the disk: on the thread that hands out work it would stall the pipeline). ``flush()``
+    waits for that and writes what is queued; a failure there is raised by the next call."""
 
     def __init__(self, directory: Path, fingerprint_: dict[str, Any], sync: Callable[[], None],
                  every_bytes: int = SYNC_BYTES, every_seconds: float = SYNC_SECONDS, fresh: bool = True,
                  chunk: int | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.path = directory / JOURNAL_NAME
         self.sync_data = sync
         self.every_bytes, self.every_seconds = every_bytes, every_seconds
         self.queued: dict[str, dict[str, Any]] = {}
         self.queued_bytes = 0
         self.last = time.monotonic()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearswap-journal")
+        self.running: Any = None  # the background flush in progress
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if fresh else 0)
         try:
-            self.fd = os.open(self.path, flags, 0o644)
+            self.fd: int | None = os.open(self.path, flags, 0o644)
         except OSError as e:
             raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
         if fresh:
@@ -143,19 +149,33 @@ class JournalWriter:
         except OSError as e:
             raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
 
+    def _write(self, batch: dict[str, dict[str, Any]]) -> None:
+        self.sync_data()
+        self._append({"done": batch})
+
     def done(self, name: str, record: dict[str, Any], nbytes: int) -> None:
         self.queued[name] = record
         self.queued_bytes += nbytes
         if self.queued_bytes >= self.every_bytes or time.monotonic() - self.last >= self.every_seconds:
-            self.flush()
+            if self.running is not None:
+                if not self.running.done():
+                    return  # the last one is still syncing: this batch grows and goes next
+                self.running.result()  # raise its failure, if any
+            self.running = self.pool.submit(self._write, self.queued)
+            self.queued, self.queued_bytes, self.last = {}, 0, time.monotonic()
 
     def flush(self) -> None:
+        """Wait for the background write; write what is queued."""
+        if self.running is not None:
+            running, self.running = self.running, None
+            running.result()
         if self.queued:
-            self.sync_data()
-            self._append({"done": self.queued})
+            self._write(self.queued)
         self.queued, self.queued_bytes, self.last = {}, 0, time.monotonic()
 
     def close(self) -> None:
+        """Stop (waiting for a background write, whose failure no longer matters); close the file."""
+        self.pool.shutdown(wait=True)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
