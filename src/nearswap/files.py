@@ -58,7 +58,7 @@ def read_bytes(path: str | Path, limit: int, what: str = "") -> bytes:
             raise NearswapError(f"{what + ': ' if what else ''}{path} is too large ({size:,} bytes; "
                                 f"at most {limit:,} expected for this kind of file)")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)[:limit]
+            return f.read(size + 1)[:limit]  # (read(limit) would allocate all of limit for a 100-byte file)
     finally:
         os.close(fd)
 

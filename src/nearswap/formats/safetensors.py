@@ -76,13 +76,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: list[TensorInfo] = []
     for name, entry in header.items():
         tensors.append(_tensor_info(path, name, entry, data_start, data_len))
-    tensors.sort(key=lambda t: t.offset)
+    tensors.sort(key=lambda t: (t.offset, t.nbytes))  # as the library orders data_offsets
     end = data_start
     for t in tensors:
-        if t.offset != end and t.nbytes:
+        if t.offset != end:  # an empty tensor too must sit where the previous one ends, as the library requires
             raise NearswapError(f"{path}: tensor {shown(t.name)} does not follow the previous one (gap or overlap); "
                                 "the file is corrupt")
-        end = t.offset + t.nbytes if t.nbytes else end
+        end = t.offset + t.nbytes
     if end != size:
         raise NearswapError(
             f"{path}: {size - end} bytes {'missing' if end > size else 'left over'} after the last tensor; "
