@@ -85,7 +85,7 @@ def test_inspect_json(make_quartet, run):
 
 def test_missing_input(make_quartet, tmp_path, run):
     paths, _ = make_quartet(n=1)
-    assert_refused(run("merge", paths[0], tmp_path / "nope", "-t", "1e-4", "-o", tmp_path / "out"), "s1", "does not exist", tmp_path=tmp_path)
+    assert_refused(run("merge", paths[0], tmp_path / "nope", "-t", "1e-4", "-o", tmp_path / "out"), "secondary 1: ", "nope does not exist", tmp_path=tmp_path)
 
 
 def test_truncated_shard(make_quartet, tmp_path, run):
@@ -105,7 +105,7 @@ def test_corrupt_header(make_quartet, tmp_path, run):
 def test_index_names_missing_shard(make_quartet, tmp_path, run):
     paths, _ = make_quartet(n=1, shards=2)
     (paths[1] / "model-00001-of-00002.safetensors").unlink()
-    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "s1", "model-00001-of-00002.safetensors", "missing", tmp_path=tmp_path)
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "out"), "secondary 1: ", "model-00001-of-00002.safetensors", "missing", tmp_path=tmp_path)
 
 
 def test_shape_mismatch_says_vocabulary(make_quartet, tmp_path, run):
@@ -248,7 +248,7 @@ def test_example_recipe_is_valid():
 def test_output_may_not_overwrite_an_input(make_quartet, tmp_path, run):
     paths, arrays = make_quartet(n=1)
     before = (paths[1] / "model.safetensors").read_bytes()
-    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "holds", "a file of s1")
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-o", paths[1], "--force"), "holds", "a file of secondary 1 (")
     assert (paths[1] / "model.safetensors").read_bytes() == before
     # an input that is itself a nearswap output: --force could replace it, but not while it is read
     assert run("merge", *paths, "-t", "1e-4", "-o", tmp_path / "m1", "-q").exit_code == 0

@@ -132,6 +132,16 @@ def test_rules_set_t_per_tensor(make_quartet, tmp_path):
     step1 = report["steps"][0]
     assert step1["tensors"]["model.layers.0.mlp.up_proj.weight"]["t"] == 5e-3
     assert step1["swapped"] == expected_report(arrays, ts)[0]["swapped"]
+    # the step table says what the rules did: counted here from the tensor names
+    from nearswap.stats import format_table
+
+    table = format_table(report["steps"]).splitlines()
+    mlp = sum(".mlp." in n for n in arrays[0])
+    said = set(table[0].split("(rules: ")[1].rstrip(")").split(", "))
+    assert said == {f"t={5e-3:g} on {mlp} tensor{'s' * (mlp != 1)}", f"t={2e-4:g} on {len(arrays[0]) - mlp} tensors"}
+    assert table[1].endswith("(rules: t=0 on 1 tensor)"), table[1]
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert f"| 2 | `{paths[2].name}` | 0.001 (rules: t=0 on 1 tensor) |" in card
 
 
 def test_chunking_across_tensors_and_shards(make_quartet, tmp_path, monkeypatch):
@@ -189,7 +199,7 @@ def test_nonfinite_refused_naming_model_tensor_and_count(make_quartet, tmp_path)
     w.reshape(-1)[[3, 50, 77]] = [np.nan, np.inf, -np.inf]
     bad["model.layers.0.mlp.up_proj.weight"] = w
     write_model(paths[2], bad)
-    with pytest.raises(NearswapError, match=r"s2 .*'model.layers.0.mlp.up_proj.weight' has 3 non-finite values.*--allow-nonfinite"):
+    with pytest.raises(NearswapError, match=r"secondary 2 \(.*s2\): tensor 'model.layers.0.mlp.up_proj.weight' has 3 non-finite values.*--allow-nonfinite"):
         nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert not list(tmp_path.glob(".o.*"))

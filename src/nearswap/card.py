@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .stats import rules_note
 
 
 def model_card(report: dict[str, Any], recipe_yaml: str) -> str:
     steps = report["steps"]
     rows = "\n".join(
-        f"| {i} | `{Path(s['model']).name}` | {s['t']:g} | {100 * s['swapped'] / s['total']:.2f}% | "
+        f"| {i} | `{Path(s['model']).name}` | {s['t']:g}{rules_note(s).replace('  (', ' (')} | "
+        f"{100 * s['swapped'] / s['total']:.2f}% | "
         f"{100 * s['moved'] / s['total']:.2f}% | {100 * s['identical'] / s['total']:.2f}% | {s['mean_abs_change']:.3g} |"
         for i, s in enumerate(steps, 1)
     )

@@ -123,6 +123,19 @@ def format_table(steps: list[StepJSON]) -> str:
         lines.append(
             f"step {i}  {step['label']:<4} t={step['t']:<8g} swapped {100 * share['swapped']:6.2f}%  "
             f"moved {100 * share['moved']:6.2f}%  identical {100 * share['identical']:6.2f}%  "
-            f"nonfinite {step['nonfinite']}  mean|Δ| {step['mean_abs_change']:.3g}"
+            f"nonfinite {step['nonfinite']}  mean|Δ| {step['mean_abs_change']:.3g}{rules_note(step)}"
         )
     return "\n".join(lines)
+
+
+def rules_note(step: StepJSON) -> str:
+    """What the step's rules changed, for the table: `` (rules: t=0.005 on 12 tensors, t=0 on 1)``;
+    empty when every tensor had the step's t."""
+    by_t: dict[float, int] = {}
+    for entry in step["tensors"].values():
+        if "t" in entry:  # (only tensors whose t differs from the step's carry one)
+            by_t[entry["t"]] = by_t.get(entry["t"], 0) + 1
+    if not by_t:
+        return ""
+    parts = [f"t={t:g} on {n} tensor{'s' if n != 1 else ''}" for t, n in sorted(by_t.items(), key=lambda kv: -kv[1])]
+    return f"  (rules: {', '.join(parts)})"

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import NearswapError, shown
 from ..files import read_json_object
 from . import safetensors as st
-from .types import Model, TensorInfo
+from .types import Model, TensorInfo, role
 
 # Checkpoints that are Python pickles: loading them can run arbitrary code, so we refuse.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -103,17 +103,17 @@ def open_model(path: str | Path, label: str = "model", native: bool = False) -> 
     if not path.exists():
         text = str(path)
         if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):  # a Hugging Face Hub id?
-            raise NearswapError(f"{label}: {path} does not exist here; nearswap reads local files only (no download): "
+            raise NearswapError(f"{role(label)}: {path} does not exist here; nearswap reads local files only (no download): "
                                 f"fetch it first, e.g. `huggingface-cli download {text} --local-dir DIR`, and give DIR")
-        raise NearswapError(f"{label}: {path} does not exist")
+        raise NearswapError(f"{role(label)}: {path} does not exist")
     suffix = path.suffix.lower()
     if native and (path.is_dir() or suffix != ".gguf"):
-        raise NearswapError(f"{label}: {path} is not a GGUF file; a merge into a .gguf output reads GGUF inputs only "
+        raise NearswapError(f"{role(label)}: {path} is not a GGUF file; a merge into a .gguf output reads GGUF inputs only "
                             "(merge into a directory, then `nearswap export` it)")
     if path.is_dir():
         return _open_directory(path, label)
     if suffix in PICKLE_SUFFIXES:
-        raise NearswapError(f"{label}: refusing {path}: {PICKLE_HINT}")
+        raise NearswapError(f"{role(label)}: refusing {path}: {PICKLE_HINT}")
     if suffix == ".gguf":
         from .gguf import open_gguf
 
@@ -127,7 +127,7 @@ def open_model(path: str | Path, label: str = "model", native: bool = False) -> 
                      side_files=lambda dest, skip_tokenizer=False: write_side_files(path, config, dest, skip_tokenizer,
                                                                                     vocabulary), kind="gguf")
     if suffix != ".safetensors":
-        raise NearswapError(f"{label}: {path}: unknown model format {suffix or '(no suffix)'}; "
+        raise NearswapError(f"{role(label)}: {path}: unknown model format {suffix or '(no suffix)'}; "
                             "expected an HF directory, a .safetensors or a .gguf file")
     tensors, metadata = st.read_header(path)
     return Model(path, label, "safetensors file", [path], tensors, None, metadata)
@@ -150,11 +150,11 @@ def _open_directory(path: Path, label: str) -> Model:
             tensors, _ = st.read_header(found[0])
             fmt = "HF safetensors, 1 file"
         elif found:
-            raise NearswapError(f"{label}: {path} has {len(found)} .safetensors files but no {st.INDEX_NAME}; add the index or pass one file")
+            raise NearswapError(f"{role(label)}: {path} has {len(found)} .safetensors files but no {st.INDEX_NAME}; add the index or pass one file")
         elif any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
-            raise NearswapError(f"{label}: refusing {path}: {PICKLE_HINT}")
+            raise NearswapError(f"{role(label)}: refusing {path}: {PICKLE_HINT}")
         else:
-            raise NearswapError(f"{label}: {path} holds no model (no .safetensors files)")
+            raise NearswapError(f"{role(label)}: {path} holds no model (no .safetensors files)")
     metadata = st.read_header(files[0])[1]
     return Model(path, label, fmt, files, tensors, config, metadata)
 
@@ -168,7 +168,7 @@ def read_config(directory: Path, label: str) -> dict | None:
     config = read_json_object(path, label)
     arch = config.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
-        raise NearswapError(f"{label}: {path}: architectures is {shown(arch)}, not a list of names; fix config.json")
+        raise NearswapError(f"{role(label)}: {path}: architectures is {shown(arch)}, not a list of names; fix config.json")
     return config
 
 
@@ -176,7 +176,7 @@ def _shard_path(index_path: Path, name: object, label: str) -> Path:
     """Where an index entry points, refused unless it is a plain relative path inside the
     model directory naming a regular file (a symlink to one is fine: the HF cache)."""
     def bad(why: str) -> NearswapError:
-        return NearswapError(f"{label}: {index_path} names shard {shown(name)}, {why}; the index is corrupt: regenerate it")
+        return NearswapError(f"{role(label)}: {index_path} names shard {shown(name)}, {why}; the index is corrupt: regenerate it")
 
     if not isinstance(name, str) or not name:
         raise bad("which is not a file name")
@@ -185,7 +185,7 @@ def _shard_path(index_path: Path, name: object, label: str) -> Path:
         raise bad("which is outside the model directory")
     path = index_path.parent / rel
     if not os.path.lexists(path):
-        raise NearswapError(f"{label}: {index_path.name} names shard {shown(name)}, which is missing from "
+        raise NearswapError(f"{role(label)}: {index_path.name} names shard {shown(name)}, which is missing from "
                             f"{index_path.parent}")
     if not os.path.isfile(path):  # follows a symlink; a FIFO, device or directory is not a shard
         raise bad("which is not a regular file")
@@ -196,7 +196,7 @@ def _open_index(index_path: Path, label: str) -> tuple[list[Path], dict[str, Ten
     index = read_json_object(index_path, label)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise NearswapError(f"{label}: {index_path} has no weight_map; the index is corrupt: regenerate it")
+        raise NearswapError(f"{role(label)}: {index_path} has no weight_map; the index is corrupt: regenerate it")
     names: dict[str, Path] = {}
     for shard in weight_map.values():  # every entry checked before any shard is opened
         if not isinstance(shard, str) or shard not in names:
@@ -208,11 +208,11 @@ def _open_index(index_path: Path, label: str) -> tuple[list[Path], dict[str, Ten
         for name, info in in_file.items():
             expected = weight_map.get(name)
             if expected is None:
-                raise NearswapError(f"{label}: tensor {shown(name)} is in {f.name} but not in {index_path.name}; the index is stale: regenerate it")
+                raise NearswapError(f"{role(label)}: tensor {shown(name)} is in {f.name} but not in {index_path.name}; the index is stale: regenerate it")
             if expected != f.name and names.get(expected) != f:
-                raise NearswapError(f"{label}: {index_path.name} places {shown(name)} in {shown(expected)}, but it is in {f.name}; the index is stale")
+                raise NearswapError(f"{role(label)}: {index_path.name} places {shown(name)} in {shown(expected)}, but it is in {f.name}; the index is stale")
             tensors[name] = info
     missing = [n for n in weight_map if n not in tensors]
     if missing:
-        raise NearswapError(f"{label}: {index_path.name} lists {len(missing)} tensors not found in any shard (first: {shown(missing[0])})")
+        raise NearswapError(f"{role(label)}: {index_path.name} lists {len(missing)} tensors not found in any shard (first: {shown(missing[0])})")
     return files, tensors

@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES
 from ..dtypes import BY_NAME
 from ..errors import NearswapError, shown
 from .safetensors import pread_exact
-from .types import TensorInfo
+from .types import TensorInfo, role
 
 from .architectures import (ARCHITECTURES, BY_HF_CLASS, Arch, MetadataError, add_metadata, gguf_name, hf_config,
                             hf_name, llama3_rope_factors, meta_number, rope_scaling_of, short_name, unsupported)
@@ -136,7 +136,7 @@ def read_gguf_header(path: Path, label: str) -> Any:
     try:
         return read_header(path)
     except (HeaderError, OSError) as e:
-        raise NearswapError(f"{label}: {path}: not a readable GGUF file: {e}; re-download it") from None
+        raise NearswapError(f"{role(label)}: {path}: not a readable GGUF file: {e}; re-download it") from None
 
 
 def open_gguf(path: Path, label: str, native: bool = False
@@ -149,7 +149,7 @@ def open_gguf(path: Path, label: str, native: bool = False
     arch_name = meta.get("general.architecture", "?")
     arch = ARCHITECTURES.get(arch_name) if isinstance(arch_name, str) else None
     if arch is None and not native:
-        raise unsupported(arch_name, f"{label}: {path}")
+        raise unsupported(arch_name, f"{role(label)}: {path}")
     f32 = BY_NAME["F32"]
     tensors: dict[str, TensorInfo] = {}
     qtypes: dict[str, int] = {}
@@ -181,7 +181,7 @@ def open_gguf(path: Path, label: str, native: bool = False
         if config is not None and rope is not None and arch.gguf == "llama":  # Llama 3.x rope scaling
             config["rope_scaling"] = _llama3_scaling(path, rope, config, meta)
     except MetadataError as e:
-        raise NearswapError(f"{label}: {path}: {e}; the file is corrupt or of a variant nearswap does not read") from None
+        raise NearswapError(f"{role(label)}: {path}: {e}; the file is corrupt or of a variant nearswap does not read") from None
     kinds = ", ".join(f"{k} x{v}" for k, v in sorted(qtypes.items(), key=lambda kv: -kv[1]))
     names = "GGUF names" if native else "dequantized to F32"
     return f"GGUF ({shown(arch_name) if not isinstance(arch_name, str) else arch_name}; {kinds}; {names})", tensors, config, meta

@@ -94,4 +94,12 @@ class Model:
         return sum(t.nbytes for t in self.tensors.values())
 
     def describe(self) -> str:
-        return f"{self.label} ({self.path})"
+        return f"{role(self.label)} ({self.path})"
+
+
+def role(label: str) -> str:
+    """A model's label as messages spell it: ``s2`` (the step table's short label, easily taken
+    for a user's folder named ``s2``) becomes ``secondary 2``; ``base`` and others stay."""
+    if label[:1] == "s" and label[1:].isdigit():
+        return f"secondary {label[1:]}"
+    return label
