@@ -2,6 +2,7 @@
 
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import yaml
@@ -29,20 +30,24 @@ def load_dir(path):
 def expected_report(arrays, ts_by_tensor, out_dtype=None, round_between=True):
     """Per-step totals and per-tensor counts, computed step by step with the reference."""
     base, secs = arrays[0], arrays[1:]
-    steps = [{"total": 0, "identical": 0, "swapped": 0, "moved": 0, "nonfinite": 0, "tensors": {}} for _ in secs]
+    steps = [{"total": 0, "identical": 0, "swapped": 0, "moved": 0, "nonfinite": 0, "changed": 0, "tensors": {}}
+             for _ in secs]
     for name, b in base.items():
         ts = ts_by_tensor(name)
         wide = np.float32
         r = b.astype(wide)
         odt = b.dtype if out_dtype is None else out_dtype
+        held = r.astype(odt).astype(wide) if round_between else r  # the base as the output holds it
         for k, s in enumerate(secs):
             c = ref_counts(ts[k], r, s[name].astype(wide))
-            steps[k]["tensors"][name] = c
-            for key, v in c.items():
-                steps[k][key] += v
             r = nearswap_step(ts[k], r, s[name].astype(wide))
             if round_between:
                 r = r.astype(odt).astype(wide)
+            c["changed"] = int(np.count_nonzero(r != held))  # (no NaN here)
+            held = r
+            steps[k]["tensors"][name] = c
+            for key, v in c.items():
+                steps[k][key] += v
     return steps
 
 
@@ -61,7 +66,7 @@ def test_chain_bit_exact_and_counts_exact(make_quartet, tmp_path, dtype, n):
     assert len(on_disk["steps"]) == n
     for got, exp, k in zip(on_disk["steps"], want, range(n)):
         assert got["t"] == t[k] and got["model"] == str(paths[k + 1])
-        for key in ("total", "identical", "swapped", "moved", "nonfinite"):
+        for key in ("total", "identical", "swapped", "moved", "nonfinite", "changed"):
             assert got[key] == exp[key], key
             assert isinstance(got[key], int)
         for name in arrays[0]:
@@ -292,3 +297,26 @@ def test_saved_recipe_reruns_from_anywhere_to_the_same_bits(make_quartet, tmp_pa
     assert rerun.exit_code == 0, rerun.output
     c, d = load_dir(tmp_path / "out" / "cli"), load_dir(elsewhere / "rerun")
     assert c.keys() == d.keys() and all(same_bits(c[k], d[k]) for k in c)
+
+
+def test_changed_counts_what_the_output_holds(make_quartet, tmp_path):
+    """'changed' (issue 15): elements whose stored value differs from the base as the output
+    holds it, by a plain numpy comparison of the files; a t = 0 tensor changes nothing (its
+    'moved' count notwithstanding), and the f32 -> bf16 cast is not a change."""
+    paths, arrays = make_quartet("f32", n=1, noise=0.002)
+    rec = recipe.build({"base": str(paths[0]), "dtype": "bfloat16",
+                        "steps": [{"model": str(paths[1]), "t": 1e-4, "rules": [{"match": "*.mlp.*", "t": 0}]}]})
+    report = engine.merge(rec, tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    step = report["steps"][0]
+    total = 0
+    for name, b in arrays[0].items():
+        held = b.astype(ml_dtypes.bfloat16).astype(np.float32)
+        changed = int(np.count_nonzero(merged[name].astype(np.float32) != held))
+        assert step["tensors"][name]["changed"] == changed, name
+        total += changed
+        if ".mlp." in name:
+            assert changed == 0 and step["tensors"][name]["mean_abs_change"] == 0.0
+            assert step["tensors"][name]["moved"] > 0  # the formula's view: |d| > t = 0
+    assert step["changed"] == total > 0
+    assert step["changed"] < step["swapped"] + step["moved"]  # a move of 1e-4 rounds away in bf16, often

@@ -48,7 +48,7 @@ enum { NO_ROUND = -1 };
 static const int ITEMSIZE[3] = {4, 2, 2};
 
 typedef struct {
-    int64_t identical, swapped, moved;
+    int64_t identical, swapped, moved, changed;
     double abs_change;
 } StepCounts;
 
@@ -100,7 +100,7 @@ static void narrow(void *dst, const float *src, int code, Py_ssize_t n)
 static void step_scalar(const void *src, int src_code, const void *s, int s_code, void *dst, int dst_code,
                         int round_code, Py_ssize_t n, float t, StepCounts *c)
 {
-    int64_t n_id = 0, n_sw = 0, n_mv = 0;
+    int64_t n_id = 0, n_sw = 0, n_mv = 0, n_ch = 0;
     double change = 0.0;
     for (Py_ssize_t i = 0; i < n; i++) {
         float a = load_scalar(src, src_code, i), b = load_scalar(s, s_code, i);
@@ -114,12 +114,16 @@ static void step_scalar(const void *src, int src_code, const void *s, int s_code
         n_id += (d == 0.0f);
         n_sw += (d > 0.0f) & (d <= t);
         n_mv += (d > t) & (d <= FLT_MAX);
-        float ch = fabsf(res - a);
+        /* the change from the previous value as held at this precision (a base of a wider dtype
+         * is compared after the same rounding: its cast is not a change of the merge) */
+        float ch = fabsf(res - round_scalar(a, round_code));
+        n_ch += ch > 0.0f;
         if (ch <= FLT_MAX) change += ch;
     }
     c->identical += n_id;
     c->swapped += n_sw;
     c->moved += n_mv;
+    c->changed += n_ch;
     c->abs_change += change;
 }
 
@@ -174,7 +178,7 @@ AVX2 static inline __attribute__((always_inline)) void step_avx2(const void *src
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), vt = _mm256_set1_ps(t);
     const __m256 big = _mm256_set1_ps(FLT_MAX);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256i n_id = _mm256_setzero_si256(), n_le = n_id, n_fin = n_id;
+    __m256i n_id = _mm256_setzero_si256(), n_le = n_id, n_fin = n_id, n_ch = n_id;
     __m256 change = zero;
     Py_ssize_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -190,19 +194,22 @@ AVX2 static inline __attribute__((always_inline)) void step_avx2(const void *src
         n_id = _mm256_sub_epi32(n_id, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_EQ_OQ)));
         n_le = _mm256_sub_epi32(n_le, _mm256_castps_si256(_mm256_cmp_ps(d, vt, _CMP_LE_OQ)));
         n_fin = _mm256_sub_epi32(n_fin, _mm256_castps_si256(_mm256_cmp_ps(d, big, _CMP_LE_OQ)));
-        __m256 ch = _mm256_and_ps(_mm256_sub_ps(res, a), absmask);
+        __m256 ch = _mm256_and_ps(_mm256_sub_ps(res, round8(a, round_code)), absmask); /* see step_scalar */
+        n_ch = _mm256_sub_epi32(n_ch, _mm256_castps_si256(_mm256_cmp_ps(ch, zero, _CMP_GT_OQ)));
         change = _mm256_add_ps(change, _mm256_and_ps(ch, _mm256_cmp_ps(ch, big, _CMP_LE_OQ)));
     }
-    int32_t ids[8], les[8], fins[8];
+    int32_t ids[8], les[8], fins[8], chg[8];
     float chs[8];
     _mm256_storeu_si256((__m256i *)ids, n_id);
     _mm256_storeu_si256((__m256i *)les, n_le);
     _mm256_storeu_si256((__m256i *)fins, n_fin);
+    _mm256_storeu_si256((__m256i *)chg, n_ch);
     _mm256_storeu_ps(chs, change);
     for (int j = 0; j < 8; j++) {
         c->identical += ids[j];
         c->swapped += les[j] - ids[j];
         c->moved += fins[j] - les[j];
+        c->changed += chg[j];
         c->abs_change += chs[j];
     }
     if (i < n)
@@ -255,7 +262,7 @@ AVX512 static inline __attribute__((always_inline)) void step_avx512(const void 
 {
     const __m512 one = _mm512_set1_ps(1.0f), vt = _mm512_set1_ps(t), zero = _mm512_setzero_ps();
     const __m512 big = _mm512_set1_ps(FLT_MAX);
-    int64_t n_id = 0, n_le = 0, n_fin = 0;
+    int64_t n_id = 0, n_le = 0, n_fin = 0, n_ch = 0;
     __m512 change = zero;
     Py_ssize_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -268,12 +275,14 @@ AVX512 static inline __attribute__((always_inline)) void step_avx512(const void 
         n_id += __builtin_popcount(_mm512_cmp_ps_mask(d, zero, _CMP_EQ_OQ));
         n_le += __builtin_popcount(_mm512_cmp_ps_mask(d, vt, _CMP_LE_OQ));
         n_fin += __builtin_popcount(_mm512_cmp_ps_mask(d, big, _CMP_LE_OQ));
-        __m512 ch = _mm512_abs_ps(_mm512_sub_ps(res, a));
+        __m512 ch = _mm512_abs_ps(_mm512_sub_ps(res, round16(a, round_code))); /* see step_scalar */
+        n_ch += __builtin_popcount(_mm512_cmp_ps_mask(ch, zero, _CMP_GT_OQ));
         change = _mm512_mask_add_ps(change, _mm512_cmp_ps_mask(ch, big, _CMP_LE_OQ), change, ch);
     }
     c->identical += n_id;
     c->swapped += n_le - n_id;
     c->moved += n_fin - n_le;
+    c->changed += n_ch;
     float chs[16];
     _mm512_storeu_ps(chs, change);
     for (int j = 0; j < 16; j++) c->abs_change += chs[j];
@@ -665,10 +674,10 @@ static PyObject *chain(PyObject *self, PyObject *args)
     if (!result) goto done;
     for (Py_ssize_t k = 0; k < nsteps; k++) {
         StepCounts *c = &job->counts[k];
-        PyObject *item = Py_BuildValue("(LLLLd)", (long long)c->identical, (long long)c->swapped,
+        PyObject *item = Py_BuildValue("(LLLLdL)", (long long)c->identical, (long long)c->swapped,
                                        (long long)c->moved,
                                        (long long)(job->n - c->identical - c->swapped - c->moved),
-                                       c->abs_change);
+                                       c->abs_change, (long long)c->changed);
         if (!item) { Py_CLEAR(result); goto done; }
         PyTuple_SET_ITEM(result, k, item);
     }
@@ -709,7 +718,7 @@ static PyObject *isas(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"chain", chain, METH_VARARGS,
      "chain(out, out_code, base, base_code, secs, sec_codes, ts, round_between) -> "
-     "((identical, swapped, moved, nonfinite, abs_change_sum), ...) per step"},
+     "((identical, swapped, moved, nonfinite, abs_change_sum, changed), ...) per step"},
     {"use_isa", use_isa, METH_O,
      "use_isa(name) -> the step implementation now in use: 'best', 'avx512', 'avx2' or 'scalar'"},
     {"isas", isas, METH_NOARGS, "isas() -> the step implementations this CPU can run, best first"},

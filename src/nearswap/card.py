@@ -18,11 +18,13 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> str:
     rows = "\n".join(
         f"| {i} | `{Path(s['model']).name}` | {s['t']:g}{rules_note(s).replace('  (', ' (')} | "
         f"{100 * s['swapped'] / s['total']:.2f}% | "
-        f"{100 * s['moved'] / s['total']:.2f}% | {100 * s['identical'] / s['total']:.2f}% | {s['mean_abs_change']:.3g} |"
+        f"{100 * s['moved'] / s['total']:.2f}% | {100 * s['identical'] / s['total']:.2f}% | "
+        f"{100 * s.get('changed', 0) / s['total']:.2f}% | {s['mean_abs_change']:.3g} |"
         for i, s in enumerate(steps, 1)
     )
     rounding = ("kept in float32 between steps (carry_float32)" if report.get("carry_float32")
                 else "rounded to the output dtype after each step")
+    held = "kept in float32 between steps" if report.get("carry_float32") else "stored in the output dtype"
     return f"""---
 tags:
 - merge
@@ -40,11 +42,14 @@ otherwise (`w = clip(nan_to_num(t / |v0 - v1|, 1), 0, 1); v = (1 - w) v0 + w v1`
 
 ## What each step did (measured while merging, exact counts)
 
-| step | secondary | t | fully swapped | moved by t | identical | mean abs change |
-|---|---|---|---|---|---|---|
+| step | secondary | t | fully swapped | moved by t | identical | changed | mean abs change |
+|---|---|---|---|---|---|---|---|
 {rows}
 
-Per-tensor counts are in `merge_report.json`.
+"Fully swapped", "moved by t" and "identical" are the formula's cases (|difference| <= t, > t,
+= 0); "changed" counts the weights whose value, as {held}, the step actually changed: a move
+smaller than the output dtype's resolution rounds away, and a tensor merged at t = 0 changes
+nothing. Per-tensor counts are in `merge_report.json`.
 
 ## Recipe
 

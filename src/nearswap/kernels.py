@@ -55,6 +55,7 @@ class StepCounts(NamedTuple):
     moved: int  # |d| > t: moved by t toward the secondary
     nonfinite: int  # |d| is NaN or inf (an input was not finite)
     abs_change: float  # sum of |result - previous| over finite changes
+    changed: int = 0  # result != previous, both as held between steps (the output dtype, or float32 carried)
 
 
 def check_t(t: Any) -> Any:
@@ -129,18 +130,22 @@ def _nearswap_torch(t: Any, v0: Any, v1: Any, out_dtype: Any) -> Any:
     return res.to(v0.dtype if out_dtype is None else out_dtype)
 
 
-def _counts(t: float, a: np.ndarray, b: np.ndarray, res: np.ndarray) -> StepCounts:
+def _counts(t: float, a: np.ndarray, b: np.ndarray, res: np.ndarray, held: np.ndarray) -> StepCounts:
+    """The counts of one step from ``a`` (the previous value as loaded), ``res`` (the result as
+    held) and ``held`` (the previous value as held: ``a`` rounded as ``res`` was)."""
     import numpy as np
 
     with np.errstate(all="ignore"):
         d = np.abs(a - b)
-        change = np.abs(res - a)
+        change = np.abs(res - held)
+    changed = int(np.count_nonzero(change > 0))
     finite = d <= np.finfo(d.dtype).max
     identical = int(np.count_nonzero(d == 0))
     swapped = int(np.count_nonzero((d > 0) & (d <= d.dtype.type(t))))
     moved = int(np.count_nonzero((d > d.dtype.type(t)) & finite))
     change = change[change <= np.finfo(change.dtype).max]
-    return StepCounts(identical, swapped, moved, d.size - identical - swapped - moved, float(change.sum(dtype=np.float64)))
+    return StepCounts(identical, swapped, moved, d.size - identical - swapped - moved, float(change.sum(dtype=np.float64)),
+                      changed)
 
 
 def chain(
@@ -204,9 +209,11 @@ def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType])
         for t, s in zip(ts, secondaries):
             s = s.astype(wide)
             res = _formula(t, r, s)
+            held = r
             if round_between:
                 res = res.astype(out.dtype).astype(wide)
-            counts.append(_counts(t, r, s, res))
+                held = r.astype(out.dtype).astype(wide)
+            counts.append(_counts(t, r, s, res, held))
             r = res
         out[...] = r.astype(out.dtype)
     return counts

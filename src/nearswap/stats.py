@@ -8,7 +8,7 @@ from typing import Any, TypedDict
 
 from .kernels import StepCounts
 
-COUNT_FIELDS = ("total", "identical", "swapped", "moved", "nonfinite")
+COUNT_FIELDS = ("total", "identical", "swapped", "moved", "nonfinite", "changed")
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Tally:
     swapped: int = 0
     moved: int = 0
     nonfinite: int = 0
+    changed: int = 0  # elements whose held value the step changed (see kernels.StepCounts)
     abs_parts: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -35,6 +36,7 @@ class Tally:
         self.swapped += c.swapped
         self.moved += c.moved
         self.nonfinite += c.nonfinite
+        self.changed += c.changed
         self.abs_parts.append(c.abs_change)
 
     def merge(self, other: "Tally") -> None:
@@ -96,6 +98,7 @@ class StepJSON(TypedDict):
     swapped: int
     moved: int
     nonfinite: int
+    changed: int  # elements whose value (as held between steps) the step changed
     mean_abs_change: float
     tensors: dict[str, dict[str, Any]]
 
@@ -119,10 +122,12 @@ def format_table(steps: list[StepJSON]) -> str:
     """The short per-step summary printed after a merge, from a report's ``steps``."""
     lines = []
     for i, step in enumerate(steps, 1):
-        share = {k: step[k] / step["total"] if step["total"] else 0.0 for k in ("swapped", "moved", "identical")}
+        share = {k: step.get(k, 0) / step["total"] if step["total"] else 0.0
+                 for k in ("swapped", "moved", "identical", "changed")}
         lines.append(
             f"step {i}  {step['label']:<4} t={step['t']:<8g} swapped {100 * share['swapped']:6.2f}%  "
             f"moved {100 * share['moved']:6.2f}%  identical {100 * share['identical']:6.2f}%  "
+            f"changed {100 * share['changed']:6.2f}%  "
             f"nonfinite {step['nonfinite']}  mean|Δ| {step['mean_abs_change']:.3g}{rules_note(step)}"
         )
     return "\n".join(lines)
