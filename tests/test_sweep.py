@@ -39,18 +39,26 @@ def test_verdict_rule(change, want, decided):
 
 
 def test_sweep_end_to_end_on_a_tiny_model(tiny_llm, tmp_path, run):
-    result = run("sweep", tiny_llm / "base", tiny_llm / "s1", "--t", "1e-4,1e-2", "-o", tmp_path / "sw", "--jobs", "2",
+    result = run("sweep", tiny_llm / "base", tiny_llm / "s1", "--t", "1e-4,1e-2,10", "-o", tmp_path / "sw", "--jobs", "2",
                  "--tasks", "none")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "sw" / "sweep.json").read_text())
-    assert [r["t"] for r in data["rows"]] == [0.0, 1e-4, 1e-2]
+    assert [r["t"] for r in data["rows"]] == [0.0, 1e-4, 1e-2, 10.0]
     # a random tiny model writes gibberish, so no verdict is assumed: each must follow the rule
-    for row in data["rows"]:
+    for row in [*data["rows"], *data["secondary_rows"]]:
         assert row["verdict"] == sweep.verdict(row) and row["verdict"] in ("ok", "degraded", "repetitive", "garbage")
     assert data["rows"][0]["kl_mean"] == 0.0 and 0 < data["rows"][1]["kl_mean"] < data["rows"][2]["kl_mean"]
     assert data["rows"][0]["ppl_ratio"] == 1.0
     assert data["rows"][2]["swapped"][0] > data["rows"][1]["swapped"][0] > 0
+    # t = 10 exceeds every difference: that merge is the secondary, and the secondary's own row says the same
+    (sec,) = data["secondary_rows"]
+    assert data["rows"][3]["swapped"][0] > 0.99 and sec["label"] == "s1"
+    for key in ("kl_mean", "perplexity"):  # (other processes, maybe other torch thread counts: not bit for bit)
+        assert sec[key] == pytest.approx(data["rows"][3][key], rel=1e-4), key
     md = (tmp_path / "sw" / "sweep.md").read_text()
-    assert len(md.strip().splitlines()) == 2 + 3 and "| base |" in md and "| 0.01 |" in md and "decided by" in md
+    assert len(md.strip().splitlines()) == 2 + 5 and "| base |" in md and "| 0.01 |" in md and "decided by" in md
+    assert "| s1 itself |" in md
+    words = data["rows"][1]["sample"].split()
+    assert " ".join(words[: sweep.SAMPLE_WORDS]).replace("|", "/") in md  # the longer sample
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "sw" / "models").exists()  # not --keep

@@ -98,7 +98,7 @@ static void narrow(void *dst, const float *src, int code, Py_ssize_t n)
  * be the same float32 tile); the result is rounded through round_code before it is stored
  * and counted. */
 static void step_scalar(const void *src, int src_code, const void *s, int s_code, void *dst, int dst_code,
-                        int round_code, Py_ssize_t n, float t, StepCounts *c)
+                        int round_code, int src_held, Py_ssize_t n, float t, StepCounts *c)
 {
     int64_t n_id = 0, n_sw = 0, n_mv = 0, n_ch = 0;
     double change = 0.0;
@@ -116,7 +116,7 @@ static void step_scalar(const void *src, int src_code, const void *s, int s_code
         n_mv += (d > t) & (d <= FLT_MAX);
         /* the change from the previous value as held at this precision (a base of a wider dtype
          * is compared after the same rounding: its cast is not a change of the merge) */
-        float ch = fabsf(res - round_scalar(a, round_code));
+        float ch = fabsf(res - (src_held ? a : round_scalar(a, round_code)));
         n_ch += ch > 0.0f;
         if (ch <= FLT_MAX) change += ch;
     }
@@ -173,7 +173,7 @@ AVX2 static inline void store8(void *dst, int code, Py_ssize_t i, __m256 x, int 
  * specialisations below, where every dtype code is a constant. */
 AVX2 static inline __attribute__((always_inline)) void step_avx2(const void *src, int src_code, const void *s,
                                                                  int s_code, void *dst, int dst_code, int round_code,
-                                                                 Py_ssize_t n, float t, StepCounts *c)
+                                                                 int src_held, Py_ssize_t n, float t, StepCounts *c)
 {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), vt = _mm256_set1_ps(t);
     const __m256 big = _mm256_set1_ps(FLT_MAX);
@@ -194,7 +194,7 @@ AVX2 static inline __attribute__((always_inline)) void step_avx2(const void *src
         n_id = _mm256_sub_epi32(n_id, _mm256_castps_si256(_mm256_cmp_ps(d, zero, _CMP_EQ_OQ)));
         n_le = _mm256_sub_epi32(n_le, _mm256_castps_si256(_mm256_cmp_ps(d, vt, _CMP_LE_OQ)));
         n_fin = _mm256_sub_epi32(n_fin, _mm256_castps_si256(_mm256_cmp_ps(d, big, _CMP_LE_OQ)));
-        __m256 ch = _mm256_and_ps(_mm256_sub_ps(res, round8(a, round_code)), absmask); /* see step_scalar */
+        __m256 ch = _mm256_and_ps(_mm256_sub_ps(res, src_held ? a : round8(a, round_code)), absmask); /* see step_scalar */
         n_ch = _mm256_sub_epi32(n_ch, _mm256_castps_si256(_mm256_cmp_ps(ch, zero, _CMP_GT_OQ)));
         change = _mm256_add_ps(change, _mm256_and_ps(ch, _mm256_cmp_ps(ch, big, _CMP_LE_OQ)));
     }
@@ -214,7 +214,7 @@ AVX2 static inline __attribute__((always_inline)) void step_avx2(const void *src
     }
     if (i < n)
         step_scalar((const char *)src + i * ITEMSIZE[src_code], src_code, (const char *)s + i * ITEMSIZE[s_code],
-                    s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, n - i, t, c);
+                    s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, src_held, n - i, t, c);
 }
 
 /* ---- one step, AVX-512, 16 lanes: the same operations on zmm registers ---- */
@@ -257,8 +257,8 @@ AVX512 static inline void store16(void *dst, int code, Py_ssize_t i, __m512 x, i
 
 AVX512 static inline __attribute__((always_inline)) void step_avx512(const void *src, int src_code, const void *s,
                                                                      int s_code, void *dst, int dst_code,
-                                                                     int round_code, Py_ssize_t n, float t,
-                                                                     StepCounts *c)
+                                                                     int round_code, int src_held, Py_ssize_t n,
+                                                                     float t, StepCounts *c)
 {
     const __m512 one = _mm512_set1_ps(1.0f), vt = _mm512_set1_ps(t), zero = _mm512_setzero_ps();
     const __m512 big = _mm512_set1_ps(FLT_MAX);
@@ -275,7 +275,7 @@ AVX512 static inline __attribute__((always_inline)) void step_avx512(const void 
         n_id += __builtin_popcount(_mm512_cmp_ps_mask(d, zero, _CMP_EQ_OQ));
         n_le += __builtin_popcount(_mm512_cmp_ps_mask(d, vt, _CMP_LE_OQ));
         n_fin += __builtin_popcount(_mm512_cmp_ps_mask(d, big, _CMP_LE_OQ));
-        __m512 ch = _mm512_abs_ps(_mm512_sub_ps(res, round16(a, round_code))); /* see step_scalar */
+        __m512 ch = _mm512_abs_ps(_mm512_sub_ps(res, src_held ? a : round16(a, round_code))); /* see step_scalar */
         n_ch += __builtin_popcount(_mm512_cmp_ps_mask(ch, zero, _CMP_GT_OQ));
         change = _mm512_mask_add_ps(change, _mm512_cmp_ps_mask(ch, big, _CMP_LE_OQ), change, ch);
     }
@@ -288,18 +288,21 @@ AVX512 static inline __attribute__((always_inline)) void step_avx512(const void 
     for (int j = 0; j < 16; j++) c->abs_change += chs[j];
     if (i < n)
         step_scalar((const char *)src + i * ITEMSIZE[src_code], src_code, (const char *)s + i * ITEMSIZE[s_code],
-                    s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, n - i, t, c);
+                    s_code, (char *)dst + i * ITEMSIZE[dst_code], dst_code, round_code, src_held, n - i, t, c);
 }
 
 /* One copy of each ISA's step per (source, secondary, destination, rounding) dtype
  * combination: 3 x 3 x 3 x 3 small functions, so no dtype test is left in an inner loop. */
 #define SPEC(ISA, ATTR, A, S, D, R)                                                               \
     ATTR static void step_##ISA##_##A##_##S##_##D##_##R(const void *src, int a_, const void *s,   \
-                                                         int s_, void *dst, int d_, int r_,         \
+                                                         int s_, void *dst, int d_, int r_, int held, \
                                                          Py_ssize_t n, float t, StepCounts *c)      \
     {                                                                                             \
         (void)a_, (void)s_, (void)d_, (void)r_;                                                   \
-        step_##ISA(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), n, t, c);                     \
+        if (held) /* two loops, so neither tests `held` per element */                            \
+            step_##ISA(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), 1, n, t, c);              \
+        else                                                                                      \
+            step_##ISA(src, A, s, S, dst, D, (R) == 0 ? NO_ROUND : (R), 0, n, t, c);              \
     }
 #define SPEC_R(I, T, A, S, D) SPEC(I, T, A, S, D, 0) SPEC(I, T, A, S, D, 1) SPEC(I, T, A, S, D, 2)
 #define SPEC_D(I, T, A, S) SPEC_R(I, T, A, S, 0) SPEC_R(I, T, A, S, 1) SPEC_R(I, T, A, S, 2)
@@ -314,7 +317,7 @@ SPEC_ALL(avx512, AVX512)
 #define TABLE(I) {ROW_S(I, 0), ROW_S(I, 1), ROW_S(I, 2)}
 #endif
 
-typedef void (*StepFn)(const void *, int, const void *, int, void *, int, int, Py_ssize_t, float, StepCounts *);
+typedef void (*StepFn)(const void *, int, const void *, int, void *, int, int, int, Py_ssize_t, float, StepCounts *);
 
 /* [source dtype][secondary dtype][destination dtype][rounding: 0 none, 1 bf16, 2 f16] */
 typedef StepFn StepTable[3][3][3][3];
@@ -394,8 +397,11 @@ static void run_job(Job *job)
             void *dst = last ? job->out + start * ITEMSIZE[job->out_code] : (void *)cur;
             int code = job->sec_codes[k], src_code = first ? job->base_code : DT_F32;
             int dst_code = last ? job->out_code : DT_F32;
+            /* the previous value is already as held (rounded through round_code) unless it is a
+             * base of another dtype than the rounding's: then the change is counted after rounding it */
+            int held = !first || round_code == NO_ROUND || src_code == round_code;
             STEP[src_code][code][dst_code][round_idx](src, src_code, job->secs[k] + start * ITEMSIZE[code], code,
-                                                      dst, dst_code, round_code, m, job->ts[k], &job->counts[k]);
+                                                      dst, dst_code, round_code, held, m, job->ts[k], &job->counts[k]);
         }
     }
 }

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any, Iterable
-
-import crc32c
+from typing import Any, Callable, Iterable
 
 METHOD = "crc32c of each chunk, sha256 of the CRCs per file"
+_crc32c: Callable[[Any], int] | None = None
 
 
 def crc(data: Any) -> int:
-    return crc32c.crc32c(data)
+    global _crc32c
+    if _crc32c is None:  # imported on first use: its package reads its own metadata (~40 ms), which curve need not pay
+        from crc32c import crc32c
+
+        _crc32c = crc32c
+    return _crc32c(data)
 
 
 def digest(tensor_crcs: Iterable[list[int]]) -> str:

@@ -37,6 +37,7 @@ DEFAULT_SWEEP_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 DEFAULT_TASKS = "arc_easy:0,hellaswag:0"
 DEFAULT_LIMIT = 50
 CONTINUATION_TOKENS = 80
+SAMPLE_WORDS = 40  # of each row's continuation shown in sweep.md (all of it is in sweep.json)
 WORD = re.compile(r"[A-Za-z]+")
 
 # (verdict, metric, limit, direction), most severe first: the first rule a row crosses decides.
@@ -178,6 +179,12 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
         rows = [{"t": 0.0, "swapped": [0.0] * len(secondaries),
                  **judge(base_hf, base_hf, base_hf, selected=selected, config_dir=tmp / "tasks", limit=limit)}]
         base_row = rows[0]
+        sec_rows = []  # each secondary itself: where a large t ends (at t >= every |difference| the merge is it)
+        for i, sec in enumerate(secondaries, 1):
+            echo(f"judging secondary {i}")
+            sec_hf = loader.hf_directory(loader.check([sec])[0], echo)
+            sec_rows.append({"label": f"s{i}", "model": str(sec),
+                             **judge(sec_hf, base_hf, base_hf, selected=selected, config_dir=tmp / "tasks", limit=limit)})
         jobs = jobs or _default_jobs(base_model.nbytes, len(ts))
         echo(f"merging and judging {len(ts)} values of t, {jobs} at a time")
         calls = [(t, {"base": str(base), "steps": [{**s, "t": t} for s in steps]}, str(tmp), str(base_hf),
@@ -196,7 +203,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
             with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
                 for fut in [pool.submit(_one_t, *call) for call in calls]:
                     done(fut.result())
-        for row in rows:
+        for row in [*rows, *sec_rows]:
             row["ppl_ratio"] = row["perplexity"] / base_row["perplexity"]
             row["cont_ppl_ratio"] = row["cont_ppl"] / base_row["cont_ppl"]
             worse = 0
@@ -212,6 +219,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
 
         result = {"nearswap_version": __version__, "base": str(base), "secondaries": [str(s) for s in secondaries],
                   "tasks": [{"name": s.task.name, "shots": s.shots} for s in selected], "limit": limit, "rows": rows,
+                  "secondary_rows": sec_rows,
                   "verdict_rule": [dict(zip(("verdict", "metric", "limit", "direction"), v)) for v in VERDICT]}
         (tmp / "sweep.json").write_text(json.dumps(result, indent=1) + "\n")
         (tmp / "sweep.md").write_text(markdown(result) + "\n")
@@ -233,17 +241,19 @@ def _default_jobs(model_bytes: int, n: int) -> int:
 
 def markdown(result: dict[str, Any]) -> str:
     """The card's table: t, % swapped per step, KL from the base, the quick tasks' differences,
-    perplexity, the verdict and what decided it, the first words of the sample."""
+    perplexity, the verdict and what decided it, the first words of the sample; then a row per
+    secondary, judged as it is (where a large t ends)."""
     n = len(result["secondaries"])
     tasks = [t["name"] for t in result.get("tasks", [])]
     head = ("| t | " + " | ".join(f"% swapped, step {k + 1}" for k in range(n)) + " | KL from base | "
             + "".join(f"{t} Δ | " for t in tasks) + "perplexity | verdict | decided by | sample |")
     lines = [head, "|" + "---|" * (n + len(tasks) + 6)]
-    for row in result["rows"]:
-        words = " ".join(row["sample"].split()[:16]).replace("|", "/")
-        t = "base" if row["t"] == 0 else f"{row['t']:g}"
-        swapped = " | ".join(f"{100 * s:.2f}%" for s in row["swapped"]) if row["t"] else " | ".join("—" for _ in range(n))
-        deltas = "".join(("— | " if row["t"] == 0 else
+    for row in [*result["rows"], *result.get("secondary_rows", [])]:
+        words = " ".join(row["sample"].split()[:SAMPLE_WORDS]).replace("|", "/")
+        t = row["label"] + " itself" if "label" in row else "base" if row["t"] == 0 else f"{row['t']:g}"
+        swapped = (" | ".join(f"{100 * s:.2f}%" for s in row["swapped"]) if row.get("t") else
+                   " | ".join("—" for _ in range(n)))
+        deltas = "".join(("— | " if row.get("t") == 0 else
                           f"{100 * row['tasks'][name]['diff']:+.1f} ({row['tasks'][name]['verdict'].replace('no detectable difference', 'n.d.')}) | ")
                          for name in tasks)
         lines.append(f"| {t} | {swapped} | {row['kl_mean']:.3g} | {deltas}{row['perplexity']:.2f} | {row['verdict']} | "
