@@ -74,16 +74,18 @@ def test_convert_equals_transformers_gguf_loader(gemma, converted):
 
 
 def test_tokenizer_without_transformers_equals_transformers_own(gemma, tmp_path):
-    """A merge from the GGUF base writes Gemma's SentencePiece tokenizer with tokenizers alone
-    (torch and transformers never imported); transformers tokenizes with it exactly as with
-    its own GGUF conversion."""
+    """The tokenizer files a merge or convert from the GGUF base writes (``gguf_vocab.write``,
+    what both call) are built for Gemma's SentencePiece vocabulary with tokenizers alone (torch
+    and transformers never imported); transformers tokenizes with them exactly as with its own
+    GGUF conversion. (SmolLM2's test runs the whole convert; here the 1 GB merge would add
+    only time.)"""
     from conftest import assert_tokenizer_built_without_torch
 
-    sec = synthetic.make_secondary(gemma, tmp_path / "s1", seed=1)  # (an HF secondary: the base is what matters)
-    code = "import sys, nearswap; nearswap.merge(sys.argv[1], [sys.argv[2]], t=1e-4, out=sys.argv[3])"
+    code = ("import sys, pathlib; from nearswap.formats import gguf_vocab; d = pathlib.Path(sys.argv[2]); "
+            "d.mkdir(); gguf_vocab.write(pathlib.Path(sys.argv[1]), d)")
     text = ("<start_of_turn>user\nHello,  world!\tGrüße aus Köln — 東京は晴れ。 Привет, мир. مرحبا 🤖 "
             "12345 x**2   {code}<end_of_turn>\n<start_of_turn>model\n<eos>")
-    assert_tokenizer_built_without_torch([code, str(gemma), str(sec), str(tmp_path / "m")], tmp_path / "m", gemma, text)
+    assert_tokenizer_built_without_torch([code, str(gemma), str(tmp_path / "m")], tmp_path / "m", gemma, text)
 
 
 def test_hf_base_merge_equals_gguf_base_merge(gemma, converted, tmp_path):
