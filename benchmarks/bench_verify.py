@@ -5,7 +5,7 @@
 Merges the synthetic pair of bench_merge once (1 step, under benchmarks/work/), then per round:
 drop the page cache (needs root; otherwise the "cold" rows are warm and say so), `cat` the
 shards to /dev/null; drop it again, `nearswap verify`; then both once more with the cache warm.
-Medians of wall time: verify's work is reading every shard (CRC-32C at ~20 GB/s is not the limit).
+Medians of wall time: verify's work is reading every shard (CRC-32C in hardware is not the limit).
 """
 
 from __future__ import annotations

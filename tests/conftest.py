@@ -166,8 +166,8 @@ def assert_tokenizer_built_without_torch(code: list[str], directory, gguf_path, 
 
 def gguf_tokenizer_of_transformers(gguf_path):
     """transformers' own tokenizer for a GGUF file (the oracle), kept in the real cache beside
-    the model after its first build: transformers converts Gemma's 262k-token vocabulary in
-    ~23 s here, every run. Keyed by the file's size and mtime and transformers' version."""
+    the model after its first build: converting Gemma's 262k-token vocabulary is the slowest
+    part of its test. Keyed by the file's size and mtime and transformers' version."""
     import os
     import tempfile
 

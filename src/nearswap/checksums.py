@@ -1,12 +1,11 @@
 """Checksums of a written checkpoint, computed as it is written, at almost no cost.
 
-Each work item's output bytes get a CRC-32C (the ``crc32c`` library: SSE4.2/ARMv8 instructions,
-~20 GB/s per core here, in the worker thread that wrote them, while they are still in cache). A shard's digest is the sha256 of
+Each work item's output bytes get a CRC-32C (the ``crc32c`` library: SSE4.2/ARMv8 instructions),
+in the worker thread that wrote them, while they are still in cache. A shard's digest is the sha256 of
 its tensors' chunk CRCs, in file order (big-endian 4 bytes each); the chunk size in elements
 is recorded with it. ``nearswap verify`` reads the shard back in the same chunks and
-recomputes the digest: any flipped bit changes a CRC. A full sha256 of every shard at write
-time cost 40-70% more time on a warm cache (measured; the hash runs on one core, in file
-order), ``zlib.crc32`` (2.7 GB/s) 15-20%, so neither is what is recorded.
+recomputes the digest: any flipped bit changes a CRC. Why not a sha256 of each file (it runs on
+one core, in file order) or zlib's CRC-32: the README's *Resume and verify* has the figures.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ _crc32c: Callable[[Any], int] | None = None
 
 def crc(data: Any) -> int:
     global _crc32c
-    if _crc32c is None:  # imported on first use: its package reads its own metadata (~40 ms), which curve need not pay
+    if _crc32c is None:  # imported on first use: its package reads its own metadata, which curve need not pay for
         from crc32c import crc32c
 
         _crc32c = crc32c

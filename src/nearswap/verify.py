@@ -22,7 +22,8 @@ from .errors import NearswapError, shown
 
 def file_digest(model: Any, tensors: list[str], chunk: int, progress: Callable[[int], None] | None = None) -> str:
     """A shard's digest from its bytes on disk: its tensors read in chunks of ``chunk`` elements
-    into a plain byte buffer (no numpy: importing ml_dtypes for bfloat16 alone takes ~0.8 s here)."""
+    into a plain byte buffer (no numpy: importing ml_dtypes for bfloat16 costs more than the
+    hashing; see the README)."""
     from . import checksums
     from .formats.safetensors import FileReader
 
