@@ -250,3 +250,30 @@ def test_an_input_changed_in_place_refuses(models, tmp_path, run):
     os.utime(own / "model.safetensors", ns=(1, 1))
     result = run("merge", *paths, "-t", "1e-3,2e-3,5e-4", "-o", out, "--shard-size", SHARD, "-q")
     assert result.exit_code == 1 and f"its input {(own / 'model.safetensors').resolve()} changed" in result.stderr
+
+
+def test_a_partial_output_tampered_with_never_leads_writes_elsewhere(models, tmp_path, run):
+    """Someone swapped a killed run's shard for a link to their own file: the next run refuses in
+    one line and the file is untouched; a journal that is a FIFO does not hang the next run."""
+    paths = models[0]
+    out = tmp_path / "out"
+    assert kill_at(models, out, "bytes", TOTAL // 2).returncode == -signal.SIGKILL
+    partial = next(p for p in tmp_path.iterdir() if p.name.endswith(".partial"))
+    shard = partial / "model-00002-of-00004.safetensors"
+    theirs = tmp_path / "theirs.bin"  # the shard's size exactly: only the link, not the size, can stop a write
+    mine = b"a user's file".ljust(shard.stat().st_size, b"!")
+    theirs.write_bytes(mine)
+    shard.unlink()
+    shard.symlink_to(theirs)
+    args = [*paths, "-t", "1e-3,2e-3,5e-4", "-o", out, "--shard-size", SHARD, "-q"]
+    result = run("merge", *args)
+    assert result.exit_code == 1 and "Traceback" not in result.output and str(shard) in result.stderr
+    assert theirs.read_bytes() == mine and not out.exists()
+    assert kill_at(models, out, "bytes", TOTAL // 2).returncode == -signal.SIGKILL
+    partial = next(p for p in tmp_path.iterdir() if p.name.endswith(".partial"))
+    (partial / ".nearswap-journal").unlink()
+    os.mkfifo(partial / ".nearswap-journal")
+    done = subprocess.run([sys.executable, "-m", "nearswap", *map(str, ["merge", *args])], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert weights(out) == weights(models[1]) and theirs.read_bytes() == mine

@@ -24,6 +24,7 @@ from .errors import WriteFailed
 JOURNAL_NAME = ".nearswap-journal"
 SYNC_BYTES = 64 << 20  # sync and journal after this many output bytes (stream.Settings.journal_bytes) ...
 SYNC_SECONDS = 10.0  # ... or this long, whichever comes first
+MAX_JOURNAL = 1 << 30  # a 70B merge's journal is a few MB
 
 
 def fingerprint(recipe: dict[str, Any], inputs: list[Path], layout: dict[str, Any], version: str) -> dict[str, Any]:
@@ -88,10 +89,15 @@ class Journal:
 
 def read(directory: Path) -> Journal | None:
     """The journal in ``directory``; None when there is none or its first line is unreadable."""
+    from .errors import NearswapError
+    from .files import read_bytes
+
     path = directory / JOURNAL_NAME
-    try:
-        raw = path.read_bytes()
-    except OSError:
+    if not os.path.lexists(path):
+        return None
+    try:  # a regular file only (a FIFO put there would block a plain read), of bounded size
+        raw = read_bytes(path, MAX_JOURNAL, "journal")
+    except NearswapError:
         return None
     lines = raw.split(b"\n")
     try:
@@ -133,7 +139,7 @@ class JournalWriter:
         self.last = time.monotonic()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearswap-journal")
         self.running: Any = None  # the background flush in progress
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if fresh else 0)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT | os.O_TRUNC if fresh else 0)
         try:
             self.fd: int | None = os.open(self.path, flags, 0o644)
         except OSError as e:

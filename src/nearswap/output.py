@@ -354,7 +354,8 @@ def _remove_stale_partials(target: Path, adopt: Callable[[Path], bool] | None = 
             continue
         path = target.parent / entry
         if path.is_dir() and not path.is_symlink() and (path / PARTIAL_MARKER).is_file():
-            if adopted is None and adopt is not None and adopt(path):
+            marked = not (path / PARTIAL_MARKER).is_symlink()  # (a link there is not what nearswap writes)
+            if adopted is None and adopt is not None and marked and adopt(path):
                 adopted = path
                 continue
             _remove(path)

@@ -16,6 +16,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -347,12 +348,15 @@ class ShardedWriter:
                                 "(safetensors needs UTF-8)") from None
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
         data_start = 8 + len(raw)
-        flags = os.O_WRONLY | os.O_CLOEXEC | (0 if resume else os.O_CREAT | os.O_EXCL)
+        # a resumed shard is opened as it is, but never through a link, nor anything but a file
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW | os.O_NONBLOCK if resume else os.O_CREAT | os.O_EXCL)
         try:
             fd = os.open(shard.path, flags, 0o644)
         except OSError as e:
             raise NearswapError(f"cannot write {shard.path}: {e.strerror}") from None
         self.fds.append(fd)
+        if resume and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NearswapError(f"{shard.path} is not a regular file; run again with --restart to start over")
         if resume and os.fstat(fd).st_size != data_start + pos:
             raise NearswapError(f"{shard.path} is not the size an earlier run of this merge gave it; "
                                 "run again with --restart to start over")
