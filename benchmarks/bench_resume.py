@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import signal
 import statistics
@@ -77,14 +76,9 @@ def main() -> None:
         if proc.returncode != -signal.SIGKILL:
             sys.exit(f"the merge was not killed: rc {proc.returncode}\n{proc.stderr[-2000:]}")
         settle()
-        proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "nearswap", *cmd[:1], "--json", *cmd[2:]],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(proc.stderr[-3000:])
-        report = json.loads(proc.stdout)
+        resumed.append(timed([sys.executable, "-m", "nearswap", *cmd])[0])
+        report = json.loads((out / "merge_report.json").read_text())
         killed_at.append(report["resumed"]["output_bytes"] / out_bytes)
-        h, m, s = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr).groups()
-        resumed.append(int(h or 0) * 3600 + int(m) * 60 + float(s))
     clean()
     f, r = statistics.median(full), statistics.median(resumed)
     print(f"{args.size}, {args.steps} step(s), killed at {100 * args.at:.0f}% of {out_bytes / 1e9:.2f} GB of output "
