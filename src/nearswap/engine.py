@@ -71,7 +71,11 @@ class Plan:
 
     @property
     def out_bytes(self) -> int:
-        return sum(t.numel * t.out_dtype.itemsize for t in self.tasks)
+        return self.out_bytes_of(None)
+
+    def out_bytes_of(self, names: Any) -> int:
+        """Output bytes of the tensors in ``names`` (all of them for None)."""
+        return sum(t.numel * t.out_dtype.itemsize for t in self.tasks if names is None or t.name in names)
 
     @property
     def in_bytes(self) -> int:
@@ -487,7 +491,7 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
                               scratch=(journal.JOURNAL_NAME,)) as tmp:  # the lock on OUT is held to the rename
             partial.append(tmp)
             done = earlier[0].done if earlier else {}
-            _check_disk(out, plan_.out_bytes - sum(t.numel * t.out_dtype.itemsize for t in plan_.tasks if t.name in done))
+            _check_disk(out, plan_.out_bytes - plan_.out_bytes_of(done))
             steps, report = _write(plan_, tmp, layout, metadata, settings, ray_address, progress, on_plan,
                                    earlier[0] if earlier else None, print_)
             report["output"]["copied"] = _copy_side_files(plan_, tmp, regenerated)
@@ -522,7 +526,7 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
     done = earlier.done if earlier is not None else {}
     if earlier is not None and earlier.chunk and earlier.chunk != settings.chunk:
         settings = dataclasses.replace(settings, chunk=earlier.chunk)  # its chunks, for the same tallies and CRCs
-    written = sum(t.numel * t.out_dtype.itemsize for t in plan_.tasks if t.name in done)
+    written = plan_.out_bytes_of(done)
     if earlier is not None:
         warnings.warn(f"continuing {tmp}, the unfinished output of an earlier run of this merge ({len(done)} of "
                       f"{len(plan_.tasks)} tensors, {written / 1e9:.2f} of {plan_.out_bytes / 1e9:.2f} GB written); "
