@@ -1,12 +1,14 @@
 """A killed merge, resumed: the second run's time against a full merge's, side by side in one run.
 
-    python benchmarks/bench_resume.py [--size 0.5b] [--steps 1] [--at 0.5] [--repeat 3]
+    python benchmarks/bench_resume.py [--size 0.5b] [--steps 1] [--at 0.5] [--repeat 3] [--cold]
 
 Per round: a full merge (timed); a merge SIGKILLed once ``--at`` of its output bytes are
 written (a child process that kills itself there: a real SIGKILL, at a known point); the
 same command again, which continues the journaled partial output (timed). Reports the
 medians and the ratio resumed / full; the issue's target is <= 0.6 at 50%. Inputs are the
-synthetic pair of bench_merge (generated once under benchmarks/work/), page cache warm.
+synthetic pair of bench_merge (generated once under benchmarks/work/), page cache warm; with
+``--cold`` the page cache is dropped before each timed run (needs root), as it is for a 70B
+merge whose inputs never fit in memory.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from bench_merge import HERE, ensure_inputs, settle, timed
+from bench_verify import drop_caches
 
 T = 1e-4
 KILL_AT = r"""
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--at", type=float, default=0.5, help="kill once this share of the output is written")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each timed run")
     ap.add_argument("--workdir", type=Path, default=HERE / "work")
     args = ap.parse_args()
 
@@ -55,11 +59,16 @@ def main() -> None:
     out_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))  # the output is the base's size
     out = args.workdir / "resume-out"
     cmd = ["merge", "-q", str(base), *map(str, secs), "-t", str(T), "-o", str(out)]
-    for d in (base, *secs):  # warm the page cache, as bench_merge does
-        for f in d.glob("*.safetensors"):
-            with open(f, "rb") as fh:
-                while fh.read(64 << 20):
-                    pass
+    def warm() -> None:  # the page cache as bench_merge has it, or (--cold) empty
+        if args.cold:
+            if not drop_caches():
+                sys.exit("--cold: the page cache could not be dropped (needs root)")
+            return
+        for d in (base, *secs):
+            for f in d.glob("*.safetensors"):
+                with open(f, "rb") as fh:
+                    while fh.read(64 << 20):
+                        pass
 
     def clean() -> None:
         shutil.rmtree(out, ignore_errors=True)
@@ -70,18 +79,20 @@ def main() -> None:
     full, resumed, killed_at = [], [], []
     for _ in range(args.repeat):
         clean()
+        warm()
         full.append(timed([sys.executable, "-m", "nearswap", *cmd])[0])
         clean()
         proc = subprocess.run([sys.executable, "-c", KILL_AT, str(int(out_bytes * args.at)), *cmd], capture_output=True, text=True)
         if proc.returncode != -signal.SIGKILL:
             sys.exit(f"the merge was not killed: rc {proc.returncode}\n{proc.stderr[-2000:]}")
         settle()
+        warm()
         resumed.append(timed([sys.executable, "-m", "nearswap", *cmd])[0])
         report = json.loads((out / "merge_report.json").read_text())
         killed_at.append(report["resumed"]["output_bytes"] / out_bytes)
     clean()
     f, r = statistics.median(full), statistics.median(resumed)
-    print(f"{args.size}, {args.steps} step(s), killed at {100 * args.at:.0f}% of {out_bytes / 1e9:.2f} GB of output "
+    print(f"{args.size}, {args.steps} step(s), page cache {'dropped' if args.cold else 'warm'}, killed at {100 * args.at:.0f}% of {out_bytes / 1e9:.2f} GB of output "
           f"(journaled when killed: {', '.join(f'{100 * k:.0f}%' for k in killed_at)}); medians of {args.repeat}:")
     print("| run | wall s |")
     print("|---|---|")

