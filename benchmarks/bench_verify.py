@@ -5,12 +5,15 @@
 Merges the synthetic pair of bench_merge once (1 step, under benchmarks/work/), then per round:
 drop the page cache (needs root; otherwise the "cold" rows are warm and say so), `cat` the
 shards to /dev/null; drop it again, `nearswap verify`; then both once more with the cache warm.
-Medians of wall time: verify's work is reading every shard (CRC-32C in hardware is not the limit).
+Medians of wall time: verify's work is reading every shard (CRC-32C in hardware is not the limit);
+the last column is verify's own figure for the reading and checking alone (``--json``: seconds),
+without the start of a Python process, its imports and the header checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -30,10 +33,14 @@ def drop_caches() -> bool:
         return False
 
 
-def wall(cmd: list[str]) -> float:
+def wall(cmd: list[str], inner: list[float] | None = None) -> float:
+    """Wall seconds of ``cmd``; with ``inner``, append the ``seconds`` of its JSON output."""
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+    took = time.perf_counter() - started
+    if inner is not None:
+        inner.append(json.loads(proc.stdout)["seconds"])
+    return took
 
 
 def main() -> None:
@@ -50,22 +57,24 @@ def main() -> None:
     shards = sorted(str(p) for p in out.glob("*.safetensors"))
     size = sum(os.path.getsize(p) for p in shards)
     cat = ["sh", "-c", 'cat "$@" > /dev/null', "cat", *shards]
-    verify = [sys.executable, "-m", "nearswap", "verify", "-q", str(out)]
+    verify = [sys.executable, "-m", "nearswap", "verify", "-q", "--json", str(out)]
     times: dict[str, list[float]] = {}
+    inner: dict[str, list[float]] = {}
     cold = True
     for _ in range(args.repeat):
         for name, cmd in (("cat", cat), ("nearswap verify", verify)):
             cold = drop_caches() and cold
-            times.setdefault(f"{name}, cold", []).append(wall(cmd))
+            times.setdefault(f"{name}, cold", []).append(wall(cmd, inner.setdefault(f"{name}, cold", []) if cmd is verify else None))
         for name, cmd in (("cat", cat), ("nearswap verify", verify)):
-            times.setdefault(f"{name}, warm", []).append(wall(cmd))
+            times.setdefault(f"{name}, warm", []).append(wall(cmd, inner.setdefault(f"{name}, warm", []) if cmd is verify else None))
     print(f"{args.size}: {len(shards)} shard(s), {size / 1e9:.2f} GB; medians of {args.repeat}"
           + ("" if cold else " (page cache could not be dropped: the 'cold' rows are warm)"))
-    print("| run | wall s | GB/s |")
-    print("|---|---:|---:|")
+    print("| run | wall s | GB/s | reading and checking alone: s | GB/s |")
+    print("|---|---:|---:|---:|---:|")
     for name, values in times.items():
         m = statistics.median(values)
-        print(f"| {name} | {m:.2f} | {size / m / 1e9:.2f} |")
+        alone = f"{statistics.median(inner[name]):.2f} | {size / statistics.median(inner[name]) / 1e9:.2f}" if inner.get(name) else " | "
+        print(f"| {name} | {m:.2f} | {size / m / 1e9:.2f} | {alone} |")
 
 
 if __name__ == "__main__":

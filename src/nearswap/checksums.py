@@ -18,13 +18,15 @@ METHOD = "crc32c of each chunk, sha256 of the CRCs per file"
 _crc32c: Callable[[Any], int] | None = None
 
 
-def crc(data: Any) -> int:
+def crc(data: Any, value: int = 0) -> int:
+    """The CRC-32C of ``data``; ``value``: the CRC of the bytes before it (so a chunk's CRC can
+    be computed piece by piece)."""
     global _crc32c
     if _crc32c is None:  # imported on first use: its package reads its own metadata, which curve need not pay for
         from crc32c import crc32c
 
         _crc32c = crc32c
-    return _crc32c(data)
+    return _crc32c(data, value)
 
 
 def digest(tensor_crcs: Iterable[list[int]]) -> str:
