@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # The suite runs everything it can here: the judge (torch CPU + lm-eval) and Ray included.
-$(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c
+$(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c src/nearswap/_dequant.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -e '.[dev,judge,ray]'

@@ -83,9 +83,34 @@ def test_chain_matches_reference(backend, dtype, data):
         with np.errstate(invalid="ignore"):
             change = np.abs(nxt - r)
         expect["changed"] = int(np.count_nonzero(change > 0))  # the value as held differs (NaN: not counted)
-        assert got[k]._asdict() | {"total": expect["total"]} == {**expect, "abs_change": got[k].abs_change}
-        assert got[k].abs_change == pytest.approx(float(change[np.isfinite(change)].sum(dtype=np.float64)), rel=1e-4, abs=1e-30)
+        assert got.steps[k]._asdict() | {"total": expect["total"]} == {**expect, "abs_change": got.steps[k].abs_change}
+        assert got.steps[k].abs_change == pytest.approx(float(change[np.isfinite(change)].sum(dtype=np.float64)), rel=1e-4, abs=1e-30)
         r = nxt
+    assert got.changed == net_changed(out, base)
+
+
+def net_changed(out, base):
+    """Output values that differ from the base's as the output's dtype holds it (NaN not counted)."""
+    x, y = out.astype(np.float64), base.astype(out.dtype).astype(np.float64)
+    return int(np.count_nonzero((x < y) | (x > y)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base_dtype,out_dtype", [("f32", "bf16"), ("f16", "bf16"), ("bf16", "f32"), ("f32", "f16"),
+                                                  ("bf16", "bf16")])
+@pytest.mark.parametrize("round_between", [True, False])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_net_change_against_numpy(backend, base_dtype, out_dtype, round_between, data):
+    """The chain's net change for every loop of the kernel (dtype pairs, one step or several,
+    a float32 carry into a narrower output): the output against the base as the output holds it."""
+    steps = data.draw(st.integers(1, 3))
+    base, secs = data.draw(related_arrays(base_dtype, steps))
+    ts = [data.draw(st.sampled_from(TS)) for _ in range(steps)]
+    with np.errstate(over="ignore"):
+        out = np.empty(base.shape, DTYPES[out_dtype])
+        got = run_chain(backend, out, base, secs, ts, round_between)
+        assert got.changed == net_changed(out, base)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -121,7 +146,7 @@ def test_edge_values_all_pairs(backend, dtype, t):
     got = run_chain(backend, out, a, [b], [t])
     assert same_bits(out, ref_chain(a, [b], [t]))
     expect = ref_counts(t, a, b)
-    assert (got[0].identical, got[0].swapped, got[0].moved, got[0].nonfinite) == (
+    assert (got.steps[0].identical, got.steps[0].swapped, got.steps[0].moved, got.steps[0].nonfinite) == (
         expect["identical"], expect["swapped"], expect["moved"], expect["nonfinite"])
 
 
@@ -134,7 +159,7 @@ def test_difference_exactly_t_swaps_fully(backend):
     got = run_chain(backend, out, a, [b], [float(t)])
     assert out[0] == b[0] and out[2] == b[2]  # |d| == t: fully swapped
     assert out[1] != b[1]  # just above t: moved by t, not swapped
-    assert (got[0].swapped, got[0].moved) == (2, 1)
+    assert (got.steps[0].swapped, got.steps[0].moved) == (2, 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,7 +169,7 @@ def test_nonfinite_inputs_follow_the_formula(backend):
     out = np.empty_like(a)
     got = run_chain(backend, out, a, [b], [1e-4])
     assert same_bits(out, ref_chain(a, [b], [1e-4]))
-    assert got[0].nonfinite == 5
+    assert got.steps[0].nonfinite == 5
 
 
 def test_float64_inputs_compute_in_float64():

@@ -72,6 +72,15 @@ def test_chain_bit_exact_and_counts_exact(make_quartet, tmp_path, dtype, n):
         for name in arrays[0]:
             assert {k2: got["tensors"][name][k2] for k2 in exp["tensors"][name]} == exp["tensors"][name]
     assert report["steps"][0]["swapped"] == want[0]["swapped"]
+    # the whole chain: merged values that differ from the base's, read from the files
+    net = {name: int(np.count_nonzero(merged[name].astype(np.float32) != b.astype(np.float32)))
+           for name, b in arrays[0].items()}
+    assert {name: v["changed"] for name, v in on_disk["all_steps"]["tensors"].items()} == net
+    assert on_disk["all_steps"]["changed"] == sum(net.values()) > 0
+    assert on_disk["all_steps"]["total"] == sum(b.size for b in arrays[0].values())
+    if n > 1:  # a weight moved and moved back is not a change of the merge
+        assert on_disk["all_steps"]["changed"] <= sum(s["changed"] for s in on_disk["steps"])
+        assert "all steps: changed" in nearswap.stats.format_table(on_disk["steps"], on_disk["all_steps"])
 
 
 def test_chain_equals_steps_run_one_by_one(make_quartet, tmp_path):
@@ -320,3 +329,17 @@ def test_changed_counts_what_the_output_holds(make_quartet, tmp_path):
             assert step["tensors"][name]["moved"] > 0  # the formula's view: |d| > t = 0
     assert step["changed"] == total > 0
     assert step["changed"] < step["swapped"] + step["moved"]  # a move of 1e-4 rounds away in bf16, often
+    assert report["all_steps"]["changed"] == total  # one step: its changed is the merge's
+
+
+def test_net_change_of_a_float32_carry(make_quartet, tmp_path):
+    """carry_float32 into a bf16 output: the steps compare float32 values, the merge's net
+    change compares what is stored, by plain numpy from the files."""
+    paths, arrays = make_quartet("f32", n=2, noise=0.002)
+    rec = recipe.build({"base": str(paths[0]), "dtype": "bfloat16", "carry_float32": True,
+                        "steps": [{"model": str(p), "t": 3e-4} for p in paths[1:3]]})
+    report = engine.merge(rec, tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    want = sum(int(np.count_nonzero(merged[name].astype(np.float32) != b.astype(ml_dtypes.bfloat16).astype(np.float32)))
+               for name, b in arrays[0].items())
+    assert report["all_steps"]["changed"] == want > 0

@@ -378,8 +378,48 @@ typedef struct {
     int sec_codes[MAX_STEPS];
     float ts[MAX_STEPS];
     char *out;
+    int count_net; /* count net_changed (else it is step 1's changed, or not wanted) */
     StepCounts counts[MAX_STEPS];
+    int64_t net_changed;
 } Job;
+
+/* The chain's net change over n elements: how many of the output's values differ from the
+ * base's as the output's dtype holds it (the base rounded to out_code), both compared as
+ * float32 ((x < y) | (x > y): +0 and -0 are the same value, NaN is not counted, as for a
+ * step's changed). The dtype pairs a merge meets are loops of their own, which vectorize. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static int64_t net_changed(const void *base, int base_code, const void *out, int out_code, Py_ssize_t n)
+{
+    int64_t k = 0;
+    if (base_code == DT_BF16 && out_code == DT_BF16) {
+        const uint16_t *a = (const uint16_t *)base, *b = (const uint16_t *)out;
+#pragma omp simd reduction(+ : k)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = bits_f32((uint32_t)a[i] << 16), y = bits_f32((uint32_t)b[i] << 16);
+            k += (x < y) | (x > y);
+        }
+    } else if (base_code == DT_F32 && out_code == DT_F32) {
+        const float *a = (const float *)base, *b = (const float *)out;
+#pragma omp simd reduction(+ : k)
+        for (Py_ssize_t i = 0; i < n; i++) k += (a[i] < b[i]) | (a[i] > b[i]);
+    } else if (base_code == DT_F32 && out_code == DT_BF16) {
+        const float *a = (const float *)base;
+        const uint16_t *b = (const uint16_t *)out;
+#pragma omp simd reduction(+ : k)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = bits_f32((uint32_t)f32_to_bf16(f32_bits(a[i])) << 16), y = bits_f32((uint32_t)b[i] << 16);
+            k += (x < y) | (x > y);
+        }
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = round_scalar(load_scalar(base, base_code, i), out_code), y = load_scalar(out, out_code, i);
+            k += (x < y) | (x > y);
+        }
+    }
+    return k;
+}
 
 /* Tile by tile: step 1 reads the base in its dtype, the last step writes the output in its
  * dtype, and the steps between work on a float32 tile in L1. */
@@ -403,6 +443,9 @@ static void run_job(Job *job)
             STEP[src_code][code][dst_code][round_idx](src, src_code, job->secs[k] + start * ITEMSIZE[code], code,
                                                       dst, dst_code, round_code, held, m, job->ts[k], &job->counts[k]);
         }
+        if (job->count_net)
+            job->net_changed += net_changed(job->base + start * ITEMSIZE[job->base_code], job->base_code,
+                                            job->out + start * ITEMSIZE[job->out_code], job->out_code, m);
     }
 }
 
@@ -627,13 +670,13 @@ static int get_code(PyObject *obj, int *code)
 static PyObject *chain(PyObject *self, PyObject *args)
 {
     Py_buffer out = {0}, base = {0}, secbuf[MAX_STEPS];
-    int out_code, base_code, round_between, nbuf = 0;
+    int out_code, base_code, round_between, want_net = 1, nbuf = 0;
     PyObject *secs, *codes, *ts, *result = NULL;
     Job *job = NULL;
 
-    if (!PyArg_ParseTuple(args, "w*iy*iO!O!O!p", &out, &out_code, &base, &base_code,
+    if (!PyArg_ParseTuple(args, "w*iy*iO!O!O!p|p", &out, &out_code, &base, &base_code,
                           &PyTuple_Type, &secs, &PyTuple_Type, &codes, &PyTuple_Type, &ts,
-                          &round_between))
+                          &round_between, &want_net))
         return NULL;
     job = (Job *)PyMem_Calloc(1, sizeof(Job));
     if (!job) { PyErr_NoMemory(); goto done; }
@@ -658,6 +701,10 @@ static PyObject *chain(PyObject *self, PyObject *args)
     job->round_between = round_between;
     job->base = (const char *)base.buf;
     job->out = (char *)out.buf;
+    /* one step whose changed already compares the stored value with the base as stored: no
+     * second count (only a float32 carry into a narrower output compares something else) */
+    int step1_is_net = nsteps == 1 && (round_between || out_code == DT_F32);
+    job->count_net = want_net && !step1_is_net;
     for (Py_ssize_t k = 0; k < nsteps; k++) {
         if (get_code(PyTuple_GET_ITEM(codes, k), &job->sec_codes[k]) < 0) goto done;
         double t = PyFloat_AsDouble(PyTuple_GET_ITEM(ts, k));
@@ -676,17 +723,21 @@ static PyObject *chain(PyObject *self, PyObject *args)
     run_job(job);
     Py_END_ALLOW_THREADS
 
-    result = PyTuple_New(nsteps);
-    if (!result) goto done;
+    PyObject *steps = PyTuple_New(nsteps);
+    if (!steps) goto done;
     for (Py_ssize_t k = 0; k < nsteps; k++) {
         StepCounts *c = &job->counts[k];
         PyObject *item = Py_BuildValue("(LLLLdL)", (long long)c->identical, (long long)c->swapped,
                                        (long long)c->moved,
                                        (long long)(job->n - c->identical - c->swapped - c->moved),
                                        c->abs_change, (long long)c->changed);
-        if (!item) { Py_CLEAR(result); goto done; }
-        PyTuple_SET_ITEM(result, k, item);
+        if (!item) { Py_DECREF(steps); goto done; }
+        PyTuple_SET_ITEM(steps, k, item);
     }
+    if (!want_net)
+        result = Py_BuildValue("(NO)", steps, Py_None);
+    else
+        result = Py_BuildValue("(NL)", steps, (long long)(job->count_net ? job->net_changed : job->counts[0].changed));
 
 done:
     for (int k = 0; k < nbuf; k++) PyBuffer_Release(&secbuf[k]);
@@ -723,8 +774,8 @@ static PyObject *isas(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"chain", chain, METH_VARARGS,
-     "chain(out, out_code, base, base_code, secs, sec_codes, ts, round_between) -> "
-     "((identical, swapped, moved, nonfinite, abs_change_sum, changed), ...) per step"},
+     "chain(out, out_code, base, base_code, secs, sec_codes, ts, round_between, count_net=True) -> "
+     "(((identical, swapped, moved, nonfinite, abs_change_sum, changed), ...) per step, net changed or None)"},
     {"use_isa", use_isa, METH_O,
      "use_isa(name) -> the step implementation now in use: 'best', 'avx512', 'avx2' or 'scalar'"},
     {"isas", isas, METH_NOARGS, "isas() -> the step implementations this CPU can run, best first"},

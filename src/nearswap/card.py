@@ -22,6 +22,9 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> str:
         f"{100 * s.get('changed', 0) / s['total']:.2f}% | {s['mean_abs_change']:.3g} |"
         for i, s in enumerate(steps, 1)
     )
+    net = report.get("all_steps")
+    if net and len(steps) > 1 and net["total"]:
+        rows += (f"\n| all | (the merge against its base) | | | | | {100 * net['changed'] / net['total']:.2f}% | |")
     rounding = ("kept in float32 between steps (carry_float32)" if report.get("carry_float32")
                 else "rounded to the output dtype after each step")
     held = "kept in float32 between steps" if report.get("carry_float32") else "stored in the output dtype"
@@ -49,7 +52,9 @@ otherwise (`w = clip(nan_to_num(t / |v0 - v1|, 1), 0, 1); v = (1 - w) v0 + w v1`
 "Fully swapped", "moved by t" and "identical" are the formula's cases (|difference| <= t, > t,
 = 0); "changed" counts the weights whose value, as {held}, the step actually changed: a move
 smaller than the output dtype's resolution rounds away, and a tensor merged at t = 0 changes
-nothing. Per-tensor counts are in `merge_report.json`.
+nothing. The "all" row counts the weights of this checkpoint that differ from the base's as
+the output dtype stores them (a weight moved by one step and back by another is not
+counted). Per-tensor counts are in `merge_report.json`.
 
 ## Recipe
 

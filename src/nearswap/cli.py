@@ -286,7 +286,7 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
-        click.echo(format_table(report["steps"]))
+        click.echo(format_table(report["steps"], report.get("all_steps")))
         size = f"{report['output']['total_size'] / 1e9:.2f} GB"
         if "types" in report["output"]:  # a GGUF file
             types = ", ".join(f"{k} x{v}" for k, v in report["output"]["types"].items())

@@ -312,8 +312,8 @@ def _chains(task: Any, views: list[Any], ts: Sequence[float], scratch: Any) -> l
         block = [v[lo * d.itemsize:hi * d.itemsize] for v, d in zip(views, dtypes)]
         pairs = list(zip(block[1:], dtypes[1:]))
         res = scratch[:(hi - lo) * task.out_dtype.itemsize]
-        out.append((hi - lo, [kernels.chain_raw(res, task.out_dtype, block[0], dtypes[0], pairs, [t] * len(pairs))
-                              for t in ts]))
+        out.append((hi - lo, [kernels.chain_raw(res, task.out_dtype, block[0], dtypes[0], pairs, [t] * len(pairs),
+                                                count_net=False).steps for t in ts]))
     return out
 
 

@@ -56,7 +56,7 @@ def _merge(base: Path, secondaries: list[Path], out: Path, echo, progress, on_pl
     rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": T} for s in secondaries]}, "demo")
     echo(f"merging the quartet sequentially at t = {T}: {base.name} + {len(secondaries)} secondaries -> {out}")
     report = engine.merge(rec, out, force=True, progress=progress, on_plan=on_plan)
-    echo(format_table(report["steps"]))
+    echo(format_table(report["steps"], report.get("all_steps")))
     echo(f"expected per step (Laplace noise): 1 - exp(-t/scale) = {100 * (1 - math.exp(-T / NOISE)):.2f}% "
          "swapped -- the card's ~0.8%")
     return report

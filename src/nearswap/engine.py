@@ -29,7 +29,7 @@ from .formats.safetensors import FileReader, ShardedWriter
 from .formats.types import TensorInfo
 from .output import atomic_directory, check_name
 from .recipe import Recipe
-from .stats import MergeReport, StepReport, Tally
+from .stats import MergeReport, NetChange, StepReport, Tally
 from .stream import DEFAULT_CHUNK, ChunkBuffers, Settings, work_items
 REPORT_NAME = "merge_report.json"
 RECIPE_NAME = "nearswap_recipe.yaml"
@@ -221,7 +221,7 @@ class Result(NamedTuple):
     its first element and the CRC-32 of the bytes it wrote (``checksums``)."""
 
     index: int
-    counts: list[kernels.StepCounts] | None
+    counts: kernels.ChainCounts | None
     nbytes: int
     start: int = 0
     crc: int | None = None
@@ -337,8 +337,10 @@ class ChainPass(CopyPass):
         self.round_between = not recipe.carry_float32
         self.allow_nonfinite = recipe.allow_nonfinite
         self.steps = [StepReport(model=s.model, label=m.label, t=s.t) for s, m in zip(recipe.steps, plan_.secondaries)]
+        self.net = NetChange()  # the chain's, all steps together
         for task in self.tasks:
             if task.merged:
+                self.net.tensors[task.name] = [task.numel, 0]
                 for k, step in enumerate(self.steps):
                     step.tensors[task.name] = Tally()
                     step.t_by_tensor[task.name] = task.ts[k]
@@ -360,19 +362,24 @@ class ChainPass(CopyPass):
     def collect(self, result: Result) -> None:
         if result.counts is not None:
             task = self.tasks[result.index]
-            for step, c in zip(self.steps, result.counts):
+            for step, c in zip(self.steps, result.counts.steps):
                 step.tensors[task.name].add(c)
-            if not self.allow_nonfinite and any(c.nonfinite for c in result.counts):
+            self.net.tensors[task.name][1] += result.counts.changed
+            if not self.allow_nonfinite and any(c.nonfinite for c in result.counts.steps):
                 _refuse_nonfinite(self.inputs, task)
         self._completed(result)
 
     def _tallies(self, task: TensorTask) -> Any:
-        return [step.tensors[task.name].to_journal() for step in self.steps] if task.name in self.steps[0].tensors else None
+        if task.name not in self.steps[0].tensors:
+            return None
+        return {"steps": [step.tensors[task.name].to_journal() for step in self.steps],
+                "changed": self.net.tensors[task.name][1]}
 
     def _restore(self, task: TensorTask, tallies: Any) -> None:
         if tallies is not None:
-            for step, tally in zip(self.steps, tallies):
+            for step, tally in zip(self.steps, tallies["steps"]):
                 step.tensors[task.name] = Tally.from_journal(tally)
+            self.net.tensors[task.name][1] = int(tallies["changed"])
 
 
 def _cast(data: memoryview, src: DType, dst: DType) -> Any:
@@ -570,6 +577,8 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
                    "checksums": checksums.record(_tensors_by_file(writer), pass_.checksums(), settings.chunk)},
         "steps": [s.to_json() for s in steps],
     }
+    if steps:
+        report["all_steps"] = pass_.net.to_json()
     if earlier is not None:
         report["resumed"] = {"tensors": len(done), "output_bytes": written}
     return steps, report

@@ -25,6 +25,7 @@ JOURNAL_NAME = ".nearswap-journal"
 SYNC_BYTES = 64 << 20  # sync and journal after this many output bytes (stream.Settings.journal_bytes) ...
 SYNC_SECONDS = 10.0  # ... or this long, whichever comes first
 MAX_JOURNAL = 1 << 30  # a 70B merge's journal is a few MB
+FORMAT = 2  # of the done lines (2: per-tensor tallies as {"steps": [...], "changed": the chain's net change})
 
 
 def fingerprint(recipe: dict[str, Any], inputs: list[Path], layout: dict[str, Any], version: str) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def fingerprint(recipe: dict[str, Any], inputs: list[Path], layout: dict[str, An
         except OSError:
             continue
         files[str(Path(path).resolve())] = [st.st_size, st.st_mtime_ns]
-    return {"version": version, "recipe": recipe, "layout": layout, "inputs": files}
+    return {"version": version, "journal": FORMAT, "recipe": recipe, "layout": layout, "inputs": files}
 
 
 def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -46,6 +47,8 @@ def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
         return None
     if old.get("version") != new.get("version"):
         return f"it was written by nearswap {old.get('version')}, this is {new.get('version')}"
+    if old.get("journal") != new.get("journal"):
+        return "its journal was written by another nearswap (an older format)"
     found = _first_change(old.get("recipe"), new.get("recipe"), "recipe")
     if found:
         return found
@@ -79,7 +82,8 @@ def _first_change(a: Any, b: Any, where: str) -> str | None:
 @dataclass
 class Journal:
     """What an earlier run left: its fingerprint and the tensors it completed (name ->
-    {"tallies": the per-step tallies as JSON, or None for a copied tensor, "crc": its chunk CRCs})."""
+    {"tallies": {"steps": the per-step tallies as JSON, "changed": the chain's net change}, or None
+    for a copied tensor, "crc": its chunk CRCs})."""
 
     path: Path
     fingerprint: dict[str, Any]

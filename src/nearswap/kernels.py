@@ -58,6 +58,13 @@ class StepCounts(NamedTuple):
     changed: int = 0  # result != previous, both as held between steps (the output dtype, or float32 carried)
 
 
+class ChainCounts(NamedTuple):
+    """What a chain did to a block of elements: each step's counts, and the net change."""
+
+    steps: list[StepCounts]
+    changed: int | None  # output values that differ from the base's as the output's dtype holds it (None: not counted)
+
+
 def check_t(t: Any) -> Any:
     """Validate a threshold: finite and >= 0. Returns a float (or array), -0.0 made +0.0.
 
@@ -154,34 +161,36 @@ def chain(
     secondaries: Sequence[np.ndarray],
     ts: Sequence[float],
     round_between: bool = True,
-) -> list[StepCounts]:
+    count_net: bool = True,
+) -> ChainCounts:
     """Run the whole NearSwap chain over one flat chunk, writing the result into ``out``.
 
     ``base``, every secondary and ``out`` are 1-D arrays of the same length, each in its
     own dtype. Step k computes ``r_k = nearswap(ts[k], r_{k-1}, secondaries[k])``; with
     ``round_between`` each ``r_k`` is rounded to ``out.dtype`` before the next step, so a
     chain equals its steps run one by one with saved intermediates. Returns the counts of
-    each step. Thread-safe; the C kernel releases the GIL.
+    each step and (``count_net``) how many output values differ from the base's as the
+    output's dtype holds it. Thread-safe; the C kernel releases the GIL.
     """
     from .dtypes import BY_NUMPY
 
     dtypes = [BY_NUMPY[a.dtype] for a in (out, base, *secondaries)]
     if _ckernel is not None and all(d.kernel_code is not None for d in dtypes):
-        return _chain_c(out, base, secondaries, ts, round_between, dtypes)
-    return _chain_numpy(out, base, secondaries, ts, round_between, dtypes)
+        return _chain_c(out, base, secondaries, ts, round_between, dtypes, count_net)
+    return _chain_numpy(out, base, secondaries, ts, round_between, dtypes, count_net)
 
 
 def chain_raw(out: Any, out_dtype: DType, base: Any, base_dtype: DType, secondaries: Sequence[tuple[Any, DType]],
-              ts: Sequence[float], round_between: bool = True) -> list[StepCounts]:
+              ts: Sequence[float], round_between: bool = True, count_net: bool = True) -> ChainCounts:
     """``chain`` over raw byte buffers (memoryviews, bytearrays), each with its dtype: the
     engine's entry, which needs no numpy when the C kernel handles the dtypes."""
     dtypes = [out_dtype, base_dtype, *(d for _, d in secondaries)]
     if _ckernel is not None and all(d.kernel_code is not None for d in dtypes):
-        return _chain_c(out, base, [b for b, _ in secondaries], ts, round_between, dtypes)
+        return _chain_c(out, base, [b for b, _ in secondaries], ts, round_between, dtypes, count_net)
     import numpy as np
 
     arrays = [np.frombuffer(buf, d.np) for buf, d in ((out, out_dtype), (base, base_dtype), *secondaries)]
-    return _chain_numpy(arrays[0], arrays[1], arrays[2:], ts, round_between, dtypes)
+    return _chain_numpy(arrays[0], arrays[1], arrays[2:], ts, round_between, dtypes, count_net)
 
 
 def _bytes(buf: Any) -> Any:
@@ -189,17 +198,17 @@ def _bytes(buf: Any) -> Any:
     return buf.view("u1") if hasattr(buf, "view") and hasattr(buf, "dtype") else buf
 
 
-def _chain_c(out, base, secondaries, ts, round_between, dtypes: list[DType]) -> list[StepCounts]:
+def _chain_c(out, base, secondaries, ts, round_between, dtypes: list[DType], count_net: bool = True) -> ChainCounts:
     codes = tuple(d.kernel_code for d in dtypes[2:])
-    raw = _ckernel.chain(
+    steps, net = _ckernel.chain(
         _bytes(out), dtypes[0].kernel_code, _bytes(base), dtypes[1].kernel_code,
         tuple(_bytes(s) for s in secondaries), codes, tuple(float(check_t(t)) for t in ts),
-        bool(round_between),
+        bool(round_between), bool(count_net),
     )
-    return [StepCounts(*r) for r in raw]
+    return ChainCounts([StepCounts(*r) for r in steps], net)
 
 
-def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType]) -> list[StepCounts]:
+def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType], count_net: bool = True) -> ChainCounts:
     import numpy as np
 
     wide = np.float64 if any(d.name == "F64" for d in dtypes) else np.float32
@@ -216,7 +225,11 @@ def _chain_numpy(out, base, secondaries, ts, round_between, dtypes: list[DType])
             counts.append(_counts(t, r, s, res, held))
             r = res
         out[...] = r.astype(out.dtype)
-    return counts
+        net = None
+        if count_net:
+            with np.errstate(invalid="ignore"):
+                net = int(np.count_nonzero(np.abs(out.astype(wide) - base.astype(out.dtype).astype(wide)) > 0))
+    return ChainCounts(counts, net)
 
 
 # ---------------------------------------------------------------- threshold counts (the curve)

@@ -87,6 +87,21 @@ class StepReport:
         return out
 
 
+@dataclass
+class NetChange:
+    """What the whole chain changed: per tensor [elements, how many of the output's values
+    differ from the base's as the output's dtype holds it]. For one step it is that step's
+    ``changed``; over several, a weight moved and moved back is not counted."""
+
+    tensors: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        total = sum(n for n, _ in self.tensors.values())
+        changed = sum(c for _, c in self.tensors.values())
+        return {"total": total, "changed": changed,
+                "tensors": {name: {"total": n, "changed": c} for name, (n, c) in self.tensors.items()}}
+
+
 class StepJSON(TypedDict):
     """One step in a report (``StepReport.to_json``): counts are exact integers."""
 
@@ -115,11 +130,13 @@ class MergeReport(TypedDict, total=False):
     seconds: float
     output: dict[str, Any]  # files, total_size, tensors, parameters (+ copied; + GGUF types)
     steps: list[StepJSON]
+    all_steps: dict[str, Any]  # the chain's net change: total, changed (output != base as stored), per tensor
     resumed: dict[str, int]  # a merge that continued an earlier run's output: tensors and bytes it had written
 
 
-def format_table(steps: list[StepJSON]) -> str:
-    """The short per-step summary printed after a merge, from a report's ``steps``."""
+def format_table(steps: list[StepJSON], all_steps: dict[str, Any] | None = None) -> str:
+    """The short per-step summary printed after a merge, from a report's ``steps``; with
+    ``all_steps`` (the report's net change) and more than one step, a line for the whole chain."""
     lines = []
     for i, step in enumerate(steps, 1):
         share = {k: step.get(k, 0) / step["total"] if step["total"] else 0.0
@@ -130,6 +147,9 @@ def format_table(steps: list[StepJSON]) -> str:
             f"changed {100 * share['changed']:6.2f}%  "
             f"nonfinite {step['nonfinite']}  mean|Δ| {step['mean_abs_change']:.3g}{rules_note(step)}"
         )
+    if all_steps and len(steps) > 1 and all_steps["total"]:
+        lines.append(f"all steps: changed {100 * all_steps['changed'] / all_steps['total']:.2f}% of the weights "
+                     "(the output against the base, both as the output stores them)")
     return "\n".join(lines)
 
 
