@@ -205,7 +205,7 @@ def test_a_resumed_run_does_not_redo_the_journaled_work(models, tmp_path):
     assert read[0] == 4 * skipped and sum(read) == in_bytes  # the progress bar starts where the last run stopped
 
 
-@pytest.mark.parametrize("change", ["t", "input", "shard size"])
+@pytest.mark.parametrize("change", ["t", "input", "shard size", "journal format"])
 def test_a_different_merge_refuses_to_continue_and_says_why(models, tmp_path, run, change):
     paths = models[0]
     out = tmp_path / "out"
@@ -222,9 +222,16 @@ def test_a_different_merge_refuses_to_continue_and_says_why(models, tmp_path, ru
         shutil.copytree(paths[2], tmp_copy)
         args[2] = tmp_copy
         why = "recipe.steps[2].model was"
-    else:
+    elif change == "shard size":
         args[args.index("--shard-size") + 1] = "300KB"
         why = "recipe.shard_size was 200000, now 300000"
+    else:  # a journal of an older nearswap (its tallies are of another form)
+        path = partial / ".nearswap-journal"
+        head, rest = path.read_bytes().split(b"\n", 1)
+        entry = json.loads(head)
+        del entry["fingerprint"]["journal"]
+        path.write_bytes(json.dumps(entry).encode() + b"\n" + rest)
+        why = "its journal was written by another nearswap (an older format)"
     result = run("merge", *args)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "Traceback" not in result.output
