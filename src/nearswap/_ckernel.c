@@ -386,13 +386,14 @@ typedef struct {
 /* The chain's net change over n elements: how many of the output's values differ from the
  * base's as the output's dtype holds it (the base rounded to out_code), both compared as
  * float32 ((x < y) | (x > y): +0 and -0 are the same value, NaN is not counted, as for a
- * step's changed). The dtype pairs a merge meets are loops of their own, which vectorize. */
+ * step's changed). The dtype pairs a merge meets are loops of their own, which vectorize.
+ * n is at most TILE. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 static int64_t net_changed(const void *base, int base_code, const void *out, int out_code, Py_ssize_t n)
 {
-    int64_t k = 0;
+    int32_t k = 0; /* n <= TILE: 32-bit lanes vectorize twice as wide */
     if (base_code == DT_BF16 && out_code == DT_BF16) {
         const uint16_t *a = (const uint16_t *)base, *b = (const uint16_t *)out;
 #pragma omp simd reduction(+ : k)
