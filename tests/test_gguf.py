@@ -306,6 +306,38 @@ def test_hf_to_gguf_f32_to_hf_is_bit_identical(tmp_path, run):
     assert set(back) == set(hf) and all(same_bits(back[n], hf[n]) for n in hf)
 
 
+def test_export_carries_the_vocabulary_gguf_settings_and_license(tmp_path, run):
+    """Issue 15 item 7: a GGUF -> HF -> GGUF round trip keeps llama.cpp's pre-tokenizer name,
+    add_bos_token, add_space_prefix, the license and the languages of the original, read back
+    with gguf's own reader; the new file's name is its own."""
+    hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.5)
+    write_llama_gguf(tmp_path / "plain.gguf", hf, Q.F32)
+    w = gguf.GGUFWriter(str(tmp_path / "orig.gguf"), "llama")  # the original: a vocabulary and descriptive keys
+    w.add_name("The Original")
+    w.add_license("apache-2.0")
+    w.add_languages(["en", "fr"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    w.add_token_types([1] * VOCAB)
+    w.add_token_merges(["t 1"])
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    assert run("convert", tmp_path / "plain.gguf", "-o", tmp_path / "hf", "-q").exit_code == 0
+    r = run("export", tmp_path / "hf", "-o", tmp_path / "m.gguf", "--type", "q8_0", "--vocab-from", tmp_path / "orig.gguf",
+            "-q")
+    assert r.exit_code == 0, r.output
+    orig, out = gguf.GGUFReader(tmp_path / "orig.gguf"), gguf.GGUFReader(tmp_path / "m.gguf")
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix",
+                "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "general.license", "general.languages"):
+        assert out.fields[key].contents() == orig.fields[key].contents(), key
+    assert out.fields["general.name"].contents() == "m"
+
+
 @pytest.mark.parametrize("type_name", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_export_types_store_what_gguf_quantizes(tmp_path, type_name):
     from nearswap.formats.gguf import EXPORT_TYPES, export_gguf

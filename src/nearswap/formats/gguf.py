@@ -311,17 +311,31 @@ def export_config(model: Any, arch: Arch) -> dict[str, Any]:
     return out
 
 
+def carried_general_keys() -> tuple[str, ...]:
+    """The ``general.*`` values an export takes from its vocabulary's GGUF: what the weights
+    inherit whatever was done to them (the license terms, the languages). Its name, size
+    label and file type describe the new file and are written afresh."""
+    from gguf import Keys
+
+    g = Keys.General
+    return (g.LICENSE, g.LICENSE_NAME, g.LICENSE_LINK, g.LANGUAGES)
+
+
 def _gguf_vocab(source: Path) -> Callable[[Any], None]:
-    """Every tokenizer.* field of another GGUF, as it is, read now (with nearswap's bounded
-    header reader: a file declaring a billion tokens is refused, not allocated) and returned
-    as a function that adds them to a writer."""
+    """Every tokenizer.* field of another GGUF, as it is, and its license and languages
+    (``carried_general_keys``), read now (with nearswap's bounded header reader: a file
+    declaring a billion tokens is refused, not allocated) and returned as a function that
+    adds them to a writer."""
     from .gguf_header import HeaderError
     from .gguf_writer import metadata_of
 
     try:
         _, kv = metadata_of(source, prefix="tokenizer.")
+        _, general = metadata_of(source, prefix="general.")
     except (HeaderError, OSError) as e:
         raise NearswapError(f"vocabulary source {source}: not a readable GGUF file: {e}") from None
+    carried = carried_general_keys()
+    kv += [item for item in general if item[0] in carried]
 
     def add(w: Any) -> None:
         for key, value, vtype, item in kv:
