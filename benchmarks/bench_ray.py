@@ -6,7 +6,7 @@ Starts a head and a second Ray node of its own on 127.0.0.1 (one CPU each: this 
 cores; stopped without touching any other Ray on the machine), merges the benchmark pair (``bench_merge.py``'s inputs) with ``--ray`` and without,
 interleaved, and checks that the outputs are bit-identical. On one machine Ray can only add
 overhead (connecting, starting worker processes, scheduling tasks); it pays off when the I/O
-is spread over nodes with their own disks or network storage (README).
+is spread over nodes with their own disks or network storage (docs/distributed.md, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ in the worker thread that wrote them, while they are still in cache. A shard's d
 its tensors' chunk CRCs, in file order (big-endian 4 bytes each); the chunk size in elements
 is recorded with it. ``nearswap verify`` reads the shard back in the same chunks and
 recomputes the digest: any flipped bit changes a CRC. Why not a sha256 of each file (it runs on
-one core, in file order) or zlib's CRC-32: the README's *Resume and verify* has the figures.
+one core, in file order) or zlib's CRC-32: docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ moved from the base and whether it still writes:
   whole-word token of the base tokenizer: word salad drives it up); and, for reference, the
   perplexity on the fixed text and the continuation's perplexity under the base.
 
-The verdict (``VERDICT`` below, also in the README) is the first rule a row crosses, the
+The verdict (``VERDICT`` below, also in docs/judging.md) is the first rule a row crosses, the
 most severe first, and the row says which metric decided it.
 t values run in parallel in a process pool bounded by cores and memory.
 """

@@ -27,7 +27,7 @@ class _ChunkCRCs:
     """CRC-32Cs of chunks of a checkpoint's tensors read back from disk, one chunk per call, from
     any thread: each chunk read in pieces of at most READ_PIECE bytes into the calling thread's
     own buffer, its CRC carried from piece to piece (no numpy: importing ml_dtypes for bfloat16
-    costs more than the hashing; see the README)."""
+    costs more than the hashing; see docs/benchmarks.md)."""
 
     def __init__(self, model: Any) -> None:
         import threading

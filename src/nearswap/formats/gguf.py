@@ -76,7 +76,7 @@ class GGUFSource:
 
 
 
-try:  # the compiled dequantizer; gguf's numpy code computes the same bits, slower (README)
+try:  # the compiled dequantizer; gguf's numpy code computes the same bits, slower (docs/benchmarks.md)
     from .. import _dequant
 except ImportError:  # pragma: no cover - depends on the build
     _dequant = None

@@ -10,7 +10,7 @@ chunks has the bytes it would have written whole.
 
 Which quantizer codes a type: llama.cpp's own ``ggml_quantize_chunk`` when the llama-cpp-python
 extra is installed (every type that needs no importance matrix; the reference, and far faster
-than numpy: README), else ``gguf.quants`` for the types it implements (Q4_0, Q4_1, Q5_0,
+than numpy: docs/design.md), else ``gguf.quants`` for the types it implements (Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, BF16; the two agree byte for byte, tested). F32 and F16 are plain casts.
 """
 

