@@ -185,3 +185,17 @@ def gguf_tokenizer_of_transformers(gguf_path):
     except OSError:  # a concurrent run cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return theirs
+
+
+@pytest.fixture(scope="session")
+def quick_data():
+    """The quick preset's evaluation data in the real cache (fetched once); its cache directory."""
+    pytest.importorskip("lm_eval")
+    from nearswap.errors import NearswapError
+    from nearswap.judge import data, tasks
+
+    try:
+        data.prepare([s.task for s in tasks.select("quick")], cache=CACHE)
+    except NearswapError as e:
+        pytest.skip(f"evaluation data not cached in {CACHE} and not downloadable: {e}")
+    return CACHE

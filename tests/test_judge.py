@@ -149,19 +149,6 @@ def test_kl_of_a_model_with_itself_is_zero(torch_models):
 # ---------------------------------------------------------------- end to end, against lm-eval's CLI
 
 
-@pytest.fixture(scope="session")
-def quick_data():
-    pytest.importorskip("lm_eval")
-    from nearswap.errors import NearswapError
-    from nearswap.judge import data, tasks
-
-    try:
-        data.prepare([s.task for s in tasks.select("quick")], cache=CACHE)
-    except NearswapError as e:
-        pytest.skip(f"evaluation data not cached in {CACHE} and not downloadable: {e}")
-    return CACHE
-
-
 LIMIT = 6
 
 

@@ -140,3 +140,30 @@ def test_sweep_through_the_cluster_gives_the_local_table(cluster, tiny_llm, tmp_
         tables[name] = rows
     assert tables["ray"] == tables["local"]
     assert (tmp_path / "ray" / "sweep.md").read_text() == (tmp_path / "local" / "sweep.md").read_text()
+
+
+def test_eval_through_the_cluster_gives_the_local_report(cluster, tiny_llm, quick_data, tmp_path, monkeypatch, run):
+    """eval --ray: one model per task, the second taking the reference's figures from the
+    reference model itself; the same scores, items, drift and stories as the local run."""
+    monkeypatch.setenv("NEARSWAP_CACHE", str(quick_data))
+    reports = {}
+    for name, extra in (("local", []), ("ray", ["--ray", cluster])):
+        result = run("eval", tiny_llm / "base", tiny_llm / "s1", "--tasks", "arc_easy", "--limit", "2",
+                     "-o", tmp_path / name, "-q", *extra)
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    local, remote = reports["local"], reports["ray"]
+    assert remote["tasks"] == local["tasks"]  # every item's result, every score and interval
+    for a, b in zip(remote["drift"], local["drift"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == (pytest.approx(b[key], rel=1e-5) if isinstance(b[key], float) else b[key]), key
+    assert remote["drift"][0]["kl_mean"] == 0.0 and remote["drift"][1]["kl_mean"] > 0
+    assert remote["writing"] == local["writing"]  # the same seeded stories and scores
+
+
+def test_a_gguf_output_is_refused_before_any_work(quartet, tmp_path, run):
+    """The GGUF writer quantizes in the driver's threads: --ray into a .gguf is one line, up front."""
+    result = run("merge", quartet[0], quartet[1], "-t", 1e-3, "-o", tmp_path / "m.gguf", "--ray", "local")
+    assert result.exit_code == 1 and "--ray writes directory outputs" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

@@ -463,11 +463,15 @@ class _Phases:
 @click.option("--no-writing", is_flag=True, help="Skip the stories and their scores.")
 @click.option("--cliches", type=click.Path(path_type=Path), help="Phrase list for the cliché rate (one phrase per line).")
 @click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the KL divergence (default: the shipped one).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="One model per task on a Ray cluster (HOST:PORT, auto or local); the models, the cache and OUT "
+                   "on storage every node sees.")
 @click.option("--threads", type=click.IntRange(1, 256), help="CPU threads (default: all cores).")
 @click.option("--force", is_flag=True, help="Replace an earlier report directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (without per-item results).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
-def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, threads, force, as_json, quiet):
+def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, ray_address, threads, force, as_json,
+             quiet):
     """Judge MODEL [MODEL ...] against the first (the reference): benchmarks, drift, writing.
 
     \b
@@ -482,7 +486,7 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
     try:
         report = judge.evaluate(list(models), out, tasks="" if tasks.strip() == "none" else tasks, limit=limit,
                                 drift=not no_drift, writing=not no_writing, cliches=cliches, drift_text=drift_text,
-                                threads=threads, force=force, echo=say, progress=bar)
+                                threads=threads, force=force, echo=say, progress=bar, ray_address=ray_address)
     finally:
         bar.close()
     if as_json:

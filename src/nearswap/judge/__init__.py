@@ -43,11 +43,13 @@ def require() -> None:
 def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick", limit: int | None = None,
              drift: bool = True, writing: bool = True, cliches: str | Path | None = None,
              drift_text: str | Path | None = None, threads: int | None = None, force: bool = False,
-             echo: Callable[[str], None] = lambda s: None, progress: Progress | None = None) -> dict[str, Any]:
+             echo: Callable[[str], None] = lambda s: None, progress: Progress | None = None,
+             ray_address: str | None = None) -> dict[str, Any]:
     """Evaluate ``models`` (the first is the reference) and write ``report.json``, ``report.md``
     and ``report.html`` into ``out``. Returns the report. ``tasks``: task names and presets,
     comma-separated ("" for none); ``limit``: the first N items of every task (default: the
-    quick preset's fixed limit for ``quick``, else all)."""
+    quick preset's fixed limit for ``quick``, else all); ``ray_address``: one model per task on
+    that Ray cluster (``run.run_models_ray``) instead of one after another here."""
     from ..output import check_replaceable
     from . import data, models as loader, tasks as task_table
 
@@ -75,14 +77,17 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     from ..engine import check_output_not_input
     from ..output import atomic_directory
     from . import harness, report as reports
-    from .run import run_models
+    from .run import run_models, run_models_ray
 
     with atomic_directory(out, force) as tmp:
         check_output_not_input(out, [c.model for c in candidates])  # --force never replaces a model it reads
         config_dir = tmp / "tasks"
         if selected:
             harness.write_configs(selected, config_dir, limit)
-        results = run_models(candidates, selected, limit, phrases, text, config_dir, threads, echo, progress)
+        if ray_address:
+            results = run_models_ray(candidates, selected, limit, phrases, text, config_dir, threads, ray_address, echo)
+        else:
+            results = run_models(candidates, selected, limit, phrases, text, config_dir, threads, echo, progress)
         result = reports.build(candidates, selected, limit, results, phrases, out, time.perf_counter() - started)
         reports.write(result, tmp)
     return result

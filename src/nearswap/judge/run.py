@@ -24,54 +24,109 @@ class ModelResults:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Shared:
+    """What every model is compared with, taken from the reference (the first model): its
+    next-token distributions on the drift text, and its tokenizer's words (for ``nondict``)."""
+
+    reference: Any = None  # drift.Reference
+    dictionary: Any = None
+
+
 def run_models(candidates: list[loader.Candidate], selected: list[Selected], limit: int | None,
                phrases: dict[str, str] | None, text: str | None, config_dir: Path, threads: int | None,
                echo: Callable[[str], None], progress: Callable[[str, int, int], None] | None) -> list[ModelResults]:
+    """Every model in turn, in this process; the reference's figures are taken while it is loaded."""
+    shared = Shared()
+    results = []
+    for i, cand in enumerate(candidates):
+        directory = loader.hf_directory(cand, echo)
+        echo(f"[{i + 1}/{len(candidates)}] {cand.name}: loading")
+        results.append(evaluate_one(cand.name, directory, selected, limit, phrases, text, config_dir, threads, shared,
+                                    progress))
+    return results
+
+
+def run_models_ray(candidates: list[loader.Candidate], selected: list[Selected], limit: int | None,
+                   phrases: dict[str, str] | None, text: str | None, config_dir: Path, threads: int | None,
+                   address: str, echo: Callable[[str], None]) -> list[ModelResults]:
+    """One model per Ray task (``distributed.map_tasks``), all at once on whichever nodes have
+    a CPU free; a task whose model is not the reference first takes the reference's figures
+    from the reference model itself. GGUFs are converted here, once, before any task starts; the
+    models, the cache and the report directory must be on storage every node sees."""
+    from .. import distributed
+
+    directories = [loader.hf_directory(cand, echo) for cand in candidates]
+    calls = [(cand.name, directory, directories[0] if i else None, selected, limit, phrases, text, config_dir, threads)
+             for i, (cand, directory) in enumerate(zip(candidates, directories))]
+    echo(f"evaluating {len(calls)} models as Ray tasks on {address}")
+    done = iter(range(1, len(calls) + 1))
+    return distributed.map_tasks(model_task, calls, address,
+                                 lambda r: echo(f"[{next(done)}/{len(calls)}] {r.name}: done"))
+
+
+def model_task(name: str, directory: Path, reference_dir: Path | None, selected: list[Selected], limit: int | None,
+               phrases: dict[str, str] | None, text: str | None, config_dir: Path, threads: int | None) -> ModelResults:
+    """A Ray task: one model's evaluation (``reference_dir``: the reference model's directory,
+    None when this model is the reference)."""
+    shared = Shared()
+    if reference_dir is not None and (text is not None or phrases is not None):
+        model, tokenizer = loader.load(reference_dir, threads or loader.default_threads())
+        _take_reference(shared, model, tokenizer, text, phrases)
+        del model, tokenizer
+        gc.collect()
+    return evaluate_one(name, directory, selected, limit, phrases, text, config_dir, threads, shared, None)
+
+
+def _take_reference(shared: Shared, model: Any, tokenizer: Any, text: str | None, phrases: dict[str, str] | None) -> None:
+    from . import drift as drift_mod
+
+    if text is not None and shared.reference is None:
+        shared.reference = drift_mod.reference(model, tokenizer, text)
+    if phrases is not None and shared.dictionary is None:
+        from ..sweep import dictionary as vocabulary_words
+
+        shared.dictionary = vocabulary_words(tokenizer)  # the reference tokenizer's words, for every model
+
+
+def evaluate_one(name: str, directory: Path, selected: list[Selected], limit: int | None,
+                 phrases: dict[str, str] | None, text: str | None, config_dir: Path, threads: int | None,
+                 shared: Shared, progress: Callable[[str, int, int], None] | None) -> ModelResults:
+    """Load one model and run what was asked of it; a ``shared`` still empty is filled from
+    this model (it is the reference)."""
     import time
 
     from . import drift as drift_mod
     from . import harness
     from .lm import make_lm
 
-    results = []
-    reference = None
-    dictionary = None
-    for i, cand in enumerate(candidates):
-        directory = loader.hf_directory(cand, echo)
-        echo(f"[{i + 1}/{len(candidates)}] {cand.name}: loading")
-        model, tokenizer = loader.load(directory, threads or loader.default_threads())
-        res = ModelResults(cand.name)
-        if selected:
-            t = time.perf_counter()
-            lm = make_lm(model, tokenizer, on_progress=(lambda done, total, n=cand.name: progress(f"{n}: benchmarks", done, total))
-                         if progress else None)
-            res.tasks = harness.run(lm, selected, config_dir, limit)
-            res.rescored, res.requests, res.tokens = lm.exact_rescored, lm.requests_scored, lm.input_tokens
-            res.seconds["benchmarks"] = time.perf_counter() - t
-            del lm
-        if text is not None:
-            t = time.perf_counter()
-            if reference is None:
-                reference = drift_mod.reference(model, tokenizer, text)
-            res.drift = drift_mod.compare(reference, model)
-            res.seconds["drift"] = time.perf_counter() - t
-        if phrases is not None:
-            from . import writing
+    model, tokenizer = loader.load(directory, threads or loader.default_threads())
+    _take_reference(shared, model, tokenizer, text, phrases)
+    res = ModelResults(name)
+    if selected:
+        t = time.perf_counter()
+        lm = make_lm(model, tokenizer, on_progress=(lambda done, total: progress(f"{name}: benchmarks", done, total))
+                     if progress else None)
+        res.tasks = harness.run(lm, selected, config_dir, limit)
+        res.rescored, res.requests, res.tokens = lm.exact_rescored, lm.requests_scored, lm.input_tokens
+        res.seconds["benchmarks"] = time.perf_counter() - t
+        del lm
+    if text is not None:
+        t = time.perf_counter()
+        res.drift = drift_mod.compare(shared.reference, model)
+        res.seconds["drift"] = time.perf_counter() - t
+    if phrases is not None:
+        from . import writing
 
-            t = time.perf_counter()
-            if dictionary is None:
-                from ..sweep import dictionary as vocabulary_words
-
-                dictionary = vocabulary_words(tokenizer)  # the reference tokenizer's words, for every model
-            total = len(writing.PROMPTS) * len(writing.SEEDS)
-            if progress:
-                progress(f"{cand.name}: stories", 0, total)
-            res.stories = writing.generate(model, tokenizer)
-            if progress:
-                progress(f"{cand.name}: stories", total, total)
-            res.writing = writing.score(res.stories, phrases, dictionary)
-            res.seconds["writing"] = time.perf_counter() - t
-        results.append(res)
-        del model, tokenizer
-        gc.collect()
-    return results
+        t = time.perf_counter()
+        total = len(writing.PROMPTS) * len(writing.SEEDS)
+        if progress:
+            progress(f"{name}: stories", 0, total)
+        res.stories = writing.generate(model, tokenizer)
+        if progress:
+            progress(f"{name}: stories", total, total)
+        res.writing = writing.score(res.stories, phrases, shared.dictionary)
+        res.seconds["writing"] = time.perf_counter() - t
+    del model, tokenizer
+    gc.collect()
+    return res
