@@ -10,11 +10,29 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .provenance import Origin, Terms, combine, origin_of
 from .stats import rules_note
+
+
+def front_matter(origins: list[Origin], terms: Terms) -> str:
+    """The card's YAML metadata as the Hugging Face Hub reads it: every input as a base model
+    of a merge, the library, the license, the tags."""
+    import yaml
+
+    data: dict[str, Any] = {"base_model": [o.id for o in origins], "base_model_relation": "merge",
+                            "library_name": "transformers", "license": terms.license}
+    if terms.license_name:
+        data["license_name"] = terms.license_name
+    data["tags"] = ["merge", "nearswap"]
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
 
 
 def model_card(report: dict[str, Any], recipe_yaml: str) -> str:
     steps = report["steps"]
+    origins = [origin_of(report["base"]), *(origin_of(s["model"]) for s in steps)]
+    terms = combine(origins)
+    licenses = "\n".join(f"- `{o.id}`: {o.license or 'not stated'}"
+                          + (f" (from its {o.found_in})" if o.found_in else "") for o in origins)
     rows = "\n".join(
         f"| {i} | `{Path(s['model']).name}` | {s['t']:g}{rules_note(s).replace('  (', ' (')} | "
         f"{100 * s['swapped'] / s['total']:.2f}% | "
@@ -28,12 +46,7 @@ def model_card(report: dict[str, Any], recipe_yaml: str) -> str:
     rounding = ("kept in float32 between steps (carry_float32)" if report.get("carry_float32")
                 else "rounded to the output dtype after each step")
     held = "kept in float32 between steps" if report.get("carry_float32") else "stored in the output dtype"
-    return f"""---
-tags:
-- merge
-- nearswap
----
-# {Path(report['output_name']).name}
+    return front_matter(origins, terms) + f"""# {Path(report['output_name']).name}
 
 A sequential NearSwap merge of `{Path(report['base']).name}` with {len(steps)} secondary model(s), made
 with nearswap {__version__} ({report.get('kernel', '?')} kernel).
@@ -62,8 +75,14 @@ counted). Per-tensor counts are in `merge_report.json`.
 {recipe_yaml.strip()}
 ```
 
+## License
+
+{licenses}
+
+{terms.note}
+
 ## Notes
 
-- Quality was not evaluated by the tool that wrote this card; `nearswap sweep` can judge a merge.
-- License and use: this merge inherits the terms of every model it was made from.
+- Quality was not evaluated by the tool that wrote this card; `nearswap eval` and `nearswap sweep` judge a merge.
+- NearSwap is the algorithm of the QuartetAnemoi-70B model card (alchemonaut); this merge was made with nearswap.
 """

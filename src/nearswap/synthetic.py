@@ -149,7 +149,27 @@ def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.012
             return w
         return w.astype(np.float32) + rng.laplace(0.0, scale, w.shape).astype(np.float32)
 
-    return _rewrite(base, directory, noised, dtype, shards)
+    _rewrite(base, directory, noised, dtype, shards)
+    _derived_card(base, Path(directory), f"`{Path(base).name}` plus Laplace noise of scale {scale} (seed {seed}) on "
+                  "every weight but the norms: a synthetic stand-in for a fine-tune of it")
+    return Path(directory)
+
+
+def _derived_card(base: str | Path, directory: Path, how: str) -> None:
+    """A model card for a model derived from ``base``: what it is, and the base's license
+    (noise does not change whose weights they are)."""
+    import yaml
+
+    from .provenance import hub_license, origin_of
+
+    origin = origin_of(base)
+    meta: dict = {"base_model": [origin.id], "tags": ["nearswap-synthetic"]}
+    if origin.license:
+        meta["license"], name = hub_license(origin.license)
+        if name:
+            meta["license_name"] = name
+    (directory / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+                                         f"# {directory.name}\n\n{how}.\n")
 
 
 def make_secondary_gguf(base: str | Path, path: str | Path, scale: float = 0.0125, seed: int = 1) -> Path:

@@ -1,0 +1,98 @@
+"""The model card of a merge (issue 11 item 1): Hub metadata that huggingface_hub's own parser
+reads, every input as a base model of a merge, and a license carried from the inputs' own
+files — the most restrictive when they disagree, stated; unknown when one says nothing. No
+network anywhere in card building."""
+
+import socket
+
+import pytest
+
+import nearswap
+from nearswap import provenance
+from nearswap.provenance import Origin, combine
+from conftest import random_model, write_model
+
+hub = pytest.importorskip("huggingface_hub")
+
+
+def model_with_card(path, seed, front_matter=None):
+    write_model(path, random_model(seed, "f32", scale=0.02), config={"architectures": ["LlamaForCausalLM"]})
+    if front_matter is not None:
+        (path / "README.md").write_text(f"---\n{front_matter}---\n# a model\n")
+    return path
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("card building reached for the network")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.mark.parametrize("secondary_license,expect_license,expect_name", [
+    ("license: cc-by-nc-4.0\n", "cc-by-nc-4.0", None),
+    ("license: other\nlicense_name: noncommercial research use only\n", "other", "noncommercial-research-use-only"),
+])
+def test_a_restrictive_input_gives_its_license_and_the_disagreement_is_stated(
+        tmp_path, no_network, secondary_license, expect_license, expect_name):
+    base = model_with_card(tmp_path / "base", 0, "license: apache-2.0\n")
+    sec = model_with_card(tmp_path / "sec", 1, secondary_license)
+    nearswap.merge(base, [sec], t=1e-3, out=tmp_path / "out")
+    card = hub.ModelCard.load(tmp_path / "out" / "README.md")  # huggingface_hub's own parser, a local file
+    assert card.data.license == expect_license
+    assert card.data.to_dict().get("license_name") == expect_name
+    assert card.data.base_model == ["base", "sec"] and card.data.base_model_relation == "merge"
+    assert card.data.library_name == "transformers" and {"merge", "nearswap"} <= set(card.data.tags)
+    text = card.text
+    assert "disagree" in text and "base: apache-2.0" in text and "most restrictive" in text
+    assert hub.metadata_load(tmp_path / "out" / "README.md")["license"] == expect_license
+
+
+def test_inputs_that_agree_and_one_that_says_nothing(tmp_path, no_network):
+    base = model_with_card(tmp_path / "base", 0, "license: mit\n")
+    same = model_with_card(tmp_path / "same", 1, "license: mit\n")
+    silent = model_with_card(tmp_path / "silent", 2)
+    nearswap.merge(base, [same], t=1e-3, out=tmp_path / "agree")
+    assert hub.ModelCard.load(tmp_path / "agree" / "README.md").data.license == "mit"
+    nearswap.merge(base, [same, silent], t=1e-3, out=tmp_path / "unknown")
+    card = hub.ModelCard.load(tmp_path / "unknown" / "README.md")
+    assert card.data.license == "unknown"  # never silently the base's
+    assert "No license is stated by silent" in card.text
+
+
+def test_a_gguf_inputs_license_and_hub_id(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_license("llama2")
+    w.add_repo_url("https://huggingface.co/org-name/Model-7B")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    origin = provenance.origin_of(path)
+    assert (origin.id, origin.license, origin.found_in) == ("org-name/Model-7B", "llama2", "GGUF general.license")
+
+
+def test_a_model_in_the_hub_cache_is_named_by_its_id(tmp_path):
+    snap = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc123"
+    model_with_card(snap, 0, "license: apache-2.0\n")
+    origin = provenance.origin_of(snap)
+    assert (origin.id, origin.license) == ("HuggingFaceTB/SmolLM2-135M", "apache-2.0")
+
+
+@pytest.mark.parametrize("licenses,expect", [
+    (["apache-2.0", "cc-by-sa-4.0"], "cc-by-sa-4.0"),
+    (["llama2", "mit"], "llama2"),
+    (["cc-by-nc-4.0", "llama2", "apache-2.0"], "cc-by-nc-4.0"),
+    (["gemma", "llama3"], "other"),  # both custom, neither contains the other: both apply
+])
+def test_the_most_restrictive_by_rank(licenses, expect):
+    terms = combine([Origin(f"p{i}", f"m{i}", lic) for i, lic in enumerate(licenses)])
+    assert terms.license == expect
+    ranks = [provenance.rank(lic) for lic in licenses]
+    assert provenance.rank(terms.license_name or terms.license) == max(ranks) or terms.license == "other"
+    if expect == "other":
+        assert terms.license_name == "gemma-and-llama3"
