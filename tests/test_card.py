@@ -96,3 +96,36 @@ def test_the_most_restrictive_by_rank(licenses, expect):
     assert provenance.rank(terms.license_name or terms.license) == max(ranks) or terms.license == "other"
     if expect == "other":
         assert terms.license_name == "gemma-and-llama3"
+
+
+def test_quant_rows_against_ggufs_own_reader(tmp_path, run):
+    """nearswap card --quants: each file's type, size and bits per weight (its tensors' bytes
+    over their elements, computed here from gguf's reader), and a card that is not nearswap's
+    is never overwritten."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from gguf import quants
+
+    base = model_with_card(tmp_path / "base", 0, "license: mit\n")
+    nearswap.merge(base, [model_with_card(tmp_path / "sec", 1, "license: mit\n")], t=1e-3, out=tmp_path / "m")
+    path = tmp_path / "m.q8_0.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_file_type(int(gguf.LlamaFileType.MOSTLY_Q8_0))
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    w.add_tensor("a.weight", quants.quantize(x, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.add_tensor("n.weight", np.ones(256, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(path)
+    bpw = 8 * sum(int(t.n_bytes) for t in reader.tensors) / sum(int(t.n_elements) for t in reader.tensors)
+    result = run("card", tmp_path / "m", "--quants", path)
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert f"| `m.q8_0.gguf` | Q8_0 | {path.stat().st_size / 1e9:.2f} GB | {bpw:.2f} |" in card
+    assert hub.ModelCard.load(tmp_path / "m" / "README.md").data.license == "mit"
+    (tmp_path / "m" / "README.md").write_text("# my own notes\n")
+    refused = run("card", tmp_path / "m")
+    assert refused.exit_code == 1 and "not a card nearswap wrote" in refused.stderr
+    assert (tmp_path / "m" / "README.md").read_text() == "# my own notes\n"

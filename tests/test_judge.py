@@ -184,6 +184,20 @@ def test_eval_writes_three_reports(tiny_eval):
     assert "| Avg. |" in result.stdout  # the table is printed too
 
 
+def test_the_eval_table_goes_into_the_merge_card(tiny_eval, tiny_llm, tmp_path, run):
+    """nearswap card --eval: the report's benchmark table, row for row, and its drift, in the card."""
+    out, _ = tiny_eval
+    assert run("merge", tiny_llm / "base", tiny_llm / "s1", "-t", "1e-4", "-o", tmp_path / "m", "-q").exit_code == 0
+    result = run("card", tmp_path / "m", "--eval", out)
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "m" / "README.md").read_text()
+    md = (out / "report.md").read_text()
+    table = md[md.index("| Metric |"):].split("\n\n")[0]  # the report's own table
+    assert table in card and "| Avg. |" in card
+    report = json.loads((out / "report.json").read_text())
+    assert f"KL {report['drift'][1]['kl_mean']:.3g} nats per token" in card
+
+
 def test_accuracies_are_identical_to_lm_evals_own_cli(tiny_eval, tiny_llm, quick_data, tmp_path):
     """The same task configs, model and limit through `lm_eval --model hf`: every accuracy equal."""
     out, _ = tiny_eval

@@ -62,3 +62,12 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_llm, tmp_path, run):
     assert " ".join(words[: sweep.SAMPLE_WORDS]).replace("|", "/") in md  # the longer sample
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "sw" / "models").exists()  # not --keep
+    # the sweep's table in the merge's card (nearswap card --sweep), the card still Hub metadata
+    merged = run("merge", tiny_llm / "base", tiny_llm / "s1", "-t", "1e-4", "-o", tmp_path / "m", "-q")
+    assert merged.exit_code == 0, merged.output
+    carded = run("card", tmp_path / "m", "--sweep", tmp_path / "sw")
+    assert carded.exit_code == 0, carded.output
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "## The t-sweep" in card and all(line in card for line in md.strip().splitlines())
+    hub = pytest.importorskip("huggingface_hub")
+    assert hub.ModelCard.load(tmp_path / "m" / "README.md").data.base_model_relation == "merge"

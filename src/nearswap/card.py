@@ -27,9 +27,15 @@ def front_matter(origins: list[Origin], terms: Terms) -> str:
     return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def model_card(report: dict[str, Any], recipe_yaml: str) -> str:
+def model_card(report: dict[str, Any], recipe_yaml: str, inputs: list[str | Path], *,
+               evaluation: dict[str, Any] | None = None, sweep: dict[str, Any] | None = None,
+               quants: list[dict[str, Any]] | None = None) -> str:
+    """The card of a merge from its report and recipe; ``inputs``: the base and secondaries'
+    paths (their own files give their names and licenses). With ``evaluation`` (an eval
+    report.json), ``sweep`` (a sweep.json) and ``quants`` (``quant_row`` of each file), their
+    tables too."""
     steps = report["steps"]
-    origins = [origin_of(report["base"]), *(origin_of(s["model"]) for s in steps)]
+    origins = [origin_of(path) for path in inputs]
     terms = combine(origins)
     licenses = "\n".join(f"- `{o.id}`: {o.license or 'not stated'}"
                           + (f" (from its {o.found_in})" if o.found_in else "") for o in origins)
@@ -69,7 +75,7 @@ nothing. The "all" row counts the weights of this checkpoint that differ from th
 the output dtype stores them (a weight moved by one step and back by another is not
 counted). Per-tensor counts are in `merge_report.json`.
 
-## Recipe
+{_extra_sections(evaluation, sweep, quants)}## Recipe
 
 ```yaml
 {recipe_yaml.strip()}
@@ -86,3 +92,96 @@ counted). Per-tensor counts are in `merge_report.json`.
 - Quality was not evaluated by the tool that wrote this card; `nearswap eval` and `nearswap sweep` judge a merge.
 - NearSwap is the algorithm of the QuartetAnemoi-70B model card (alchemonaut); this merge was made with nearswap.
 """
+
+
+def _extra_sections(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | None,
+                    quants: list[dict[str, Any]] | None) -> str:
+    out = []
+    if evaluation is not None:
+        from .judge.report import benchmark_table
+
+        limit = evaluation.get("settings", {}).get("limit")
+        lines = ["## Evaluation (nearswap eval)", ""]
+        if evaluation.get("tasks"):
+            lines += [*benchmark_table(evaluation), "",
+                      f"Scores in % as lm-evaluation-harness computes them (± standard error), on "
+                      f"{'the first ' + str(limit) + ' items of each task' if limit else 'every item'}; a difference is "
+                      "*better* or *worse* only when its whole 95% paired interval is on one side of zero.", ""]
+        for d in evaluation.get("drift", [])[1:]:
+            lines.append(f"- Drift of {d['model']} from {evaluation['drift'][0]['model']}: KL {d['kl_mean']:.3g} nats "
+                         f"per token, top-1 agreement {100 * d['top1_agreement']:.2f}%, perplexity {d['perplexity']:.3f} "
+                         f"(reference {evaluation['drift'][0]['perplexity']:.3f}).")
+        out.append("\n".join(lines) + "\n")
+    if sweep is not None:
+        from .sweep import markdown as sweep_table
+
+        out.append("## The t-sweep (nearswap sweep)\n\nEach row a merge at that t, judged against the base "
+                   "(verdict rules in nearswap's docs/judging.md):\n\n" + sweep_table(sweep) + "\n")
+    if quants:
+        rows = "\n".join(f"| `{q['file']}` | {q['type']} | {q['bytes'] / 1e9:.2f} GB | {q['bpw']:.2f} |" for q in quants)
+        out.append("## Quantized files\n\n| file | type | size | bits per weight |\n|---|---|---:|---:|\n" + rows + "\n")
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def quant_row(path: str | Path) -> dict[str, Any]:
+    """A GGUF file's row of the card's quant table: its name, type (``general.file_type``), size
+    on disk, and bits per weight (the tensors' bytes over their elements)."""
+    import gguf
+
+    from .formats.gguf_header import HeaderError, read_header
+
+    path = Path(path)
+    try:
+        header = read_header(path)
+    except (HeaderError, OSError) as e:
+        from .errors import NearswapError
+
+        raise NearswapError(f"{path}: not a readable GGUF file ({e}); --quants takes GGUF files") from None
+    elements = sum(t.n_elements for t in header.tensors)
+    bits = 8 * sum(t.n_bytes for t in header.tensors)
+    ftype = header.metadata.get("general.file_type")
+    try:
+        kind = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "?"
+    except ValueError:
+        kind = str(ftype)
+    return {"file": path.name, "type": kind, "bytes": path.stat().st_size, "bpw": bits / elements if elements else 0.0}
+
+
+def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: str | Path | None = None,
+            quants: list[str | Path] = ()) -> Path:
+    """Write a merge's card again (``nearswap card``): from its ``merge_report.json`` and
+    ``nearswap_recipe.yaml``, with the tables of an eval report, a sweep and quantized files.
+    The card is replaced atomically; a README.md nearswap did not write is refused."""
+    import os
+
+    from .engine import RECIPE_NAME, REPORT_NAME
+    from .errors import NearswapError
+    from .files import read_bytes, read_json_object
+    from .provenance import front_matter
+    from .recipe import load
+
+    directory = Path(directory)
+    for name in (REPORT_NAME, RECIPE_NAME):
+        if not (directory / name).is_file():
+            raise NearswapError(f"{directory} has no {name}: nearswap card rebuilds the card of a nearswap merge")
+    card = directory / "README.md"
+    if card.exists() and "nearswap" not in (front_matter(card).get("tags") or []):
+        raise NearswapError(f"{card} is not a card nearswap wrote; move it away to have nearswap write one")
+    report = read_json_object(directory / REPORT_NAME, "merge report")
+    recipe_yaml = read_bytes(directory / RECIPE_NAME, 1 << 20, "recipe").decode("utf-8", "replace")
+    rec = load(directory / RECIPE_NAME)  # its paths are relative to the directory: the inputs, wherever we run
+
+    def report_of(path: str | Path | None, name: str) -> dict[str, Any] | None:
+        if path is None:
+            return None
+        path = Path(path)
+        return read_json_object(path / name if path.is_dir() else path, name)
+
+    text = model_card({**report, "output_name": directory.name}, recipe_yaml,
+                      [rec.base, *(step.model for step in rec.steps)],
+                      evaluation=report_of(evaluation, "report.json"), sweep=report_of(sweep, "sweep.json"),
+                      quants=[quant_row(q) for q in quants])
+    part = directory / ".README.md.nearswap-part"
+    part.write_text(text)
+    os.replace(part, card)
+    return card

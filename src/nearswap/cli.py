@@ -498,6 +498,24 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
 
 
 @cli.command()
+@click.argument("directory")
+@click.option("--eval", "evaluation", type=click.Path(path_type=Path),
+              help="An eval report (its directory or report.json): its benchmark table and drift go into the card.")
+@click.option("--sweep", type=click.Path(path_type=Path), help="A sweep (its directory or sweep.json): its t-table.")
+@click.option("--quants", multiple=True, type=click.Path(path_type=Path),
+              help="A quantized GGUF of the merge (repeatable): file, type, size, bits per weight.")
+def card(directory, evaluation, sweep, quants):
+    """Write the model card of a merge DIRECTORY again, with what was measured since.
+
+    \b
+      nearswap card merged/ --eval report/ --sweep sweep/ --quants merged.q8_0.gguf
+    """
+    from .card import rebuild
+
+    click.echo(f"wrote {rebuild(directory, evaluation, sweep, list(quants))}")
+
+
+@cli.command()
 @click.argument("out")
 @click.option("--inputs", is_flag=True, help="Also recompute a random sample of chunks from the inputs in the saved "
               "recipe and compare them bit for bit.")

@@ -431,7 +431,8 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
 
         (tmp / RECIPE_NAME).write_text(recipe_yaml)
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        (tmp / "README.md").write_text(model_card({**report, "output_name": out.name}, recipe_yaml))
+        inputs = [recipe.base, *(step.model for step in recipe.steps)]
+        (tmp / "README.md").write_text(model_card({**report, "output_name": out.name}, recipe_yaml, inputs))
 
     steps, report = write_checkpoint(recipe, out, {"nearswap_recipe": json.dumps(recipe.to_dict())}, finish,
                                      regenerated=("README.md", REPORT_NAME, RECIPE_NAME), **run)

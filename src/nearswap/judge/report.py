@@ -125,6 +125,22 @@ def _diff(p: dict[str, Any]) -> str:
     return f"{100 * p['diff']:+.2f} [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}] {p['verdict']}"
 
 
+def benchmark_table(report: dict[str, Any]) -> list[str]:
+    """The card's table as lines: a row per task and an Avg. row, each model's score ± its
+    standard error, and each model's paired difference from the reference with its word."""
+    names = [m["name"] for m in report["models"]]
+    head = "| Metric | " + " | ".join(names) + "".join(f" | {n} − {names[0]}" for n in names[1:]) + " |"
+    rows = [head, "|---" * (len(names) * 2) + "|"]
+    if "average" in report:
+        a = report["average"]
+        rows.append("| Avg. | " + " | ".join(_pct(s["mean"]) for s in a["scores"])
+                    + "".join(f" | {_diff(p)}" for p in a["paired"]) + " |")
+    for t in report["tasks"]:
+        cells = [f"{_pct(s['mean'])} ± {_pct(s['stderr'])}" for s in t["scores"]]
+        rows.append(f"| {t['row']} | " + " | ".join(cells) + "".join(f" | {_diff(p)}" for p in t["paired"]) + " |")
+    return rows
+
+
 def markdown(report: dict[str, Any]) -> str:
     names = [m["name"] for m in report["models"]]
     ref = names[0]
@@ -133,17 +149,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"reference's, with a {int(100 * stats.LEVEL)}% paired-bootstrap interval ({stats.BOOTSTRAP:,} resamples), "
              "and a word: *better* / *worse* only when the whole interval is on one side of zero.", ""]
     if report["tasks"]:
-        head = "| Metric | " + " | ".join(names) + "".join(f" | {n} − {ref}" for n in names[1:]) + " |"
-        lines += ["## Benchmarks (lm-evaluation-harness)", "", head, "|---" * (len(names) * 2) + "|"]
-        rows = []
-        if "average" in report:
-            a = report["average"]
-            rows.append("| Avg. | " + " | ".join(_pct(s["mean"]) for s in a["scores"])
-                        + "".join(f" | {_diff(p)}" for p in a["paired"]) + " |")
-        for t in report["tasks"]:
-            cells = [f"{_pct(s['mean'])} ± {_pct(s['stderr'])}" for s in t["scores"]]
-            rows.append(f"| {t['row']} | " + " | ".join(cells) + "".join(f" | {_diff(p)}" for p in t["paired"]) + " |")
-        lines += rows
+        lines += ["## Benchmarks (lm-evaluation-harness)", "", *benchmark_table(report)]
         limit = report["settings"]["limit"]
         lines += ["", f"Values in %: {', '.join(sorted({t['metric'] for t in report['tasks']}))} as lm-eval computes them "
                   f"(± standard error); {'the first ' + str(limit) + ' items of each task' if limit else 'every item'}.",
