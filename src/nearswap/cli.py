@@ -329,16 +329,35 @@ def convert(model, out, dtype, shard_size, force, restart, no_resume, threads, q
 
 @cli.command()
 @click.argument("model")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .gguf file.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output .gguf file (a directory for --format exl2/exl3).")
+@click.option("--format", "fmt", default="gguf", show_default=True, help="gguf, or exl2 / exl3 (on an NVIDIA GPU).")
 @click.option("--type", "type_name", default="q8_0", show_default=True,
-              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")
+              help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (K-quants with llama-cpp-python).")
+@click.option("--bpw", type=float, help="EXL2/EXL3: bits per weight (e.g. 4.6).")
+@click.option("--head-bits", type=int, help="EXL2/EXL3: bits of the output head (2-6 or 8; default 6).")
 @click.option("--vocab-from", type=click.Path(path_type=Path), help="A GGUF whose vocabulary to embed.")
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @threads_option("Threads for llama.cpp's quantizer (K-quants; default: all cores).")
 @json_option("Print what was written as JSON.")
-def export(model, out, type_name, vocab_from, force, quiet, threads, as_json):
-    """Write MODEL (a llama-family HF dir, safetensors or GGUF) as a GGUF file for llama.cpp."""
+def export(model, out, fmt, type_name, bpw, head_bits, vocab_from, force, quiet, threads, as_json):
+    """Write MODEL (a llama-family HF dir, safetensors or GGUF) as a GGUF file for llama.cpp,
+    or (--format exl2/exl3, on an NVIDIA GPU) as an EXL2/EXL3 quant for exllama.
+
+    \b
+      nearswap export merged/ -o merged.q8_0.gguf --type q8_0
+      nearswap export merged/ -o merged-4.6bpw-h8-exl2 --format exl2 --bpw 4.6 --head-bits 8
+    """
+    if fmt != "gguf":
+        from .exl import export_exl
+
+        result = export_exl(fmt, model, out, bpw, head_bits, force=force)
+        click.echo(json.dumps(result, indent=1) if as_json else
+                   f"wrote {out} ({result['bytes'] / 1e9:.2f} GB, {fmt} {bpw:g} bpw, head {result['head_bits']} bits)")
+        return
+    if bpw is not None or head_bits is not None:
+        raise click.UsageError("--bpw and --head-bits are for --format exl2/exl3; a GGUF takes --type")
     from .formats.gguf import export_gguf
 
     bar = _Progress("exporting", quiet or as_json)
