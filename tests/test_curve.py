@@ -219,3 +219,57 @@ def test_chain_counts_exact_across_blocks(make_quartet, monkeypatch):
             got = [int(x) for x in c.swapped]
             assert got == [want[(k, t, name)][0] for t in result.ts], (k, name)
             assert c.total == want[(k, result.ts[0], name)][2]
+
+
+# ---------------------------------------------------------------- --sample
+
+
+@pytest.mark.parametrize("sizes,fraction", [([10, 70_000, 1 << 20, 3 * (1 << 16) + 5], 0.25), ([1 << 22] * 3, 0.01),
+                                            ([5] * 400, 0.1)])
+def test_sample_items_are_a_systematic_sample_of_blocks(sizes, fraction):
+    """Blocks numbered through the model; every stride-th read, the same for every model of
+    these sizes; a tensor's last block may be short."""
+    block = curve.SAMPLE_BLOCK
+    stride = round(1 / fraction)
+    numbered = [(i, b) for i, size in enumerate(sizes) for b in range(-(-size // block))]
+    want = [numbered[k] for k in range(stride // 2, len(numbered), stride)]
+    items = list(curve.sample_items(sizes, fraction))
+    assert [(i, start // block) for i, start, _ in items] == want
+    assert all(n == min(block, sizes[i] - start) and start % block == 0 for i, start, n in items)
+    assert list(curve.sample_items(sizes, 1.0)) == [(i, b * block, min(block, sizes[i] - b * block)) for i, b in numbered]
+
+
+@pytest.fixture(scope="module")
+def sampled_trio(tmp_path_factory):
+    from nearswap import synthetic
+
+    root = tmp_path_factory.mktemp("sampled")
+    synthetic.make_base(root / "base", synthetic.LlamaShape(512, 4, 1376, 8192, 8, 4), "bfloat16", seed=0)
+    secs = [synthetic.make_secondary(root / "base", root / f"s{i}", 0.0125, seed=i) for i in (1, 2)]
+    return [root / "base", *secs]
+
+
+def test_a_sampled_curve_is_within_three_standard_errors_of_the_exact_one(sampled_trio):
+    """Every share of a 10% sample, both steps of a chain, every t, against the exact curve;
+    and a tenth of the bytes read."""
+    exact = curve.compute(sampled_trio[0], sampled_trio[1:])
+    sampled = curve.compute(sampled_trio[0], sampled_trio[1:], sample=0.1)
+    s = sampled.sample
+    assert s.blocks >= 20 and s.of == exact.steps[0].totals.total
+    assert 0.05 < s.elements / s.of < 0.2 and s.bytes_read < 0.15 * 3 * 2 * s.of  # three bf16 inputs
+    for k, (e, got) in enumerate(zip(exact.steps, sampled.steps)):
+        e, got = e.totals, got.totals
+        for j in range(len(exact.ts)):
+            exact_share, estimate = e.swapped[j] / e.total, got.swapped[j] / got.total
+            assert s.stderr[k][j] > 0
+            assert abs(estimate - exact_share) <= 3 * s.stderr[k][j], (k, exact.ts[j], estimate, exact_share)
+
+
+def test_cli_sample_says_it_is_an_estimate(sampled_trio, run):
+    result = run("curve", sampled_trio[0], sampled_trio[1], "--sample", "0.1")
+    assert result.exit_code == 0, result.output
+    assert "estimated from a systematic sample" in result.stdout and "±" in result.stdout
+    data = json.loads(run("curve", sampled_trio[0], sampled_trio[1], "--sample", "0.1", "--json").stdout)
+    assert data["sample"]["fraction"] == 0.1 and len(data["sample"]["stderr"]) == 1
+    bad = run("curve", sampled_trio[0], sampled_trio[1], "--sample", "0")
+    assert bad.exit_code == 2 and "--sample" in bad.stderr

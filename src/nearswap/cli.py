@@ -381,8 +381,11 @@ def export(model, out, fmt, type_name, bpw, head_bits, vocab_from, force, quiet,
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and the curve as JSON.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot directory (once the new one is complete).")
+@click.option("--sample", type=click.FloatRange(0, 1, min_open=True),
+              help="Read this fraction of every tensor (a systematic sample of blocks) and estimate each share "
+                   "with its standard error, instead of counting every element.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
+def curve(inputs, ts, plot_dir, at, threads, as_json, force, sample, quiet):
     """Swap share of BASE SECONDARY [SECONDARY ...] at any t, from one read, without merging.
 
     \b
@@ -398,7 +401,7 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, quiet):
     bar = _Progress("reading", quiet or as_json)
     try:
         result = curves.compute(inputs[0], inputs[1:], values, settings=_settings(threads), progress=bar.update,
-                                on_plan=lambda p: bar.start(p.in_bytes))
+                                sample=sample, on_plan=lambda p: bar.start(int(p.in_bytes * (sample or 1))))
     finally:
         bar.close()
     written = curves.write_plots(result, plot_dir, at, force) if plot_dir else []

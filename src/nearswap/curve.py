@@ -16,6 +16,7 @@ once counted, so memory stays bounded however large the model. numpy is needed o
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from array import array
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 
 from . import engine, kernels, plots, recipe, stream
 from .engine import Plan, plan
-from .errors import NearswapError
+from .errors import InvalidValue, NearswapError
 from .stream import ChunkBuffers, Settings, work_items
 from .formats.safetensors import FileReader, MappedReader
 from .output import atomic_directory, check_replaceable
@@ -112,11 +113,26 @@ class StepCurve:
 
 
 @dataclass
+class Sample:
+    """What a sampled curve read and how sure its shares are: ``stderr[k][j]`` is the standard
+    error of step k's share at ts[j], between blocks (a ratio estimator over equal-position
+    blocks of every tensor)."""
+
+    fraction: float
+    blocks: int
+    elements: int  # sampled
+    of: int  # in all
+    bytes_read: int
+    stderr: list[list[float]]
+
+
+@dataclass
 class CurveResult:
     ts: list[float]
     base: str
     steps: list[StepCurve]
     hist_by_kind: dict[str, array]  # step 1's sample of d, binned (kernels.HIST_*)
+    sample: Sample | None = None  # None: every element counted (exact)
 
     @property
     def hist_all(self) -> np.ndarray:
@@ -162,8 +178,12 @@ class CurveResult:
                                                                                 key=lambda kv: KIND_ORDER.index(kv[0]))},
                           "by_layer": dict(sorted(layers.items(), key=lambda kv: int(kv[0])))})
         keep = self.plotted
+        sampled = {} if self.sample is None else {"sample": {
+            "fraction": self.sample.fraction, "blocks": self.sample.blocks, "elements": self.sample.elements,
+            "of": self.sample.of, "bytes_read": self.sample.bytes_read,
+            "stderr": [{repr(t): e for t, e in zip(self.ts, per_t)} for per_t in self.sample.stderr]}}
         return {
-            "base": self.base, "ts": self.ts, "steps": steps,
+            "base": self.base, "ts": self.ts, "steps": steps, **sampled,
             "curve": {"step": 1, "sample_every": kernels.HIST_STRIDE, "d_below": self.edges[keep].tolist(),
                       "share": self.curve_share(self.hist_all)[keep].tolist(),
                       "by_kind": {k: self.curve_share(h)[keep].tolist() for k, h in self.hist_by_kind.items()}},
@@ -197,12 +217,16 @@ class CountPass:
     decoded into per-thread buffers; all of it opened lazily where the pass runs, so the pass
     pickles."""
 
-    def __init__(self, tasks: list[Any], ts: Sequence[float], secondaries: Sequence[str | Path]) -> None:
+    def __init__(self, tasks: list[Any], ts: Sequence[float], secondaries: Sequence[str | Path],
+                 sample: float | None = None) -> None:
         self.tasks = tasks
         self.ts = list(ts)
         self.kinds = [kind_of(t.name) for t in tasks]
         self.steps = [StepCurve(str(s)) for s in secondaries]
         self.registry: list[dict[str, array]] = []  # each thread's histograms (this process)
+        self.sample = sample  # None: every element; else the share of SAMPLE_BLOCK blocks read (sample_items)
+        self.blocks: list[tuple[int, list[list[int]]]] = []  # sampled: (elements, swapped per step per t) per block
+        self.bytes_read = 0
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_io", "registry")}
@@ -210,16 +234,23 @@ class CountPass:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, registry=[])
 
-    def _open(self) -> tuple[MappedReader, FileReader, ChunkBuffers, _ThreadHistograms]:
+    def _open(self) -> tuple[MappedReader | None, FileReader, ChunkBuffers, _ThreadHistograms]:
         io = self.__dict__.get("_io")
         if io is None:
             with _OPEN_LOCK:
                 io = self.__dict__.get("_io")
                 if io is None:
-                    io = self._io = (MappedReader(), FileReader(), ChunkBuffers(), _ThreadHistograms(self.registry))
+                    # a sample reads scattered blocks: positional reads with readahead off (a page fault
+                    # in a map, or a read, would otherwise pull in megabytes around each block)
+                    io = self._io = (None if self.sample else MappedReader(), FileReader(random=bool(self.sample)),
+                                     ChunkBuffers(), _ThreadHistograms(self.registry))
         return io
 
     def items(self, settings: Settings) -> Iterator[tuple[int, int, int, int]]:
+        if self.sample:
+            for i, start, n in sample_items([t.numel for t in self.tasks], self.sample):
+                yield i, start, n, n
+            return
         for i, start, n in work_items([t.numel for t in self.tasks], CHUNKS_PER_ITEM * settings.chunk):
             yield i, start, n, settings.chunk
 
@@ -237,7 +268,7 @@ class CountPass:
         later: list[tuple[int, list[Any]]] = []
         for sub in range(start, start + n, chunk):  # pages are released every chunk
             m = min(chunk, start + n - sub)
-            views = [mapped.view(info, sub, m) if mapped.mappable(info)  # zero-copy from the page cache
+            views = [mapped.view(info, sub, m) if mapped is not None and mapped.mappable(info)  # zero-copy
                      else reader.read(info, sub, buffers.get(k, info.dtype, m))  # decoded (GGUF)
                      for k, info in enumerate(inputs)]
             counts = kernels.threshold_counts(views[0], task.base.dtype, views[1], task.secondaries[0].dtype, ts, le, hist)
@@ -247,25 +278,47 @@ class CountPass:
                 later += _chains(task, views, ts, buffers.get(-1, task.out_dtype, min(m, CHAIN_BLOCK)))
             del views
             for info in inputs:
-                if mapped.mappable(info):
+                if mapped is not None and mapped.mappable(info):
                     # resident memory stays bounded by the chunks in flight
                     mapped.release(info, sub, m, more=sub + m < start + n)
         return Counted(i, n, identical, nonfinite, le, later, sum(info.dtype.itemsize for info in inputs) * n)
 
     def collect(self, result: Counted) -> None:
         name = self.tasks[result.index].name
-        self.steps[0].tensors.setdefault(name, Counts()).add(result.n, result.identical, result.nonfinite,
-                                                             [c - result.identical for c in result.le])
+        first = [c - result.identical for c in result.le]
+        self.steps[0].tensors.setdefault(name, Counts()).add(result.n, result.identical, result.nonfinite, first)
+        later = [[0] * len(self.ts) for _ in self.steps[1:]]
         for m, per_t in result.later:
             for k in range(1, len(self.steps)):
                 step_k = [counts[k] for counts in per_t]
                 self.steps[k].tensors.setdefault(name, Counts()).add(m, step_k[0].identical, step_k[0].nonfinite,
                                                                      [c.swapped for c in step_k])
+                later[k - 1] = [a + c.swapped for a, c in zip(later[k - 1], step_k)]
+        self.bytes_read += result.nbytes
+        if self.sample:
+            self.blocks.append((result.n, [first, *later]))
+
+    def sample_result(self, total: int) -> Sample | None:
+        """The sample's size and each share's standard error between blocks (None: exact)."""
+        if not self.sample:
+            return None
+        n = sum(b for b, _ in self.blocks)
+        count = len(self.blocks)
+        stderr = []
+        for k in range(len(self.steps)):
+            per_t = []
+            for j in range(len(self.ts)):
+                p = sum(sw[k][j] for _, sw in self.blocks) / n if n else 0.0
+                resid = sum((sw[k][j] - p * b) ** 2 for b, sw in self.blocks)
+                per_t.append(math.sqrt(count / (count - 1) * resid) / n if count > 1 and n else float("nan"))
+            stderr.append(per_t)
+        return Sample(self.sample, count, n, total, self.bytes_read, stderr)
 
     def close(self) -> None:
         io = self.__dict__.pop("_io", None)
         if io is not None:
-            io[0].close()
+            if io[0] is not None:
+                io[0].close()
             io[1].close()
 
     def histograms(self) -> dict[str, array]:
@@ -281,12 +334,37 @@ class CountPass:
 
 _OPEN_LOCK = threading.Lock()
 
+# A sampled curve reads blocks of this many elements (128 KB of bf16) at fixed positions.
+SAMPLE_BLOCK = 1 << 16
+
+
+def sample_items(sizes: Sequence[int], fraction: float) -> Iterator[tuple[int, int, int]]:
+    """A systematic sample of the model: its tensors' SAMPLE_BLOCK-element blocks (a tensor's
+    last block may be short) numbered through the model in order, and every
+    ``round(1 / fraction)``-th of them read, starting half a stride in. Every block has the same
+    chance to be read, so the shares of the sample estimate the model's (a tensor smaller than
+    a stride may not be read at all); the positions are the same in every model, as their
+    tensors line up element for element. Yields (tensor, first element, elements)."""
+    stride = max(1, round(1 / fraction))
+    seen = 0  # blocks numbered so far
+    for i, size in enumerate(sizes):
+        blocks = -(-size // SAMPLE_BLOCK)
+        first = (stride // 2 - seen) % stride
+        for b in range(first, blocks, stride):
+            start = b * SAMPLE_BLOCK
+            yield i, start, min(SAMPLE_BLOCK, size - start)
+        seen += blocks
+
 
 def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
             threads: int | None = None, settings: Settings | None = None,
             progress: Callable[[int], None] | None = None,
-            on_plan: Callable[[Plan], None] | None = None) -> CurveResult:
-    """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve."""
+            on_plan: Callable[[Plan], None] | None = None, sample: float | None = None) -> CurveResult:
+    """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve;
+    with ``sample`` (a fraction in (0, 1]), counts over a systematic sample of blocks
+    (``sample_items``) and the standard error of each share (``CurveResult.sample``)."""
+    if sample is not None and not (isinstance(sample, (int, float)) and 0 < sample <= 1):
+        raise InvalidValue(f"--sample must be a fraction in (0, 1], got {sample!r}")
     ts = sorted(kernels.check_t(t) for t in ts)
     if not 1 <= len(ts) <= kernels.MAX_THRESHOLDS:
         raise NearswapError(f"give 1 to {kernels.MAX_THRESHOLDS} values of t (got {len(ts)})")
@@ -294,9 +372,10 @@ def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[fl
     plan_ = plan(rec)  # the same preflight as a merge: names, shapes, architectures
     if on_plan:
         on_plan(plan_)
-    pass_ = CountPass([t for t in plan_.tasks if t.merged], ts, secondaries)
+    pass_ = CountPass([t for t in plan_.tasks if t.merged], ts, secondaries, sample if sample != 1 else None)
     stream.run(pass_, settings or Settings(threads=threads), progress)
-    return CurveResult(list(ts), str(base), pass_.steps, pass_.histograms())
+    total = sum(t.numel for t in pass_.tasks)
+    return CurveResult(list(ts), str(base), pass_.steps, pass_.histograms(), pass_.sample_result(total))
 
 
 def _chains(task: Any, views: list[Any], ts: Sequence[float], scratch: Any) -> list[tuple[int, list[Any]]]:
@@ -318,18 +397,31 @@ def _chains(task: Any, views: list[Any], ts: Sequence[float], scratch: Any) -> l
 
 
 def format_table(result: CurveResult, by_kind: bool = True) -> str:
-    """t by step, the exact % swapped; then (``by_kind``) step 1 by tensor kind."""
-    lines = ["% of weights fully swapped (0 < |d| <= t), exact:",
-             "t".ljust(10) + "".join(f"step {k + 1}".rjust(10) for k in range(len(result.steps)))]
+    """t by step, the exact % swapped (or, sampled, the estimate ± its standard error); then
+    (``by_kind``) step 1 by tensor kind."""
+    sample = result.sample
+    if sample is None:
+        lines = ["% of weights fully swapped (0 < |d| <= t), exact:"]
+    else:
+        lines = [f"% of weights fully swapped (0 < |d| <= t), estimated from a systematic sample: {sample.blocks:,} "
+                 f"blocks, {sample.elements:,} of {sample.of:,} elements ({100 * sample.elements / sample.of:.2f}%), "
+                 f"{sample.bytes_read / 1e9:.3f} GB read; ± one standard error between blocks:"]
+    width = 10 if sample is None else 18
+    lines.append("t".ljust(10) + "".join(f"step {k + 1}".rjust(width) for k in range(len(result.steps))))
     totals = [s.totals for s in result.steps]
     for j, t in enumerate(result.ts):
-        lines.append(f"{t:<10g}" + "".join(f"{100 * c.swapped[j] / c.total:9.2f}%" for c in totals))
+        if sample is None:
+            lines.append(f"{t:<10g}" + "".join(f"{100 * c.swapped[j] / c.total:9.2f}%" for c in totals))
+        else:
+            lines.append(f"{t:<10g}" + "".join(f"{100 * c.swapped[j] / c.total:9.2f}% ±{100 * sample.stderr[k][j]:.2f}"
+                                               .rjust(width) for k, c in enumerate(totals)))
     lines.append("identical (|d| = 0): " + ", ".join(f"step {k + 1} {100 * c.identical / c.total:.2f}%"
                                                       for k, c in enumerate(totals)))
     if not by_kind:
         return "\n".join(lines)
-    lines.append("\nstep 1 by tensor kind:")
-    lines.append("kind".ljust(10) + "".join(f"{t:>10g}" for t in result.ts) + "   weights")
+    lines.append("\nstep 1 by tensor kind:" + (" (in the sample)" if sample is not None else ""))
+    lines.append("kind".ljust(10) + "".join(f"{t:>10g}" for t in result.ts)
+                 + ("   weights" if sample is None else "   sampled"))
     for kind, c in sorted(result.steps[0].group(kind_of).items(), key=lambda kv: KIND_ORDER.index(kv[0])):
         lines.append(kind.ljust(10) + "".join(f"{100 * n / c.total:9.2f}%" for n in c.swapped) + f"  {c.total:>9,}")
     return "\n".join(lines)

@@ -169,8 +169,9 @@ def pread_exact(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
 class FileReader:
     """Positional reads of tensor chunks into caller buffers; one fd per file, thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, random: bool = False) -> None:
         self._fds: dict[Path, int] = {}
+        self.random = random  # reads scattered over the files: no readahead (POSIX_FADV_RANDOM)
 
     def read(self, info: TensorInfo, start: int, out: Any) -> Any:
         """Fill ``out`` (a 1-D numpy array of ``info.dtype``, or a byte buffer holding whole
@@ -178,6 +179,8 @@ class FileReader:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = open_regular(info.file)
+            if self.random and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             if self._fds.setdefault(info.file, fd) != fd:  # another thread opened it first
                 os.close(fd)
                 fd = self._fds[info.file]
