@@ -216,6 +216,8 @@ def _resume_mode(restart: bool, no_resume: bool) -> str:
 @t_option(None, "Threshold: one for all steps, or one per secondary (repeat -t, or comma-separated).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output directory (HF format), or a .gguf file (GGUF inputs of one architecture).")
+@click.option("--swap-share", help="Instead of -t: for each step, the t at which this share of the weights swaps "
+              "(e.g. 0.8%), found exactly before merging; the recipe records the t values.")
 @click.option("--dtype", help="Output dtype (bfloat16, float16, float32). Default: each base tensor's own.")
 @click.option("--type", "gguf_type", help="Tensor type of a .gguf output: like-base (default: each tensor keeps the "
               "base's type), f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k, ...")
@@ -234,8 +236,8 @@ def _resume_mode(restart: bool, no_resume: bool) -> str:
                    "when --ray is given alone) or local (a private Ray for this run). Needs the ray extra.")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite, force,
-          restart, no_resume, threads, ray_address, as_json, quiet):
+def merge(inputs, ts, out, swap_share, dtype, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite,
+          force, restart, no_resume, threads, ray_address, as_json, quiet):
     """Merge BASE SECONDARY [SECONDARY ...] (or one RECIPE.yaml) sequentially by NearSwap.
 
     \b
@@ -249,6 +251,8 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
     options = {k: v for k, v in dict(dtype=dtype, shard_size=shard_size, tokenizer_source=tokenizer_source).items()
                if v is not None}
     options.update({k: True for k, v in dict(carry_float32=carry_float32, allow_nonfinite=allow_nonfinite).items() if v})
+    if swap_share is not None and (ts or (len(inputs) == 1 and inputs[0].lower().endswith(RECIPE_SUFFIXES))):
+        raise NearswapError("--swap-share chooses the t values: give it instead of -t, with a base and secondaries")
     if len(inputs) == 1 and inputs[0].lower().endswith(RECIPE_SUFFIXES):
         if ts:
             raise NearswapError("-t goes in the recipe when merging from a recipe file; remove -t")
@@ -267,6 +271,8 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
         if len(inputs) < 2:
             raise NearswapError("give a base and at least one secondary (or a recipe .yaml)")
         secondaries = inputs[1:]
+        if swap_share is not None:
+            ts = (",".join(["0"] * len(secondaries)),)  # chosen below, once the inputs are checked
         if not ts:
             raise NearswapError("missing -t: give one threshold for all steps, or one per secondary")
         ts = _parse_ts(ts)
@@ -275,6 +281,15 @@ def merge(inputs, ts, out, dtype, gguf_type, shard_size, tokenizer_source, carry
         per_step = list(ts) if len(ts) > 1 else [ts[0]] * len(secondaries)
         steps = [{"model": m, "t": t} for m, t in zip(secondaries, per_step)]
         rec = recipes.build({"base": inputs[0], "steps": steps, **options}, "command line")
+        if swap_share is not None:
+            from .swapshare import choose, parse_share
+
+            share = parse_share(swap_share)
+            say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
+            say(f"choosing t for {100 * share:g}% swapped per step (two reading passes per step)")
+            chosen = choose(engine.plan(rec), share, _settings(threads), echo=say)
+            rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": c.t} for m, c in zip(secondaries, chosen)],
+                                 **options}, "command line")
 
     bar = _Progress("merging", quiet or as_json)
     try:
@@ -381,11 +396,13 @@ def export(model, out, fmt, type_name, bpw, head_bits, vocab_from, force, quiet,
 @click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts and the curve as JSON.")
 @click.option("--force", is_flag=True, help="Replace an existing --plot directory (once the new one is complete).")
+@click.option("--swap-share", help="Instead of the table: for each step, the t at which this share of the weights "
+              "swaps (e.g. 0.8%), found exactly (two reading passes per step), as merge --swap-share picks it.")
 @click.option("--sample", type=click.FloatRange(0, 1, min_open=True),
               help="Read this fraction of every tensor (a systematic sample of blocks) and estimate each share "
                    "with its standard error, instead of counting every element.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def curve(inputs, ts, plot_dir, at, threads, as_json, force, sample, quiet):
+def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample, quiet):
     """Swap share of BASE SECONDARY [SECONDARY ...] at any t, from one read, without merging.
 
     \b
@@ -395,6 +412,19 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, sample, quiet):
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
+    if swap_share is not None:
+        from . import engine, recipe as recipes
+        from .swapshare import choose, parse_share
+
+        share = parse_share(swap_share)
+        rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": 0} for m in inputs[1:]]}, "command line")
+        chosen = choose(engine.plan(rec), share, _settings(threads),
+                        echo=(lambda m: None) if as_json else click.echo)
+        if as_json:
+            click.echo(json.dumps({"share": share, "steps": [c.__dict__ for c in chosen]}, indent=1))
+        else:
+            click.echo(f"merge with: -t {','.join(repr(c.t) for c in chosen)}")
+        return
     values = _parse_ts(ts)
     if plot_dir:
         curves.check_plot_output(plot_dir, force, inputs)  # before the pass, not after it
@@ -435,6 +465,19 @@ def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
+    if swap_share is not None:
+        from . import engine, recipe as recipes
+        from .swapshare import choose, parse_share
+
+        share = parse_share(swap_share)
+        rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": 0} for m in inputs[1:]]}, "command line")
+        chosen = choose(engine.plan(rec), share, _settings(threads),
+                        echo=(lambda m: None) if as_json else click.echo)
+        if as_json:
+            click.echo(json.dumps({"share": share, "steps": [c.__dict__ for c in chosen]}, indent=1))
+        else:
+            click.echo(f"merge with: -t {','.join(repr(c.t) for c in chosen)}")
+        return
     values = _parse_ts(ts)
     say = (lambda m: None) if quiet or as_json else click.echo
     result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force,
