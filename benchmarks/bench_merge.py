@@ -108,7 +108,14 @@ def main() -> None:
                     "to run each nearswap contender from as well, for before/after figures")
     ap.add_argument("--outdir", type=Path, help="where outputs are written (default: under --workdir, on disk; "
                     "/dev/shm takes the disk out of the measurement)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (needs root): inputs "
+                    "come from the disk, as a model larger than RAM does")
     args = ap.parse_args()
+    if args.cold:
+        from bench_verify import drop_caches
+
+        if not drop_caches():
+            sys.exit("--cold: the page cache could not be dropped (needs root)")
 
     base, secs = ensure_inputs(args.size, args.workdir)
     compile_nearswap()
@@ -119,7 +126,7 @@ def main() -> None:
     params = open_model(base).num_params
     inputs1 = [base, secs[0]]
     out_bytes = open_model(base).nbytes
-    for d in (base, *secs):  # warm the page cache: every contender reads from memory
+    for d in (base, *secs) if not args.cold else ():  # warm the page cache: every contender reads from memory
         for f in d.glob("*.safetensors"):
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
@@ -174,6 +181,8 @@ def main() -> None:
             shutil.rmtree(out_root / "out", ignore_errors=True)
             shutil.rmtree(out_root / "inter", ignore_errors=True)
             settle()
+            if args.cold:
+                drop_caches()
             runs[name].append(timed(cmd, env))
             print(f"round {rnd}: {name:<30} {runs[name][-1][0]:8.2f} s {runs[name][-1][1]:8.0f} MB", flush=True)
     results = {}
@@ -186,7 +195,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out_root / "out", ignore_errors=True)
     shutil.rmtree(out_root, ignore_errors=True)
-    where = f"outputs in {args.outdir}" if args.outdir else "outputs on disk"
+    where = (f"outputs in {args.outdir}" if args.outdir else "outputs on disk") + (
+        ", page cache dropped before every run" if args.cold else "")
     print(f"\n{args.size}: {params / 1e6:.0f}M parameters, bf16, 3 shards per model, t = {T}, "
           f"median of {args.repeat} interleaved rounds, {where}\n")
     print("| contender | wall s | M params/s | peak RSS MB | nearswap speed-up |")
