@@ -465,19 +465,6 @@ def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
-    if swap_share is not None:
-        from . import engine, recipe as recipes
-        from .swapshare import choose, parse_share
-
-        share = parse_share(swap_share)
-        rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": 0} for m in inputs[1:]]}, "command line")
-        chosen = choose(engine.plan(rec), share, _settings(threads),
-                        echo=(lambda m: None) if as_json else click.echo)
-        if as_json:
-            click.echo(json.dumps({"share": share, "steps": [c.__dict__ for c in chosen]}, indent=1))
-        else:
-            click.echo(f"merge with: -t {','.join(repr(c.t) for c in chosen)}")
-        return
     values = _parse_ts(ts)
     say = (lambda m: None) if quiet or as_json else click.echo
     result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force,
