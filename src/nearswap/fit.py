@@ -158,7 +158,7 @@ def format_rows(shape: Shape, rows: list[Row], vram: float, gpus: int, bpw: floa
            if bpw is not None else "the GGUF's own tensor types")
     lines = [f"{shape.name}: {shape.params / 1e9:.2f}B parameters, {shape.layers} layers, {shape.kv_heads} KV heads x "
              f"{shape.head_dim}; weights at {how}, the embedding table in system memory; {vram:g} GiB on {gpus} GPU(s)",
-             f"KV cache per token: " + ", ".join(f"{c} {kv_bytes_per_token(shape, c) / 1024:,.1f} KiB" for c in CACHE_BITS),
+             "KV cache per token: " + ", ".join(f"{c} {kv_bytes_per_token(shape, c) / 1024:,.1f} KiB" for c in CACHE_BITS),
              "", "| context | cache | weights GiB | KV cache GiB | overhead GiB | total GiB | spare GiB | fits |",
              "|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:

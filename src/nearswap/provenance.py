@@ -153,7 +153,7 @@ def combine(origins: Iterable[Origin]) -> Terms:
         parts.append("The inputs' licenses disagree (" + "; ".join(f"{o.id}: {o.license}" for o in said) + ").")
     if silent:  # the most restrictive case: terms nobody stated may forbid anything
         parts.append("No license is stated by " + ", ".join(o.id for o in silent) + ", so this merge's terms are "
-                     "unknown" + (f" (the others: " + "; ".join(f"{o.id}: {o.license}" for o in said) + ")"
+                     "unknown" + (" (the others: " + "; ".join(f"{o.id}: {o.license}" for o in said) + ")"
                                   if len(distinct) <= 1 else "") + ".")
         parts.append("A merge inherits the terms of every model it was made from: find each before using or "
                      "sharing it.")
