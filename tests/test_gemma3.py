@@ -89,16 +89,21 @@ def test_tokenizer_without_transformers_equals_transformers_own(gemma, tmp_path)
 
 
 def test_hf_base_merge_equals_gguf_base_merge(gemma, converted, tmp_path):
+    """The same merge from the GGUF and from its conversion: the same float32 output, compared
+    through the CRC-32C of every chunk each merge recorded as it wrote it (the same layout, so
+    the same chunks); one tensor in three is also read back and compared bit for bit."""
     import nearswap
 
-    sec = synthetic.make_secondary(gemma, tmp_path / "s1", seed=1)
+    sec = synthetic.make_secondary(gemma, tmp_path / "s1", seed=1, dtype="bfloat16")  # half the bytes of float32
     a = nearswap.merge(gemma, [sec], t=1e-4, out=tmp_path / "from-gguf")
     b = nearswap.merge(converted, [sec], t=1e-4, out=tmp_path / "from-hf")
     assert a["steps"][0]["swapped"] == b["steps"][0]["swapped"] > 0
+    assert a["output"]["checksums"] == b["output"]["checksums"]
     ma, mb = open_model(tmp_path / "from-gguf"), open_model(tmp_path / "from-hf")
+    assert {n: (i.dtype, i.shape) for n, i in ma.tensors.items()} == {n: (i.dtype, i.shape) for n, i in mb.tensors.items()}
     reader = FileReader()
     try:
-        for name, info in ma.tensors.items():
+        for name, info in list(ma.tensors.items())[::3]:
             x = reader.read(info, 0, np.empty(info.numel, info.dtype.np))
             y = reader.read(mb.tensors[name], 0, np.empty(info.numel, info.dtype.np))
             assert x.view(np.uint32).tobytes() == y.view(np.uint32).tobytes(), name

@@ -134,6 +134,9 @@ def _rewrite(base: str | Path, directory: str | Path, transform: Callable[[str, 
     return Path(directory)
 
 
+NOISE_CHUNK = 1 << 20  # elements of noise drawn at once
+
+
 def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.0125, seed: int = 1,
                    shards: int = 1, dtype: str | None = None) -> Path:
     """Write ``base`` + Laplace(``scale``) noise on every non-norm weight to ``directory``.
@@ -147,7 +150,12 @@ def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.012
     def noised(name: str, w: np.ndarray) -> np.ndarray:
         if is_norm(name):
             return w
-        return w.astype(np.float32) + rng.laplace(0.0, scale, w.shape).astype(np.float32)
+        out = w.astype(np.float32)
+        flat = out.reshape(-1)
+        for i in range(0, flat.size, NOISE_CHUNK):  # the same draws in the same order as one call, without a
+            n = min(NOISE_CHUNK, flat.size - i)  # float64 array the size of the tensor (2 GB for Gemma's table)
+            flat[i:i + n] += rng.laplace(0.0, scale, n).astype(np.float32)
+        return out
 
     _rewrite(base, directory, noised, dtype, shards)
     _derived_card(base, Path(directory), f"`{Path(base).name}` plus Laplace noise of scale {scale} (seed {seed}) on "
