@@ -129,3 +129,15 @@ def test_quant_rows_against_ggufs_own_reader(tmp_path, run):
     refused = run("card", tmp_path / "m")
     assert refused.exit_code == 1 and "not a card nearswap wrote" in refused.stderr
     assert (tmp_path / "m" / "README.md").read_text() == "# my own notes\n"
+
+
+@pytest.mark.parametrize("option,name", [("--eval", "an eval report"), ("--sweep", "a sweep")])
+def test_a_report_of_another_shape_is_one_line(tmp_path, run, option, name):
+    base = model_with_card(tmp_path / "base", 0, "license: mit\n")
+    nearswap.merge(base, [model_with_card(tmp_path / "sec", 1, "license: mit\n")], t=1e-3, out=tmp_path / "m")
+    before = (tmp_path / "m" / "README.md").read_text()
+    (tmp_path / "other.json").write_text('{"tasks": [{"x": 1}], "rows": 3}')
+    result = run("card", tmp_path / "m", option, tmp_path / "other.json")
+    assert result.exit_code == 1 and f"not {name}" in result.stderr and "internal error" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "m" / "README.md").read_text() == before  # the card is left as it was

@@ -177,9 +177,17 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
         path = Path(path)
         return read_json_object(path / name if path.is_dir() else path, name)
 
+    extras = {"evaluation": report_of(evaluation, "report.json"), "sweep": report_of(sweep, "sweep.json")}
+    for key, path, what in (("evaluation", evaluation, "an eval report (report.json)"),
+                            ("sweep", sweep, "a sweep (sweep.json)")):
+        if extras[key] is not None:  # its tables, alone: a file of another shape is one line, not a traceback
+            try:
+                _extra_sections(**{k: (v if k == key else None) for k, v in extras.items()}, quants=None)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+                raise NearswapError(f"{path}: not {what} that nearswap wrote (its tables cannot be read); "
+                                    "give the directory nearswap eval / sweep wrote") from None
     text = model_card({**report, "output_name": directory.name}, recipe_yaml,
-                      [rec.base, *(step.model for step in rec.steps)],
-                      evaluation=report_of(evaluation, "report.json"), sweep=report_of(sweep, "sweep.json"),
+                      [rec.base, *(step.model for step in rec.steps)], **extras,
                       quants=[quant_row(q) for q in quants])
     part = directory / ".README.md.nearswap-part"
     part.write_text(text)
