@@ -87,3 +87,13 @@ def test_refusals_are_one_line(run, tmp_path):
                        (["--shape", "llama3-8b", "--bpw", "4", "--context", "lots"], "--context")):
         result = run("fit", *args)
         assert result.exit_code != 0 and text in result.stderr and "Traceback" not in result.output, (args, result.output)
+
+
+def test_a_config_without_sizes_is_one_line(tmp_path, run):
+    from conftest import random_model, write_model
+
+    write_model(tmp_path / "m", random_model(0, "f32"), config={"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                                             "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                             "vocab_size": 100, "head_dim": "wide"})
+    result = run("fit", tmp_path / "m", "--bpw", "4")
+    assert result.exit_code == 1 and "head_dim" in result.stderr and "internal error" not in result.stderr

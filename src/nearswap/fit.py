@@ -84,9 +84,12 @@ def shape_of(path: str | Path) -> Shape:
                                 "(or give --shape)")
         return value
 
+    def optional(key: str, default: int) -> int:
+        return need(key) if config.get(key) is not None else default
+
     layers, hidden, heads = need("num_hidden_layers"), need("hidden_size"), need("num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = optional("num_key_value_heads", heads)
+    head_dim = optional("head_dim", hidden // heads)
     embed_name = next((n for n in model.tensors if n.endswith("embed_tokens.weight")), None)
     if embed_name is None:
         raise NearswapError(f"{path}: no embed_tokens tensor: fit knows decoder LLMs (llama, qwen, gemma, phi3 rows)")
@@ -98,7 +101,7 @@ def shape_of(path: str | Path) -> Shape:
     if model.kind == "gguf":  # the stored bytes: the embedding table stays on the CPU (and is the head again if tied)
         stored = {name: info.numel // info.source.block * info.source.type_size for name, info in model.tensors.items()}
         gpu_bytes = sum(stored.values()) - stored[embed_name] + (stored[embed_name] if tied else 0)
-    return Shape(str(Path(path).name), layers, kv_heads, head_dim, hidden, config.get("intermediate_size") or 4 * hidden,
+    return Shape(str(Path(path).name), layers, kv_heads, head_dim, hidden, optional("intermediate_size", 4 * hidden),
                  need("vocab_size"), params, embed, embed if tied else head.numel, tied, gpu_bytes, str(path))
 
 
