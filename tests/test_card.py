@@ -141,3 +141,23 @@ def test_a_report_of_another_shape_is_one_line(tmp_path, run, option, name):
     assert result.exit_code == 1 and f"not {name}" in result.stderr and "internal error" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert (tmp_path / "m" / "README.md").read_text() == before  # the card is left as it was
+
+
+def test_a_readme_put_there_while_the_card_is_built_is_kept(tmp_path, run, monkeypatch):
+    """The check at the start is made again at the swap: a user's README that replaced the
+    card meanwhile is swapped back, and nothing of ours is left beside it."""
+    from nearswap import card as cards
+
+    base = model_with_card(tmp_path / "base", 0, "license: mit\n")
+    nearswap.merge(base, [model_with_card(tmp_path / "sec", 1, "license: mit\n")], t=1e-3, out=tmp_path / "m")
+    real = cards.model_card
+
+    def meanwhile(*args, **kwargs):
+        (tmp_path / "m" / "README.md").write_text("# a person's notes\n")  # after the first check
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cards, "model_card", meanwhile)
+    result = run("card", tmp_path / "m")
+    assert result.exit_code == 1 and "left as it is" in result.stderr
+    assert (tmp_path / "m" / "README.md").read_text() == "# a person's notes\n"
+    assert not [p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".README")]

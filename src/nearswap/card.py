@@ -152,8 +152,6 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
     """Write a merge's card again (``nearswap card``): from its ``merge_report.json`` and
     ``nearswap_recipe.yaml``, with the tables of an eval report, a sweep and quantized files.
     The card is replaced atomically; a README.md nearswap did not write is refused."""
-    import os
-
     from .engine import RECIPE_NAME, REPORT_NAME
     from .errors import NearswapError
     from .files import read_bytes, read_json_object
@@ -189,7 +187,38 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
     text = model_card({**report, "output_name": directory.name}, recipe_yaml,
                       [rec.base, *(step.model for step in rec.steps)], **extras,
                       quants=[quant_row(q) for q in quants])
-    part = directory / ".README.md.nearswap-part"
-    part.write_text(text)
-    os.replace(part, card)
+    _replace_card(card, text)
     return card
+
+
+def _replace_card(card: Path, text: str) -> None:
+    """Put ``text`` at ``card`` in one step: a new card is renamed into place only if nothing
+    is there by then; an old one is swapped out and checked again afterwards, so a README a
+    person put there meanwhile is swapped back, never removed."""
+    import os
+    import tempfile
+
+    from .errors import NearswapError
+    from .output import exchange, rename_noreplace
+    from .provenance import front_matter
+
+    fd, name = tempfile.mkstemp(prefix=".README.md.", suffix=".nearswap-part", dir=card.parent)  # our own, O_EXCL
+    part = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if not os.path.lexists(card):
+            rename_noreplace(part, card)
+            return
+        exchange(part, card)  # part now holds what was at the card's path a moment ago
+        if not part.is_file() or part.is_symlink() or "nearswap" not in (front_matter(part).get("tags") or []):
+            exchange(part, card)
+            raise NearswapError(f"{card} was replaced by a file nearswap did not write while the card was built; "
+                                "it is left as it is")
+    except FileExistsError:
+        raise NearswapError(f"{card} appeared while the card was built; it is left as it is") from None
+    finally:
+        if part.is_file() and not part.is_symlink():
+            part.unlink()  # ours: the new text, or the old nearswap card

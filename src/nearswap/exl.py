@@ -62,16 +62,17 @@ def export_exl(fmt: str, source: str | Path, out: str | Path, bpw: float, head_b
     preflight(fmt, source, bpw, head_bits)
     library, module, args = FORMATS[fmt]
     out = Path(out)
+    import shutil
+    import tempfile
+
     with atomic_directory(out, force) as tmp:
-        work = tmp.with_name(tmp.name + ".work")
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=tmp.parent))  # ours alone
         command = [sys.executable, "-m", module, *args.format(src=Path(source).resolve(), work=work, out=tmp,
                                                               bpw=bpw, head=head_bits or 6).split()]
         try:
             proc = subprocess.run(command, capture_output=True, text=True)
         finally:
-            import shutil
-
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)  # the directory this run made for the converter
         if proc.returncode != 0 or not any(tmp.glob("*.safetensors")):
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             raise NearswapError(f"{library}'s converter failed (exit {proc.returncode}): {last[0][:200]}")

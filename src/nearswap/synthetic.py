@@ -153,7 +153,7 @@ def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.012
         out = w.astype(np.float32)
         flat = out.reshape(-1)
         for i in range(0, flat.size, NOISE_CHUNK):  # the same draws in the same order as one call, without a
-            n = min(NOISE_CHUNK, flat.size - i)  # float64 array the size of the tensor (2 GB for Gemma's table)
+            n = min(NOISE_CHUNK, flat.size - i)  # float64 array the size of the tensor
             flat[i:i + n] += rng.laplace(0.0, scale, n).astype(np.float32)
         return out
 

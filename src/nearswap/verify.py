@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .errors import NearswapError, shown
 
 
-READ_PIECE = 1 << 20  # bytes per read, into a reused buffer (whole 32 MB chunks into fresh buffers read half as fast from disk)
+READ_PIECE = 1 << 20  # bytes per read, into a reused buffer (docs/benchmarks.md: why not whole chunks)
 
 
 class _ChunkCRCs:
