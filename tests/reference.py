@@ -76,3 +76,29 @@ def threshold_counts(a, b, ts, stride=8, lo_exp=-40, octaves=64, per_octave=16):
     bins[np.isnan(sample)] = octaves * per_octave - 1
     hist = np.bincount(bins, minlength=octaves * per_octave)
     return le, int(np.sum(d == 0)), int(np.sum(~np.isfinite(d))), hist
+
+
+def generated_pools(seeds, period, noise=0.0125):
+    """The pools ``synthetic:SHAPE?seed=N`` inputs cycle through, drawn as nearswap's
+    ``formats/generated.py`` documents it (Python's generator; Laplace noise by its inverse
+    CDF), rounded by numpy and ml_dtypes: {seed: bf16 weights}, and the bf16 norm pool."""
+    import random
+
+    import ml_dtypes
+
+    def bf16(x):
+        return np.asarray(x, np.float64).astype(np.float32).astype(ml_dtypes.bfloat16)
+
+    rng = random.Random(0)
+    base = bf16([0.02 * rng.gauss(0.0, 1.0) for _ in range(period)])
+    out = {}
+    for seed in seeds:
+        if seed == 0:
+            out[seed] = base
+            continue
+        rng = random.Random(seed)
+        u = np.array([rng.random() - 0.5 for _ in range(period)])
+        out[seed] = bf16(base.astype(np.float64) - noise * np.sign(u) * np.log1p(-2 * np.abs(u)))
+    rng = random.Random(10_007)
+    norm = bf16([1.0 + 0.05 * rng.gauss(0.0, 1.0) for _ in range(period)])
+    return out, norm

@@ -16,6 +16,7 @@ from .errors import NearswapError, NearswapWarning, shown
 from .fetch import MODELS as PACKAGED_MODELS
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
+PLAN_SHOWN_FROM = 10 * 10**9  # input bytes from which a merge prints its plan where no terminal shows a bar
 
 
 def _on_sigterm(signum, frame):  # make `kill` clean up like Ctrl-C does
@@ -182,12 +183,21 @@ def _stderr_is_a_terminal() -> bool:
 class _Progress:
     """A tqdm bar in bytes (rate and ETA), shown only once the preflight has passed."""
 
+    ETA_AFTER = 10.0  # seconds of work measured before a log gets its one ETA line
+
     def __init__(self, desc: str, quiet: bool) -> None:
         # No bar where stderr is not a terminal (a log file, a pipe): its carriage returns
-        # would fill the log, and an error must stay one line there.
+        # would fill the log, and an error must stay one line there; a long run writes one
+        # line there instead, with the speed measured over its first ETA_AFTER seconds.
         self.desc, self.quiet, self.bar = desc, quiet or not _stderr_is_a_terminal(), None
+        self.log_eta = not quiet and self.quiet
+        self.total = self.done = 0
+        self.started: float | None = None
 
     def start(self, total: int) -> None:
+        import time
+
+        self.total, self.started = total, time.perf_counter()
         if self.quiet:
             return  # no bar, and no tqdm import to pay for
         from tqdm import tqdm
@@ -196,6 +206,16 @@ class _Progress:
                         disable=self.quiet, dynamic_ncols=True, leave=False, file=sys.stderr)
 
     def update(self, n: int) -> None:
+        self.done += n
+        if self.log_eta and self.started is not None:
+            import time
+
+            spent = time.perf_counter() - self.started
+            if spent >= self.ETA_AFTER and self.done < self.total:
+                self.log_eta = False
+                rate = self.done / spent
+                click.echo(f"{self.desc}: {rate / 1e9:.2f} GB/s over the first {spent:.0f} s; about "
+                           f"{_duration((self.total - self.done) / rate)} left", err=True)
         if self.bar is not None:
             self.bar.update(n)
             if self.bar.n >= self.bar.total:  # done: clear it before anything is printed
@@ -205,6 +225,10 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _resume_mode(restart: bool, no_resume: bool) -> str:
@@ -219,6 +243,8 @@ def _resume_mode(restart: bool, no_resume: bool) -> str:
 @click.option("--swap-share", help="Instead of -t: for each step, the t at which this share of the weights swaps "
               "(e.g. 0.8%), found exactly before merging; the recipe records the t values.")
 @click.option("--dtype", help="Output dtype (bfloat16, float16, float32). Default: each base tensor's own.")
+@click.option("--plan", "show_plan", is_flag=True, help="Check the inputs, print what the merge would read, write and "
+              "need on disk (and what separate passes would), and stop.")
 @click.option("--type", "gguf_type", help="Tensor type of a .gguf output: like-base (default: each tensor keeps the "
               "base's type), f32, f16, bf16, q8_0, q4_0, q5_0, q4_k, q6_k, ...")
 @click.option("--shard-size", help="Largest output shard, e.g. 5GB (default), 500MB, 2GiB.")
@@ -236,7 +262,7 @@ def _resume_mode(restart: bool, no_resume: bool) -> str:
                    "when --ray is given alone) or local (a private Ray for this run). Needs the ray extra.")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def merge(inputs, ts, out, swap_share, dtype, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite,
+def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite,
           force, restart, no_resume, threads, ray_address, as_json, quiet):
     """Merge BASE SECONDARY [SECONDARY ...] (or one RECIPE.yaml) sequentially by NearSwap.
 
@@ -281,7 +307,7 @@ def merge(inputs, ts, out, swap_share, dtype, gguf_type, shard_size, tokenizer_s
         per_step = list(ts) if len(ts) > 1 else [ts[0]] * len(secondaries)
         steps = [{"model": m, "t": t} for m, t in zip(secondaries, per_step)]
         rec = recipes.build({"base": inputs[0], "steps": steps, **options}, "command line")
-        if swap_share is not None:
+        if swap_share is not None and not show_plan:  # (the plan's bytes do not depend on t)
             from .swapshare import choose, parse_share
 
             share = parse_share(swap_share)
@@ -292,10 +318,19 @@ def merge(inputs, ts, out, swap_share, dtype, gguf_type, shard_size, tokenizer_s
                                  **options}, "command line")
 
     bar = _Progress("merging", quiet or as_json)
+
+    if show_plan:
+        click.echo("\n".join(engine.describe_plan(engine.plan(rec))))
+        return
+
+    def on_plan(p) -> None:  # noqa: ANN001
+        if not (quiet or as_json) and (p.in_bytes >= PLAN_SHOWN_FROM or _stderr_is_a_terminal()):
+            click.echo("\n".join(engine.describe_plan(p)), err=True)
+        bar.start(p.in_bytes)
+
     try:
         report = engine.merge(rec, out, gguf_type, force=force, settings=_settings(threads), ray_address=ray_address,
-                              progress=bar.update, resume=_resume_mode(restart, no_resume),
-                              on_plan=lambda p: bar.start(p.in_bytes))
+                              progress=bar.update, resume=_resume_mode(restart, no_resume), on_plan=on_plan)
     finally:
         bar.close()
     if as_json:
@@ -303,7 +338,12 @@ def merge(inputs, ts, out, swap_share, dtype, gguf_type, shard_size, tokenizer_s
     else:
         click.echo(format_table(report["steps"], report.get("all_steps")))
         size = f"{report['output']['total_size'] / 1e9:.2f} GB"
-        if "types" in report["output"]:  # a GGUF file
+        if report["output"].get("null"):
+            params = report["output"]["parameters"]
+            click.echo(f"streamed {size} into null: (checksummed, not stored; digest {report['output']['digest'][:16]}); "
+                       f"{report['seconds']:.1f} s, {params * (1 + len(report['steps'])) / report['seconds'] / 1e9:.2f}B "
+                       "input parameters/s")
+        elif "types" in report["output"]:  # a GGUF file
             types = ", ".join(f"{k} x{v}" for k, v in report["output"]["types"].items())
             click.echo(f"wrote {out} ({size}; {types}; {report['seconds']:.1f} s)")
         else:

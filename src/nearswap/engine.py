@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 import warnings
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -25,6 +26,8 @@ from .dtypes import BY_NAME, DType
 from .errors import InvalidValue, NearswapError, NearswapWarning, WriteFailed, shown
 from .formats import TOKENIZER_FILES, Model, open_model
 from .formats import safetensors as st
+from .formats.generated import is_generated
+from .formats.null import NullWriter, is_null
 from .formats.safetensors import FileReader, ShardedWriter
 from .formats.types import TensorInfo
 from .output import atomic_directory, check_name
@@ -265,13 +268,15 @@ class CopyPass(_Inputs):
         self.tasks, self.writer = tasks, writer
         self.skip: set[int] = set()
         self._left: dict[int, int] = {}
-        self.crcs: dict[int, dict[int, int]] = {}  # tensor index -> {first element: CRC-32 of the chunk}
+        self.crcs: dict[int, array] = {}  # tensor index -> each chunk's CRC-32C (4 bytes a chunk, however large the model)
+        self._chunk = 1
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in super().__getstate__().items() if k not in ("journal", "_left", "crcs")}
 
     def items(self, settings: Settings) -> Iterator[tuple[int, int, int]]:
         numels = [t.numel for t in self.tasks]
+        self._chunk = settings.chunk
         self._left = {i: max(1, -(-n // settings.chunk)) for i, n in enumerate(numels) if i not in self.skip}
         return (item for item in work_items(numels, settings.chunk) if item[0] not in self.skip)
 
@@ -283,13 +288,13 @@ class CopyPass(_Inputs):
             if task.name in done:
                 self.skip.add(i)
                 self._restore(task, done[task.name]["tallies"])
-                self.crcs[i] = dict(enumerate(done[task.name]["crc"]))  # (only their order matters)
+                self.crcs[i] = array("I", done[task.name]["crc"])
                 skipped += task.in_bytes
         return skipped
 
     def checksums(self) -> dict[str, list[int]]:
         """Each tensor's chunk CRCs in element order."""
-        return {self.tasks[i].name: [c for _, c in sorted(chunks.items())] for i, chunks in self.crcs.items()}
+        return {self.tasks[i].name: list(chunks) for i, chunks in self.crcs.items()}
 
     def _restore(self, task: TensorTask, tallies: Any) -> None:
         pass
@@ -299,14 +304,17 @@ class CopyPass(_Inputs):
 
     def _completed(self, result: Result) -> None:
         if result.crc is not None:
-            self.crcs.setdefault(result.index, {})[result.start] = result.crc
+            crcs = self.crcs.get(result.index)
+            if crcs is None:
+                crcs = self.crcs[result.index] = array("I", bytes(4 * -(-self.tasks[result.index].numel // self._chunk)))
+            crcs[result.start // self._chunk] = result.crc
         if self.journal is None:
             return
         left = self._left[result.index] - 1
         self._left[result.index] = left
         if left == 0:
             task = self.tasks[result.index]
-            crcs = [c for _, c in sorted(self.crcs.get(result.index, {}).items())]
+            crcs = list(self.crcs.get(result.index, ()))
             self.journal.done(task.name, {"tallies": self._tallies(task), "crc": crcs},
                               task.numel * task.out_dtype.itemsize)
 
@@ -419,6 +427,10 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
     ``merge_report.json`` and a model card; or, when ``out`` ends in ``.gguf``, a GGUF file
     (``merge_to_gguf``, ``gguf_type``). Returns the report. ``run``: ``force``, ``threads``,
     ``progress``, ``on_plan`` as for ``write_checkpoint``."""
+    if is_null(out):
+        if gguf_type is not None:
+            raise NearswapError("--type is for a .gguf output; null: stores nothing")
+        return merge_to_null(recipe, **run)
     out = Path(out)
     if out.suffix.lower() == ".gguf":
         return merge_to_gguf(recipe, out, gguf_type or "like-base", **run)
@@ -437,6 +449,60 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
     steps, report = write_checkpoint(recipe, out, {"nearswap_recipe": json.dumps(recipe.to_dict())}, finish,
                                      regenerated=("README.md", REPORT_NAME, RECIPE_NAME), **run)
     return report
+
+
+def merge_to_null(recipe: Recipe, *, threads: int | None = None, settings: Settings | None = None,
+                  progress: Callable[[int], None] | None = None, on_plan: Callable[[Plan], None] | None = None,
+                  ray_address: str | None = None, force: bool = False, resume: str = "auto") -> MergeReport:
+    """Run a recipe into the null sink (``-o null:``): every chunk read, merged and
+    checksummed as for a real output, nothing stored. The report has the statistics and a
+    SHA-256 over every tensor's chunk CRCs in tensor order (``output.digest``), which a run
+    into a directory of the same recipe reproduces from its own checksums."""
+    if ray_address:
+        raise NearswapError("null: is a sink of this process; drop --ray, or merge into a directory")
+    settings = settings or Settings(threads=threads)
+    plan_ = plan(recipe)
+    if on_plan:
+        on_plan(plan_)
+    started = time.perf_counter()
+    writer = NullWriter([(t.name, t.out_dtype, t.shape) for t in plan_.tasks])
+    pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
+    stream.run(pass_, settings, progress)
+    steps = getattr(pass_, "steps", [])
+    warn_no_ops(steps)
+    writer.close()
+    crcs = pass_.checksums()
+    report: MergeReport = {
+        "nearswap_version": __version__,
+        "kernel": kernels.describe_backend(),
+        "base": recipe.base,
+        "output_dtype": recipe.dtype or "as base",
+        "carry_float32": recipe.carry_float32,
+        "seconds": round(time.perf_counter() - started, 3),
+        "output": {"null": True, "total_size": writer.total_size, "tensors": len(plan_.tasks),
+                   "parameters": plan_.base.num_params, "chunk": settings.chunk,
+                   "digest": checksums.digest([crcs.get(t.name, []) for t in plan_.tasks])},
+        "steps": [s.to_json() for s in steps],
+    }
+    if steps:
+        report["all_steps"] = pass_.net.to_json()
+    return report
+
+
+def describe_plan(plan_: Plan) -> list[str]:
+    """What a merge will read, write and need on disk, fused (this run) and as the separate
+    two-model passes other tools run, one per secondary (each intermediate written, then read
+    back by the next pass)."""
+    out, n = plan_.out_bytes, len(plan_.secondaries)
+    reads = plan_.in_bytes
+    gb = 1e9
+    lines = [f"plan: {plan_.base.label} + {n} secondar{'y' if n == 1 else 'ies'}, {plan_.base.num_params / 1e9:.2f}B "
+             f"parameters each; fused chain (this run): reads {reads / gb:.1f} GB, writes {out / gb:.1f} GB, "
+             f"needs {out / gb:.1f} GB of disk"]
+    if n > 1:
+        lines.append(f"  as {n} separate passes: reads {(reads + (n - 1) * out) / gb:.1f} GB, writes {n * out / gb:.1f} GB "
+                     f"({n - 1} intermediate{'s' if n > 2 else ''}), needs {2 * out / gb:.1f} GB of disk at once")
+    return lines
 
 
 RESUME_MODES = ("auto", "restart", "never")
@@ -515,10 +581,13 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
 
 def _resolved(recipe: Recipe) -> dict[str, Any]:
     """The recipe with every model path absolute and resolved (for the fingerprint)."""
+    def resolve(p: str) -> str:
+        return p if is_generated(p) else str(Path(p).resolve())
+
     data = recipe.to_dict()
-    data["base"] = str(Path(recipe.base).resolve())
+    data["base"] = resolve(recipe.base)
     for step in data["steps"]:
-        step["model"] = str(Path(step["model"]).resolve())
+        step["model"] = resolve(step["model"])
     if recipe.tokenizer_source != "base":
         data["tokenizer_source"] = str(Path(recipe.tokenizer_source).resolve())
     return data

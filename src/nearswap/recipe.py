@@ -30,6 +30,7 @@ from typing import Any
 
 from . import dtypes
 from .errors import NearswapError, shown
+from .formats.generated import is_generated
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3
 MAX_STEPS = 64
@@ -128,7 +129,7 @@ class Recipe:
     def resolve_paths(self, root: Path) -> "Recipe":
         """Make relative model paths relative to ``root`` (the recipe file's folder)."""
         def fix(p: str) -> str:
-            return str(p) if Path(p).is_absolute() else str(root / p)
+            return str(p) if Path(p).is_absolute() or is_generated(p) else str(root / p)
 
         data = self.to_dict()
         data["base"] = fix(self.base)
@@ -149,7 +150,7 @@ class Recipe:
         from .dtypes import BY_NAME
 
         def path(p: str) -> str:
-            if relative_to is None:
+            if relative_to is None or is_generated(p):
                 return p
             return os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())
 

@@ -97,8 +97,14 @@ def open_model(path: str | Path, label: str = "model", native: bool = False) -> 
     ``native``: a GGUF under its own names and stored values, of any architecture (only GGUF
     files can be opened so).
 
+    ``synthetic:SHAPE?seed=N`` is a checkpoint generated on the fly (``generated``).
+
     Raises ``NearswapError`` with a one-line explanation for anything unusable.
     """
+    from .generated import is_generated, open_generated
+
+    if is_generated(path) and not native:
+        return open_generated(str(path), label)
     path = Path(path)
     if not path.exists():
         text = str(path)

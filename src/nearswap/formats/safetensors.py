@@ -176,6 +176,8 @@ class FileReader:
     def read(self, info: TensorInfo, start: int, out: Any) -> Any:
         """Fill ``out`` (a 1-D numpy array of ``info.dtype``, or a byte buffer holding whole
         elements) with the elements from ``start`` on; returns ``out``."""
+        if getattr(info.source, "fileless", False):  # generated on the fly
+            return info.source.read(-1, info, start, out)
         fd = self._fds.get(info.file)
         if fd is None:
             fd = open_regular(info.file)
