@@ -22,8 +22,12 @@ setup-eval: setup
 demo: setup
 	$(BIN)/nearswap demo
 
+# Two test processes, each running whole files (module fixtures such as a Ray cluster or a
+# converted model are made once): the suite waits on subprocesses and downloads as much as on CPU.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/bench_merge.py
