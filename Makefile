@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-eval demo test bench clean
+.PHONY: setup setup-eval setup-awq demo test bench clean
 
 setup: $(STAMP)
 
@@ -15,6 +15,15 @@ $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c src/nearswap/_dequant.
 	$(BIN)/pip install -q -e '.[dev,judge,ray]'
 	$(BIN)/python -c "import nearswap.kernels as k; print('nearswap kernel:', k.describe_backend())"
 	touch $(STAMP)
+
+# export --format awq: llm-compressor in an environment of its own (it pins an older transformers
+# than the judge's). Then: .venv-awq/bin/nearswap export MODEL --format awq --text FILE -o OUT
+AWQ_VENV := .venv-awq
+
+setup-awq:
+	test -x $(AWQ_VENV)/bin/python || $(PY) -m venv $(AWQ_VENV)
+	$(AWQ_VENV)/bin/pip install -q --upgrade pip setuptools wheel
+	$(AWQ_VENV)/bin/pip install -q -e '.[awq]'
 
 # (kept for older checkouts' habits: the judge extra is installed by setup)
 setup-eval: setup
@@ -33,4 +42,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_merge.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/nearswap/*.so
+	rm -rf $(VENV) $(AWQ_VENV) build src/*.egg-info src/nearswap/*.so

@@ -386,24 +386,47 @@ def convert(model, out, dtype, shard_size, force, restart, no_resume, threads, q
 @click.argument("model")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
               help="Output .gguf file (a directory for --format exl2/exl3).")
-@click.option("--format", "fmt", default="gguf", show_default=True, help="gguf, or exl2 / exl3 (on an NVIDIA GPU).")
+@click.option("--format", "fmt", default="gguf", show_default=True,
+              help="gguf; awq (llm-compressor, a directory); exl2 / exl3 (on an NVIDIA GPU).")
 @click.option("--type", "type_name", default="q8_0", show_default=True,
               help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (K-quants with llama-cpp-python).")
 @click.option("--bpw", type=float, help="EXL2/EXL3: bits per weight (e.g. 4.6).")
 @click.option("--head-bits", type=int, help="EXL2/EXL3: bits of the output head (2-6 or 8; default 6).")
+@click.option("--text", type=click.Path(path_type=Path), help="AWQ: calibration text (passages separated by blank lines).")
+@click.option("--bits", type=int, help="AWQ: bits per weight, 4 (default) or 8.")
+@click.option("--group-size", type=click.IntRange(1), help="AWQ: columns per quantization group (default 128).")
+@click.option("--samples", type=click.IntRange(1), help="AWQ: calibration passages (default 64).")
+@click.option("--seq-len", type=click.IntRange(8), help="AWQ: tokens per passage, at most (default 256).")
+@click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path),
+              help="GGUF: an importance matrix (nearswap imatrix) for llama.cpp's llama-quantize (on PATH).")
 @click.option("--vocab-from", type=click.Path(path_type=Path), help="A GGUF whose vocabulary to embed.")
 @click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @threads_option("Threads for llama.cpp's quantizer (K-quants; default: all cores).")
 @json_option("Print what was written as JSON.")
-def export(model, out, fmt, type_name, bpw, head_bits, vocab_from, force, quiet, threads, as_json):
+def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, samples, seq_len, imatrix_file,
+           vocab_from, force, quiet, threads, as_json):
     """Write MODEL (a llama-family HF dir, safetensors or GGUF) as a GGUF file for llama.cpp,
-    or (--format exl2/exl3, on an NVIDIA GPU) as an EXL2/EXL3 quant for exllama.
+    as an AWQ quant (--format awq: llm-compressor, compressed-tensors), or (--format exl2/exl3,
+    on an NVIDIA GPU) as an EXL2/EXL3 quant for exllama.
 
     \b
       nearswap export merged/ -o merged.q8_0.gguf --type q8_0
       nearswap export merged/ -o merged-4.6bpw-h8-exl2 --format exl2 --bpw 4.6 --head-bits 8
+      nearswap export merged/ -o merged-awq --format awq --text calibration.txt
+      nearswap export merged/ -o merged.iq4_xs.gguf --type iq4_xs --imatrix imatrix.gguf
     """
+    awq_options = dict(bits=bits, group_size=group_size, samples=samples, seq_len=seq_len)
+    if fmt != "awq" and (text is not None or any(v is not None for v in awq_options.values())):
+        raise click.UsageError("--text, --bits, --group-size, --samples and --seq-len are for --format awq")
+    if fmt == "awq":
+        from .awq import export_awq
+
+        result = export_awq(model, out, text, force=force, **{k: v for k, v in awq_options.items() if v is not None})
+        click.echo(json.dumps(result, indent=1) if as_json else
+                   f"wrote {out} ({result['bytes'] / 1e6:.1f} MB; AWQ {result['bits']}-bit, groups of {result['group_size']}; "
+                   f"{result['calibration']['passages']} calibration passages; {result['seconds']:.0f} s)")
+        return
     if fmt != "gguf":
         from .exl import export_exl
 
@@ -413,12 +436,14 @@ def export(model, out, fmt, type_name, bpw, head_bits, vocab_from, force, quiet,
         return
     if bpw is not None or head_bits is not None:
         raise click.UsageError("--bpw and --head-bits are for --format exl2/exl3; a GGUF takes --type")
+    if imatrix_file is not None and fmt != "gguf":
+        raise click.UsageError("--imatrix is for GGUF outputs (llama.cpp's quantizer)")
     from .formats.gguf import export_gguf
 
     bar = _Progress("exporting", quiet or as_json)
     try:
         result = export_gguf(model, out, type_name, vocab_from=vocab_from, force=force, progress=bar.update,
-                             on_start=lambda m: bar.start(m.nbytes), threads=threads)
+                             on_start=lambda m: bar.start(m.nbytes), threads=threads, imatrix=imatrix_file)
     finally:
         bar.close()
     if as_json:
@@ -426,6 +451,36 @@ def export(model, out, fmt, type_name, bpw, head_bits, vocab_from, force, quiet,
         return
     kinds = ", ".join(f"{k} x{v}" for k, v in result["tensors"].items())
     click.echo(f"wrote {out} ({result['bytes'] / 1e6:.1f} MB; {kinds}; vocabulary from {result['vocabulary']})")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--text", required=True, type=click.Path(path_type=Path), help="Calibration text (UTF-8).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output imatrix .gguf file.")
+@click.option("--chunk-tokens", type=click.IntRange(8), default=512, show_default=True,
+              help="Tokens per forward pass (llama-imatrix's -c).")
+@click.option("--chunks", type=click.IntRange(1), help="At most this many chunks (default: all the text holds).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@threads_option("Threads for torch (default: all cores).")
+@quiet_option()
+@json_option("Print what was written as JSON.")
+def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_json):
+    """Compute MODEL's importance matrix over a calibration text, in llama.cpp's imatrix format
+    (for `nearswap export --type iq4_xs --imatrix FILE`, or llama-quantize itself).
+
+    \b
+      nearswap imatrix merged/ --text calibration.txt -o imatrix.gguf
+    """
+    from . import imatrix as imx
+
+    say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
+    result = imx.compute(model, text, chunk_tokens, chunks, threads,
+                         progress=lambda k, n: say(f"chunk {k}/{n}") if k == n or k % 10 == 0 else None)
+    imx.write(result, out, force)
+    summary = {"output": str(out), "entries": len(result["sums"]), "chunks": result["chunks"],
+               "chunk_tokens": chunk_tokens, "dataset": result["dataset"]}
+    click.echo(json.dumps(summary, indent=1) if as_json else
+               f"wrote {out} ({summary['entries']} weights, {result['chunks']} chunks of {chunk_tokens} tokens)")
 
 
 @cli.command()

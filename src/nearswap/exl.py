@@ -28,7 +28,7 @@ def preflight(fmt: str, source: str | Path, bpw: float | None, head_bits: int | 
     """Everything that can be known before converting: the arguments, the source (an HF
     directory: the converters read safetensors), a CUDA device and the library."""
     if fmt not in FORMATS:
-        raise NearswapError(f"unknown --format {fmt!r}; one of gguf, {', '.join(FORMATS)}")
+        raise NearswapError(f"unknown --format {fmt!r}; one of gguf, awq, {', '.join(FORMATS)}")
     library = FORMATS[fmt][0]
     if bpw is None:
         raise NearswapError(f"--format {fmt} needs --bpw (bits per weight, e.g. 4.6)")

@@ -258,6 +258,9 @@ LLAMA_CPP_TYPES = {
     "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M",
     "q6_k": "MOSTLY_Q6_K", "iq4_nl": "MOSTLY_IQ4_NL", "iq4_xs": "MOSTLY_IQ4_XS",
 }
+# Types only llama.cpp's quantizer writes, and only with an importance matrix (``--imatrix``)
+IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")
+LLAMA_QUANTIZE = "llama-quantize"  # llama.cpp's quantizer program: the one that reads an imatrix file
 REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -406,7 +409,8 @@ def _vocab_source(model: Any, vocab_from: Path | None) -> tuple[str, Path]:
 
 def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *, vocab_from: str | Path | None = None,
                 force: bool = False, progress: Callable[[int], None] | None = None,
-                on_start: Callable[[Any], None] | None = None, threads: int | None = None) -> dict[str, Any]:
+                on_start: Callable[[Any], None] | None = None, threads: int | None = None,
+                imatrix: str | Path | None = None) -> dict[str, Any]:
     """Write a llama-family model (HF dir, safetensors or GGUF) as a GGUF file of ``type_name``.
 
     2-D weights become ``type_name`` (quantized with gguf.quants; F16 where a row does not
@@ -415,10 +419,18 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
     if it is a GGUF, else the GGUF the source was merged or converted from (recorded in its
     metadata), else its tokenizer.json (BPE). Written into a hidden sibling of ``out`` (one
     run per ``out`` at a time) and renamed when complete; ``force`` replaces a GGUF file.
+    ``imatrix``: an importance matrix file (``nearswap imatrix``), given with the f32 export to
+    llama.cpp's ``llama-quantize`` program (on PATH), which weighs each column's rounding by it.
     """
     from ..output import atomic_file
 
     out = Path(out)
+    if imatrix is not None:
+        return _export_with_imatrix(source, out, type_name, Path(imatrix), vocab_from, force, progress, on_start,
+                                    threads)
+    if type_name in IMATRIX_TYPES:
+        raise NearswapError(f"{type_name} needs an importance matrix: make one with `nearswap imatrix MODEL --text "
+                            f"FILE -o imatrix.gguf` and pass --imatrix imatrix.gguf")
     if type_name not in EXPORT_TYPES and type_name not in LLAMA_CPP_TYPES:
         raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
                             f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
@@ -444,6 +456,45 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
                 kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
             result["tensors"] = kinds
     return {**result, "output": str(out), "type": type_name, "bytes": out.stat().st_size}
+
+
+def _export_with_imatrix(source: str | Path, out: Path, type_name: str, imatrix: Path,
+                         vocab_from: str | Path | None, force: bool, progress: Callable[[int], None] | None,
+                         on_start: Callable[[Any], None] | None, threads: int | None) -> dict[str, Any]:
+    import shutil
+    import subprocess
+
+    from ..imatrix import read as read_imatrix
+    from ..output import atomic_file
+    from .gguf_header import read_header
+
+    if type_name not in LLAMA_CPP_TYPES and type_name not in IMATRIX_TYPES:
+        raise NearswapError(f"--imatrix is for llama.cpp's quantizer types ({', '.join([*LLAMA_CPP_TYPES, *IMATRIX_TYPES])}), "
+                            f"not {type_name!r}")
+    entries = read_imatrix(imatrix)  # refuses a file that is no importance matrix, before any work
+    program = shutil.which(LLAMA_QUANTIZE)
+    if program is None:
+        raise NearswapError(f"--imatrix runs llama.cpp's {LLAMA_QUANTIZE}, which is not on PATH (llama-cpp-python does "
+                            f"not ship it): build it from llama.cpp (cmake -B build && cmake --build build --target "
+                            f"{LLAMA_QUANTIZE}) and add build/bin to PATH")
+    with atomic_file(out, force) as part:
+        f32 = part.with_name(part.name + ".f32")
+        try:
+            result = _write_gguf(source, out, f32, "f32", vocab_from, progress, on_start)
+            proc = subprocess.run([program, "--imatrix", str(imatrix), str(f32), str(part), type_name.upper(),
+                                   str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
+            if proc.returncode != 0 or not part.is_file():
+                last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
+                raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name} with {imatrix} "
+                                    f"(exit {proc.returncode}): {last[0][:200]}")
+        finally:
+            f32.unlink(missing_ok=True)
+        kinds: dict[str, int] = {}
+        for t in read_header(part).tensors:
+            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+        result["tensors"] = kinds
+    return {**result, "output": str(out), "type": type_name, "bytes": out.stat().st_size,
+            "imatrix": {"file": str(imatrix), "entries": len(entries)}}
 
 
 def _llama_cpp(type_name: str) -> Any:
