@@ -722,7 +722,7 @@ def inspect(model, as_json, list_tensors):
         click.echo(f"  architecture  {', '.join(info['architectures'] or ['(no config.json)'])}")
     click.echo(f"  parameters    {info['parameters']:,} in {info['tensor_count']} tensors, {info['bytes'] / 1e9:.3f} GB")
     click.echo("  dtypes        " + ", ".join(f"{k} {v:,}" for k, v in info["dtypes"].items()))
-    click.echo(f"  files         {', '.join(info['files'])}")
+    click.echo(f"  files         {', '.join(info['files']) or 'none (generated while read)'}")
     if info.get("nearswap"):
         click.echo(f"  made by       nearswap {info['nearswap']}")
     for t in info.get("tensors", []):
