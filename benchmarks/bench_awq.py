@@ -90,7 +90,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         rows.append((name, ppl, size, tokens))
         print(f"{name}: perplexity {ppl:.3f} over {tokens} tokens; {size / 1e6:.1f} MB", flush=True)
-    lines = [f"# AWQ on SmolLM2-135M-Instruct (CPU)\n",
+    lines = ["# AWQ on SmolLM2-135M-Instruct (CPU)\n",
              f"`.venv-awq/bin/python benchmarks/bench_awq.py --samples {args.samples} --group-size {args.group_size}`; "
              f"`nearswap export --format awq` took {awq_seconds:.0f} s on this 2-core CPU "
              f"({args.samples} LAMBADA passages, at most 256 tokens each).\n",

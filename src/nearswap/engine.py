@@ -473,12 +473,7 @@ def merge_to_null(recipe: Recipe, *, threads: int | None = None, settings: Setti
     writer.close()
     crcs = pass_.checksums()
     report: MergeReport = {
-        "nearswap_version": __version__,
-        "kernel": kernels.describe_backend(),
-        "base": recipe.base,
-        "output_dtype": recipe.dtype or "as base",
-        "carry_float32": recipe.carry_float32,
-        "seconds": round(time.perf_counter() - started, 3),
+        **_report_head(recipe, started),
         "output": {"null": True, "total_size": writer.total_size, "tensors": len(plan_.tasks),
                    "parameters": plan_.base.num_params, "chunk": settings.chunk,
                    "digest": checksums.digest([crcs.get(t.name, []) for t in plan_.tasks])},
@@ -487,6 +482,13 @@ def merge_to_null(recipe: Recipe, *, threads: int | None = None, settings: Setti
     if steps:
         report["all_steps"] = pass_.net.to_json()
     return report
+
+
+def _report_head(recipe: Recipe, started: float) -> dict[str, Any]:
+    """What every directory or null merge report starts with."""
+    return {"nearswap_version": __version__, "kernel": kernels.describe_backend(), "base": recipe.base,
+            "output_dtype": recipe.dtype or "as base", "carry_float32": recipe.carry_float32,
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def describe_plan(plan_: Plan) -> list[str]:
@@ -636,12 +638,7 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
         writer.abort()
         raise
     report: MergeReport = {
-        "nearswap_version": __version__,
-        "kernel": kernels.describe_backend(),
-        "base": recipe.base,
-        "output_dtype": recipe.dtype or "as base",
-        "carry_float32": recipe.carry_float32,
-        "seconds": round(time.perf_counter() - started, 3),
+        **_report_head(recipe, started),
         "output": {"files": [f.name for f in files], "copied": [], "total_size": writer.total_size,
                    "tensors": len(plan_.tasks), "parameters": plan_.base.num_params,
                    "checksums": checksums.record(_tensors_by_file(writer), pass_.checksums(), settings.chunk)},
