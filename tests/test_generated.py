@@ -144,3 +144,20 @@ def test_null_refuses_what_it_cannot_do(run):
     assert result.exit_code == 1 and "null: is a sink of this process" in result.stderr
     result = run("merge", "synthetic:tiny", "synthetic:tiny?seed=1", "-t", 1e-4, "-o", "null:", "--type", "q8_0")
     assert result.exit_code == 1 and "--type is for a .gguf output" in result.stderr
+
+
+def test_a_log_gets_the_plan_of_a_big_merge_and_one_eta_line(run, monkeypatch):
+    """Where stderr is no terminal (CliRunner's, a log): the plan from PLAN_SHOWN_FROM input
+    bytes on, and one line with the speed measured so far and the time left."""
+    from nearswap import cli
+
+    monkeypatch.setattr(cli, "PLAN_SHOWN_FROM", 0)
+    monkeypatch.setattr(cli._Progress, "ETA_AFTER", 0.0)
+    result = run("merge", "synthetic:demo", "synthetic:demo?seed=1", "-t", 1e-4, "-o", "null:")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("plan: base + 1 secondary") and len([x for x in lines if "left" in x]) == 1
+    eta = next(x for x in lines if "left" in x)
+    assert eta.startswith("merging: ") and "GB/s over the first 0 s; about " in eta
+    quiet = run("merge", "synthetic:demo", "synthetic:demo?seed=1", "-t", 1e-4, "-o", "null:", "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

@@ -341,7 +341,7 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
         if report["output"].get("null"):
             params = report["output"]["parameters"]
             click.echo(f"streamed {size} into null: (checksummed, not stored; digest {report['output']['digest'][:16]}); "
-                       f"{report['seconds']:.1f} s, {params * (1 + len(report['steps'])) / report['seconds'] / 1e9:.2f}B "
+                       f"{report['seconds']:.1f} s, {params * (1 + len(report['steps'])) / max(report['seconds'], 1e-3) / 1e9:.2f}B "
                        "input parameters/s")
         elif "types" in report["output"]:  # a GGUF file
             types = ", ".join(f"{k} x{v}" for k, v in report["output"]["types"].items())

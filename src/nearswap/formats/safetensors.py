@@ -169,9 +169,12 @@ def pread_exact(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
 class FileReader:
     """Positional reads of tensor chunks into caller buffers; one fd per file, thread-safe."""
 
-    def __init__(self, random: bool = False) -> None:
+    def __init__(self, random: bool = False, ahead: int = 0) -> None:
         self._fds: dict[Path, int] = {}
         self.random = random  # reads scattered over the files: no readahead (POSIX_FADV_RANDOM)
+        # reads in order: after each, ask the kernel to start reading the next ``ahead`` reads'
+        # worth of that file (POSIX_FADV_WILLNEED), so a cold disk works while the chunk is merged
+        self.ahead = ahead if hasattr(os, "posix_fadvise") else 0
 
     def read(self, info: TensorInfo, start: int, out: Any) -> Any:
         """Fill ``out`` (a 1-D numpy array of ``info.dtype``, or a byte buffer holding whole
@@ -188,7 +191,11 @@ class FileReader:
                 fd = self._fds[info.file]
         if info.source is not None:
             return info.source.read(fd, info, start, out)
-        pread_exact(fd, byte_view(out), info.offset + start * info.dtype.itemsize, info)
+        view = byte_view(out)
+        pos = info.offset + start * info.dtype.itemsize
+        pread_exact(fd, view, pos, info)
+        if self.ahead:
+            os.posix_fadvise(fd, pos + len(view), len(view) * self.ahead, os.POSIX_FADV_WILLNEED)
         return out
 
     def close(self) -> None:
