@@ -67,6 +67,10 @@ def test_bad_inputs_are_one_line(tiny_llm, tmp_path, run):
     result = run("imatrix", tiny_llm / "base", "--text", short, "-o", tmp_path / "i.gguf")
     assert result.exit_code == 1 and "fewer than one chunk of 512" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "i.gguf").exists()
+    taken = tmp_path / "taken.gguf"
+    taken.write_text("a file of someone's")
+    result = run("imatrix", tiny_llm / "base", "--text", short, "-o", taken)  # refused before the text is read
+    assert result.exit_code == 1 and "already exists" in result.stderr and taken.read_text() == "a file of someone's"
     not_imatrix = tmp_path / "x.gguf"
     shutil.copy(tiny_llm / "base" / "config.json", not_imatrix)
     result = run("export", tiny_llm / "base", "-o", tmp_path / "q.gguf", "--type", "iq4_xs", "--imatrix", not_imatrix)

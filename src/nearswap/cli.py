@@ -472,7 +472,10 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
       nearswap imatrix merged/ --text calibration.txt -o imatrix.gguf
     """
     from . import imatrix as imx
+    from .output import check_name, check_replaceable
 
+    check_name(out)
+    check_replaceable(out, force, "file")  # before the model runs, not after
     say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
     result = imx.compute(model, text, chunk_tokens, chunks, threads,
                          progress=lambda k, n: say(f"chunk {k}/{n}") if k == n or k % 10 == 0 else None)

@@ -46,9 +46,10 @@ def weight_names(model: Any, config: dict) -> dict[str, str]:
 def compute(model_path: str | Path, text: str | Path, chunk_tokens: int = 512, max_chunks: int | None = None,
             threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The sums and counts for ``model_path`` (HF directory or GGUF) over the text file ``text``."""
-    import torch
-
+    from .evaluate import _torch_and_transformers
     from .judge import models
+
+    torch, _ = _torch_and_transformers()  # or one line naming the extra to install
 
     text = Path(text)
     try:
