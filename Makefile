@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c src/nearswap/_dequant.
 	touch $(STAMP)
 
 # export --format awq: llm-compressor in an environment of its own (it pins an older transformers
-# than the judge's). Then: .venv-awq/bin/nearswap export MODEL --format awq --text FILE -o OUT
+# than the judge's). Then: .venv-awq/bin/nearswap export MODEL --format awq --text FILE -o OUT;
+# its tests: .venv-awq/bin/python -m pytest tests/test_awq.py
 AWQ_VENV := .venv-awq
 
 setup-awq:
 	test -x $(AWQ_VENV)/bin/python || $(PY) -m venv $(AWQ_VENV)
 	$(AWQ_VENV)/bin/pip install -q --upgrade pip setuptools wheel
-	$(AWQ_VENV)/bin/pip install -q -e '.[awq]'
+	$(AWQ_VENV)/bin/pip install -q -e '.[awq,dev]'
 
 # (kept for older checkouts' habits: the judge extra is installed by setup)
 setup-eval: setup

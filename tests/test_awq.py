@@ -1,6 +1,7 @@
 """export --format awq (issue 11 item 5): llm-compressor's AWQ into a compressed-tensors
 checkpoint. The refusals run everywhere; the quantization itself runs where llm-compressor is
-installed (`make setup-awq`; it is not part of `make test`'s environment: it pins transformers).
+installed (`make setup-awq`, then `.venv-awq/bin/python -m pytest tests/test_awq.py`; it is not part of
+`make test`'s environment: it pins transformers).
 SmolLM2's measured figures are in docs/benchmarks.md (benchmarks/bench_awq.py)."""
 
 import json
