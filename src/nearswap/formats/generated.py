@@ -11,8 +11,8 @@ is a copy out of the pool, far faster than any disk, so a merge of generated inp
 the engine itself. Every statistic of a whole merge is a sum over pool positions weighted by
 how often each is visited (``visits``): exact, not estimated.
 
-- ``seed=0`` (the default) is the base: N(0, 0.02) weights, norms 1 + N(0, 0.05), as
-  ``synthetic.make_base`` draws them.
+- ``seed=0`` (the default) is the base: N(0, 0.02) weights, norms 1 + N(0, 0.05), the
+  distributions of ``synthetic.make_base`` (not its numbers: Python's generator draws these).
 - ``seed=k`` for k >= 1 is a derived secondary, as ``synthetic.make_secondary`` makes one:
   the base's stored values + Laplace(``noise``, default 0.0125) noise drawn from seed k on
   every weight but the norms (norms are the base's).
