@@ -200,7 +200,9 @@ def test_a_resumed_run_does_not_redo_the_journaled_work(models, tmp_path):
                                 settings=Settings(**SETTINGS), progress=read.append)
     assert weights(out) == weights(models[1])
     skipped = report["resumed"]["output_bytes"]
-    assert 0.3 * TOTAL < skipped <= 0.6 * TOTAL  # journaled every 64 KiB: at most a little behind the kill
+    # Journaled every 64 KiB, but synced in the background (a batch waits while the last fsync runs): how far
+    # it got by the kill depends on the disk. Alone it is past 30%; beside another test process's I/O it was 15%.
+    assert 0 < skipped <= 0.6 * TOTAL
     in_bytes = 4 * TOTAL  # base + three secondaries, float32
     assert read[0] == 4 * skipped and sum(read) == in_bytes  # the progress bar starts where the last run stopped
 
