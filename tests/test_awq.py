@@ -44,6 +44,16 @@ def test_awq_options_with_another_format_are_refused(tiny_llm, calibration, tmp_
     assert not (tmp_path / "q.gguf").exists()
 
 
+@pytest.mark.parametrize("args,text", [
+    (["--format", "awq", "--imatrix", "i.gguf"], "--imatrix and --vocab-from are for GGUF outputs"),
+    (["--format", "exl2", "--bpw", "4", "--vocab-from", "v.gguf"], "--imatrix and --vocab-from are for GGUF outputs"),
+    (["--format", "awq", "--bpw", "4"], "AWQ takes --bits and --group-size"),
+])
+def test_options_of_other_formats_are_refused_not_ignored(tiny_llm, tmp_path, run, args, text):
+    result = run("export", tiny_llm / "base", "-o", tmp_path / "q", *args)
+    assert result.exit_code == 2 and text in result.stderr and not (tmp_path / "q").exists()
+
+
 def test_without_llm_compressor_one_line_says_how_to_install_it(tiny_llm, calibration, tmp_path, run):
     try:
         import llmcompressor  # noqa: F401

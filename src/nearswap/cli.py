@@ -416,6 +416,11 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
       nearswap export merged/ -o merged-awq --format awq --text calibration.txt
       nearswap export merged/ -o merged.iq4_xs.gguf --type iq4_xs --imatrix imatrix.gguf
     """
+    if (imatrix_file is not None or vocab_from is not None) and fmt != "gguf":
+        raise click.UsageError("--imatrix and --vocab-from are for GGUF outputs")
+    if (bpw is not None or head_bits is not None) and fmt in ("gguf", "awq"):
+        raise click.UsageError(f"--bpw and --head-bits are for --format exl2/exl3; "
+                               f"{'a GGUF takes --type' if fmt == 'gguf' else 'AWQ takes --bits and --group-size'}")
     awq_options = dict(bits=bits, group_size=group_size, samples=samples, seq_len=seq_len)
     if fmt != "awq" and (text is not None or any(v is not None for v in awq_options.values())):
         raise click.UsageError("--text, --bits, --group-size, --samples and --seq-len are for --format awq")
@@ -434,10 +439,6 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
         click.echo(json.dumps(result, indent=1) if as_json else
                    f"wrote {out} ({result['bytes'] / 1e9:.2f} GB, {fmt} {bpw:g} bpw, head {result['head_bits']} bits)")
         return
-    if bpw is not None or head_bits is not None:
-        raise click.UsageError("--bpw and --head-bits are for --format exl2/exl3; a GGUF takes --type")
-    if imatrix_file is not None and fmt != "gguf":
-        raise click.UsageError("--imatrix is for GGUF outputs (llama.cpp's quantizer)")
     from .formats.gguf import export_gguf
 
     bar = _Progress("exporting", quiet or as_json)

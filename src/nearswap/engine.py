@@ -36,9 +36,8 @@ from .stats import MergeReport, NetChange, StepReport, Tally
 from .stream import DEFAULT_CHUNK, ChunkBuffers, Settings, work_items
 REPORT_NAME = "merge_report.json"
 # Cold inputs: after each chunk, ask the kernel to start reading this many further chunks of that
-# input (POSIX_FADV_WILLNEED) when an item reads READ_AHEAD_FROM inputs or more. Measured cold on
-# this VM's disk (docs/benchmarks.md): a 3-step merge 3.49 -> 1.96 s; a 1-step merge 1.20 -> 1.64 s,
-# slower (two files are kept up with by the kernel's own readahead), so none there.
+# input (POSIX_FADV_WILLNEED) when an item reads READ_AHEAD_FROM inputs or more; with two, the
+# kernel's own readahead keeps up (the measurements: docs/benchmarks.md, "Read-ahead hints").
 READ_AHEAD, READ_AHEAD_FROM = 1, 3
 RECIPE_NAME = "nearswap_recipe.yaml"
 EMBEDDING_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight", "token_embd")
@@ -250,12 +249,11 @@ class _Inputs:
             with _Inputs._open_lock:
                 if self.__dict__.get("_reader") is None:
                     self._buffers = ChunkBuffers()
-                    self._reader = FileReader(ahead=READ_AHEAD if self._inputs_per_item() >= READ_AHEAD_FROM else 0)
+                    self._reader = FileReader(ahead=self.read_ahead)
             io = self._reader, self._buffers
         return io
 
-    def _inputs_per_item(self) -> int:
-        return 1
+    read_ahead = 0  # FileReader's ``ahead`` for this pass's reads
 
     def close(self) -> None:
         reader = self.__dict__.pop("_reader", None)
@@ -350,6 +348,7 @@ class ChainPass(CopyPass):
         super().__init__(plan_.tasks, writer)
         recipe = plan_.recipe
         self.inputs = [plan_.base, *plan_.secondaries]
+        self.read_ahead = READ_AHEAD if len(self.inputs) >= READ_AHEAD_FROM else 0
         self.round_between = not recipe.carry_float32
         self.allow_nonfinite = recipe.allow_nonfinite
         self.steps = [StepReport(model=s.model, label=m.label, t=s.t) for s, m in zip(recipe.steps, plan_.secondaries)]
@@ -360,9 +359,6 @@ class ChainPass(CopyPass):
                 for k, step in enumerate(self.steps):
                     step.tensors[task.name] = Tally()
                     step.t_by_tensor[task.name] = task.ts[k]
-
-    def _inputs_per_item(self) -> int:
-        return len(self.inputs)
 
     def work(self, item: tuple[int, int, int]) -> Result:
         i, start, n = item

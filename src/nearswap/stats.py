@@ -26,7 +26,7 @@ class Tally:
     exactly, as an integer count of 2^-1074 (every double is one), and rounded once when read:
     the same figure whatever the order in which threads finished their chunks, resumed or
     not, in constant memory (a list of the parts, summed by ``math.fsum`` at the end, gave the
-    same figure but grew by 32 bytes a chunk: 6 MB over a 70B chain)."""
+    same figure but grew by 32 bytes a chunk)."""
 
     total: int = 0
     identical: int = 0

@@ -23,7 +23,6 @@ statistics, not for a model's behaviour (no one should evaluate one).
 
 from __future__ import annotations
 
-import array
 import math
 import random
 import struct
@@ -100,8 +99,8 @@ def pool(spec: Spec, norm: bool) -> memoryview:
 
 
 def _draw(spec: Spec, norm: bool) -> list[float]:
-    """The pool's values before storing: Python's own generator (no numpy, whose import alone
-    would double a merge's memory), Laplace noise by its inverse CDF."""
+    """The pool's values before storing: Python's own generator (a merge of generated inputs
+    imports no numpy, as a merge of files does not), Laplace noise by its inverse CDF."""
     if norm:
         rng = random.Random(NORM_SEED)
         return [1.0 + 0.05 * rng.gauss(0.0, 1.0) for _ in range(PERIOD)]
@@ -124,7 +123,7 @@ TINY = 2.0 ** -53
 def _encode(values: list[float], dtype: str) -> bytes:
     """``values`` stored as ``dtype``, rounded to nearest even (bfloat16: to float32 first)."""
     if dtype == "F16":
-        return array.array("H", struct.pack(f"<{len(values)}e", *values)).tobytes()
+        return struct.pack(f"<{len(values)}e", *values)
     f32 = struct.pack(f"<{len(values)}f", *values)
     if dtype == "F32":
         return f32
@@ -150,14 +149,15 @@ class GeneratedSource:
 
     spec: Spec
     norm: bool
-    fileless = True
+    first: int  # the tensor's start in the pool (``offset``)
+    fileless = True  # (types.Source)
 
     def read(self, fd: int, info: TensorInfo, start: int, out: Any) -> Any:
         from .safetensors import byte_view
 
         size = info.dtype.itemsize
         data, dest = pool(self.spec, self.norm), byte_view(out)
-        pos, done = (offset(info.name) + start) % PERIOD * size, 0
+        pos, done = (self.first + start) % PERIOD * size, 0
         while done < len(dest):
             n = min(len(dest) - done, len(data) - pos)
             dest[done:done + n] = data[pos:pos + n]
@@ -171,7 +171,7 @@ def open_generated(text: str, label: str) -> Model:
     spec = Spec.parse(text, label)
     shape, dtype = SHAPES[spec.shape], BY_NAME[spec.dtype]
     pool(spec, False), pool(spec, True)  # drawn now, as a file is opened: not counted in the merge's time
-    tensors = {name: TensorInfo(name, dtype, dims, Path(text), 0, GeneratedSource(spec, is_norm(name)))
+    tensors = {name: TensorInfo(name, dtype, dims, Path(text), 0, GeneratedSource(spec, is_norm(name), offset(name)))
                for name, dims in shape.tensors()}
     what = "a base" if spec.seed == 0 else f"the base + Laplace({spec.noise:g}) noise, seed {spec.seed}"
     config = shape.config(dtype.name)

@@ -423,34 +423,29 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
     llama.cpp's ``llama-quantize`` program (on PATH), which weighs each column's rounding by it.
     """
     from ..output import atomic_file
+    from .gguf_header import read_header
 
     out = Path(out)
     if imatrix is not None:
-        return _export_with_imatrix(source, out, type_name, Path(imatrix), vocab_from, force, progress, on_start,
-                                    threads)
-    if type_name in IMATRIX_TYPES:
+        quantize = _llama_quantize_program(type_name, Path(imatrix), threads)
+    elif type_name in IMATRIX_TYPES:
         raise NearswapError(f"{type_name} needs an importance matrix: make one with `nearswap imatrix MODEL --text "
                             f"FILE -o imatrix.gguf` and pass --imatrix imatrix.gguf")
-    if type_name not in EXPORT_TYPES and type_name not in LLAMA_CPP_TYPES:
+    elif type_name not in EXPORT_TYPES and type_name not in LLAMA_CPP_TYPES:
         raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
                             f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
-    llama_cpp = _llama_cpp(type_name) if type_name in LLAMA_CPP_TYPES else None
+    else:
+        quantize = _llama_cpp_quantizer(type_name, threads) if type_name in LLAMA_CPP_TYPES else None
     with atomic_file(out, force) as part:
-        if llama_cpp is None:
+        if quantize is None:
             result = _write_gguf(source, out, part, type_name, vocab_from, progress, on_start)
-        else:
+        else:  # llama.cpp quantizes the f32 export
             f32 = part.with_name(part.name + ".f32")
             try:
                 result = _write_gguf(source, out, f32, "f32", vocab_from, progress, on_start)
-                params = llama_cpp.llama_model_quantize_default_params()
-                params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
-                params.nthread = threads or os.cpu_count() or 1
-                if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
-                    raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
+                result.update(quantize(source, f32, part))
             finally:
                 f32.unlink(missing_ok=True)
-            from .gguf_header import read_header
-
             kinds: dict[str, int] = {}
             for t in read_header(part).tensors:  # what llama.cpp chose, fallbacks included
                 kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
@@ -458,43 +453,52 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
     return {**result, "output": str(out), "type": type_name, "bytes": out.stat().st_size}
 
 
-def _export_with_imatrix(source: str | Path, out: Path, type_name: str, imatrix: Path,
-                         vocab_from: str | Path | None, force: bool, progress: Callable[[int], None] | None,
-                         on_start: Callable[[Any], None] | None, threads: int | None) -> dict[str, Any]:
+Quantize = Callable[[Any, Path, Path], dict[str, Any]]  # (source, f32 GGUF, output) -> what to report
+
+
+def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
+    """llama.cpp's quantizer through llama-cpp-python (``llama_model_quantize``)."""
+    llama_cpp = _llama_cpp(type_name)
+
+    def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
+        params.nthread = threads or os.cpu_count() or 1
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
+            raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
+        return {}
+
+    return quantize
+
+
+def _llama_quantize_program(type_name: str, imatrix: Path, threads: int | None) -> Quantize:
+    """llama.cpp's ``llama-quantize`` program with an importance matrix (llama-cpp-python's
+    ``llama_model_quantize`` takes one only as a C++ map); checked before any work."""
     import shutil
     import subprocess
 
     from ..imatrix import read as read_imatrix
-    from ..output import atomic_file
-    from .gguf_header import read_header
 
     if type_name not in LLAMA_CPP_TYPES and type_name not in IMATRIX_TYPES:
         raise NearswapError(f"--imatrix is for llama.cpp's quantizer types ({', '.join([*LLAMA_CPP_TYPES, *IMATRIX_TYPES])}), "
                             f"not {type_name!r}")
-    entries = read_imatrix(imatrix)  # refuses a file that is no importance matrix, before any work
+    entries = read_imatrix(imatrix)  # refuses a file that is no importance matrix
     program = shutil.which(LLAMA_QUANTIZE)
     if program is None:
         raise NearswapError(f"--imatrix runs llama.cpp's {LLAMA_QUANTIZE}, which is not on PATH (llama-cpp-python does "
                             f"not ship it): build it from llama.cpp (cmake -B build && cmake --build build --target "
                             f"{LLAMA_QUANTIZE}) and add build/bin to PATH")
-    with atomic_file(out, force) as part:
-        f32 = part.with_name(part.name + ".f32")
-        try:
-            result = _write_gguf(source, out, f32, "f32", vocab_from, progress, on_start)
-            proc = subprocess.run([program, "--imatrix", str(imatrix), str(f32), str(part), type_name.upper(),
-                                   str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
-            if proc.returncode != 0 or not part.is_file():
-                last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-                raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name} with {imatrix} "
-                                    f"(exit {proc.returncode}): {last[0][:200]}")
-        finally:
-            f32.unlink(missing_ok=True)
-        kinds: dict[str, int] = {}
-        for t in read_header(part).tensors:
-            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-        result["tensors"] = kinds
-    return {**result, "output": str(out), "type": type_name, "bytes": out.stat().st_size,
-            "imatrix": {"file": str(imatrix), "entries": len(entries)}}
+
+    def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
+        proc = subprocess.run([program, "--imatrix", str(imatrix), str(f32), str(part), type_name.upper(),
+                               str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
+            raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name} with {imatrix} "
+                                f"(exit {proc.returncode}): {last[0][:200]}")
+        return {"imatrix": {"file": str(imatrix), "entries": len(entries)}}
+
+    return quantize
 
 
 def _llama_cpp(type_name: str) -> Any:

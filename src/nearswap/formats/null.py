@@ -8,6 +8,7 @@ stand for the data (``engine.merge_to_null`` reports their digest).
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
@@ -23,7 +24,7 @@ def is_null(out: Any) -> bool:
 
 class NullWriter:
     def __init__(self, layout: list[tuple[str, DType, tuple[int, ...]]]) -> None:
-        self._sizes = {name: dtype.itemsize * _numel(shape) for name, dtype, shape in layout}
+        self._sizes = {name: dtype.itemsize * math.prod(shape) for name, dtype, shape in layout}
         self._got = dict.fromkeys(self._sizes, 0)
         self._lock = threading.Lock()
         self.total_size = sum(self._sizes.values())
@@ -42,10 +43,3 @@ class NullWriter:
 
     def abort(self) -> None:
         pass
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

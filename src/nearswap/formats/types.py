@@ -21,7 +21,9 @@ from ..dtypes import DType
 
 
 class Source(Protocol):
-    """Decodes a tensor's stored form (GGUF blocks) into its elements."""
+    """Decodes a tensor's stored form (GGUF blocks) into its elements. A source whose
+    ``fileless`` attribute is true makes them itself (``generated``): the reader opens no
+    file for it and passes ``fd`` -1."""
 
     def read(self, fd: int, info: "TensorInfo", start: int, out: Any) -> Any: ...
 
