@@ -118,11 +118,15 @@ def write(result: dict[str, Any], out: str | Path, force: bool = False) -> Path:
 
 def read(path: str | Path) -> dict[str, tuple[Any, Any]]:
     """GGUF name -> (sums, counts) of an imatrix file, checked as llama.cpp's loader checks it."""
+    import struct
+
     import gguf
 
+    if not Path(path).is_file():
+        raise NearswapError(f"--imatrix {path}: no such file; make one with `nearswap imatrix MODEL --text FILE -o {path}`")
     try:
         reader = gguf.GGUFReader(str(path))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, IndexError, KeyError, struct.error) as e:
         raise NearswapError(f"--imatrix {path}: not a GGUF file ({e.__class__.__name__}: {str(e)[:120]})") from None
     kind = reader.fields.get(gguf.Keys.General.TYPE)
     if kind is None or bytes(kind.parts[-1]).decode() != gguf.GGUFType.IMATRIX:
