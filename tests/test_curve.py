@@ -265,6 +265,25 @@ def test_a_sampled_curve_is_within_three_standard_errors_of_the_exact_one(sample
             assert abs(estimate - exact_share) <= 3 * s.stderr[k][j], (k, exact.ts[j], estimate, exact_share)
 
 
+def test_a_sample_asks_the_disk_for_every_block_it_reads_before_reading(sampled_trio, monkeypatch):
+    """The scattered blocks are hinted all at once (so they queue at the disk together): the
+    hinted byte ranges are exactly the ranges read, and every hint comes before the first read."""
+    from nearswap.formats import safetensors as st
+
+    events = []
+    will_need, pread = st.FileReader.will_need, st.pread_exact
+    monkeypatch.setattr(st.FileReader, "will_need", lambda self, info, start, n: (
+        events.append(("hint", str(info.file), info.offset + start * info.dtype.itemsize, n * info.dtype.itemsize)),
+        will_need(self, info, start, n)))
+    monkeypatch.setattr(st, "pread_exact", lambda fd, view, pos, info: (
+        events.append(("read", str(info.file), pos, len(view))), pread(fd, view, pos, info)))
+    curve.compute(sampled_trio[0], sampled_trio[1:], sample=0.1)
+    hints = [e[1:] for e in events if e[0] == "hint"]
+    reads = [e[1:] for e in events if e[0] == "read"]
+    assert len(reads) >= 60 and sorted(hints) == sorted(reads)  # three inputs, 20+ blocks each
+    assert max(i for i, e in enumerate(events) if e[0] == "hint") < min(i for i, e in enumerate(events) if e[0] == "read")
+
+
 def test_cli_sample_says_it_is_an_estimate(sampled_trio, run):
     result = run("curve", sampled_trio[0], sampled_trio[1], "--sample", "0.1")
     assert result.exit_code == 0, result.output

@@ -248,7 +248,12 @@ class CountPass:
 
     def items(self, settings: Settings) -> Iterator[tuple[int, int, int, int]]:
         if self.sample:
-            for i, start, n in sample_items([t.numel for t in self.tasks], self.sample):
+            blocks = list(sample_items([t.numel for t in self.tasks], self.sample))
+            reader = self._open()[1]
+            for i, start, n in blocks:  # every block asked for at once: the disk serves them in its own order
+                for info in (self.tasks[i].base, *self.tasks[i].secondaries):
+                    reader.will_need(info, start, n)
+            for i, start, n in blocks:
                 yield i, start, n, n
             return
         for i, start, n in work_items([t.numel for t in self.tasks], CHUNKS_PER_ITEM * settings.chunk):

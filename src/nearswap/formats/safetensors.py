@@ -176,11 +176,14 @@ class FileReader:
         # worth of that file (POSIX_FADV_WILLNEED), so a cold disk works while the chunk is merged
         self.ahead = ahead if hasattr(os, "posix_fadvise") else 0
 
-    def read(self, info: TensorInfo, start: int, out: Any) -> Any:
-        """Fill ``out`` (a 1-D numpy array of ``info.dtype``, or a byte buffer holding whole
-        elements) with the elements from ``start`` on; returns ``out``."""
-        if getattr(info.source, "fileless", False):  # generated on the fly
-            return info.source.read(-1, info, start, out)
+    def will_need(self, info: TensorInfo, start: int, n: int) -> None:
+        """Ask the kernel to start reading elements ``start`` to ``start + n`` of a plain
+        tensor now (POSIX_FADV_WILLNEED), so that many scattered reads queue at the disk at once."""
+        if info.source is None and info.file is not None and hasattr(os, "posix_fadvise"):
+            size = info.dtype.itemsize
+            os.posix_fadvise(self._fd(info), info.offset + start * size, n * size, os.POSIX_FADV_WILLNEED)
+
+    def _fd(self, info: TensorInfo) -> int:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = open_regular(info.file)
@@ -189,6 +192,14 @@ class FileReader:
             if self._fds.setdefault(info.file, fd) != fd:  # another thread opened it first
                 os.close(fd)
                 fd = self._fds[info.file]
+        return fd
+
+    def read(self, info: TensorInfo, start: int, out: Any) -> Any:
+        """Fill ``out`` (a 1-D numpy array of ``info.dtype``, or a byte buffer holding whole
+        elements) with the elements from ``start`` on; returns ``out``."""
+        if getattr(info.source, "fileless", False):  # generated on the fly
+            return info.source.read(-1, info, start, out)
+        fd = self._fd(info)
         if info.source is not None:
             return info.source.read(fd, info, start, out)
         view = byte_view(out)
