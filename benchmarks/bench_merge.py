@@ -150,6 +150,8 @@ def main() -> None:
 
     contenders = {
         "io-floor 1 step": ([py, str(HERE / "io_floor.py"), str(out_root / "out"), str(out_bytes), *map(str, inputs1)], None, 1),
+        "disk floor 1 step": ([py, str(HERE / "io_floor.py"), "--stream", str(out_root / "out"), str(out_bytes),
+                               *map(str, inputs1)], None, 1),
         "nearswap 1 step": ([*ns, str(base), str(secs[0]), "-o", str(out_root / "out")], None, 1),
         "nearswap curve 1 step": ([py, "-m", "nearswap", "curve", "-q", str(base), str(secs[0])], None, 1),
         "nearswap convert": ([py, "-m", "nearswap", "convert", "-q", str(base), "-o", str(out_root / "out")], None, 0),
@@ -209,12 +211,32 @@ def main() -> None:
         if name.startswith("baseline") and name.removeprefix("baseline ") in results:
             ratio = f"this / baseline = {results[name.removeprefix('baseline ')]['wall_s'] / r['wall_s']:.2f}x"
         print(f"| {name} | {r['wall_s']:.2f} | {r['params_per_s'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | {ratio} |")
+    floors(results)
     tag = args.tag if args.tag is not None else ("subset" if args.only else "")
     out = HERE / "results" / f"merge-{args.size}{'-' + args.outdir.name if args.outdir else ''}{'-' + tag if tag else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"size": args.size, "params": params, "outdir": str(args.outdir or "disk"),
                                "repeat": args.repeat, "results": results}, indent=1))
     print(f"\nsaved {out}")
+
+
+def floors(results: dict) -> None:
+    """nearswap against each floor round by round (the two ran minutes apart at most, on the same
+    disk): the median of the paired ratios with a bootstrap 95% interval, and the ratio of the
+    fastest runs. A cold disk varies 2x between rounds; these say how sure a verdict is."""
+    import random
+
+    for steps in (1, 3):
+        mine = results.get(f"nearswap {steps} step" + ("s" if steps > 1 else ""))
+        for name, r in results.items():
+            if mine is None or "floor" not in name or r["steps"] != steps:
+                continue
+            ratios = [a[0] / b[0] for a, b in zip(mine["runs"], r["runs"])]
+            rng = random.Random(0)
+            boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(10000))
+            fastest = min(a[0] for a in mine["runs"]) / min(b[0] for b in r["runs"])
+            print(f"nearswap / {name}, round by round: median {statistics.median(ratios):.2f}x (95% interval "
+                  f"{boot[250]:.2f}-{boot[9750]:.2f}, rounds {min(ratios):.2f}-{max(ratios):.2f}); fastest runs {fastest:.2f}x")
 
 
 if __name__ == "__main__":
