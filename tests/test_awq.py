@@ -29,11 +29,12 @@ def test_a_group_size_that_does_not_divide_the_columns_names_one_that_does(tiny_
 @pytest.mark.parametrize("args,text", [
     ([], "--format awq needs calibration text: --text FILE"),
     (["--text", "{cal}", "--bits", "3"], "--bits 3: AWQ here writes 4 or 8 bits"),
-    (["--text", "{missing}"], "cannot read it as UTF-8 text"),
+    (["--text", "{missing}"], "--text: cannot open {missing}: No such file or directory"),
 ])
 def test_bad_arguments_are_one_line(tiny_llm, calibration, tmp_path, run, args, text):
     args = [a.format(cal=calibration, missing=tmp_path / "nope.txt") for a in args]
     result = run("export", tiny_llm / "base", "-o", tmp_path / "q", "--format", "awq", "--group-size", "32", *args)
+    text = text.format(missing=tmp_path / "nope.txt")
     assert result.exit_code == 1 and text in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
 

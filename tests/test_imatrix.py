@@ -80,6 +80,30 @@ def test_bad_inputs_are_one_line(tiny_llm, tmp_path, run):
     assert result.exit_code == 1 and "iq2_xxs needs an importance matrix" in result.stderr
 
 
+@pytest.mark.parametrize("kind", ["missing", "fifo", "binary", "no tokenizer"])
+def test_a_bad_text_or_model_is_one_line_that_names_it(tiny_llm, tmp_path, run, kind):
+    """Calibration text goes through the reader of files from strangers: a FIFO is refused, not
+    waited on forever; the model is called "model" (not the judge's "reference")."""
+    import os
+
+    text, model = tmp_path / "t.txt", tiny_llm / "base"
+    if kind == "fifo":
+        os.mkfifo(text)
+    elif kind == "binary":
+        text.write_bytes(b"ok \xff\xfe")
+    elif kind == "no tokenizer":
+        text.write_text(TEXT)
+        model = tmp_path / "m"
+        shutil.copytree(tiny_llm / "base", model)
+        for f in model.glob("tokenizer*"):
+            f.unlink()
+    result = run("imatrix", model, "--text", text, "-o", tmp_path / "i.gguf")
+    want = {"missing": f"--text: cannot open {text}: No such file", "fifo": f"--text: {text} is a FIFO",
+            "binary": f"--text: {text} is not UTF-8 text (byte 3)", "no tokenizer": f"model: {model} has no tokenizer"}
+    assert result.exit_code == 1 and want[kind] in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "i.gguf").exists()
+
+
 def test_llama_quantize_reads_it_and_quantizes_with_it(tiny_llm, calibration, tmp_path, run):
     """Where llama.cpp's quantizer is on PATH: the file is accepted and used (an i-quant that
     cannot be made without an importance matrix is made)."""

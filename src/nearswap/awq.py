@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NearswapError
-from .files import read_json_object
+from .files import read_json_object, read_text
 
 GROUP_SIZES = (128, 64, 32)
 INSTALL = "pip install 'nearswap[awq]' (in a virtual environment of its own: llm-compressor pins transformers)"
@@ -46,12 +46,7 @@ def _columns(config: dict) -> dict[str, int]:
 def calibration_texts(path: str | Path, samples: int) -> list[str]:
     """Up to ``samples`` passages of a text file: its paragraphs (blank-line separated), or
     its lines when it has no blank lines."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise NearswapError(f"--text {path}: cannot read it as UTF-8 text ({e.__class__.__name__}); "
-                            "give a plain text file of calibration passages") from None
+    text = read_text(path, "--text")
     parts = [p.strip() for p in text.split("\n\n") if p.strip()]
     if len(parts) < 2:
         parts = [line.strip() for line in text.splitlines() if line.strip()]

@@ -63,6 +63,16 @@ def read_bytes(path: str | Path, limit: int, what: str = "") -> bytes:
         os.close(fd)
 
 
+def read_text(path: str | Path, what: str, limit: int = 256 << 20) -> str:
+    """A text file a user named (calibration or drift text): a regular file of at most ``limit``
+    bytes, UTF-8; anything else is one line naming the option, the file and what is wrong."""
+    raw = read_bytes(path, limit, what)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NearswapError(f"{what}: {path} is not UTF-8 text (byte {e.start:,}); give a plain text file") from None
+
+
 def parse_json(raw: bytes | str, where: str) -> Any:
     """JSON from untrusted bytes: any failure (bad UTF-8, syntax, nesting too deep for the
     parser, an integer of more digits than Python converts) is one ``NearswapError`` line."""

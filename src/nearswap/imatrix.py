@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import NearswapError
+from .files import read_text
 
 
 def weight_names(model: Any, config: dict) -> dict[str, str]:
@@ -49,14 +50,9 @@ def compute(model_path: str | Path, text: str | Path, chunk_tokens: int = 512, m
     from .evaluate import _torch_and_transformers
     from .judge import models
 
+    content = read_text(text, "--text")  # a bad file is one line before torch is imported
     torch, _ = _torch_and_transformers()  # or one line naming the extra to install
-
-    text = Path(text)
-    try:
-        content = text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise NearswapError(f"--text {text}: cannot read it as UTF-8 text ({e.__class__.__name__})") from None
-    (candidate,) = models.check([model_path])
+    (candidate,) = models.check([model_path], labels=["model"])
     model, tokenizer = models.load(models.hf_directory(candidate), threads)
     config = model.config.to_dict()
     ids = tokenizer(content, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -88,7 +84,7 @@ def compute(model_path: str | Path, text: str | Path, chunk_tokens: int = 512, m
         for h in handles:
             h.remove()
     return {"names": names, "sums": {n: s.numpy() for n, s in sums.items()}, "counts": counts,
-            "chunks": chunks, "chunk_tokens": chunk_tokens, "dataset": text.name}
+            "chunks": chunks, "chunk_tokens": chunk_tokens, "dataset": Path(text).name}
 
 
 def write(result: dict[str, Any], out: str | Path, force: bool = False) -> Path:

@@ -100,10 +100,6 @@ def _fixed_text() -> str:
 
 
 def _read_text(path: str | Path) -> str:
-    from ..files import read_bytes
+    from ..files import read_text
 
-    raw = read_bytes(path, 16 << 20, "--drift-text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise NearswapError(f"--drift-text {path}: not UTF-8 text") from None
+    return read_text(path, "--drift-text", 16 << 20)

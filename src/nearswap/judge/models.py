@@ -35,12 +35,12 @@ class Candidate:
     model: Any = None  # the opened header (formats.Model): its files must not be overwritten by the report
 
 
-def check(paths: list[str | Path]) -> list[Candidate]:
+def check(paths: list[str | Path], labels: list[str] | None = None) -> list[Candidate]:
     """Open every model's header (no weights) and refuse what cannot be evaluated."""
     out = []
     names: dict[str, int] = {}
     for i, p in enumerate(paths):
-        label = "reference" if i == 0 else f"model {i + 1}"
+        label = labels[i] if labels else "reference" if i == 0 else f"model {i + 1}"
         path = Path(p)
         if not path.exists():
             hint = " (a Hub id? download the model first: nearswap reads local files)" if "/" in str(p) and not str(p).startswith((".", "/")) else ""
