@@ -334,3 +334,23 @@ def test_t_is_read_the_same_way_everywhere(make_quartet, tmp_path, run):
     assert c.exit_code == d.exit_code == 0 and json.loads(c.stdout)["ts"] == json.loads(d.stdout)["ts"] == [1e-3, 2e-3]
     bad = run("merge", *paths, "-t", "x", "-o", tmp_path / "e")
     assert bad.exit_code == 2 and "-t/--t" in bad.stderr and "takes numbers" in bad.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`nearswap inspect M --tensors | head -1`: no 'error: Broken pipe', the status of a
+    program killed by SIGPIPE; a full disk on stdout is still an error."""
+    import fcntl
+
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)  # far less than the listing (723 tensors)
+    proc = subprocess.Popen([sys.executable, "-m", "nearswap", "inspect", "synthetic:miqu-70b", "--tensors"],
+                            stdout=write, stderr=subprocess.PIPE)
+    os.close(write)
+    with os.fdopen(read, "rb") as reader:
+        assert reader.readline().startswith(b"synthetic:miqu-70b")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGPIPE and err == b""
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "nearswap", "inspect", "synthetic:miqu-70b", "--tensors"],
+                              stdout=full, stderr=subprocess.PIPE)
+    assert proc.returncode == 1 and b"No space left on device" in proc.stderr

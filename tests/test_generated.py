@@ -146,6 +146,18 @@ def test_null_refuses_what_it_cannot_do(run):
     assert result.exit_code == 1 and "--type is for a .gguf output" in result.stderr
 
 
+@pytest.mark.parametrize("command", [["convert", "synthetic:tiny"], ["export", "synthetic:tiny", "--vocab-from", "x"],
+                                     ["curve", "synthetic:tiny", "synthetic:tiny?seed=1", "--plot"],
+                                     ["sweep", "synthetic:tiny", "synthetic:tiny?seed=1", "--tasks", "none", "-t", "1e-3"]])
+def test_null_is_refused_where_an_output_is_kept(command, run, tmp_path, monkeypatch):
+    """Only merge has the sink; elsewhere null: would have become a directory of that name."""
+    monkeypatch.chdir(tmp_path)
+    args = command[:-1] + ["--plot", "null:"] if command[-1] == "--plot" else [*command, "-o", "null:"]
+    result = run(*args)
+    assert result.exit_code == 1 and "null: (a sink that stores nothing) is an output of merge only" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_log_gets_the_plan_of_a_big_merge_and_one_eta_line(run, monkeypatch):
     """Where stderr is no terminal (CliRunner's, a log): the plan from PLAN_SHOWN_FROM input
     bytes on, and one line with the speed measured so far and the time left."""

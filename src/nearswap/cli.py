@@ -99,6 +99,12 @@ class _Group(click.Group):
                 raise
             click.echo(_one_line(f"nearswap: {e.args[0] if e.args else 'interrupted; no output was left behind'}"), err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            if ctx.meta.get("nearswap.debug") or not _stdout_closed():
+                raise
+            # `nearswap inspect M | head`: the reader has what it wanted; quiet, as a program killed by SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(128 + signal.SIGPIPE)
         except Exception as e:
             if ctx.meta.get("nearswap.debug"):
                 raise
@@ -802,6 +808,19 @@ def demo(workdir, synthetic, no_eval, quiet):
                  evaluate_models=not no_eval)
     finally:
         bar.close()
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone (a pipe closed by ``head``): the write end of
+    a pipe without a reader polls as an error."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def main() -> None:

@@ -217,7 +217,11 @@ def check_replaceable(target: Path, force: bool, kind: str = "dir",
 
 
 def check_name(target: Path) -> None:
-    """Refuse an output name no file system takes, or that is (or contains) the current directory."""
+    """Refuse an output name no file system takes, or that is (or contains) the current directory;
+    and ``null:``, merge's sink that stores nothing, where an output must be stored."""
+    if str(target) == "null:":
+        raise NearswapError("null: (a sink that stores nothing) is an output of merge only; this command's "
+                            "output is kept: give a path (a directory named null: needs an absolute path)")
     if len(os.fsencode(target.name)) > NAME_MAX:
         raise NearswapError(f"the output name {shown(target.name, 60)} is too long "
                             f"({len(os.fsencode(target.name))} bytes; file systems allow {NAME_MAX})")
