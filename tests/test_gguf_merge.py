@@ -93,6 +93,25 @@ def test_like_base_is_the_formula_coded_in_the_base_types(tmp_path, run, qtype):
     assert "nearswap.recipe" in reader.fields and str(secs[1]) in reader.fields["nearswap.recipe"].contents()
 
 
+@pytest.mark.parametrize("type_name", [None, "q4_1", "f16"])
+def test_the_plan_of_a_gguf_merge_counts_the_files_bytes(tmp_path, run, type_name):
+    """--plan / the plan line: reads are the input files' tensor bytes (blocks, not the float32
+    they decode to), writes the output's in its types; against gguf's own reader of the inputs
+    and of the file the merge then writes."""
+    from nearswap import engine, recipe
+
+    (base, *secs), _, _ = family(tmp_path, Q.Q8_0, n=2)
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": 1e-3} for s in secs]}, "test")
+    plan = engine.plan_for(rec, tmp_path / "out.gguf", type_name)
+    stored = [sum(int(t.n_bytes) for t in gguf.GGUFReader(str(p)).tensors) for p in (base, *secs)]
+    assert plan.read_bytes == sum(stored)
+    result = run("merge", base, *secs, "-t", 1e-3, "-o", tmp_path / "out.gguf", "-q",
+                 *(["--type", type_name] if type_name else []))
+    assert result.exit_code == 0, result.output
+    assert plan.out_bytes == sum(int(t.n_bytes) for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors)
+    assert plan.out_bytes < 4 * sum(t.numel for t in plan.tasks)  # float32, as a directory output's, would be more
+
+
 def test_chosen_type_codes_matrices_and_keeps_vectors_f32(tmp_path, run):
     (base, sec), stored, _ = family(tmp_path, Q.Q8_0, n=1)
     result = run("merge", base, sec, "-t", 1e-3, "-o", tmp_path / "out.gguf", "--type", "q4_1", "-q")

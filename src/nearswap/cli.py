@@ -326,11 +326,11 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
     bar = _Progress("merging", quiet or as_json)
 
     if show_plan:
-        click.echo("\n".join(engine.describe_plan(engine.plan(rec))))
+        click.echo("\n".join(engine.describe_plan(engine.plan_for(rec, out, gguf_type))))
         return
 
     def on_plan(p) -> None:  # noqa: ANN001
-        if not (quiet or as_json) and (p.in_bytes >= PLAN_SHOWN_FROM or _stderr_is_a_terminal()):
+        if not (quiet or as_json) and (p.read_bytes >= PLAN_SHOWN_FROM or _stderr_is_a_terminal()):
             click.echo("\n".join(engine.describe_plan(p)), err=True)
         bar.start(p.in_bytes)
 

@@ -63,8 +63,12 @@ class TensorTask:
         return self.base.numel
 
     @property
-    def in_bytes(self) -> int:
+    def in_bytes(self) -> int:  # as read out (decoded): the progress bar's units
         return self.base.nbytes + (sum(s.nbytes for s in self.secondaries) if self.merged else 0)
+
+    @property
+    def read_bytes(self) -> int:  # from the input files
+        return self.base.stored_bytes + (sum(s.stored_bytes for s in self.secondaries) if self.merged else 0)
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Plan:
     base: Model
     secondaries: list[Model]
     tasks: list[TensorTask]
+    stored: dict[str, int] | None = None  # bytes per tensor where the output codes it in blocks (GGUF types)
 
     @property
     def out_bytes(self) -> int:
@@ -82,11 +87,16 @@ class Plan:
 
     def out_bytes_of(self, names: Any) -> int:
         """Output bytes of the tensors in ``names`` (all of them for None)."""
-        return sum(t.numel * t.out_dtype.itemsize for t in self.tasks if names is None or t.name in names)
+        size = (lambda t: self.stored[t.name]) if self.stored else (lambda t: t.numel * t.out_dtype.itemsize)
+        return sum(size(t) for t in self.tasks if names is None or t.name in names)
 
     @property
     def in_bytes(self) -> int:
         return sum(t.in_bytes for t in self.tasks)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tasks)
 
 
 # ---------------------------------------------------------------- preflight
@@ -503,7 +513,7 @@ def describe_plan(plan_: Plan) -> list[str]:
     two-model passes other tools run, one per secondary (each intermediate written, then read
     back by the next pass)."""
     out, n = plan_.out_bytes, len(plan_.secondaries)
-    reads = plan_.in_bytes
+    reads = plan_.read_bytes
     gb = 1e9
     lines = [f"plan: {plan_.base.label} + {n} secondar{'y' if n == 1 else 'ies'}, {plan_.base.num_params / 1e9:.2f}B "
              f"parameters each; fused chain (this run): reads {reads / gb:.1f} GB, writes {out / gb:.1f} GB, "
@@ -733,6 +743,25 @@ def gguf_types(plan_: Plan, type_name: str) -> list[Any]:
     return [Q.F32 if len(t.shape) < 2 else qtype if t.shape[-1] % block == 0 else Q.F16 for t in plan_.tasks]
 
 
+def gguf_plan(recipe: Recipe, type_name: str = "like-base") -> tuple[Plan, list[Any]]:
+    """The plan of a merge into a .gguf file (inputs kept in their own types) and each tensor's
+    GGUF type; the plan's output bytes are the file's tensor bytes in those types."""
+    import gguf
+
+    plan_ = plan(recipe, native=True)
+    types = gguf_types(plan_, type_name)
+    plan_.stored = {t.name: t.numel // gguf.GGML_QUANT_SIZES[q][0] * gguf.GGML_QUANT_SIZES[q][1]
+                    for t, q in zip(plan_.tasks, types)}
+    return plan_, types
+
+
+def plan_for(recipe: Recipe, out: str | Path, gguf_type: str | None = None) -> Plan:
+    """The plan of a merge into ``out``: a directory, a .gguf file (its types' sizes) or null:."""
+    if not is_null(out) and Path(out).suffix.lower() == ".gguf":
+        return gguf_plan(recipe, gguf_type or "like-base")[0]
+    return plan(recipe)
+
+
 def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base", *, force: bool = False,
                   threads: int | None = None, settings: Settings | None = None, ray_address: str | None = None,
                   progress: Callable[[int], None] | None = None,
@@ -757,12 +786,10 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
     if settings.chunk % 256:  # chunks must start on block boundaries (blocks are 1, 32 or 256 elements)
         raise NearswapError(f"a chunk of {settings.chunk} elements is not a multiple of 256, which a .gguf output needs")
     with atomic_file(out, force) as part:
-        plan_ = plan(recipe, native=True)
+        plan_, types = gguf_plan(recipe, type_name)
         check_output_not_input(out, [plan_.base, *plan_.secondaries])
-        types = gguf_types(plan_, type_name)
         coders = {q.name: quantizer_for(q) for q in set(types)}  # refuses up front what cannot be written here
-        sizes = [t.numel // gguf.GGML_QUANT_SIZES[q][0] * gguf.GGML_QUANT_SIZES[q][1] for t, q in zip(plan_.tasks, types)]
-        _check_disk(out, sum(sizes))
+        _check_disk(out, plan_.out_bytes)
         if on_plan:
             on_plan(plan_)
         started = time.perf_counter()

@@ -45,7 +45,15 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes as it is read out (``dtype``: a GGUF block type decodes to float32)."""
         return self.numel * self.dtype.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes in its file: a coded source's blocks (``block`` elements in ``type_size``
+        bytes), else ``nbytes``."""
+        block, size = getattr(self.source, "block", None), getattr(self.source, "type_size", None)
+        return self.numel // block * size if block and size else self.nbytes
 
 
 class Reader(Protocol):
