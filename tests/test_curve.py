@@ -292,3 +292,24 @@ def test_cli_sample_says_it_is_an_estimate(sampled_trio, run):
     assert data["sample"]["fraction"] == 0.1 and len(data["sample"]["stderr"]) == 1
     bad = run("curve", sampled_trio[0], sampled_trio[1], "--sample", "0")
     assert bad.exit_code == 2 and "--sample" in bad.stderr
+
+
+def test_inputs_larger_than_memory_are_sampled_by_default_and_say_so(sampled_trio, run, monkeypatch):
+    """The command's default: exact while the inputs fit in memory; past it a 1% sample, said on
+    stderr and in the JSON; --exact counts every element anyway."""
+    from nearswap.formats import open_model
+
+    pair = sampled_trio[:2]
+    reads = sum(open_model(p).nbytes for p in pair)
+    monkeypatch.setattr(curve, "memory_bytes", lambda: reads)  # exactly fits: exact
+    assert "sample" not in json.loads(run("curve", *pair, "--json").stdout)
+    monkeypatch.setattr(curve, "memory_bytes", lambda: reads - 1)
+    result = run("curve", *pair)
+    assert result.exit_code == 0 and f"the inputs ({reads / 1e9:.1f} GB) are more than this machine's memory" in result.stderr
+    assert "estimated from a systematic sample" in result.stdout
+    data = json.loads(run("curve", *pair, "--json").stdout)
+    assert data["sample"]["fraction"] == curve.AUTO_SAMPLE and "--exact reads every element" in data["sample"]["why"]
+    exact = run("curve", *pair, "--exact")
+    assert exact.exit_code == 0 and exact.stderr == "" and ", exact:" in exact.stdout
+    both = run("curve", *pair, "--exact", "--sample", "0.1")
+    assert both.exit_code == 2 and "exclude each other" in both.stderr

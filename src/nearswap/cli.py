@@ -505,9 +505,11 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
               "swaps (e.g. 0.8%), found exactly (two reading passes per step), as merge --swap-share picks it.")
 @click.option("--sample", type=click.FloatRange(0, 1, min_open=True),
               help="Read this fraction of every tensor (a systematic sample of blocks) and estimate each share "
-                   "with its standard error, instead of counting every element.")
+                   "with its standard error, instead of counting every element. Default: every element while "
+                   "the inputs fit in memory, else 0.01 (said in the output).")
+@click.option("--exact", is_flag=True, help="Count every element, however large the inputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample, quiet):
+def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample, exact, quiet):
     """Swap share of BASE SECONDARY [SECONDARY ...] at any t, from one read, without merging.
 
     \b
@@ -531,8 +533,15 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
             click.echo(f"merge with: -t {','.join(repr(c.t) for c in chosen)}")
         return
     values = _parse_ts(ts)
+    if exact and sample is not None:
+        raise click.UsageError("--exact and --sample exclude each other")
     if plot_dir:
         curves.check_plot_output(plot_dir, force, inputs)  # before the pass, not after it
+    why = ""
+    if sample is None and not exact:
+        sample, why = curves.default_sample(inputs[0], inputs[1:])
+        if why and not as_json:
+            click.echo(f"nearswap: {why}", err=True)
     bar = _Progress("reading", quiet or as_json)
     try:
         result = curves.compute(inputs[0], inputs[1:], values, settings=_settings(threads), progress=bar.update,
@@ -541,7 +550,10 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
         bar.close()
     written = curves.write_plots(result, plot_dir, at, force) if plot_dir else []
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=1))
+        data = result.to_json()
+        if why:
+            data["sample"]["why"] = why
+        click.echo(json.dumps(data, indent=1))
         return
     click.echo(curves.format_table(result))
     for path in written:

@@ -361,6 +361,29 @@ def sample_items(sizes: Sequence[int], fraction: float) -> Iterator[tuple[int, i
         seen += blocks
 
 
+# Where the inputs are more than this machine's memory (no page cache holds them: the full curve
+# reads them all from disk, 276 GB for a 70B pair), the command estimates from this fraction.
+AUTO_SAMPLE = 0.01
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory."""
+    import os
+
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_sample(base: str | Path, secondaries: Sequence[str | Path]) -> tuple[float | None, str]:
+    """The command's default: every element (None) while the inputs fit in memory, else
+    ``AUTO_SAMPLE``, with the sentence that says why. Reads the headers only."""
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": 0} for s in secondaries]}, "curve")
+    reads, memory = plan(rec).read_bytes, memory_bytes()
+    if reads <= memory:
+        return None, ""
+    return AUTO_SAMPLE, (f"the inputs ({reads / 1e9:.1f} GB) are more than this machine's memory "
+                         f"({memory / 1e9:.1f} GB): a {100 * AUTO_SAMPLE:g}% sample by default; --exact reads every element")
+
+
 def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
             threads: int | None = None, settings: Settings | None = None,
             progress: Callable[[int], None] | None = None,
