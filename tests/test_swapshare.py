@@ -68,3 +68,26 @@ def test_curve_names_the_t_a_merge_would_choose(make_quartet, tmp_path, run):
     assert merged.exit_code == 0, merged.output
     rec = yaml.safe_load((tmp_path / "out" / "nearswap_recipe.yaml").read_text())
     assert [step["t"] for step in rec["steps"]] == chosen
+
+
+def test_curve_dtype_counts_the_merge_into_that_dtype(make_quartet, tmp_path, run):
+    """float32 inputs merged into bfloat16: step 2 starts from the result rounded to bf16, so its
+    counts differ from a float32 chain's; curve --dtype bfloat16 gives the merge's own counts, and
+    --swap-share picks the t that merge --dtype bfloat16 --swap-share picks."""
+    paths, _ = make_quartet("f32", n=2, noise=0.002)
+    merged = run("merge", *paths[:3], "-t", "2e-3", "--dtype", "bfloat16", "-o", tmp_path / "out", "--json")
+    assert merged.exit_code == 0, merged.output
+    steps = json.loads(merged.stdout)["steps"]
+    counts = {}
+    for dtype in ("bfloat16", None):
+        result = run("curve", *paths[:3], "-t", "2e-3", "--json", *(["--dtype", dtype] if dtype else []))
+        assert result.exit_code == 0, result.output
+        counts[dtype] = [s["swapped"]["0.002"] for s in json.loads(result.stdout)["steps"]]
+    assert counts["bfloat16"] == [s["swapped"] for s in steps]
+    assert counts[None][0] == counts["bfloat16"][0] and counts[None][1] != counts["bfloat16"][1]
+    shown = run("curve", *paths[:3], "--swap-share", "2%", "--dtype", "bfloat16", "--json")
+    chosen = [step["t"] for step in json.loads(shown.stdout)["steps"]]
+    merged = run("merge", *paths[:3], "--swap-share", "2%", "--dtype", "bfloat16", "-o", tmp_path / "out2", "-q")
+    assert merged.exit_code == 0, merged.output
+    rec = yaml.safe_load((tmp_path / "out2" / "nearswap_recipe.yaml").read_text())
+    assert [step["t"] for step in rec["steps"]] == chosen

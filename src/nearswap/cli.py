@@ -508,8 +508,10 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
                    "with its standard error, instead of counting every element. Default: every element while "
                    "the inputs fit in memory, else 0.01 (said in the output).")
 @click.option("--exact", is_flag=True, help="Count every element, however large the inputs.")
+@click.option("--dtype", help="The merge's output dtype, as merge --dtype (steps 2+ start from the result stored in "
+              "it). Default: each base tensor's own.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample, exact, quiet):
+def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample, exact, dtype, quiet):
     """Swap share of BASE SECONDARY [SECONDARY ...] at any t, from one read, without merging.
 
     \b
@@ -524,7 +526,8 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
         from .swapshare import choose, parse_share
 
         share = parse_share(swap_share)
-        rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": 0} for m in inputs[1:]]}, "command line")
+        rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": 0} for m in inputs[1:]],
+                             **({"dtype": dtype} if dtype else {})}, "command line")
         chosen = choose(engine.plan(rec), share, _settings(threads),
                         echo=(lambda m: None) if as_json else click.echo)
         if as_json:
@@ -545,7 +548,7 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
     bar = _Progress("reading", quiet or as_json)
     try:
         result = curves.compute(inputs[0], inputs[1:], values, settings=_settings(threads), progress=bar.update,
-                                sample=sample, on_plan=lambda p: bar.start(int(p.in_bytes * (sample or 1))))
+                                sample=sample, dtype=dtype, on_plan=lambda p: bar.start(int(p.in_bytes * (sample or 1))))
     finally:
         bar.close()
     written = curves.write_plots(result, plot_dir, at, force) if plot_dir else []

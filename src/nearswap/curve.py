@@ -387,16 +387,20 @@ def default_sample(base: str | Path, secondaries: Sequence[str | Path]) -> tuple
 def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
             threads: int | None = None, settings: Settings | None = None,
             progress: Callable[[int], None] | None = None,
-            on_plan: Callable[[Plan], None] | None = None, sample: float | None = None) -> CurveResult:
+            on_plan: Callable[[Plan], None] | None = None, sample: float | None = None,
+            dtype: str | None = None) -> CurveResult:
     """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve;
     with ``sample`` (a fraction in (0, 1]), counts over a systematic sample of blocks
-    (``sample_items``) and the standard error of each share (``CurveResult.sample``)."""
+    (``sample_items``) and the standard error of each share (``CurveResult.sample``). ``dtype``:
+    that of the merge the counts are for (a chain's running result is stored in it between
+    steps, so steps 2+ depend on it; default: as the base)."""
     if sample is not None and not (isinstance(sample, (int, float)) and 0 < sample <= 1):
         raise InvalidValue(f"--sample must be a fraction in (0, 1], got {sample!r}")
     ts = sorted(kernels.check_t(t) for t in ts)
     if not 1 <= len(ts) <= kernels.MAX_THRESHOLDS:
         raise NearswapError(f"give 1 to {kernels.MAX_THRESHOLDS} values of t (got {len(ts)})")
-    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": ts[0]} for s in secondaries]}, "curve")
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": ts[0]} for s in secondaries],
+                        **({"dtype": dtype} if dtype else {})}, "curve")
     plan_ = plan(rec)  # the same preflight as a merge: names, shapes, architectures
     if on_plan:
         on_plan(plan_)
