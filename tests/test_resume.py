@@ -21,29 +21,14 @@ import pytest
 import nearswap
 from nearswap.stream import Settings
 from conftest import random_model, write_model
+from killer import PRELUDE
 
 SHAPES = {f"model.layers.{i}.mlp.up_proj.weight": (96, 128) for i in range(12)}  # 48 KiB each in float32
 SHAPES["model.embed_tokens.weight"] = (200, 128)
 SETTINGS = dict(chunk=1024, threads=2, journal_bytes=64 << 10)  # many work items, a journal line every 64 KiB
 SHARD = "200KB"
 
-KILLER = r"""
-import os, signal, sys
-from pathlib import Path
-import nearswap
-from nearswap import engine, journal, output
-from nearswap.formats import safetensors as st
-from nearswap.stream import Settings
-
-point, arg = sys.argv[1], int(sys.argv[2])
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-init = journal.JournalWriter.__init__
-def keep(self, *a, **k):
-    init(self, *a, **k)
-    journal.JournalWriter._live = self
-journal.JournalWriter.__init__ = keep
+KILLER = PRELUDE + r"""
 
 if point in ("bytes", "bytes-journaled"):  # after `arg` bytes of tensor data, half-way through a chunk
     state = {"n": 0}
@@ -103,12 +88,6 @@ elif point == "card":
     card.model_card = lambda *a, **k: die()
 elif point == "before-rename":
     output._commit = lambda *a, **k: die()
-elif point == "after-rename":
-    commit = output._commit
-    def patched(*a, **k):
-        commit(*a, **k)
-        die()
-    output._commit = patched
 
 base, out, *secs = sys.argv[3:]
 nearswap.merge(base, secs, t=[1e-3, 2e-3, 5e-4], out=out, shard_size="%s",

@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -566,20 +567,9 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
         _resolved(recipe), [f for m in (plan_.base, *plan_.secondaries) for f in _input_files(m)],
         {**ShardedWriter.layout(layout, recipe.shard_size), "metadata": metadata}, __version__)
     earlier: list[journal.Journal] = []
-
-    def adopt(partial: Path) -> bool:
-        found = journal.read(partial) if resume == "auto" else None
-        if found is None:
-            return False
-        why = journal.difference(found.fingerprint, print_)
-        if why:
-            raise NearswapError(f"{partial} holds the unfinished output of a different run into {out}: {why}; "
-                                "run that merge again to continue it, or pass --restart to discard it")
-        earlier.append(found)
-        return True
-
+    adopt = _adopter(resume, print_, out, earlier)
     partial: list[Path] = []
-    try:
+    with _keeping_partial(resume, partial):
         with atomic_directory(out, force, adopt=adopt, keep=lambda e: resume != "never" and isinstance(e, WriteFailed),
                               scratch=(journal.JOURNAL_NAME,)) as tmp:  # the lock on OUT is held to the rename
             partial.append(tmp)
@@ -590,12 +580,80 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
             report["output"]["copied"] = _copy_side_files(plan_, tmp, regenerated)
             if finish:
                 finish(tmp, report)
+    return steps, report
+
+
+def _continuing(earlier: Any, settings: Settings, plan_: Plan, tmp: Path) -> tuple[Settings, dict[str, Any], int]:
+    """For a run that continues ``earlier`` (a journal, or None): the settings with its chunk
+    size (the same chunks, so the same tallies and CRCs), the tensors it completed, their output
+    bytes; and the warning that says so."""
+    done = earlier.done if earlier is not None else {}
+    if earlier is not None and earlier.chunk and earlier.chunk != settings.chunk:
+        settings = dataclasses.replace(settings, chunk=earlier.chunk)
+    written = plan_.out_bytes_of(done)
+    if earlier is not None:
+        warnings.warn(f"continuing {tmp}, the unfinished output of an earlier run of this merge ({len(done)} of "
+                      f"{len(plan_.tasks)} tensors, {written / 1e9:.2f} of {plan_.out_bytes / 1e9:.2f} GB written); "
+                      "--restart starts over", NearswapWarning, stacklevel=5)
+    return settings, done, written
+
+
+def _run_journaled(pass_: CopyPass, done: dict[str, Any], fresh: bool, tmp: Path, print_: dict[str, Any], writer: Any,
+                   settings: Settings, progress: Callable[[int], None] | None, ray_address: str | None = None) -> None:
+    """Run ``pass_`` into ``writer``, skipping the tensors in ``done`` and journaling in
+    ``tmp`` each tensor once its data are on disk (``writer.sync``)."""
+    from . import journal
+
+    skipped = pass_.resume(done)
+    pass_.journal = journal.JournalWriter(tmp, print_, writer.sync, settings.journal_bytes, fresh=fresh,
+                                          chunk=settings.chunk)
+    if progress and skipped:
+        progress(skipped)
+    try:
+        if ray_address:
+            from . import distributed
+
+            distributed.run(pass_, settings, ray_address, progress)
+        else:
+            stream.run(pass_, settings, progress)
+        pass_.journal.flush()
+    finally:
+        pass_.journal.close()
+
+
+def _adopter(resume: str, print_: dict[str, Any], out: Path, earlier: list[Any],
+             usable: Callable[[Path], bool] = lambda partial: True) -> Callable[[Path], bool]:
+    """The ``adopt`` of an atomic output: accepts the partial output of a killed run whose
+    journal has this run's fingerprint (appending the journal to ``earlier``) and that
+    ``usable`` accepts; one of another run refuses, naming the first difference."""
+    from . import journal
+
+    def adopt(partial: Path) -> bool:
+        found = journal.read(partial) if resume == "auto" else None
+        if found is None:
+            return False
+        why = journal.difference(found.fingerprint, print_)
+        if why:
+            raise NearswapError(f"{partial} holds the unfinished output of a different run into {out}: {why}; "
+                                "run that merge again to continue it, or pass --restart to discard it")
+        if not usable(partial):
+            return False
+        earlier.append(found)
+        return True
+
+    return adopt
+
+
+@contextmanager
+def _keeping_partial(resume: str, partial: list[Path]) -> Iterator[None]:
+    """A write that failed (disk full, I/O error) says where its work is kept for the next run."""
+    try:
+        yield
     except WriteFailed as e:
         if resume != "never" and partial and partial[0].is_dir():
             raise WriteFailed(f"{e}; what was written is kept in {partial[0]}: the same command continues from "
                               "there (--no-resume discards it)") from None
         raise
-    return steps, report
 
 
 def _resolved(recipe: Recipe) -> dict[str, Any]:
@@ -616,38 +674,15 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
            ray_address: str | None, progress: Callable[[int], None] | None, on_plan: Callable[[Plan], None] | None,
            earlier: Any, print_: dict[str, Any]) -> tuple[list[StepReport], MergeReport]:
     """The pass into ``tmp``, continuing ``earlier`` (a journal) when given."""
-    from . import journal
-
     recipe = plan_.recipe
-    done = earlier.done if earlier is not None else {}
-    if earlier is not None and earlier.chunk and earlier.chunk != settings.chunk:
-        settings = dataclasses.replace(settings, chunk=earlier.chunk)  # its chunks, for the same tallies and CRCs
-    written = plan_.out_bytes_of(done)
-    if earlier is not None:
-        warnings.warn(f"continuing {tmp}, the unfinished output of an earlier run of this merge ({len(done)} of "
-                      f"{len(plan_.tasks)} tensors, {written / 1e9:.2f} of {plan_.out_bytes / 1e9:.2f} GB written); "
-                      "--restart starts over", NearswapWarning, stacklevel=4)
+    settings, done, written = _continuing(earlier, settings, plan_, tmp)
     if on_plan:
         on_plan(plan_)
     started = time.perf_counter()
     writer = ShardedWriter(tmp, layout, recipe.shard_size, metadata, resume=earlier is not None)
     try:
         pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
-        skipped = pass_.resume(done)
-        pass_.journal = journal.JournalWriter(tmp, print_, writer.sync, settings.journal_bytes, fresh=earlier is None,
-                                              chunk=settings.chunk)
-        if progress and skipped:
-            progress(skipped)
-        try:
-            if ray_address:
-                from . import distributed
-
-                distributed.run(pass_, settings, ray_address, progress)
-            else:
-                stream.run(pass_, settings, progress)
-            pass_.journal.flush()
-        finally:
-            pass_.journal.close()
+        _run_journaled(pass_, done, earlier is None, tmp, print_, writer, settings, progress, ray_address)
         steps = getattr(pass_, "steps", [])
         warn_no_ops(steps)
         files = writer.close()
@@ -769,12 +804,18 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
     """Merge GGUF inputs of one architecture, any architecture, in their own names and values
     into the GGUF file ``out``: every metadata value of the base (vocabulary, chat template)
     kept, each tensor coded as ``type_name`` (``like-base``: the base tensor's own type).
-    Written into a hidden sibling and renamed when complete."""
+    Written inside a hidden partial directory with a journal, and renamed when complete; a
+    killed run is continued by the next run of the same merge (``resume`` as for
+    ``write_checkpoint``)."""
     import gguf
 
+    from . import journal
+    from .formats.gguf_header import read_header
     from .formats.gguf_writer import GGUFStreamWriter, metadata_of, quantizer_for
-    from .output import atomic_file
+    from .output import resumable_file
 
+    if resume not in RESUME_MODES:
+        raise InvalidValue(f"resume must be one of {', '.join(RESUME_MODES)}, got {shown(resume)}")
     out = Path(out)
     if recipe.dtype:
         raise NearswapError("--dtype is for directory outputs; a .gguf output takes --type (like-base, f16, q8_0, ...)")
@@ -785,44 +826,66 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
     settings = settings or Settings(threads=threads)
     if settings.chunk % 256:  # chunks must start on block boundaries (blocks are 1, 32 or 256 elements)
         raise NearswapError(f"a chunk of {settings.chunk} elements is not a multiple of 256, which a .gguf output needs")
-    with atomic_file(out, force) as part:
-        plan_, types = gguf_plan(recipe, type_name)
-        check_output_not_input(out, [plan_.base, *plan_.secondaries])
-        coders = {q.name: quantizer_for(q) for q in set(types)}  # refuses up front what cannot be written here
-        _check_disk(out, plan_.out_bytes)
-        if on_plan:
-            on_plan(plan_)
-        started = time.perf_counter()
-        arch, kv = metadata_of(plan_.base.path, drop=() if type_name == "like-base" else ("general.file_type",))
-        if type_name != "like-base":
-            file_type = getattr(gguf.LlamaFileType, "ALL_F32" if type_name.upper() == "F32" else f"MOSTLY_{type_name.upper()}", None)
-            if file_type is not None:
-                kv.append(("general.file_type", int(file_type), gguf.GGUFValueType.UINT32, None))
-        kv.append(("nearswap.version", __version__, gguf.GGUFValueType.STRING, None))
-        kv.append(("nearswap.recipe", json.dumps(recipe.to_dict()), gguf.GGUFValueType.STRING, None))
-        writer = GGUFStreamWriter(part, arch, kv, [(t.name, t.shape, q) for t, q in zip(plan_.tasks, types)])
+    check_name(out)
+    plan_, types = gguf_plan(recipe, type_name)
+    check_output_not_input(out, [plan_.base, *plan_.secondaries])
+    coders = {q.name: quantizer_for(q) for q in set(types)}  # refuses up front what cannot be written here
+    layout = [(t.name, t.shape, q) for t, q in zip(plan_.tasks, types)]
+    print_ = journal.fingerprint(
+        _resolved(recipe), [f for m in (plan_.base, *plan_.secondaries) for f in _input_files(m)],
+        {"type": type_name, "tensors": {name: {"shape": list(shape), "type": q.name} for name, shape, q in layout}},
+        __version__)
+    earlier: list[journal.Journal] = []
+
+    def usable(partial: Path) -> bool:  # not if killed before its header reached the disk, or just after its rename
         try:
-            pass_ = ChainPass(plan_, writer)
-            stream.run(pass_, settings, progress)
-            steps = pass_.steps
-            warn_no_ops(steps)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        counts: dict[str, int] = {}
-        for q in types:
-            counts[q.name] = counts.get(q.name, 0) + 1
-        report: MergeReport = {
-            "nearswap_version": __version__,
-            "kernel": kernels.describe_backend(),
-            "base": recipe.base,
-            "output_type": type_name,
-            "carry_float32": recipe.carry_float32,
-            "seconds": round(time.perf_counter() - started, 3),
-            "output": {"files": [out.name], "total_size": writer.total_size, "tensors": len(plan_.tasks),
-                       "parameters": plan_.base.num_params, "gguf_architecture": arch, "types": counts,
-                       "quantizers": coders},
-            "steps": [s.to_json() for s in steps],
-        }
+            read_header(partial / out.name)
+        except (OSError, NearswapError):
+            return False
+        return True
+
+    partial: list[Path] = []
+    adopt = _adopter(resume, print_, out, earlier, usable)
+    with _keeping_partial(resume, partial):
+        with resumable_file(out, force, adopt, keep=lambda e: resume != "never" and isinstance(e, WriteFailed)) as tmp:
+            partial.append(tmp)
+            settings, done, written = _continuing(earlier[0] if earlier else None, settings, plan_, tmp)
+            _check_disk(out, plan_.out_bytes - written)
+            if on_plan:
+                on_plan(plan_)
+            started = time.perf_counter()
+            arch, kv = metadata_of(plan_.base.path, drop=() if type_name == "like-base" else ("general.file_type",))
+            if type_name != "like-base":
+                file_type = getattr(gguf.LlamaFileType, "ALL_F32" if type_name.upper() == "F32" else f"MOSTLY_{type_name.upper()}", None)
+                if file_type is not None:
+                    kv.append(("general.file_type", int(file_type), gguf.GGUFValueType.UINT32, None))
+            kv.append(("nearswap.version", __version__, gguf.GGUFValueType.STRING, None))
+            kv.append(("nearswap.recipe", json.dumps(recipe.to_dict()), gguf.GGUFValueType.STRING, None))
+            writer = GGUFStreamWriter(tmp / out.name, arch, kv, layout, resume=bool(earlier))
+            try:
+                pass_ = ChainPass(plan_, writer)
+                _run_journaled(pass_, done, not earlier, tmp, print_, writer, settings, progress)
+                steps = pass_.steps
+                warn_no_ops(steps)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            counts: dict[str, int] = {}
+            for q in types:
+                counts[q.name] = counts.get(q.name, 0) + 1
+            report: MergeReport = {
+                "nearswap_version": __version__,
+                "kernel": kernels.describe_backend(),
+                "base": recipe.base,
+                "output_type": type_name,
+                "carry_float32": recipe.carry_float32,
+                "seconds": round(time.perf_counter() - started, 3),
+                "output": {"files": [out.name], "total_size": writer.total_size, "tensors": len(plan_.tasks),
+                           "parameters": plan_.base.num_params, "gguf_architecture": arch, "types": counts,
+                           "quantizers": coders},
+                "steps": [s.to_json() for s in steps],
+            }
+            if earlier:
+                report["resumed"] = {"tensors": len(done), "output_bytes": written}
     return report

@@ -423,13 +423,7 @@ def atomic_directory(target: str | Path, force: bool = False, replaceable: Calla
     """
     target = Path(target)
     with claimed(target, force, "dir", replaceable, adopt) as adopted:
-        if adopted is not None:
-            tmp = adopted
-        else:
-            try:
-                tmp = Path(tempfile.mkdtemp(prefix=f"{sibling_stem(target)}.", suffix=".partial", dir=target.parent))
-            except OSError as e:
-                raise NearswapError(f"cannot write in {target.parent}: {e.strerror}") from None
+        tmp = adopted if adopted is not None else _new_partial_directory(target)
         new = os.lstat(tmp)
         try:
             (tmp / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
@@ -447,16 +441,69 @@ def atomic_directory(target: str | Path, force: bool = False, replaceable: Calla
                 if not (keep is not None and keep(e) and (tmp / PARTIAL_MARKER).is_file()):
                     _remove(tmp)
                 raise
-            if isinstance(e, KeyboardInterrupt):
-                raise InterruptedAfterCommit(f"interrupted after {target} was complete: the new output is whole and "
-                                             "in place" + _leftover(tmp)) from None
-            raise
+            _raise_after_commit(e, target, tmp)
         if old is not None:
             try:
                 _remove(old)
             except KeyboardInterrupt:
                 raise InterruptedAfterCommit(f"interrupted after {target} was complete: the new output is whole and "
                                              f"in place{_leftover(old)}") from None
+
+
+@contextmanager
+def resumable_file(target: str | Path, force: bool = False, adopt: Callable[[Path], bool] | None = None,
+                   keep: Callable[[BaseException], bool] | None = None) -> Iterator[Path]:
+    """A file output that a killed run may continue: written as ``DIR / target.name`` inside a
+    hidden partial directory marked as nearswap's (which also holds the run's journal); yields
+    DIR. When the block ends without an exception the file is fsynced and renamed to
+    ``target`` (never over anything that appeared meanwhile; with ``force``, over a GGUF file),
+    then DIR is removed. On an exception DIR is removed unless ``keep(exception)``; ``adopt``
+    may accept the directory of an earlier, killed run into ``target``, yielded instead of a
+    new one (it must check that the file is there: a run killed right after its rename leaves
+    the directory without it)."""
+    target = Path(target)
+    with claimed(target, force, "file", None, adopt) as adopted:
+        tmp = adopted if adopted is not None else _new_partial_directory(target)
+        data, committed = tmp / target.name, False
+        try:
+            (tmp / PARTIAL_MARKER).write_text(f"{os.getpid()}\n")
+            yield tmp
+            _publish_file(data, target, force, None)
+            committed = True
+            fsync_dir(target.parent)
+        except BaseException as e:
+            if not committed:
+                if not (keep is not None and keep(e) and (tmp / PARTIAL_MARKER).is_file()):
+                    _remove(tmp)
+                raise
+            _raise_after_commit(e, target, tmp)
+        _remove(tmp)  # the marker and the journal: the file is in place
+
+
+def _publish_file(data: Path, target: Path, force: bool, replaceable: Callable[[Path], bool] | None) -> None:
+    """A complete file output: the permissions of a new file, on disk, then at ``target``."""
+    os.chmod(data, 0o666 & ~_umask())
+    fd = os.open(data, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _commit(data, target, force, "file", replaceable)
+
+
+def _new_partial_directory(target: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{sibling_stem(target)}.", suffix=".partial", dir=target.parent))
+    except OSError as e:
+        raise NearswapError(f"cannot write in {target.parent}: {e.strerror}") from None
+
+
+def _raise_after_commit(e: BaseException, target: Path, left: Path) -> None:
+    """An exception once the output is in place: Ctrl-C says the output is whole (and what is left)."""
+    if isinstance(e, KeyboardInterrupt):
+        raise InterruptedAfterCommit(f"interrupted after {target} was complete: the new output is whole and "
+                                     "in place" + _leftover(left)) from None
+    raise e
 
 
 def _leftover(path: Path) -> str:
@@ -479,13 +526,7 @@ def atomic_file(target: str | Path, force: bool = False,
         tmp = Path(name)
         try:
             yield tmp
-            os.chmod(tmp, 0o666 & ~_umask())
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _commit(tmp, target, force, "file", replaceable)
+            _publish_file(tmp, target, force, replaceable)
             fsync_dir(target.parent)
         except BaseException:
             if os.path.lexists(tmp):

@@ -125,12 +125,20 @@ class GGUFStreamWriter:
     type), its data written by ``write`` in chunks of float32 values."""
 
     def __init__(self, path: Path, arch: str, kv: Iterable[tuple[str, Any, Any, Any]],
-                 plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]]) -> None:
+                 plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]], resume: bool = False) -> None:
         import gguf
 
         from .gguf_header import read_header
 
         self.path = path
+        if resume:  # an earlier run's file: its header was written (and synced with its first journal line)
+            header = read_header(path)
+            if [(t.name, t.tensor_type) for t in header.tensors] != [(name, qtype) for name, _, qtype in plan]:
+                raise NearswapError(f"{path}: its tensors are not those of this merge; pass --restart to start over")
+            self.tensors = {t.name: (int(t.data_offset), t.tensor_type) for t in header.tensors}
+            self.total_size = path.stat().st_size
+            self.fd = os.open(path, os.O_RDWR)
+            return
         w = gguf.GGUFWriter(str(path), arch)
         try:
             for key, value, vtype, item in kv:
@@ -166,6 +174,10 @@ class GGUFStreamWriter:
         block, size = GGML_QUANT_SIZES[qtype]
         coded = quantize(values, qtype)
         os.pwrite(self.fd, memoryview(coded).cast("B"), offset + start // block * size)
+
+    def sync(self) -> None:
+        """What was written is on disk (the journal's condition for recording it)."""
+        os.fdatasync(self.fd)
 
     def close(self) -> list[Path]:
         os.fsync(self.fd)
