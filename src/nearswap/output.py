@@ -17,6 +17,8 @@ its path and renamed into place once complete. Around that rename:
 - **Partial outputs of killed runs are found.** A run that was SIGKILLed leaves its hidden
   ``.NAME.<random>.partial`` directory, marked as nearswap's while unfinished; the next run into
   the same path removes it and warns. Anything else by such a name is only named, never removed.
+  A run of the same job may instead continue it (``adopt``): merges keep a journal there, and a
+  merge into a file writes the file inside such a directory (``resumable_file``).
 
 Names of these siblings stay within the file system's 255-byte limit however long NAME is.
 """
@@ -476,6 +478,7 @@ def resumable_file(target: str | Path, force: bool = False, adopt: Callable[[Pat
                 if not (keep is not None and keep(e) and (tmp / PARTIAL_MARKER).is_file()):
                     _remove(tmp)
                 raise
+            _remove(tmp)  # only the run's records are left there
             _raise_after_commit(e, target, tmp)
         _remove(tmp)  # the marker and the journal: the file is in place
 
