@@ -144,6 +144,10 @@ def test_null_refuses_what_it_cannot_do(run):
     assert result.exit_code == 1 and "null: is a sink of this process" in result.stderr
     result = run("merge", "synthetic:tiny", "synthetic:tiny?seed=1", "-t", 1e-4, "-o", "null:", "--type", "q8_0")
     assert result.exit_code == 1 and "--type is for a .gguf output" in result.stderr
+    for option, words in (("--force", "--force is for an output that is stored"),
+                          ("--restart", "--restart or --no-resume is for"), ("--no-resume", "--restart or --no-resume")):
+        result = run("merge", "synthetic:tiny", "synthetic:tiny?seed=1", "-t", 1e-4, "-o", "null:", option)
+        assert result.exit_code == 1 and words in result.stderr, (option, result.stderr)
 
 
 @pytest.mark.parametrize("command", [["convert", "synthetic:tiny"], ["export", "synthetic:tiny", "--vocab-from", "x"],

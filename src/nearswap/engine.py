@@ -478,6 +478,9 @@ def merge_to_null(recipe: Recipe, *, threads: int | None = None, settings: Setti
     into a directory of the same recipe reproduces from its own checksums."""
     if ray_address:
         raise NearswapError("null: is a sink of this process; drop --ray, or merge into a directory")
+    if force or resume != "auto":
+        raise NearswapError(f"{'--force' if force else '--restart or --no-resume'} is for an output that is stored; "
+                            "null: stores nothing (there is nothing to replace or to continue)")
     settings = settings or Settings(threads=threads)
     plan_ = plan(recipe)
     if on_plan:
