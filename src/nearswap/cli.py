@@ -540,15 +540,16 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
         raise click.UsageError("--exact and --sample exclude each other")
     if plot_dir:
         curves.check_plot_output(plot_dir, force, inputs)  # before the pass, not after it
+    plan = curves.curve_plan(inputs[0], inputs[1:], dtype)
     why = ""
     if sample is None and not exact:
-        sample, why = curves.default_sample(inputs[0], inputs[1:])
+        sample, why = curves.default_sample(plan)
         if why and not as_json:
             click.echo(f"nearswap: {why}", err=True)
     bar = _Progress("reading", quiet or as_json)
     try:
         result = curves.compute(inputs[0], inputs[1:], values, settings=_settings(threads), progress=bar.update,
-                                sample=sample, dtype=dtype, on_plan=lambda p: bar.start(int(p.in_bytes * (sample or 1))))
+                                sample=sample, plan_=plan, on_plan=lambda p: bar.start(int(p.in_bytes * (sample or 1))))
     finally:
         bar.close()
     written = curves.write_plots(result, plot_dir, at, force) if plot_dir else []

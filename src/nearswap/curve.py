@@ -373,35 +373,41 @@ def memory_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_sample(base: str | Path, secondaries: Sequence[str | Path]) -> tuple[float | None, str]:
-    """The command's default: every element (None) while the inputs fit in memory, else
-    ``AUTO_SAMPLE``, with the sentence that says why. Reads the headers only."""
-    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": 0} for s in secondaries]}, "curve")
-    reads, memory = plan(rec).read_bytes, memory_bytes()
+def default_sample(plan_: Plan) -> tuple[float | None, str]:
+    """The command's default for a curve of ``plan_`` (``curve_plan``): every element (None)
+    while the inputs fit in memory, else ``AUTO_SAMPLE``, with the sentence that says why."""
+    reads, memory = plan_.read_bytes, memory_bytes()
     if reads <= memory:
         return None, ""
     return AUTO_SAMPLE, (f"the inputs ({reads / 1e9:.1f} GB) are more than this machine's memory "
                          f"({memory / 1e9:.1f} GB): a {100 * AUTO_SAMPLE:g}% sample by default; --exact reads every element")
 
 
+def curve_plan(base: str | Path, secondaries: Sequence[str | Path], dtype: str | None = None) -> Plan:
+    """The same preflight as a merge's (names, shapes, architectures; headers only). ``dtype``:
+    that of the merge the counts are for (a chain's running result is stored in it between
+    steps, so steps 2+ depend on it; default: as the base)."""
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": 0} for s in secondaries],
+                        **({"dtype": dtype} if dtype else {})}, "curve")
+    return plan(rec)
+
+
 def compute(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float] = DEFAULT_TS, *,
             threads: int | None = None, settings: Settings | None = None,
             progress: Callable[[int], None] | None = None,
             on_plan: Callable[[Plan], None] | None = None, sample: float | None = None,
-            dtype: str | None = None) -> CurveResult:
+            dtype: str | None = None, plan_: Plan | None = None) -> CurveResult:
     """Exact swap counts at every t in ``ts`` (per step, tensor, kind, layer) and the step-1 curve;
     with ``sample`` (a fraction in (0, 1]), counts over a systematic sample of blocks
-    (``sample_items``) and the standard error of each share (``CurveResult.sample``). ``dtype``:
-    that of the merge the counts are for (a chain's running result is stored in it between
-    steps, so steps 2+ depend on it; default: as the base)."""
+    (``sample_items``) and the standard error of each share (``CurveResult.sample``). ``dtype``
+    as for ``curve_plan``; ``plan_``: that plan, when the caller made it already."""
     if sample is not None and not (isinstance(sample, (int, float)) and 0 < sample <= 1):
         raise InvalidValue(f"--sample must be a fraction in (0, 1], got {sample!r}")
     ts = sorted(kernels.check_t(t) for t in ts)
     if not 1 <= len(ts) <= kernels.MAX_THRESHOLDS:
         raise NearswapError(f"give 1 to {kernels.MAX_THRESHOLDS} values of t (got {len(ts)})")
-    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": ts[0]} for s in secondaries],
-                        **({"dtype": dtype} if dtype else {})}, "curve")
-    plan_ = plan(rec)  # the same preflight as a merge: names, shapes, architectures
+    if plan_ is None:
+        plan_ = curve_plan(base, secondaries, dtype)
     if on_plan:
         on_plan(plan_)
     pass_ = CountPass([t for t in plan_.tasks if t.merged], ts, secondaries, sample if sample != 1 else None)

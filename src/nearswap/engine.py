@@ -784,12 +784,11 @@ def gguf_types(plan_: Plan, type_name: str) -> list[Any]:
 def gguf_plan(recipe: Recipe, type_name: str = "like-base") -> tuple[Plan, list[Any]]:
     """The plan of a merge into a .gguf file (inputs kept in their own types) and each tensor's
     GGUF type; the plan's output bytes are the file's tensor bytes in those types."""
-    import gguf
+    from .formats.gguf_writer import coded_bytes
 
     plan_ = plan(recipe, native=True)
     types = gguf_types(plan_, type_name)
-    plan_.stored = {t.name: t.numel // gguf.GGML_QUANT_SIZES[q][0] * gguf.GGML_QUANT_SIZES[q][1]
-                    for t, q in zip(plan_.tasks, types)}
+    plan_.stored = {t.name: coded_bytes(t.numel, q) for t, q in zip(plan_.tasks, types)}
     return plan_, types
 
 

@@ -120,6 +120,12 @@ def metadata_of(path: Path, drop: tuple[str, ...] = (), prefix: str = "") -> tup
     return header.metadata.get("general.architecture"), kv
 
 
+def coded_bytes(numel: int, qtype: GGMLQuantizationType) -> int:
+    """Bytes of ``numel`` elements coded as ``qtype`` (whole blocks)."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return numel // block * size
+
+
 class GGUFStreamWriter:
     """A GGUF file at ``path`` with ``kv`` metadata and ``plan`` tensors (name, HF-order shape,
     type), its data written by ``write`` in chunks of float32 values."""
@@ -152,7 +158,7 @@ class GGUFStreamWriter:
                 byte_shape = (*shape[:-1], shape[-1] // block * size) if shape else (size,)
                 dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qtype, np.uint8)
                 w.add_tensor_info(name, byte_shape if dtype is np.uint8 else shape, np.dtype(dtype),
-                                  numel // block * size, raw_dtype=qtype)
+                                  coded_bytes(numel, qtype), raw_dtype=qtype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
