@@ -40,7 +40,7 @@ if point in ("bytes", "bytes-journaled"):  # after `arg` bytes of merged float32
                 write(self, name, start, half)
             die()
         state["n"] += n
-        write(self, name, start, data)
+        return write(self, name, start, data)
     gguf_writer.GGUFStreamWriter.write = patched
 
 base, out, *secs = sys.argv[3:]

@@ -3,14 +3,17 @@
 Each work item's output bytes get a CRC-32C (the ``crc32c`` library: SSE4.2/ARMv8 instructions),
 in the worker thread that wrote them, while they are still in cache. A shard's digest is the sha256 of
 its tensors' chunk CRCs, in file order (big-endian 4 bytes each); the chunk size in elements
-is recorded with it. ``nearswap verify`` reads the shard back in the same chunks and
-recomputes the digest: any flipped bit changes a CRC. Why not a sha256 of each file (it runs on
+is recorded with it, and so is the CRC-32C of each file's header (every byte before its first
+tensor's data), which the digest of the data does not cover. ``nearswap verify`` reads the
+shard back in the same chunks and recomputes both: any flipped bit changes a CRC. A resumed
+merge reads back what it adopts the same way (``crc_of_span``). Why not a sha256 of each file (it runs on
 one core, in file order) or zlib's CRC-32: docs/benchmarks.md has the figures.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from typing import Any, Callable, Iterable
 
@@ -37,7 +40,26 @@ def digest(tensor_crcs: Iterable[list[int]]) -> str:
     return sha.hexdigest()
 
 
-def record(files: dict[str, list[str]], crcs: dict[str, list[int]], chunk: int) -> dict[str, Any]:
-    """The report's entry: ``files`` maps each shard to its tensors in file order."""
+def record(files: dict[str, list[str]], crcs: dict[str, list[int]], chunk: int,
+           headers: dict[str, int]) -> dict[str, Any]:
+    """The report's entry: ``files`` maps each shard to its tensors in file order, ``headers``
+    to the CRC-32C of its header."""
     return {"method": METHOD, "chunk": chunk,
-            "files": {name: digest(crcs.get(t, []) for t in tensors) for name, tensors in files.items()}}
+            "files": {name: digest(crcs.get(t, []) for t in tensors) for name, tensors in files.items()},
+            "headers": {name: headers[name] for name in files}}
+
+
+PIECE = 1 << 20  # bytes per read of crc_of_span
+
+
+def crc_of_span(fd: int, offset: int, size: int) -> int:
+    """The CRC-32C of ``size`` bytes of the file ``fd`` from ``offset``, read in pieces; a file
+    shorter than that raises ``OSError``."""
+    value, done = 0, 0
+    while done < size:
+        piece = os.pread(fd, min(PIECE, size - done), offset + done)
+        if not piece:
+            raise OSError(f"the file ends at byte {offset + done}")
+        value = crc(piece, value)
+        done += len(piece)
+    return value

@@ -343,8 +343,8 @@ class CopyPass(_Inputs):
         reader, buffers = self._io()
         base = reader.read(task.base, start, buffers.get(0, task.base.dtype, n))
         out = _cast(base, task.base.dtype, task.out_dtype)
-        self.writer.write(task.name, start, out)
-        return Result(i, None, len(base), start, checksums.crc(out))
+        crc = self.writer.write(task.name, start, out)  # of the bytes stored (a GGUF's coded blocks)
+        return Result(i, None, len(base), start, crc)
 
     def collect(self, result: Result) -> None:
         self._completed(result)
@@ -382,8 +382,8 @@ class ChainPass(CopyPass):
         out = buffers.get(-1, task.out_dtype, n)
         counts = kernels.chain_raw(out, task.out_dtype, base, task.base.dtype,
                                    list(zip(secs, (s.dtype for s in task.secondaries))), task.ts, self.round_between)
-        self.writer.write(task.name, start, out)
-        return Result(i, counts, len(base) + sum(len(x) for x in secs), start, checksums.crc(out))
+        crc = self.writer.write(task.name, start, out)
+        return Result(i, counts, len(base) + sum(len(x) for x in secs), start, crc)
 
     def collect(self, result: Result) -> None:
         if result.counts is not None:
@@ -586,29 +586,55 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
     return steps, report
 
 
-def _continuing(earlier: Any, settings: Settings, plan_: Plan, tmp: Path) -> tuple[Settings, dict[str, Any], int]:
-    """For a run that continues ``earlier`` (a journal, or None): the settings with its chunk
-    size (the same chunks, so the same tallies and CRCs), the tensors it completed, their output
-    bytes; and the warning that says so."""
-    done = earlier.done if earlier is not None else {}
+def _resume_settings(earlier: Any, settings: Settings) -> Settings:
+    """The settings of a run that continues ``earlier`` (a journal, or None): its chunk size
+    (the same chunks, so the same tallies and CRCs)."""
     if earlier is not None and earlier.chunk and earlier.chunk != settings.chunk:
         settings = dataclasses.replace(settings, chunk=earlier.chunk)
+    return settings
+
+
+def _adopt(earlier: Any, writer: Any, plan_: Plan, settings: Settings, tmp: Path, merged: bool,
+           removed: list[str]) -> tuple[dict[str, Any], int]:
+    """What of an earlier run's journaled tensors the partial output in ``tmp`` still holds, each
+    chunk read back through ``writer.span`` and its CRC compared (``journal.recheck``); says
+    what is continued, what is merged again and what was removed. Returns (the tensors adopted,
+    their output bytes)."""
+    from . import journal
+
+    if earlier is None:
+        return {}, 0
+    chunk = settings.chunk
+    expected = {}
+    for task in plan_.tasks:
+        spans = [writer.span(task.name, start, min(chunk, task.numel - start)) for start in range(0, task.numel, chunk)]
+        path = spans[0][0] if spans else tmp
+        expected[task.name] = (path, [(off, size) for _, off, size in spans], merged and task.merged)
+    done, dropped = journal.recheck(earlier.done, expected, settings.workers)
     written = plan_.out_bytes_of(done)
-    if earlier is not None:
-        warnings.warn(f"continuing {tmp}, the unfinished output of an earlier run of this merge ({len(done)} of "
-                      f"{len(plan_.tasks)} tensors, {written / 1e9:.2f} of {plan_.out_bytes / 1e9:.2f} GB written); "
-                      "--restart starts over", NearswapWarning, stacklevel=5)
-    return settings, done, written
+    notes = []
+    if dropped:
+        notes.append(f"{dropped} journaled tensor{'s' if dropped != 1 else ''} not as recorded, merged again")
+    if removed:
+        notes.append(f"removed {len(removed)} entr{'ies' if len(removed) != 1 else 'y'} besides the weights "
+                     f"({', '.join(shown(r, 40) for r in removed[:3])}{', ...' if len(removed) > 3 else ''}): "
+                     "the rest of the output is written anew")
+    warnings.warn(f"continuing {tmp}, the unfinished output of an earlier run of this merge ({len(done)} of "
+                  f"{len(plan_.tasks)} tensors, {written / 1e9:.2f} of {plan_.out_bytes / 1e9:.2f} GB written, each "
+                  f"re-checked{'; ' + '; '.join(notes) if notes else ''}); --restart starts over",
+                  NearswapWarning, stacklevel=5)
+    return done, written
 
 
-def _run_journaled(pass_: CopyPass, done: dict[str, Any], fresh: bool, tmp: Path, print_: dict[str, Any], writer: Any,
+def _run_journaled(pass_: CopyPass, done: dict[str, Any], tmp: Path, print_: dict[str, Any], writer: Any,
                    settings: Settings, progress: Callable[[int], None] | None, ray_address: str | None = None) -> None:
-    """Run ``pass_`` into ``writer``, skipping the tensors in ``done`` and journaling in
-    ``tmp`` each tensor once its data are on disk (``writer.sync``)."""
+    """Run ``pass_`` into ``writer``, skipping the tensors in ``done`` (re-checked: they start
+    the new journal) and journaling in ``tmp`` each tensor once its data are on disk
+    (``writer.sync``)."""
     from . import journal
 
     skipped = pass_.resume(done)
-    pass_.journal = journal.JournalWriter(tmp, print_, writer.sync, settings.journal_bytes, fresh=fresh,
+    pass_.journal = journal.JournalWriter(tmp, print_, writer.sync, settings.journal_bytes, adopted=done,
                                           chunk=settings.chunk)
     if progress and skipped:
         progress(skipped)
@@ -659,6 +685,31 @@ def _keeping_partial(resume: str, partial: list[Path]) -> Iterator[None]:
         raise
 
 
+def _prune(tmp: Path, files: list[str]) -> list[str]:
+    """Before a run continues the partial directory ``tmp``: remove every entry but its marker,
+    its journal and the regular files named in ``files`` (what this run writes there), so that
+    the output holds only what this run wrote. Returns the names removed."""
+    import stat
+
+    from . import journal
+    from .output import PARTIAL_MARKER, remove_entry
+
+    keep = {PARTIAL_MARKER, journal.JOURNAL_NAME, *files}
+    removed = []
+    for entry in sorted(os.listdir(tmp)):
+        if entry == PARTIAL_MARKER:
+            continue
+        try:
+            regular = stat.S_ISREG(os.lstat(tmp / entry).st_mode)
+        except OSError:
+            regular = False
+        if entry in keep and regular:
+            continue
+        remove_entry(tmp / entry)
+        removed.append(entry)
+    return removed
+
+
 def _resolved(recipe: Recipe) -> dict[str, Any]:
     """The recipe with every model path absolute and resolved (for the fingerprint)."""
     def resolve(p: str) -> str:
@@ -678,14 +729,16 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
            earlier: Any, print_: dict[str, Any]) -> tuple[list[StepReport], MergeReport]:
     """The pass into ``tmp``, continuing ``earlier`` (a journal) when given."""
     recipe = plan_.recipe
-    settings, done, written = _continuing(earlier, settings, plan_, tmp)
+    settings = _resume_settings(earlier, settings)
+    removed = _prune(tmp, ShardedWriter.file_names(layout, recipe.shard_size)) if earlier is not None else []
     if on_plan:
         on_plan(plan_)
     started = time.perf_counter()
     writer = ShardedWriter(tmp, layout, recipe.shard_size, metadata, resume=earlier is not None)
     try:
+        done, written = _adopt(earlier, writer, plan_, settings, tmp, bool(recipe.steps), removed)
         pass_ = ChainPass(plan_, writer) if recipe.steps else CopyPass(plan_.tasks, writer)
-        _run_journaled(pass_, done, earlier is None, tmp, print_, writer, settings, progress, ray_address)
+        _run_journaled(pass_, done, tmp, print_, writer, settings, progress, ray_address)
         steps = getattr(pass_, "steps", [])
         warn_no_ops(steps)
         files = writer.close()
@@ -696,7 +749,8 @@ def _write(plan_: Plan, tmp: Path, layout: list, metadata: dict[str, str], setti
         **_report_head(recipe, started),
         "output": {"files": [f.name for f in files], "copied": [], "total_size": writer.total_size,
                    "tensors": len(plan_.tasks), "parameters": plan_.base.num_params,
-                   "checksums": checksums.record(_tensors_by_file(writer), pass_.checksums(), settings.chunk)},
+                   "checksums": checksums.record(_tensors_by_file(writer), pass_.checksums(), settings.chunk,
+                                                 writer.header_crcs())},
         "steps": [s.to_json() for s in steps],
     }
     if steps:
@@ -812,7 +866,6 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
     import gguf
 
     from . import journal
-    from .formats.gguf_header import read_header
     from .formats.gguf_writer import GGUFStreamWriter, metadata_of, quantizer_for
     from .output import resumable_file
 
@@ -839,36 +892,37 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
         __version__)
     earlier: list[journal.Journal] = []
 
-    def usable(partial: Path) -> bool:  # not if killed before its header reached the disk, or just after its rename
-        try:
-            read_header(partial / out.name)
-        except (OSError, NearswapError):
-            return False
-        return True
+    def usable(partial: Path) -> bool:  # not if killed just after its rename (the directory is left without it)
+        return os.path.isfile(partial / out.name) and not os.path.islink(partial / out.name)
 
     partial: list[Path] = []
     adopt = _adopter(resume, print_, out, earlier, usable)
     with _keeping_partial(resume, partial):
         with resumable_file(out, force, adopt, keep=lambda e: resume != "never" and isinstance(e, WriteFailed)) as tmp:
             partial.append(tmp)
-            settings, done, written = _continuing(earlier[0] if earlier else None, settings, plan_, tmp)
-            _check_disk(out, plan_.out_bytes - written)
+            previous = earlier[0] if earlier else None
+            settings = _resume_settings(previous, settings)
+            removed = _prune(tmp, [out.name]) if previous else []
+            _check_disk(out, plan_.out_bytes - plan_.out_bytes_of(previous.done if previous else ()))
             if on_plan:
                 on_plan(plan_)
             started = time.perf_counter()
             arch, kv = metadata_of(plan_.base.path, drop=() if type_name == "like-base" else ("general.file_type",))
+            kv = [entry for entry in kv if not entry[0].startswith("nearswap.")]  # a merge of a merge: this run's own
             if type_name != "like-base":
                 file_type = getattr(gguf.LlamaFileType, "ALL_F32" if type_name.upper() == "F32" else f"MOSTLY_{type_name.upper()}", None)
                 if file_type is not None:
                     kv.append(("general.file_type", int(file_type), gguf.GGUFValueType.UINT32, None))
             kv.append(("nearswap.version", __version__, gguf.GGUFValueType.STRING, None))
             kv.append(("nearswap.recipe", json.dumps(recipe.to_dict()), gguf.GGUFValueType.STRING, None))
-            writer = GGUFStreamWriter(tmp / out.name, arch, kv, layout, resume=bool(earlier))
+            writer = GGUFStreamWriter(tmp / out.name, arch, kv, layout, resume=previous is not None)
             try:
+                done, written = _adopt(previous, writer, plan_, settings, tmp, True, removed)
                 pass_ = ChainPass(plan_, writer)
-                _run_journaled(pass_, done, not earlier, tmp, print_, writer, settings, progress)
+                _run_journaled(pass_, done, tmp, print_, writer, settings, progress)
                 steps = pass_.steps
                 warn_no_ops(steps)
+                sealed = writer.seal(settings.chunk, pass_.checksums())
                 writer.close()
             except BaseException:
                 writer.abort()
@@ -885,7 +939,7 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
                 "seconds": round(time.perf_counter() - started, 3),
                 "output": {"files": [out.name], "total_size": writer.total_size, "tensors": len(plan_.tasks),
                            "parameters": plan_.base.num_params, "gguf_architecture": arch, "types": counts,
-                           "quantizers": coders},
+                           "quantizers": coders, "checksums": sealed},
                 "steps": [s.to_json() for s in steps],
             }
             if earlier:

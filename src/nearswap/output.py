@@ -383,6 +383,14 @@ def _remove(path: Path) -> None:
             pass
 
 
+def remove_entry(path: Path) -> None:
+    """Remove a file, link or folder (a link, never what it points to); raises ``NearswapError``
+    if it cannot be removed."""
+    _remove(path)
+    if os.path.lexists(path):
+        raise NearswapError(f"cannot remove {path}, which an earlier run did not write there; remove it yourself")
+
+
 def _same(a: Path, st: os.stat_result) -> bool:
     try:
         now = os.lstat(a)

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import NearswapError
+from ..errors import NearswapError, WriteFailed
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,32 +126,40 @@ def coded_bytes(numel: int, qtype: GGMLQuantizationType) -> int:
     return numel // block * size
 
 
+CHECKSUM_KEY = "nearswap.checksums"  # the file's own record of its bytes (``seal``), read by ``nearswap verify``
+CHECKSUM_LEN = 256  # bytes of its value: written as a placeholder with the header, filled in at the end
+PLACEHOLDER = "nearswap: checksums not yet written".ljust(CHECKSUM_LEN)
+
+
 class GGUFStreamWriter:
     """A GGUF file at ``path`` with ``kv`` metadata and ``plan`` tensors (name, HF-order shape,
-    type), its data written by ``write`` in chunks of float32 values."""
+    type), its data written by ``write`` in chunks of float32 values.
+
+    The header is always the one this run computes (built with the ``gguf`` package into
+    memory, never read from an earlier run's file), written over the start of the file, which
+    is sized to its full length; with ``resume`` an earlier run's file is opened as it is (never
+    through a link), so that tensors it completed can be re-checked and kept. ``kv`` gets
+    ``nearswap.checksums``, a fixed-size placeholder that ``seal`` replaces with the CRC of
+    the header and the digest of every chunk's coded bytes."""
 
     def __init__(self, path: Path, arch: str, kv: Iterable[tuple[str, Any, Any, Any]],
                  plan: list[tuple[str, tuple[int, ...], GGMLQuantizationType]], resume: bool = False) -> None:
+        import stat
+
         import gguf
 
         from .gguf_header import read_header
 
         self.path = path
-        if resume:  # an earlier run's file: its header was written (and synced with its first journal line)
-            header = read_header(path)
-            if [(t.name, t.tensor_type) for t in header.tensors] != [(name, qtype) for name, _, qtype in plan]:
-                raise NearswapError(f"{path}: its tensors are not those of this merge; pass --restart to start over")
-            self.tensors = {t.name: (int(t.data_offset), t.tensor_type) for t in header.tensors}
-            self.total_size = path.stat().st_size
-            self.fd = os.open(path, os.O_RDWR)
-            return
-        w = gguf.GGUFWriter(str(path), arch)
+        scratch = path.with_name(path.name + ".header")
+        w = gguf.GGUFWriter(str(scratch), arch)
         try:
             for key, value, vtype, item in kv:
                 if key == "general.alignment":
                     w.add_custom_alignment(int(value))
-                elif key != "general.architecture":
+                elif key not in ("general.architecture", CHECKSUM_KEY):  # (a merge of a merge has one)
                     w.add_key_value(key, value, vtype, item)
+            w.add_key_value(CHECKSUM_KEY, PLACEHOLDER, gguf.GGUFValueType.STRING)
             for name, shape, qtype in plan:
                 block, size = GGML_QUANT_SIZES[qtype]
                 numel = int(np.prod(shape)) if shape else 1
@@ -162,24 +170,69 @@ class GGUFStreamWriter:
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()
-            header_end = w.fout[0].tell()
         finally:
             w.close()
+        try:
+            header = scratch.read_bytes()
+        finally:
+            scratch.unlink()
         align = w.data_alignment
-        data_start = -(-header_end // align) * align
-        total = sum(-(-(ti.nbytes) // align) * align for ti in w.tensors[0].values())
-        self.fd = os.open(path, os.O_RDWR)
-        os.ftruncate(self.fd, data_start + total)
-        header = read_header(path)  # where the reader will look: the offsets written, read back
-        self.tensors = {t.name: (int(t.data_offset), t.tensor_type) for t in header.tensors}
-        self.total_size = data_start + total
+        header += bytes(-len(header) % align)  # the data section starts aligned
+        total = len(header) + sum(-(-(ti.nbytes) // align) * align for ti in w.tensors[0].values())
+        if header.count(PLACEHOLDER.encode()) != 1:
+            raise NearswapError(f"{path}: the checksum placeholder is not unique in the header (a metadata value "
+                                "holds its text); rename that value")
+        self.header, self.seal_at = header, header.index(PLACEHOLDER.encode())
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_CREAT | (os.O_NOFOLLOW | os.O_NONBLOCK if resume else os.O_EXCL)
+        try:
+            self.fd = os.open(path, flags, 0o644)
+            if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                os.close(self.fd)
+                raise NearswapError(f"{path} is not a regular file; run again with --restart to start over")
+            os.ftruncate(self.fd, total)
+            os.pwrite(self.fd, header, 0)
+        except OSError as e:
+            raise WriteFailed(f"cannot write {path}: {e.strerror}") from None
+        found = read_header(path)  # where a reader will look: the offsets written, read back
+        self.tensors = {t.name: (int(t.data_offset), t.tensor_type) for t in found.tensors}
+        self.total_size = total
 
-    def write(self, name: str, start: int, data: Any) -> None:
+    def span(self, name: str, start: int, n: int) -> tuple[Path, int, int]:
+        """Where elements ``start`` .. ``start + n`` of ``name`` are coded: (file, byte offset, bytes)."""
+        offset, qtype = self.tensors[name]
+        block, size = GGML_QUANT_SIZES[qtype]
+        return self.path, offset + start // block * size, n // block * size
+
+    def seal(self, chunk: int, crcs: dict[str, list[int]]) -> dict[str, Any]:
+        """Fill ``nearswap.checksums`` in: the CRC-32C of the header (with the placeholder) and the
+        digest of each tensor's chunk CRCs (of the coded bytes), in file order. Returns it."""
+        import json
+
+        from .. import checksums
+
+        order = sorted(self.tensors, key=lambda name: self.tensors[name][0])
+        value = {"method": checksums.METHOD, "chunk": chunk, "header": checksums.crc(self.header),
+                 "data": checksums.digest(crcs.get(name, []) for name in order)}
+        text = json.dumps(value, separators=(",", ":")).ljust(CHECKSUM_LEN)
+        try:
+            os.pwrite(self.fd, text.encode(), self.seal_at)
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
+        return value
+
+    def write(self, name: str, start: int, data: Any) -> int:
+        """Code float32 ``data`` at element ``start`` of ``name``; returns the CRC-32C of the coded bytes."""
+        from .. import checksums
+
         offset, qtype = self.tensors[name]
         values = np.frombuffer(data, np.float32)
         block, size = GGML_QUANT_SIZES[qtype]
-        coded = quantize(values, qtype)
-        os.pwrite(self.fd, memoryview(coded).cast("B"), offset + start // block * size)
+        coded = memoryview(quantize(values, qtype)).cast("B")
+        try:
+            os.pwrite(self.fd, coded, offset + start // block * size)
+        except OSError as e:
+            raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
+        return checksums.crc(coded)
 
     def sync(self) -> None:
         """What was written is on disk (the journal's condition for recording it)."""

@@ -335,6 +335,19 @@ class ShardedWriter:
 
     def __init__(self, directory: Path, plan: Iterable[tuple[str, DType, tuple[int, ...]]],
                  shard_size: int, metadata: dict[str, str], resume: bool = False) -> None:
+        self.directory = directory
+        self.places: dict[str, tuple[int, int, DType, Path]] = {}  # name -> (fd, offset, dtype, file)
+        self.weight_map: dict[str, str] = {}
+        self.fds: list[int] = []
+        self.headers: list[tuple[int, bytes, Path]] = []  # written by close()
+        self.total_size = 0
+        for shard in self._pack(plan, shard_size):
+            shard.path = directory / shard.path
+            self._lay_out(shard, metadata, resume)
+
+    @staticmethod
+    def _pack(plan: Iterable[tuple[str, DType, tuple[int, ...]]], shard_size: int) -> list[_Shard]:
+        """The tensors packed greedily into shards of at most ``shard_size`` bytes, named."""
         shards: list[_Shard] = []
         for name, dtype, shape in plan:
             nbytes = math.prod(shape) * dtype.itemsize
@@ -342,15 +355,15 @@ class ShardedWriter:
                 shards.append(_Shard(Path()))
             shards[-1].tensors.append((name, dtype, shape))
             shards[-1].nbytes += nbytes
-        self.directory = directory
-        self.places: dict[str, tuple[int, int, DType, Path]] = {}  # name -> (fd, offset, dtype, file)
-        self.weight_map: dict[str, str] = {}
-        self.fds: list[int] = []
-        self.headers: list[tuple[int, bytes, Path]] = []  # written by close()
-        self.total_size = 0
         for shard, fname in zip(shards, shard_names(len(shards))):
-            shard.path = directory / fname
-            self._lay_out(shard, metadata, resume)
+            shard.path = Path(fname)
+        return shards
+
+    @staticmethod
+    def file_names(plan: Iterable[tuple[str, DType, tuple[int, ...]]], shard_size: int) -> list[str]:
+        """The names of the files the writer writes: its shards and, with several, the index."""
+        names = [shard.path.name for shard in ShardedWriter._pack(plan, shard_size)]
+        return names + [INDEX_NAME] if len(names) > 1 else names
 
     @staticmethod
     def layout(plan: Iterable[tuple[str, DType, tuple[int, ...]]], shard_size: int) -> dict[str, Any]:
@@ -371,8 +384,9 @@ class ShardedWriter:
                                 "(safetensors needs UTF-8)") from None
         raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
         data_start = 8 + len(raw)
-        # a resumed shard is opened as it is, but never through a link, nor anything but a file
-        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_NOFOLLOW | os.O_NONBLOCK if resume else os.O_CREAT | os.O_EXCL)
+        # a resumed shard is opened as it is (or made anew: its tensors are then found missing by
+        # the re-check), but never through a link, nor anything but a file; sized as this run lays it out
+        flags = os.O_WRONLY | os.O_CLOEXEC | os.O_CREAT | (os.O_NOFOLLOW | os.O_NONBLOCK if resume else os.O_EXCL)
         try:
             fd = os.open(shard.path, flags, 0o644)
         except OSError as e:
@@ -380,9 +394,6 @@ class ShardedWriter:
         self.fds.append(fd)
         if resume and not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NearswapError(f"{shard.path} is not a regular file; run again with --restart to start over")
-        if resume and os.fstat(fd).st_size != data_start + pos:
-            raise NearswapError(f"{shard.path} is not the size an earlier run of this merge gave it; "
-                                "run again with --restart to start over")
         self._io(shard.path, os.ftruncate, fd, data_start + pos)  # the length field stays 0 until close()
         self.headers.append((fd, struct.pack("<Q", len(raw)) + raw, shard.path))
         for name, dtype, shape in shard.tensors:
@@ -421,8 +432,22 @@ class ShardedWriter:
                 self.fds.append(self._opened[path])
             return self._opened[path]
 
-    def write(self, name: str, start: int, data: Any) -> None:
-        """Write ``data`` (a 1-D array of the tensor's dtype, or its bytes) at element ``start``."""
+    def span(self, name: str, start: int, n: int) -> tuple[Path, int, int]:
+        """Where elements ``start`` .. ``start + n`` of ``name`` lie: (file, byte offset, bytes)."""
+        _, offset, dtype, path = self.places[name]
+        return path, offset + start * dtype.itemsize, n * dtype.itemsize
+
+    def header_crcs(self) -> dict[str, int]:
+        """Each shard's CRC-32C of its header (the bytes ``close`` writes before the data)."""
+        from .. import checksums
+
+        return {path.name: checksums.crc(header) for _, header, path in self.headers}
+
+    def write(self, name: str, start: int, data: Any) -> int:
+        """Write ``data`` (a 1-D array of the tensor's dtype, or its bytes) at element ``start``;
+        returns the CRC-32C of the bytes written."""
+        from .. import checksums
+
         fd, offset, dtype, path = self.places[name]
         fd = self._fd(fd, path)
         view = byte_view(data)
@@ -435,6 +460,7 @@ class ShardedWriter:
             # drop them once written: the final fsync has little left to wait for, and a
             # 140 GB output does not push the inputs out of the cache.
             os.posix_fadvise(fd, pos, len(view), _FADV_DONTNEED)
+        return checksums.crc(view)
 
     def sync(self) -> None:
         """Everything written so far is on disk when this returns (for the journal)."""
