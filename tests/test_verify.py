@@ -76,18 +76,31 @@ def test_a_flipped_bit_in_any_shard_is_found(merged, run):
     assert run("verify", out, "-q").exit_code == 0
 
 
-def test_an_output_that_its_inputs_no_longer_give_is_found(merged, run):
-    """The base changed after the merge (the last element of every tensor): the checkpoint is as
-    written, but not what the recipe gives: any sampled chunk reaches the end of its tensor."""
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("tensor", sorted(SHAPES)[::4])
+def test_an_output_that_its_inputs_no_longer_give_is_found(merged, run, where, tensor):
+    """The base changed after the merge, in the first 200 or the last element of one tensor
+    only: the checkpoint is as written, but not what the recipe gives. A sample as large as the
+    number of chunks recomputes every one; a smaller sample draws every chunk alike, so that a
+    change confined to a tensor's first or last chunk is found as often as any other."""
     paths, out, _ = merged
     base = random_model(0, "bf16", shapes=SHAPES)
-    for name in base:
-        flat = base[name].reshape(-1)
+    flat = base[tensor].reshape(-1)
+    if where == "first":
+        flat[:200] = flat[:200] + np.float32(0.5)
+    else:
         flat[-1] = flat[-1] + np.float32(0.5)
     write_model(paths[0], base)
-    result = run("verify", out, "--inputs", "--sample", 3, "--seed", 0, "-q")
+    chunks = sum(-(-int(np.prod(shape)) // CHUNK) for shape in SHAPES.values())
+    result = run("verify", out, "--inputs", "--sample", chunks, "-q")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1 and "differ from what the recipe gives" in lines[0]
+    assert repr(tensor) in lines[0]
+    first_or_last = "elements 0..999" if where == "first" else f"..{int(np.prod(SHAPES[tensor])) - 1}:"
+    assert first_or_last in lines[0], lines[0]
+    found = sum(run("verify", out, "--inputs", "--sample", chunks // 4, "--seed", seed, "-q").exit_code == 1
+                for seed in range(40))
+    assert 2 <= found <= 20  # each run draws the changed chunk with probability 1/4: 10 of 40 expected
     assert run("verify", out, "-q").exit_code == 0  # without --inputs: the files are as written
 
 

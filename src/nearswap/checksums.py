@@ -63,3 +63,28 @@ def crc_of_span(fd: int, offset: int, size: int) -> int:
         value = crc(piece, value)
         done += len(piece)
     return value
+
+
+UNRECORDED = ("README.md", "merge_report.json")  # rewritten after the merge (``nearswap card``), or the record itself
+
+
+def file_hashes(root: Any, skip: Iterable[str]) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` (relative POSIX paths; links are not followed) but
+    those named in ``skip`` and ``UNRECORDED``: what ``verify`` compares the small files with."""
+    from pathlib import Path
+
+    root, skip = Path(root), set(skip) | set(UNRECORDED)
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if rel in skip:
+                continue
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            found[rel] = sha.hexdigest()
+    return found

@@ -41,6 +41,18 @@ def _one_line(message: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
 
 
+def _p(value: object) -> str:
+    """A path or a name from a file as it appears in a line of output: on one line, with every
+    unprintable character (a newline, a terminal escape) escaped."""
+    return _one_line(str(value))
+
+
+def _say(text: str) -> None:
+    """A human-readable result on stdout: each line escaped as ``_one_line`` does (what a file's
+    strings could bring: terminal escapes, a carriage return that rewrites the line)."""
+    click.echo("\n".join(_one_line(line) for line in text.split("\n")))
+
+
 def _os_error(e: OSError) -> str:
     """One line for an operating-system error that escaped the library's own checks."""
     where = " ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
@@ -326,7 +338,7 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
     bar = _Progress("merging", quiet or as_json)
 
     if show_plan:
-        click.echo("\n".join(engine.describe_plan(engine.plan_for(rec, out, gguf_type))))
+        _say("\n".join(engine.describe_plan(engine.plan_for(rec, out, gguf_type))))
         return
 
     def on_plan(p) -> None:  # noqa: ANN001
@@ -342,7 +354,7 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
     if as_json:
         click.echo(json.dumps(report, indent=1))
     else:
-        click.echo(format_table(report["steps"], report.get("all_steps")))
+        _say(format_table(report["steps"], report.get("all_steps")))
         size = f"{report['output']['total_size'] / 1e9:.2f} GB"
         if report["output"].get("null"):
             params = report["output"]["parameters"]
@@ -351,10 +363,10 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
                        "input parameters/s")
         elif "types" in report["output"]:  # a GGUF file
             types = ", ".join(f"{k} x{v}" for k, v in report["output"]["types"].items())
-            click.echo(f"wrote {out} ({size}; {types}; {report['seconds']:.1f} s)")
+            _say(f"wrote {_p(out)} ({size}; {_p(types)}; {report['seconds']:.1f} s)")
         else:
-            click.echo(f"wrote {out} ({size} in {len(report['output']['files'])} files, "
-                       f"{report['seconds']:.1f} s); per-tensor counts in {out / engine.REPORT_NAME}")
+            _say(f"wrote {_p(out)} ({size} in {len(report['output']['files'])} files, "
+                 f"{report['seconds']:.1f} s); per-tensor counts in {_p(out / engine.REPORT_NAME)}")
 
 
 @cli.command()
@@ -383,9 +395,9 @@ def convert(model, out, dtype, shard_size, force, restart, no_resume, threads, q
     if as_json:
         click.echo(json.dumps(report, indent=1))
         return
-    click.echo(f"wrote {out} ({report['output']['total_size'] / 1e9:.2f} GB, {report['output']['tensors']} tensors)")
+    _say(f"wrote {_p(out)} ({report['output']['total_size'] / 1e9:.2f} GB, {report['output']['tensors']} tensors)")
     for name in report["output"]["copied"]:
-        click.echo(f"  {name}")
+        _say(f"  {_p(name)}")
 
 
 @cli.command()
@@ -435,7 +447,7 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
 
         result = export_awq(model, out, text, force=force, **{k: v for k, v in awq_options.items() if v is not None})
         click.echo(json.dumps(result, indent=1) if as_json else
-                   f"wrote {out} ({result['bytes'] / 1e6:.1f} MB; AWQ {result['bits']}-bit, groups of {result['group_size']}; "
+                   f"wrote {_p(out)} ({result['bytes'] / 1e6:.1f} MB; AWQ {result['bits']}-bit, groups of {result['group_size']}; "
                    f"{result['calibration']['passages']} calibration passages; {result['seconds']:.0f} s)")
         return
     if fmt != "gguf":
@@ -443,7 +455,7 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
 
         result = export_exl(fmt, model, out, bpw, head_bits, force=force)
         click.echo(json.dumps(result, indent=1) if as_json else
-                   f"wrote {out} ({result['bytes'] / 1e9:.2f} GB, {fmt} {bpw:g} bpw, head {result['head_bits']} bits)")
+                   f"wrote {_p(out)} ({result['bytes'] / 1e9:.2f} GB, {fmt} {bpw:g} bpw, head {result['head_bits']} bits)")
         return
     from .formats.gguf import export_gguf
 
@@ -457,7 +469,7 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
         click.echo(json.dumps(result, indent=1))
         return
     kinds = ", ".join(f"{k} x{v}" for k, v in result["tensors"].items())
-    click.echo(f"wrote {out} ({result['bytes'] / 1e6:.1f} MB; {kinds}; vocabulary from {result['vocabulary']})")
+    _say(f"wrote {_p(out)} ({result['bytes'] / 1e6:.1f} MB; {_p(kinds)}; vocabulary from {_p(result['vocabulary'])})")
 
 
 @cli.command()
@@ -490,7 +502,7 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
     summary = {"output": str(out), "entries": len(result["sums"]), "chunks": result["chunks"],
                "chunk_tokens": chunk_tokens, "dataset": result["dataset"]}
     click.echo(json.dumps(summary, indent=1) if as_json else
-               f"wrote {out} ({summary['entries']} weights, {result['chunks']} chunks of {chunk_tokens} tokens)")
+               f"wrote {_p(out)} ({summary['entries']} weights, {result['chunks']} chunks of {chunk_tokens} tokens)")
 
 
 @cli.command()
@@ -559,9 +571,9 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
             data["sample"]["why"] = why
         click.echo(json.dumps(data, indent=1))
         return
-    click.echo(curves.format_table(result))
+    _say(curves.format_table(result))
     for path in written:
-        click.echo(f"wrote {path}")
+        _say(f"wrote {_p(path)}")
 
 
 @cli.command()
@@ -594,8 +606,8 @@ def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
-    click.echo(sweeps.markdown(result))
-    click.echo(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
+    _say(sweeps.markdown(result))
+    _say(f"wrote {_p(out / 'sweep.md')}, {_p(out / 'sweep.json')}, {_p(out / 'sweep.png')}")
 
 
 class _Phases:
@@ -666,8 +678,8 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
         slim = {**report, "tasks": [{k: v for k, v in t.items() if k != "items"} for t in report["tasks"]]}
         click.echo(json.dumps(slim, indent=1))
         return
-    click.echo(markdown(report).split("\n### Stories")[0].rstrip())
-    click.echo(f"\nwrote {out / 'report.md'}, {out / 'report.html'}, {out / 'report.json'} ({report['seconds']:.0f} s)")
+    _say(markdown(report).split("\n### Stories")[0].rstrip())
+    _say(f"\nwrote {_p(out / 'report.md')}, {_p(out / 'report.html')}, {_p(out / 'report.json')} ({report['seconds']:.0f} s)")
 
 
 @cli.command()
@@ -685,7 +697,7 @@ def card(directory, evaluation, sweep, quants):
     """
     from .card import rebuild
 
-    click.echo(f"wrote {rebuild(directory, evaluation, sweep, list(quants))}")
+    _say(f"wrote {_p(rebuild(directory, evaluation, sweep, list(quants)))}")
 
 
 @cli.command()
@@ -699,12 +711,14 @@ def card(directory, evaluation, sweep, quants):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option("Print what was checked as JSON.")
 def verify(out, inputs, sample, seed, threads, quiet, as_json):
-    """Check a merge OUT against the checksums it recorded when it was written (every shard
-    re-read), its headers and index, and (--inputs) against its inputs.
+    """Check a merge OUT (a directory, or a .gguf file) against the checksums it recorded when it
+    was written (every byte re-read; any file it did not write is refused), and (--inputs)
+    against its inputs.
 
     \b
       nearswap verify merged/
       nearswap verify merged/ --inputs --sample 200
+      nearswap verify merged.gguf
     """
     from pathlib import Path as _Path
 
@@ -712,7 +726,9 @@ def verify(out, inputs, sample, seed, threads, quiet, as_json):
 
     bar = _Progress("verifying", quiet or as_json)
     try:
-        bar.start(sum(p.stat().st_size for p in _Path(out).glob("*.safetensors")) if _Path(out).is_dir() else 0)
+        where = _Path(out)
+        bar.start(sum(p.stat().st_size for p in where.glob("*.safetensors")) if where.is_dir() else
+                  where.stat().st_size if where.is_file() else 0)
         result = run_verify(out, inputs=inputs, sample=sample, seed=seed, threads=threads, progress=bar.update)
     finally:
         bar.close()
@@ -720,12 +736,16 @@ def verify(out, inputs, sample, seed, threads, quiet, as_json):
         click.echo(json.dumps(result, indent=1))
         return
     rate = result["bytes"] / result["seconds"] / 1e9 if result["seconds"] else 0.0
-    line = (f"{out}: {result['files']} shards ({result['bytes'] / 1e9:.2f} GB) as written ({result['seconds']:.1f} s, "
-            f"{rate:.2f} GB/s); headers and index valid")
+    if "other_files" in result:
+        line = (f"{_p(out)}: {result['files']} shards ({result['bytes'] / 1e9:.2f} GB) as written ({result['seconds']:.1f} s, "
+                f"{rate:.2f} GB/s); headers, index and {result['other_files']} other files as written, no file it did not write")
+    else:
+        line = (f"{_p(out)}: header and {result['tensors']} tensors ({result['bytes'] / 1e9:.2f} GB) as written "
+                f"({result['seconds']:.1f} s, {rate:.2f} GB/s)")
     if "recomputed" in result:
         r = result["recomputed"]
         line += f"; {r['chunks']} chunks ({r['elements']:,} elements) recomputed from the inputs: identical"
-    click.echo(line)
+    _say(line)
 
 
 @cli.command()
@@ -740,17 +760,17 @@ def inspect(model, as_json, list_tensors):
     if as_json:
         click.echo(json.dumps(info, indent=1))
         return
-    click.echo(f"{info['path']}: {info['format']}")
+    _say(f"{_p(info['path'])}: {info['format']}")
     if info.get("gguf_architecture") and not info.get("hf_names"):
-        click.echo(f"  architecture  {info['gguf_architecture']} (GGUF; no HF name table in nearswap yet: "
+        _say(f"  architecture  {_p(info['gguf_architecture'])} (GGUF; no HF name table in nearswap yet: "
                    "inspect works, merging needs one)")
     else:
-        click.echo(f"  architecture  {', '.join(info['architectures'] or ['(no config.json)'])}")
+        _say(f"  architecture  {_p(', '.join(info['architectures'] or ['(no config.json)']))}")
     click.echo(f"  parameters    {info['parameters']:,} in {info['tensor_count']} tensors, {info['bytes'] / 1e9:.3f} GB")
-    click.echo("  dtypes        " + ", ".join(f"{k} {v:,}" for k, v in info["dtypes"].items()))
-    click.echo(f"  files         {', '.join(info['files']) or 'none (generated while read)'}")
+    _say("  dtypes        " + ", ".join(f"{_p(k)} {v:,}" for k, v in info["dtypes"].items()))
+    _say(f"  files         {_p(', '.join(info['files'])) or 'none (generated while read)'}")
     if info.get("nearswap"):
-        click.echo(f"  made by       nearswap {info['nearswap']}")
+        _say(f"  made by       nearswap {_p(info['nearswap'])}")
     for t in info.get("tensors", []):
         name = t["name"] if t["name"].isprintable() else shown(t["name"], 200)  # no control codes on a terminal
         click.echo(f"  {name:<60} {t['dtype']:<5} {t['shape']}")

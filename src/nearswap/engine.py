@@ -457,9 +457,13 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
     recipe_yaml = recipe.to_yaml(relative_to=out.absolute())  # re-runs from any working directory
 
     def finish(tmp: Path, report: dict) -> None:
+        from . import journal
         from .card import model_card
+        from .output import PARTIAL_MARKER
 
         (tmp / RECIPE_NAME).write_text(recipe_yaml)
+        recorded = report["output"]["checksums"]
+        recorded["other"] = checksums.file_hashes(tmp, [*recorded["files"], journal.JOURNAL_NAME, PARTIAL_MARKER])
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         inputs = [recipe.base, *(step.model for step in recipe.steps)]
         (tmp / "README.md").write_text(model_card({**report, "output_name": out.name}, recipe_yaml, inputs))
