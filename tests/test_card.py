@@ -123,7 +123,7 @@ def test_quant_rows_against_ggufs_own_reader(tmp_path, run):
     result = run("card", tmp_path / "m", "--quants", path)
     assert result.exit_code == 0, result.output
     card = (tmp_path / "m" / "README.md").read_text()
-    assert f"| `m.q8_0.gguf` | Q8_0 | {path.stat().st_size / 1e9:.2f} GB | {bpw:.2f} |" in card
+    assert f"| m.q8\\_0.gguf | Q8\\_0 | {path.stat().st_size / 1e9:.2f} GB | {bpw:.2f} |" in card  # (Markdown-escaped)
     assert hub.ModelCard.load(tmp_path / "m" / "README.md").data.license == "mit"
     (tmp_path / "m" / "README.md").write_text("# my own notes\n")
     refused = run("card", tmp_path / "m")

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+import nearswap
+
 from nearswap.judge import stats, writing
 from conftest import CACHE
 
@@ -154,14 +156,17 @@ LIMIT = 6
 
 @pytest.fixture(scope="module")
 def tiny_eval(tiny_llm, quick_data, tmp_path_factory):
-    """nearswap eval of the tiny base against its noised secondary, once for the module."""
+    """nearswap eval of the tiny base against its merge with its noised secondary (t = 1e-2: a
+    merge that differs), once for the module; the merge is beside the report as "merged"."""
     from click.testing import CliRunner
 
     from nearswap.cli import cli
 
     out = tmp_path_factory.mktemp("eval") / "report"
+    merged = out.parent / "merged"
+    nearswap.merge(tiny_llm / "base", [tiny_llm / "s1"], t=1e-2, out=merged)
     env = {"NEARSWAP_CACHE": str(quick_data)}
-    result = CliRunner().invoke(cli, ["eval", str(tiny_llm / "base"), str(tiny_llm / "s1"), "--tasks", "quick",
+    result = CliRunner().invoke(cli, ["eval", str(tiny_llm / "base"), str(merged), "--tasks", "quick",
                                       "--limit", str(LIMIT), "-o", str(out), "-q"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return out, result
@@ -185,9 +190,12 @@ def test_eval_writes_three_reports(tiny_eval):
 
 
 def test_the_eval_table_goes_into_the_merge_card(tiny_eval, tiny_llm, tmp_path, run):
-    """nearswap card --eval: the report's benchmark table, row for row, and its drift, in the card."""
+    """nearswap card --eval: the report's benchmark table, row for row, and its drift, in the card
+    of the merge it evaluated (a copy of it, elsewhere: the same merge by its recorded checksums)."""
+    import shutil
+
     out, _ = tiny_eval
-    assert run("merge", tiny_llm / "base", tiny_llm / "s1", "-t", "1e-4", "-o", tmp_path / "m", "-q").exit_code == 0
+    shutil.copytree(out.parent / "merged", tmp_path / "m")
     result = run("card", tmp_path / "m", "--eval", out)
     assert result.exit_code == 0, result.output
     card = (tmp_path / "m" / "README.md").read_text()
@@ -196,6 +204,32 @@ def test_the_eval_table_goes_into_the_merge_card(tiny_eval, tiny_llm, tmp_path, 
     assert table in card and "| Avg. |" in card
     report = json.loads((out / "report.json").read_text())
     assert f"KL {report['drift'][1]['kl_mean']:.3g} nats per token" in card
+    assert "Quality was not evaluated" not in card  # no sentence that the Evaluation section contradicts
+
+
+def test_an_eval_of_other_models_is_refused_by_the_card(tiny_eval, tiny_llm, tmp_path, run):
+    """The report of the base against another merge (here: the secondary) is not this merge's."""
+    import shutil
+
+    out, _ = tiny_eval
+    shutil.copytree(out.parent / "merged", tmp_path / "m")
+    report = json.loads((out / "report.json").read_text())
+    other = run("merge", tiny_llm / "base", tiny_llm / "s1", "-t", "1e-4", "-o", tmp_path / "m2", "-q")
+    assert other.exit_code == 0
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text(json.dumps(report))
+    result = run("card", tmp_path / "m2", "--eval", tmp_path / "r")  # a merge of the same inputs, but another one
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "not this merge or its inputs ('merged')" in lines[0]
+    report["models"][1]["identity"] = "files:" + "0" * 32  # a model that is neither the merge nor its inputs
+    (tmp_path / "r" / "report.json").write_text(json.dumps(report))
+    result = run("card", tmp_path / "m", "--eval", tmp_path / "r")
+    assert result.exit_code == 1 and "not this merge or its inputs" in result.stderr
+    del report["models"][1]["identity"]  # an older eval: nothing to tell which models it measured
+    (tmp_path / "r" / "report.json").write_text(json.dumps(report))
+    result = run("card", tmp_path / "m", "--eval", tmp_path / "r")
+    assert result.exit_code == 1 and "carry no identity" in result.stderr
+    assert "Evaluation" not in (tmp_path / "m" / "README.md").read_text()
 
 
 def test_accuracies_are_identical_to_lm_evals_own_cli(tiny_eval, tiny_llm, quick_data, tmp_path):
@@ -203,10 +237,10 @@ def test_accuracies_are_identical_to_lm_evals_own_cli(tiny_eval, tiny_llm, quick
     (for the second model; test_smollm2 checks the real SmolLM2 the same way)."""
     out, _ = tiny_eval
     report = json.loads((out / "report.json").read_text())
-    for position, model in ((1, "s1"),):
+    for position, model in ((1, "merged"),):
         names = ",".join(t["lm_eval_task"] for t in report["tasks"])
         cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-               f"pretrained={tiny_llm / model},dtype=float32", "--device", "cpu", "--include_path", str(out / "tasks"),
+               f"pretrained={out.parent / model},dtype=float32", "--device", "cpu", "--include_path", str(out / "tasks"),
                "--tasks", names, "--limit", str(LIMIT), "--output_path", str(tmp_path / model)]
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "NEARSWAP_CACHE": str(quick_data)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .markup import fence, md
 from .provenance import Origin, Terms, combine, origin_of
 from .stats import rules_note
 
@@ -37,10 +38,10 @@ def model_card(report: dict[str, Any], recipe_yaml: str, inputs: list[str | Path
     steps = report["steps"]
     origins = [origin_of(path) for path in inputs]
     terms = combine(origins)
-    licenses = "\n".join(f"- `{o.id}`: {o.license or 'not stated'}"
-                          + (f" (from its {o.found_in})" if o.found_in else "") for o in origins)
+    licenses = "\n".join(f"- {md(o.id)}: {md(o.license) if o.license else 'not stated'}"
+                          + (f" (from its {md(o.found_in)})" if o.found_in else "") for o in origins)
     rows = "\n".join(
-        f"| {i} | `{Path(s['model']).name}` | {s['t']:g}{rules_note(s).replace('  (', ' (')} | "
+        f"| {i} | {md(Path(s['model']).name)} | {s['t']:g}{md(rules_note(s).replace('  (', ' ('))} | "
         f"{100 * s['swapped'] / s['total']:.2f}% | "
         f"{100 * s['moved'] / s['total']:.2f}% | {100 * s['identical'] / s['total']:.2f}% | "
         f"{100 * s.get('changed', 0) / s['total']:.2f}% | {s['mean_abs_change']:.3g} |"
@@ -52,10 +53,10 @@ def model_card(report: dict[str, Any], recipe_yaml: str, inputs: list[str | Path
     rounding = ("kept in float32 between steps (carry_float32)" if report.get("carry_float32")
                 else "rounded to the output dtype after each step")
     held = "kept in float32 between steps" if report.get("carry_float32") else "stored in the output dtype"
-    return front_matter(origins, terms) + f"""# {Path(report['output_name']).name}
+    return front_matter(origins, terms) + f"""# {md(Path(report['output_name']).name)}
 
-A sequential NearSwap merge of `{Path(report['base']).name}` with {len(steps)} secondary model(s), made
-with nearswap {__version__} ({report.get('kernel', '?')} kernel).
+A sequential NearSwap merge of {md(Path(report['base']).name)} with {len(steps)} secondary model(s), made
+with nearswap {__version__} ({md(report.get('kernel', '?'))} kernel).
 
 NearSwap keeps the base model's weights, except where a secondary's weight is within `t` of
 the running result: there it moves to the secondary — fully when |difference| <= t, by t
@@ -77,21 +78,26 @@ counted). Per-tensor counts are in `merge_report.json`.
 
 {_extra_sections(evaluation, sweep, quants)}## Recipe
 
-```yaml
-{recipe_yaml.strip()}
-```
+{fence(recipe_yaml.strip(), "yaml")}
 
 ## License
 
 {licenses}
 
-{terms.note}
+{md(terms.note) if terms.note else ""}
 
 ## Notes
 
-- Quality was not evaluated by the tool that wrote this card; `nearswap eval` and `nearswap sweep` judge a merge.
+{_quality_note(evaluation, sweep)}
 - NearSwap is the algorithm of the QuartetAnemoi-70B model card (alchemonaut); this merge was made with nearswap.
 """
+
+
+def _quality_note(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | None) -> str:
+    if evaluation is None and sweep is None:
+        return "- Quality was not evaluated by the tool that wrote this card; `nearswap eval` and `nearswap sweep` judge a merge."
+    return ("- Quality: the sections above are what nearswap measured; no other claim about quality is made here. "
+            "Benchmarks on a sample of items are a check, not a leaderboard score.")
 
 
 def _extra_sections(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | None,
@@ -108,17 +114,21 @@ def _extra_sections(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | N
                       f"{'the first ' + str(limit) + ' items of each task' if limit else 'every item'}; a difference is "
                       "*better* or *worse* only when its whole 95% paired interval is on one side of zero.", ""]
         for d in evaluation.get("drift", [])[1:]:
-            lines.append(f"- Drift of {d['model']} from {evaluation['drift'][0]['model']}: KL {d['kl_mean']:.3g} nats "
+            lines.append(f"- Drift of {md(d['model'])} from {md(evaluation['drift'][0]['model'])}: KL {d['kl_mean']:.3g} nats "
                          f"per token, top-1 agreement {100 * d['top1_agreement']:.2f}%, perplexity {d['perplexity']:.3f} "
                          f"(reference {evaluation['drift'][0]['perplexity']:.3f}).")
         out.append("\n".join(lines) + "\n")
     if sweep is not None:
         from .sweep import markdown as sweep_table
 
-        out.append("## The t-sweep (nearswap sweep)\n\nEach row a merge at that t, judged against the base "
+        secondaries = sweep.get("secondaries") or []
+        what = (f"The sweep merged {md(Path(str(sweep.get('base'))).name)} with {len(secondaries)} secondar"
+                f"{'y' if len(secondaries) == 1 else 'ies'} ({', '.join(md(Path(str(x)).name) for x in secondaries)}) at "
+                "each t, the same t for every step")
+        out.append(f"## The t-sweep (nearswap sweep)\n\n{what}; each row a merge at that t, judged against the base "
                    "(verdict rules in nearswap's docs/judging.md):\n\n" + sweep_table(sweep) + "\n")
     if quants:
-        rows = "\n".join(f"| `{q['file']}` | {q['type']} | {q['bytes'] / 1e9:.2f} GB | {q['bpw']:.2f} |" for q in quants)
+        rows = "\n".join(f"| {md(q['file'])} | {md(q['type'])} | {q['bytes'] / 1e9:.2f} GB | {q['bpw']:.2f} |" for q in quants)
         out.append("## Quantized files\n\n| file | type | size | bits per weight |\n|---|---|---:|---:|\n" + rows + "\n")
     return "\n".join(out) + ("\n" if out else "")
 
@@ -176,6 +186,9 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
         return read_json_object(path / name if path.is_dir() else path, name)
 
     extras = {"evaluation": report_of(evaluation, "report.json"), "sweep": report_of(sweep, "sweep.json")}
+    inputs = [rec.base, *(step.model for step in rec.steps)]
+    if extras["evaluation"] is not None:
+        _check_evaluated(Path(evaluation), extras["evaluation"], directory, inputs)
     for key, path, what in (("evaluation", evaluation, "an eval report (report.json)"),
                             ("sweep", sweep, "a sweep (sweep.json)")):
         if extras[key] is not None:  # its tables, alone: a file of another shape is one line, not a traceback
@@ -184,11 +197,30 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
             except (KeyError, TypeError, ValueError, IndexError, AttributeError):
                 raise NearswapError(f"{path}: not {what} that nearswap wrote (its tables cannot be read); "
                                     "give the directory nearswap eval / sweep wrote") from None
-    text = model_card({**report, "output_name": directory.name}, recipe_yaml,
-                      [rec.base, *(step.model for step in rec.steps)], **extras,
+    text = model_card({**report, "output_name": directory.name}, recipe_yaml, inputs, **extras,
                       quants=[quant_row(q) for q in quants])
     _replace_card(card, text)
     return card
+
+
+def _check_evaluated(where: Path, evaluation: dict[str, Any], directory: Path, inputs: list[str]) -> None:
+    """An eval report goes into a merge's card only if it evaluated that merge, and nothing but
+    the merge and its inputs (``provenance.identity``: the merge by its recorded checksums)."""
+    from .errors import NearswapError, shown
+    from .provenance import identity
+
+    models = evaluation.get("models")
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("identity"), str) for m in models):
+        raise NearswapError(f"{where}: its models carry no identity (an older nearswap eval, or not an eval report): "
+                            f"run nearswap eval on {directory} and its inputs again")
+    merge = identity(directory)
+    allowed = {merge, *(identity(p) for p in inputs)}
+    stranger = [m for m in models if m["identity"] not in allowed]
+    if stranger or merge not in {m["identity"] for m in models}:
+        named = ", ".join(shown(m.get("name"), 40) for m in (stranger or models)[:3])
+        raise NearswapError(f"{where} evaluates {'models that are not this merge or its inputs' if stranger else 'other models than this merge'}"
+                            f" ({named}); its table would describe other models: give the report of "
+                            f"nearswap eval on {directory} and its base")
 
 
 def _replace_card(card: Path, text: str) -> None:

@@ -97,3 +97,24 @@ def read_json_object(path: str | Path, what: str = "") -> dict[str, Any]:
         raise NearswapError(f"{what + ': ' if what else ''}{path} holds {shown(data)}, not a JSON object; "
                             "the file is corrupt")
     return data
+
+
+MAX_DEPTH = 64  # nesting of a JSON file a model ships (a real tokenizer.json: under 10)
+
+
+def read_json_shallow(path: str | Path, what: str = "", depth: int = MAX_DEPTH) -> dict[str, Any]:
+    """A JSON object file that other libraries will parse again (transformers, tokenizers),
+    refused in one line unless it is an object nested at most ``depth`` deep: their parsers
+    recurse, and a 100,000-deep file crashes or stalls them."""
+    data = read_json_object(path, what)
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if level > depth:
+            raise NearswapError(f"{what + ': ' if what else ''}{path} is nested more than {depth} deep, which no real "
+                                "file of its kind is; the file is corrupt")
+        if isinstance(value, dict):
+            stack.extend((v, level + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, level + 1) for v in value)
+    return data

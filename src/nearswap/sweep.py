@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import engine, kernels, plots, recipe
+from .markup import md
 from .output import atomic_directory
 
 DEFAULT_SWEEP_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -246,18 +247,18 @@ def markdown(result: dict[str, Any]) -> str:
     n = len(result["secondaries"])
     tasks = [t["name"] for t in result.get("tasks", [])]
     head = ("| t | " + " | ".join(f"% swapped, step {k + 1}" for k in range(n)) + " | KL from base | "
-            + "".join(f"{t} Δ | " for t in tasks) + "perplexity | verdict | decided by | sample |")
+            + "".join(f"{md(t)} Δ | " for t in tasks) + "perplexity | verdict | decided by | sample |")
     lines = [head, "|" + "---|" * (n + len(tasks) + 6)]
     for row in [*result["rows"], *result.get("secondary_rows", [])]:
-        words = " ".join(row["sample"].split()[:SAMPLE_WORDS]).replace("|", "/")
-        t = row["label"] + " itself" if "label" in row else "base" if row["t"] == 0 else f"{row['t']:g}"
+        words = md(" ".join(row["sample"].split()[:SAMPLE_WORDS]))
+        t = md(row["label"]) + " itself" if "label" in row else "base" if row["t"] == 0 else f"{row['t']:g}"
         swapped = (" | ".join(f"{100 * s:.2f}%" for s in row["swapped"]) if row.get("t") else
                    " | ".join("—" for _ in range(n)))
         deltas = "".join(("— | " if row.get("t") == 0 else
-                          f"{100 * row['tasks'][name]['diff']:+.1f} ({row['tasks'][name]['verdict'].replace('no detectable difference', 'n.d.')}) | ")
+                          f"{100 * row['tasks'][name]['diff']:+.1f} ({md(row['tasks'][name]['verdict'].replace('no detectable difference', 'n.d.'))}) | ")
                          for name in tasks)
-        lines.append(f"| {t} | {swapped} | {row['kl_mean']:.3g} | {deltas}{row['perplexity']:.2f} | {row['verdict']} | "
-                     f"{row.get('decided_by') or '—'} | {words} … |")
+        lines.append(f"| {t} | {swapped} | {row['kl_mean']:.3g} | {deltas}{row['perplexity']:.2f} | {md(row['verdict'])} | "
+                     f"{md(row.get('decided_by') or '—')} | {words} … |")
     return "\n".join(lines)
 
 

@@ -18,9 +18,11 @@ from typing import Any, Callable, Iterator
 
 from ..errors import NearswapError
 from ..fetch import cache_dir
+from ..files import read_json_shallow
 from ..formats import open_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -55,6 +57,9 @@ def check(paths: list[str | Path], labels: list[str] | None = None) -> list[Cand
             if not any((path / f).exists() for f in TOKENIZER_FILES):
                 raise NearswapError(f"{label}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy "
                                     "the base model's tokenizer files into it (a nearswap merge does this itself)")
+            for name in JSON_FILES:  # parsed again by transformers and tokenizers, whose parsers recurse
+                if os.path.lexists(path / name):
+                    read_json_shallow(path / name, label)
         name = path.name if path.name else str(path)
         names[name] = names.get(name, 0) + 1
         if names[name] > 1:

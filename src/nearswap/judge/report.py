@@ -14,6 +14,8 @@ from typing import Any
 
 from .. import plots
 from .._version import __version__
+from ..markup import md
+from ..provenance import identity
 from . import stats
 from .tasks import Selected
 
@@ -38,7 +40,7 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
         "versions": harness.versions() if selected else {},
         "reference": candidates[0].name,
         "models": [{"name": c.name, "path": str(c.given), "format": c.format, "parameters": c.parameters,
-                    "evaluated_from": str(c.hf_dir)} for c in candidates],
+                    "evaluated_from": str(c.hf_dir), "identity": identity(c.given)} for c in candidates],
         "settings": {"limit": limit, "tasks": [{"name": s.task.name, "shots": s.shots} for s in selected],
                      "bootstrap_resamples": stats.BOOTSTRAP, "bootstrap_seed": stats.SEED, "interval": stats.LEVEL},
         "tasks": [], "seconds": round(seconds, 1),
@@ -117,18 +119,22 @@ def _average(tasks: list[dict[str, Any]], results: list[Any], diffs: dict[str, d
 # ---------------------------------------------------------------- markdown
 
 
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def _pct(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
 def _diff(p: dict[str, Any]) -> str:
-    return f"{100 * p['diff']:+.2f} [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}] {p['verdict']}"
+    return f"{100 * p['diff']:+.2f} [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}] {md(p['verdict'])}"
 
 
 def benchmark_table(report: dict[str, Any]) -> list[str]:
     """The card's table as lines: a row per task and an Avg. row, each model's score ± its
     standard error, and each model's paired difference from the reference with its word."""
-    names = [m["name"] for m in report["models"]]
+    names = [md(m["name"]) for m in report["models"]]
     head = "| Metric | " + " | ".join(names) + "".join(f" | {n} − {names[0]}" for n in names[1:]) + " |"
     rows = [head, "|---" * (len(names) * 2) + "|"]
     if "average" in report:
@@ -137,12 +143,12 @@ def benchmark_table(report: dict[str, Any]) -> list[str]:
                     + "".join(f" | {_diff(p)}" for p in a["paired"]) + " |")
     for t in report["tasks"]:
         cells = [f"{_pct(s['mean'])} ± {_pct(s['stderr'])}" for s in t["scores"]]
-        rows.append(f"| {t['row']} | " + " | ".join(cells) + "".join(f" | {_diff(p)}" for p in t["paired"]) + " |")
+        rows.append(f"| {md(t['row'])} | " + " | ".join(cells) + "".join(f" | {_diff(p)}" for p in t["paired"]) + " |")
     return rows
 
 
 def markdown(report: dict[str, Any]) -> str:
-    names = [m["name"] for m in report["models"]]
+    names = [md(m["name"]) for m in report["models"]]
     ref = names[0]
     lines = [f"# nearswap eval: {', '.join(names)}", "",
              f"Reference: **{ref}**. Every other model is compared with it on the same items: its score minus the "
@@ -154,18 +160,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Values in %: {', '.join(sorted({t['metric'] for t in report['tasks']}))} as lm-eval computes them "
                   f"(± standard error); {'the first ' + str(limit) + ' items of each task' if limit else 'every item'}.",
                   "", "Data and few-shot notes:"]
-        lines += [f"- {t['title']}: {t['notes']}" for t in report["tasks"] if t["notes"]]
+        lines += [f"- {md(t['title'])}: {t['notes']}" for t in report["tasks"] if t["notes"]]
         mc = [(t["title"], p) for t in report["tasks"] for p in t["paired"] if p["p_mcnemar"] is not None]
         if mc:
             lines += ["", "McNemar's exact test (items where exactly one model is right):", ""]
-            lines += [f"- {title}, {p['model']}: {p['only_reference']} only {ref}, {p['only_model']} only "
-                      f"{p['model']}, p = {p['p_mcnemar']:.3g}" for title, p in mc]
-        lines += ["", "The same tasks from lm-eval's own command line:", "", f"    {report['lm_eval_command']}"]
+            lines += [f"- {md(title)}, {md(p['model'])}: {p['only_reference']} only {ref}, {p['only_model']} only "
+                      f"{md(p['model'])}, p = {p['p_mcnemar']:.3g}" for title, p in mc]
+        lines += ["", "The same tasks from lm-eval's own command line:", "", f"    {_one_line(report['lm_eval_command'])}"]
     if "drift" in report:
         lines += ["", "## Drift from the reference (next-token distributions on the fixed text)", "",
                   "| model | tokens | KL mean | KL median | KL p99 | top-1 agreement | perplexity |", "|---|---:|---:|---:|---:|---:|---:|"]
         for d in report["drift"]:
-            lines.append(f"| {d['model']} | {d['tokens']} | {d['kl_mean']:.3g} | {d['kl_median']:.3g} | {d['kl_p99']:.3g} | "
+            lines.append(f"| {md(d['model'])} | {d['tokens']} | {d['kl_mean']:.3g} | {d['kl_median']:.3g} | {d['kl_p99']:.3g} | "
                          f"{100 * d['top1_agreement']:.2f}% | {d['perplexity']:.3f} |")
         lines += ["", "KL(P_reference || P_model) in nats per token, as llama.cpp's --kl-divergence reports it."]
     if "writing" in report:
@@ -175,19 +181,19 @@ def markdown(report: dict[str, Any]) -> str:
                   "| model | words | clichés / 1,000 words | distinct-2 | distinct-3 | longest repeat (words) | non-dictionary |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for m in w["models"]:
-            lines.append(f"| {m['model']} | {m['words']} | {m['cliches_per_1000_words']:.2f} | {m['distinct2']:.3f} | "
+            lines.append(f"| {md(m['model'])} | {m['words']} | {m['cliches_per_1000_words']:.2f} | {m['distinct2']:.3f} | "
                          f"{m['distinct3']:.3f} | {m['longest_repeat']} | {100 * m.get('nondict', 0):.1f}% |")
         found = sorted({p for m in w["models"] for p in m["cliche_counts"]})
         if found:
             lines += ["", "Clichés found: " + "; ".join(
-                f"'{p}' " + ", ".join(f"{m['model']} {m['cliche_counts'].get(p, 0)}" for m in w["models"]) for p in found)]
+                f"'{p}' " + ", ".join(f"{md(m['model'])} {m['cliche_counts'].get(p, 0)}" for m in w["models"]) for p in found)]
         lines += ["", "### Stories", ""]
         for i, prompt in enumerate(w["prompts"]):
             for seed in w["seeds"]:
-                lines += [f"**{prompt}** (seed {seed})", ""]
+                lines += [f"**{md(prompt)}** (seed {seed})", ""]
                 for m in w["models"]:
                     story = next(s["text"] for s in m["stories"] if s["prompt"] == prompt and s["seed"] == seed)
-                    lines += [f"- *{m['model']}*: {story.strip()}".replace("\n", " "), ""]
+                    lines += [f"- *{md(m['model'])}*: {md(' '.join(story.split()))}", ""]
     lines += ["", f"nearswap {report['nearswap_version']}, {report['created']}, {report['seconds']:.0f} s; "
               + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())]
     return "\n".join(lines) + "\n"
