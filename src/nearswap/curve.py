@@ -349,8 +349,10 @@ def sample_items(sizes: Sequence[int], fraction: float) -> Iterator[tuple[int, i
     ``round(1 / fraction)``-th of them read, starting half a stride in. Every block has the same
     chance to be read, so the shares of the sample estimate the model's (a tensor smaller than
     a stride may not be read at all); the positions are the same in every model, as their
-    tensors line up element for element. Yields (tensor, first element, elements)."""
-    stride = max(1, round(1 / fraction))
+    tensors line up element for element. A fraction too small to reach one block reads one
+    block at least (the middle one). Yields (tensor, first element, elements)."""
+    total = sum(-(-size // SAMPLE_BLOCK) for size in sizes)
+    stride = max(1, min(round(1 / fraction), total))
     seen = 0  # blocks numbered so far
     for i, size in enumerate(sizes):
         blocks = -(-size // SAMPLE_BLOCK)

@@ -31,7 +31,7 @@ from .formats.generated import is_generated
 from .formats.null import NullWriter, is_null
 from .formats.safetensors import FileReader, ShardedWriter
 from .formats.types import TensorInfo
-from .output import atomic_directory, check_name
+from .output import atomic_directory, check_free_space, check_name
 from .recipe import Recipe
 from .stats import MergeReport, NetChange, StepReport, Tally
 from .stream import DEFAULT_CHUNK, ChunkBuffers, Settings, work_items
@@ -219,16 +219,6 @@ def check_output_not_input(out: Path, models: list[Model], extra: list[Path] = (
                                     "replacing the output would delete it: write the merge somewhere else")
         if model.directory is not None and model.directory.resolve() in target.parents:
             raise NearswapError(f"the output {out} is inside {model.describe()}; write the merge somewhere else")
-
-
-def _check_disk(out: Path, nbytes: int) -> None:
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:  # measure where OUT will be, not here
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
-    if free < nbytes + (64 << 20):
-        raise NearswapError(f"not enough free disk for {out}: the merge writes {nbytes / 1e9:.2f} GB, "
-                            f"{free / 1e9:.2f} GB are free on {parent}; free space or choose another output path")
 
 
 # ---------------------------------------------------------------- the passes
@@ -454,13 +444,12 @@ def merge(recipe: Recipe, out: str | Path, gguf_type: str | None = None, **run: 
         return merge_to_gguf(recipe, out, gguf_type or "like-base", **run)
     if gguf_type is not None:
         raise NearswapError(f"--type is for a .gguf output; {out} is a directory (use --dtype there)")
-    recipe_yaml = recipe.to_yaml(relative_to=out.absolute())  # re-runs from any working directory
-
     def finish(tmp: Path, report: dict) -> None:
         from . import journal
         from .card import model_card
         from .output import PARTIAL_MARKER
 
+        recipe_yaml = recipe.to_yaml(relative_to=out.absolute())  # re-runs from any working directory (inputs checked)
         (tmp / RECIPE_NAME).write_text(recipe_yaml)
         recorded = report["output"]["checksums"]
         recorded["other"] = checksums.file_hashes(tmp, [*recorded["files"], journal.JOURNAL_NAME, PARTIAL_MARKER])
@@ -581,7 +570,7 @@ def write_checkpoint(recipe: Recipe, out: str | Path, provenance: dict[str, str]
                               scratch=(journal.JOURNAL_NAME,)) as tmp:  # the lock on OUT is held to the rename
             partial.append(tmp)
             done = earlier[0].done if earlier else {}
-            _check_disk(out, plan_.out_bytes - plan_.out_bytes_of(done))
+            check_free_space(out, plan_.out_bytes - plan_.out_bytes_of(done))
             steps, report = _write(plan_, tmp, layout, metadata, settings, ray_address, progress, on_plan,
                                    earlier[0] if earlier else None, print_)
             report["output"]["copied"] = _copy_side_files(plan_, tmp, regenerated)
@@ -907,7 +896,7 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
             previous = earlier[0] if earlier else None
             settings = _resume_settings(previous, settings)
             removed = _prune(tmp, [out.name]) if previous else []
-            _check_disk(out, plan_.out_bytes - plan_.out_bytes_of(previous.done if previous else ()))
+            check_free_space(out, plan_.out_bytes - plan_.out_bytes_of(previous.done if previous else ()))
             if on_plan:
                 on_plan(plan_)
             started = time.perf_counter()

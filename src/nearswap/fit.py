@@ -142,7 +142,17 @@ def overhead_bytes(shape: Shape, gpus: int, per_gpu: float, chunk: int) -> float
 def table(shape: Shape, vram: float, contexts: list[int], caches: list[str], bpw: float | None = None,
           head_bits: float | None = None, gpus: int = 1, per_gpu: float = 0.5, chunk: int = 2048) -> list[Row]:
     """A row per context and cache type: GiB of weights, KV cache, overhead, total, and spare
-    against ``vram`` GiB (spread over ``gpus`` cards)."""
+    against ``vram`` GiB (spread over ``gpus`` cards). Every number must be finite: a NaN
+    compares false with every bound and would print a table of "nan"; infinite memory fits all."""
+    import math
+
+    for what, value, zero in (("--vram", vram, False), ("--bpw", bpw, False), ("--head-bits", head_bits, False),
+                              ("--per-gpu", per_gpu, True)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0 or (value == 0 and not zero)):
+            raise NearswapError(f"{what} {value!r} is not a finite {'' if zero else 'positive '}number of "
+                                f"{'GiB' if what in ('--vram', '--per-gpu') else 'bits'}; give one such as "
+                                f"{ {'--vram': '24', '--bpw': '4.6', '--head-bits': '8', '--per-gpu': '0.5'}[what] }")
     for cache in caches:
         if cache not in CACHE_BITS:
             raise NearswapError(f"unknown cache type {cache!r}; one of {', '.join(CACHE_BITS)}")

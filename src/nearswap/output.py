@@ -215,6 +215,24 @@ def check_replaceable(target: Path, force: bool, kind: str = "dir",
                                 "--force will not replace it: remove it yourself or choose another path")
 
 
+# ---------------------------------------------------------------- free space
+
+SPARE_BYTES = 64 << 20  # left free beyond what an output needs (the journal, metadata, the file system's own)
+
+
+def check_free_space(out: Path, nbytes: int) -> None:
+    """Refuse, before any work, an output of ``nbytes`` where the file system holding ``out``
+    has less free than that and ``SPARE_BYTES``."""
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # measure where OUT will be, not here
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < nbytes + SPARE_BYTES:
+        raise NearswapError(f"not enough free disk for {out}: it writes {nbytes / 1e9:.2f} GB and nearswap keeps "
+                            f"{SPARE_BYTES >> 20} MB spare, but {free / 1e9:.2f} GB are free on {parent}; free space "
+                            "or choose another output path")
+
+
 # ---------------------------------------------------------------- claiming an output path
 
 
@@ -227,7 +245,11 @@ def check_name(target: Path) -> None:
     if len(os.fsencode(target.name)) > NAME_MAX:
         raise NearswapError(f"the output name {shown(target.name, 60)} is too long "
                             f"({len(os.fsencode(target.name))} bytes; file systems allow {NAME_MAX})")
-    resolved, cwd = target.resolve(), Path.cwd().resolve()
+    try:
+        resolved, cwd = target.resolve(), Path.cwd().resolve()
+    except (RuntimeError, OSError):  # Python's resolve() raises RuntimeError on a symlink loop
+        raise NearswapError(f"the output {target} is, or lies under, a symbolic link that leads back to itself (a loop); "
+                            "choose another output path") from None
     if resolved == cwd or resolved in cwd.parents:
         raise NearswapError(f"the output {target} is the current directory or contains it; "
                             "choose a new directory for the output")

@@ -49,7 +49,9 @@ def parse_share(text: str | float) -> float:
     except ValueError:
         raise InvalidValue(f"--swap-share {text!r}: give a share such as 0.8% or 0.008") from None
     if not 0 < value < 1:
-        raise InvalidValue(f"--swap-share {text!r}: the share must be between 0 and 100%")
+        hint = (f" (a bare number is a fraction: {raw} is {100 * value:g}%; for {raw} percent write {raw}%)"
+                if not raw.endswith("%") and 1 <= value < 100 else "")
+        raise InvalidValue(f"--swap-share {text!r}: the share must be between 0 and 100%, exclusive{hint}")
     return value
 
 

@@ -6,6 +6,7 @@ from the tables below, and checks the things that span files (index vs shards).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -106,6 +107,15 @@ def open_model(path: str | Path, label: str = "model", native: bool = False) -> 
     if is_generated(path) and not native:
         return open_generated(str(path), label)
     path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NearswapError(f"{role(label)}: {path} is a symbolic link that leads back to itself (a loop); point "
+                                "it at the model's file or folder") from None
+        if os.path.islink(path):
+            raise NearswapError(f"{role(label)}: {path} is a symbolic link to {shown(os.readlink(path), 120)}, which "
+                                "does not exist; fix the link or give the model's real path") from None
     if not path.exists():
         text = str(path)
         if re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):  # a Hugging Face Hub id?

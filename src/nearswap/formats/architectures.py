@@ -204,6 +204,14 @@ def hf_config(arch: Arch, meta: dict[str, Any], shapes: dict[str, tuple[int, ...
     config.setdefault("hidden_size", embed[1])
     blocks = {int(n.split(".")[2]) for n in shapes if n.startswith("model.layers.")}
     config.setdefault("num_hidden_layers", max(blocks) + 1 if blocks else 0)
+    layers = max(blocks) + 1 if blocks else 0
+    if config["num_hidden_layers"] != layers:
+        raise MetadataError(f"its metadata says {config['num_hidden_layers']} blocks ({arch.gguf}.block_count), its "
+                            f"tensors hold {layers}; the file is inconsistent (llama.cpp refuses it too)")
+    if config["hidden_size"] != embed[1]:
+        raise MetadataError(f"its metadata says an embedding length of {config['hidden_size']} "
+                            f"({arch.gguf}.embedding_length), token_embd.weight rows have {embed[1]}; the file is "
+                            "inconsistent (llama.cpp refuses it too)")
     if "num_attention_heads" in config:
         config.setdefault("num_key_value_heads", config["num_attention_heads"])
     config.update(arch.fixed)

@@ -163,6 +163,10 @@ def open_gguf(path: Path, label: str, native: bool = False
                 tensors[t.name] = TensorInfo(t.name, f32, shape, path, int(t.data_offset), source)
                 continue
             if t.name in arch.ignored:
+                if t.name.startswith("rope_factors_"):  # Phi-3's long-context rope: not mapped, never dropped silently
+                    raise MetadataError("it carries Phi-3's long-context rope factors (rope_factors_long/short), "
+                                        "which nearswap does not map to config.json's rope_scaling (a conversion would "
+                                        "load with the wrong rope); merge it GGUF to GGUF (-o merged.gguf), which keeps them")
                 continue
             name = hf_name(arch, t.name)
             if name is None:
@@ -552,11 +556,20 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
                                 f"{heads} does not split into heads of whole row pairs; check config.json")
         plan.append((name, target, tq, heads, arch.offset(target)))
 
+    if arch_name == "phi3" and isinstance((model.config or {}).get("rope_scaling"), dict):
+        raise NearswapError(f"{model.path}: config.json has a rope_scaling (Phi-3's long context, rope_factors_long/"
+                            "short in GGUF), which nearswap does not write yet: the GGUF would load with the wrong "
+                            "rope; use llama.cpp's convert_hf_to_gguf.py for this model")
     generated: dict[str, np.ndarray] = {}  # GGUF tensors made from config.json, not from a weight
     scaling = rope_scaling_of(model.config or {}) if arch_name == "llama" else None
     if scaling is not None:
         dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         generated["rope_freqs.weight"] = llama3_rope_factors(config["rope_theta"], dim, scaling)
+    from ..output import check_free_space
+    from .gguf_writer import coded_bytes
+
+    check_free_space(out, sum(coded_bytes(model.tensors[name].numel, tq) for name, _, tq, _, _ in plan)
+                     + sum(values.nbytes for values in generated.values()))
     if on_start:
         on_start(model)
     w = gguf.GGUFWriter(str(part), arch_name)
@@ -596,7 +609,7 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
         finally:
             reader.close()
     except OSError as e:
-        raise NearswapError(f"cannot write {part}: {e.strerror}") from None
+        raise NearswapError(f"cannot write {part}: {e.strerror or e}") from None
     finally:
         w.close()
     return {"tensors": counts, "vocabulary": f"{vocab_kind}: {vocab_path}", "in_bytes": model.nbytes}

@@ -224,6 +224,9 @@ def _parse(cur: _Cursor, size: int, arrays: tuple[str, ...] = ()) -> GGUFHeader:
         if n_dims > MAX_DIMS:
             raise HeaderError(f"tensor {shown(name)} has {n_dims} dimensions; GGUF allows at most {MAX_DIMS}")
         shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
+        if any(d == 0 for d in shape):
+            raise HeaderError(f"tensor {shown(name)} has a dimension of 0 (shape {list(shape)}); a model's tensors "
+                              "have at least one element")
         code = cur.unpack("<I")
         try:
             qtype = gguf.GGMLQuantizationType(code)
@@ -235,14 +238,22 @@ def _parse(cur: _Cursor, size: int, arrays: tuple[str, ...] = ()) -> GGUFHeader:
         infos.append((name, shape, qtype, cur.unpack("<Q"), block, type_size))
     alignment = _alignment(header)
     data_start = -(-cur.pos // alignment) * alignment
+    expected = 0
     for name, shape, qtype, offset, block, type_size in infos:
         n = 1
         for d in shape:
             n *= d
+        if n >= 1 << 63:
+            raise HeaderError(f"tensor {shown(name)} has {n} elements, more than llama.cpp can address")
         if offset % alignment:
             raise HeaderError(f"tensor {shown(name)}: data offset {offset} is not a multiple of the alignment {alignment}")
         t = GGUFTensor(name, shape, qtype, data_start + offset, n, n // block * type_size)
+        if offset != expected:  # llama.cpp's loader: each tensor right after the one before, padded
+            raise HeaderError(f"tensor {shown(name)}: data at offset {offset}, but the tensors before it end at "
+                              f"{expected} (its data overlap another's, leave a gap, or a type or shape does not "
+                              "match the data); llama.cpp refuses the file too")
         if t.data_offset + t.n_bytes > size:
             raise HeaderError(f"tensor {shown(name)} runs past the end of the file (truncated?)")
+        expected += -(-t.n_bytes // alignment) * alignment
         header.tensors.append(t)
     return header

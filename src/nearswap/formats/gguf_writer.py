@@ -188,7 +188,7 @@ class GGUFStreamWriter:
             self.fd = os.open(path, flags, 0o644)
             if not stat.S_ISREG(os.fstat(self.fd).st_mode):
                 os.close(self.fd)
-                raise NearswapError(f"{path} is not a regular file; run again with --restart to start over")
+                raise NearswapError(f"{path} is not a regular file (something put it there while nearswap ran); run the merge again")
             os.ftruncate(self.fd, total)
             os.pwrite(self.fd, header, 0)
         except OSError as e:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 MAX_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
+MAX_TENSORS = 1 << 17  # per file: a 70B shard holds ~100, the largest MoE checkpoints a few thousand
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -68,9 +69,16 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise NearswapError(f"{path}: cannot read ({e.strerror})") from None
     finally:
         os.close(fd)
+    entries = raw.count(b'"data_offsets"')  # counted before parsing: a million entries cost gigabytes parsed
+    if entries > MAX_TENSORS:
+        raise NearswapError(f"{path}: its header lists {entries:,} tensors, more than any model's file holds "
+                            f"({MAX_TENSORS:,} at most here); the file is corrupt or not a model")
     header = parse_json(raw, f"{path}: corrupt safetensors header")
     if not isinstance(header, dict):
         raise NearswapError(f"{path}: corrupt safetensors header (not a JSON object); re-download or re-save the file")
+    if len(header) > MAX_TENSORS + 1:  # (keys written with escapes are not counted above)
+        raise NearswapError(f"{path}: its header lists {len(header) - 1:,} tensors, more than any model's file holds "
+                            f"({MAX_TENSORS:,} at most here); the file is corrupt or not a model")
     metadata = _metadata(path, header.pop("__metadata__", None))
     data_start = 8 + n
     data_len = size - data_start
@@ -393,7 +401,7 @@ class ShardedWriter:
             raise NearswapError(f"cannot write {shard.path}: {e.strerror}") from None
         self.fds.append(fd)
         if resume and not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NearswapError(f"{shard.path} is not a regular file; run again with --restart to start over")
+            raise NearswapError(f"{shard.path} is not a regular file (something put it there while nearswap ran); run the merge again")
         self._io(shard.path, os.ftruncate, fd, data_start + pos)  # the length field stays 0 until close()
         self.headers.append((fd, struct.pack("<Q", len(raw)) + raw, shard.path))
         for name, dtype, shape in shard.tensors:
