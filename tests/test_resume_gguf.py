@@ -27,14 +27,12 @@ SETTINGS = dict(chunk=1024, threads=2, journal_bytes=16 << 10)  # many work item
 
 KILLER = PRELUDE + r"""
 
-if point in ("bytes", "bytes-journaled"):  # after `arg` bytes of merged float32 values, half a chunk written
+if point == "bytes":  # after `arg` bytes of merged float32 values, half a chunk written
     state = {"n": 0}
     write = gguf_writer.GGUFStreamWriter.write
     def patched(self, name, start, data):
         n = memoryview(data).nbytes
         if state["n"] + n >= arg:
-            if point == "bytes-journaled":
-                journal.JournalWriter._live.flush()
             half = memoryview(data).cast("B")[: n // 2 // 1024 * 1024]  # whole blocks of any type
             if len(half):
                 write(self, name, start, half)
@@ -69,7 +67,7 @@ def merge_again(models, out, **kw):
     return nearswap.merge(models[0][0], models[0][1:], t=TS, out=out, settings=Settings(**SETTINGS), **kw)
 
 
-@pytest.mark.parametrize("point,fraction", [("bytes", 0.3), ("bytes", 0.8), ("bytes-journaled", 0.6)])
+@pytest.mark.parametrize("point,fraction", [("bytes", 0.3), ("bytes", 0.8), ("collected-journaled", 0.6)])
 def test_killed_mid_merge_the_next_run_finishes_it_to_the_same_bytes(models, tmp_path, point, fraction):
     paths, reference, expected, total = models
     out = tmp_path / "out.gguf"
@@ -84,7 +82,7 @@ def test_killed_mid_merge_the_next_run_finishes_it_to_the_same_bytes(models, tmp
     assert report["steps"] == expected["steps"]  # every count and mean |change|, per tensor and in total
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gguf"]  # the partial directory is gone
     message = " ".join(str(w.message) for w in said)
-    if point == "bytes-journaled":  # the journal had caught up: those tensors were not merged again
+    if point == "collected-journaled":  # the journal had caught up: those tensors were not merged again
         assert "continuing" in message and 0 < report["resumed"]["tensors"] < len(expected["output"]["types"]) + 99
         assert 0 < report["resumed"]["output_bytes"] < reference.stat().st_size
     else:  # how far the background journal got depends on the disk: continued, or started afresh
@@ -108,7 +106,7 @@ def test_killed_after_the_rename_the_output_is_whole_and_the_next_run_refuses_to
 def test_a_different_merge_refuses_to_continue_and_restart_discards(models, tmp_path, run):
     paths, reference, _, total = models
     out = tmp_path / "out.gguf"
-    assert kill_at(models, out, "bytes-journaled", total // 2).returncode == -signal.SIGKILL
+    assert kill_at(models, out, "collected-journaled", total // 2).returncode == -signal.SIGKILL
     partial = next(p for p in tmp_path.iterdir() if p.name.endswith(".partial"))
     args = [*paths, "-t", "1e-3,2.5e-3", "-o", out, "-q"]
     result = run("merge", *args)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,7 @@ class JournalWriter:
         self.last = time.monotonic()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nearswap-journal")
         self.running: Any = None  # the background flush in progress
+        self.lock = threading.Lock()
         self.tag = FIRST_TAG
         new = self.path.with_name(JOURNAL_NAME + ".new")
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_CREAT | os.O_TRUNC
@@ -259,6 +261,10 @@ class JournalWriter:
         self._append({"done": batch})
 
     def done(self, name: str, record: dict[str, Any], nbytes: int) -> None:
+        with self.lock:  # (the driver calls it; a lock lets any thread flush meanwhile)
+            self._done(name, record, nbytes)
+
+    def _done(self, name: str, record: dict[str, Any], nbytes: int) -> None:
         self.queued[name] = record
         self.queued_bytes += nbytes
         if self.queued_bytes >= self.every_bytes or time.monotonic() - self.last >= self.every_seconds:
@@ -271,6 +277,10 @@ class JournalWriter:
 
     def flush(self) -> None:
         """Wait for the background write; write what is queued."""
+        with self.lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if self.running is not None:
             running, self.running = self.running, None
             running.result()
