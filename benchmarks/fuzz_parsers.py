@@ -10,25 +10,17 @@ how many refused, and the time taken.
 """
 
 import argparse
-import os
 import sys
-import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from fuzz_run import run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=10_000)
     args = ap.parse_args()
-    os.environ["NEARSWAP_FUZZ_EXAMPLES"] = str(args.examples)
-    import pytest
-
-    started = time.perf_counter()
-    rc = pytest.main([str(HERE.parent / "tests" / "test_fuzz.py"), "-q", "-p", "no:cacheprovider", "-x"])
-    seconds = time.perf_counter() - started
-    outcomes = sys.modules["test_fuzz"].OUTCOMES
+    rc, seconds, module = run("test_fuzz", "NEARSWAP_FUZZ_EXAMPLES", args.examples)
+    outcomes = module.OUTCOMES
     print(f"\n{args.examples} examples per test, {seconds:.0f} s, pytest exit {int(rc)}")
     print("| parser | cases | read | refused in one line |")
     print("|---|---:|---:|---:|")

@@ -8,25 +8,17 @@ finished output is altered N times: verify must find each alteration. Prints the
 """
 
 import argparse
-import os
 import sys
-import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from fuzz_run import run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=2500)
     args = ap.parse_args()
-    os.environ["NEARSWAP_FUZZ_CASES"] = str(args.cases)
-    import pytest
-
-    started = time.perf_counter()
-    rc = pytest.main([str(HERE.parent / "tests" / "test_fuzz_resume.py"), "-q", "-p", "no:cacheprovider", "-x"])
-    seconds = time.perf_counter() - started
-    outcomes = sys.modules["test_fuzz_resume"].OUTCOMES
+    rc, seconds, module = run("test_fuzz_resume", "NEARSWAP_FUZZ_CASES", args.cases)
+    outcomes = module.OUTCOMES
     print(f"\n{args.cases} cases per test, {seconds:.0f} s, pytest exit {int(rc)}")
     print("| what | outcome | cases |")
     print("|---|---|---:|")
