@@ -59,7 +59,7 @@ if point == "bytes":  # the background journal wherever it is once `arg` bytes o
             return write(self, name, start, data)
         return patched
     st.ShardedWriter.write = counting(st.ShardedWriter.write)
-    gguf_writer.GGUFStreamWriter.write = counting(gguf_writer.GGUFStreamWriter.write)
+    gguf_writer.GGUFStreamWriter.write_coded = counting(gguf_writer.GGUFStreamWriter.write_coded)
 base, out, shard, *secs = sys.argv[3:]
 kw = {} if out.endswith(".gguf") else {"shard_size": shard}
 nearswap.merge(base, secs, t=%r, out=out, settings=Settings(**%r), **kw)

@@ -204,3 +204,27 @@ def test_secondaries_of_other_types_merge_by_their_values(tmp_path, run):
     want = expected_bytes(stored, [1e-3], t8, gguf_code)
     for name in SHAPES:
         assert got[name][0] == t8[name] and np.array_equal(got[name][1], want[name]), name
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q8_0, Q.Q4_K])
+def test_changed_counts_the_values_the_gguf_output_stores(tmp_path, qtype):
+    """"changed" of a .gguf output kept in the base's types is the count of stored values that
+    differ from the base's, as gguf's own reader dequantizes both files (not of the float32
+    values before they were coded: most moves of t round back to the base's code)."""
+    from nearswap.errors import NearswapError
+
+    try:
+        gguf_writer.quantizer_for(qtype)
+        (base, sec), _, _ = family(tmp_path, qtype, n=1)
+    except (NearswapError, NotImplementedError) as e:
+        pytest.skip(f"{qtype.name} cannot be written here: {e}")
+    import nearswap
+
+    report = nearswap.merge(base, [sec], t=1e-3, out=tmp_path / "out.gguf")
+    theirs = {t.name: quants.dequantize(t.data, t.tensor_type).reshape(-1) for t in gguf.GGUFReader(str(base)).tensors}
+    mine = {t.name: quants.dequantize(t.data, t.tensor_type).reshape(-1)
+            for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
+    differ = sum(int(np.count_nonzero(mine[n] != theirs[n])) for n in theirs)
+    assert report["all_steps"]["changed"] == differ == report["steps"][0]["changed"]
+    float32_moves = sum(t["moved"] + t["swapped"] for t in report["steps"][0]["tensors"].values())
+    assert 0 < differ < float32_moves  # (what the float32 count said before)

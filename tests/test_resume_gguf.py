@@ -29,7 +29,7 @@ KILLER = PRELUDE + r"""
 
 if point == "bytes":  # after `arg` bytes of merged float32 values, half a chunk written
     state = {"n": 0}
-    write = gguf_writer.GGUFStreamWriter.write
+    write = gguf_writer.GGUFStreamWriter.write_coded
     def patched(self, name, start, data):
         n = memoryview(data).nbytes
         if state["n"] + n >= arg:
@@ -39,7 +39,7 @@ if point == "bytes":  # after `arg` bytes of merged float32 values, half a chunk
             die()
         state["n"] += n
         return write(self, name, start, data)
-    gguf_writer.GGUFStreamWriter.write = patched
+    gguf_writer.GGUFStreamWriter.write_coded = patched
 
 base, out, *secs = sys.argv[3:]
 nearswap.merge(base, secs, t=%r, out=out, settings=Settings(**%r))

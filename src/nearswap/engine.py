@@ -351,6 +351,7 @@ class ChainPass(CopyPass):
         self.inputs = [plan_.base, *plan_.secondaries]
         self.read_ahead = READ_AHEAD if len(self.inputs) >= READ_AHEAD_FROM else 0
         self.round_between = not recipe.carry_float32
+        self.requantized = getattr(writer, "requantizes", False)
         self.allow_nonfinite = recipe.allow_nonfinite
         self.steps = [StepReport(model=s.model, label=m.label, t=s.t) for s, m in zip(recipe.steps, plan_.secondaries)]
         self.net = NetChange()  # the chain's, all steps together
@@ -372,7 +373,11 @@ class ChainPass(CopyPass):
         out = buffers.get(-1, task.out_dtype, n)
         counts = kernels.chain_raw(out, task.out_dtype, base, task.base.dtype,
                                    list(zip(secs, (s.dtype for s in task.secondaries))), task.ts, self.round_between)
-        crc = self.writer.write(task.name, start, out)
+        if self.requantized:  # a .gguf output: "changed" is what changed in the values it stores
+            crc, coded, qtype = self.writer.write_coded(task.name, start, out)
+            counts = _stored_changes(counts, coded, qtype, base)
+        else:
+            crc = self.writer.write(task.name, start, out)
         return Result(i, counts, len(base) + sum(len(x) for x in secs), start, crc)
 
     def collect(self, result: Result) -> None:
@@ -396,6 +401,27 @@ class ChainPass(CopyPass):
             for step, tally in zip(self.steps, tallies["steps"]):
                 step.tensors[task.name] = Tally.from_journal(tally)
             self.net.tensors[task.name][1] = int(tallies["changed"])
+
+
+def _stored_changes(counts: kernels.ChainCounts, coded: Any, qtype: Any, base: Any) -> kernels.ChainCounts:
+    """The chain's counts with "changed" taken from the values a .gguf output stores (``coded``,
+    as ``qtype``) against the base's (float32, as read): the net change, and the step's own
+    when there is one step (in a longer chain the steps before the last are held in float32,
+    and are counted so; the last step's count is of float32 too)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    from .formats.gguf import dequantize
+
+    if qtype == Q.F32:
+        stored = np.asarray(coded, np.float32)
+    elif qtype == Q.F16:
+        stored = np.asarray(coded).astype(np.float32)
+    else:
+        stored = dequantize(np.frombuffer(memoryview(coded).cast("B"), np.uint8), qtype).reshape(-1)
+    changed = int(np.count_nonzero(stored != np.frombuffer(base, np.float32)))
+    steps = counts.steps if len(counts.steps) != 1 else [counts.steps[0]._replace(changed=changed)]
+    return kernels.ChainCounts(steps, changed)
 
 
 def _cast(data: memoryview, src: DType, dst: DType) -> Any:
@@ -934,6 +960,7 @@ def merge_to_gguf(recipe: Recipe, out: str | Path, type_name: str = "like-base",
                            "parameters": plan_.base.num_params, "gguf_architecture": arch, "types": counts,
                            "quantizers": coders, "checksums": sealed},
                 "steps": [s.to_json() for s in steps],
+                "all_steps": pass_.net.to_json(),
             }
             if earlier:
                 report["resumed"] = {"tensors": len(done), "output_bytes": written}

@@ -220,19 +220,26 @@ class GGUFStreamWriter:
             raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
         return value
 
+    requantizes = True  # what it stores differs from the float32 values it is given (``write_coded``)
+
     def write(self, name: str, start: int, data: Any) -> int:
         """Code float32 ``data`` at element ``start`` of ``name``; returns the CRC-32C of the coded bytes."""
+        return self.write_coded(name, start, data)[0]
+
+    def write_coded(self, name: str, start: int, data: Any) -> tuple[int, np.ndarray, GGMLQuantizationType]:
+        """``write``, returning also the coded values as stored (a flat array) and their type."""
         from .. import checksums
 
         offset, qtype = self.tensors[name]
         values = np.frombuffer(data, np.float32)
         block, size = GGML_QUANT_SIZES[qtype]
-        coded = memoryview(quantize(values, qtype)).cast("B")
+        stored = quantize(values, qtype)
+        coded = memoryview(stored).cast("B")
         try:
             os.pwrite(self.fd, coded, offset + start // block * size)
         except OSError as e:
             raise WriteFailed(f"cannot write {self.path}: {e.strerror}") from None
-        return checksums.crc(coded)
+        return checksums.crc(coded), stored, qtype
 
     def sync(self) -> None:
         """What was written is on disk (the journal's condition for recording it)."""
