@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c src/nearswap/_dequant.
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -e '.[dev,judge,ray]'
-	$(BIN)/python -c "import nearswap.kernels as k; print('nearswap kernel:', k.describe_backend())"
+	$(BIN)/python -c "import nearswap.core.kernels as k; print('nearswap kernel:', k.describe_backend())"
 	touch $(STAMP)
 
 # export --format awq: llm-compressor in an environment of its own (it pins an older transformers

@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=HERE / "work" / "awq")
     args = ap.parse_args()
-    from nearswap import fetch
+    from nearswap.demo import fetch
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

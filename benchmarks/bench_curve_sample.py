@@ -33,7 +33,7 @@ def run(cmd: list[str]) -> tuple[float, dict]:
 # The curve alone: imports done, then the page cache dropped (cold) or left (warm), then timed.
 INNER = r"""
 import json, sys, time
-from nearswap import curve
+from nearswap.measure import curve
 sys.path.insert(0, %r)
 from bench_verify import drop_caches
 base, sec, sample, cold = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4] == "cold"

@@ -60,8 +60,8 @@ def per_type(elements: int, repeat: int) -> list[dict]:
 
 
 def merge_gguf_vs_twin(repeat: int, outdir: Path | None) -> dict:
-    from nearswap import fetch, synthetic
-    from nearswap.convert import convert
+    from nearswap.demo import fetch, synthetic
+    from nearswap.merging.convert import convert
 
     work = Path(tempfile.mkdtemp(prefix="nearswap-bench-dq-"))
     try:

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="default: SmolLM2's GGUF in the cache")
     ap.add_argument("--merged", type=Path, help="default: the demo's merge in the cache")
     args = ap.parse_args()
-    from nearswap import fetch
+    from nearswap.demo import fetch
     from nearswap.judge import harness, tasks
 
     cache = fetch.cache_dir()

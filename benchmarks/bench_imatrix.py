@@ -48,7 +48,7 @@ def main() -> None:
     for program in ("llama-quantize", "llama-perplexity"):
         if shutil.which(program) is None:
             sys.exit(f"{program} is not on PATH (see this script's docstring)")
-    from nearswap import fetch
+    from nearswap.demo import fetch
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ NOISE = 0.001
 
 def ensure_inputs(size: str, root: Path, n: int = 3) -> tuple[Path, list[Path]]:
     """The base and ``n`` secondaries of a synthetic shape, generated once under ``root``."""
-    from nearswap import synthetic
+    from nearswap.demo import synthetic
 
     work = root / size
     base = work / "base"

@@ -36,7 +36,9 @@ def main() -> None:
     if not (work / "base").is_dir():
         sys.exit(f"no inputs in {work}: run benchmarks/bench_merge.py --size {args.size} first")
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from ray_cluster import LocalCluster  # a cluster of our own, stopped without touching any other Ray
+    from ray_cluster import (
+        LocalCluster,  # a cluster of our own, stopped without touching any other Ray
+    )
 
     cluster = LocalCluster(2)
     address = cluster.start()

@@ -34,7 +34,7 @@ STEPS = 3
 
 
 def expected(shape: str, t: float) -> list[dict]:
-    from nearswap import synthetic
+    from nearswap.demo import synthetic
     from nearswap.formats.generated import PERIOD, visits
 
     tensors = synthetic.SHAPES[shape].tensors()

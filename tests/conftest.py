@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save_file
 
-from nearswap import fetch
 from nearswap.cli import cli
+from nearswap.demo import fetch
 
 CACHE = fetch.cache_dir()  # the real cache, read at import before the per-test HOME isolation
 
@@ -121,8 +121,8 @@ def tiny_llm(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    from nearswap import synthetic
-    from nearswap.errors import NearswapError
+    from nearswap.core.errors import NearswapError
+    from nearswap.demo import synthetic
     from nearswap.formats import gguf_vocab
 
     try:
@@ -191,7 +191,7 @@ def gguf_tokenizer_of_transformers(gguf_path):
 def quick_data():
     """The quick preset's evaluation data in the real cache (fetched once); its cache directory."""
     pytest.importorskip("lm_eval")
-    from nearswap.errors import NearswapError
+    from nearswap.core.errors import NearswapError
     from nearswap.judge import data, tasks
 
     try:

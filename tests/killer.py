@@ -10,9 +10,10 @@ PRELUDE = r"""
 import os, signal, sys
 from pathlib import Path
 import nearswap
-from nearswap import engine, journal, output
+from nearswap.merging import engine
+from nearswap.runtime import journal, output
 from nearswap.formats import gguf_writer, safetensors as st
-from nearswap.stream import Settings
+from nearswap.runtime.stream import Settings
 
 point, arg = sys.argv[1], int(sys.argv[2])
 def die():
@@ -29,7 +30,7 @@ if point == "collected-journaled":
     completed = engine.CopyPass._completed
     def collected(self, result):
         completed(self, result)
-        task = self.tasks[result.index]
+        task = self.tasks[result.tensor]
         state["n"] += min(self._chunk, task.numel - result.start) * task.out_dtype.itemsize
         if state["n"] >= arg:
             self.journal.flush()

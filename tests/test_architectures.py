@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import CACHE
 from nearswap.formats import open_model
 from nearswap.formats.architectures import ARCHITECTURES, CONFIG_KEYS
 from nearswap.formats.gguf_header import read_header
 from nearswap.formats.safetensors import FileReader
-
-from conftest import CACHE
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

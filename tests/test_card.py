@@ -8,9 +8,9 @@ import socket
 import pytest
 
 import nearswap
-from nearswap import provenance
-from nearswap.provenance import Origin, combine
 from conftest import random_model, write_model
+from nearswap.ship import provenance
+from nearswap.ship.provenance import Origin, combine
 
 hub = pytest.importorskip("huggingface_hub")
 
@@ -146,7 +146,7 @@ def test_a_report_of_another_shape_is_one_line(tmp_path, run, option, name):
 def test_a_readme_put_there_while_the_card_is_built_is_kept(tmp_path, run, monkeypatch):
     """The check at the start is made again at the swap: a user's README that replaced the
     card meanwhile is swapped back, and nothing of ours is left beside it."""
-    from nearswap import card as cards
+    from nearswap.ship import card as cards
 
     base = model_with_card(tmp_path / "base", 0, "license: mit\n")
     nearswap.merge(base, [model_with_card(tmp_path / "sec", 1, "license: mit\n")], t=1e-3, out=tmp_path / "m")

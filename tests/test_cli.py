@@ -9,12 +9,11 @@ import time
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
+from conftest import TINY, write_model
 from reference import chain as ref_chain
 from reference import same_bits
-
-from conftest import TINY, random_model, write_model
 
 
 def assert_refused(result, *needles, tmp_path=None):
@@ -152,7 +151,7 @@ def test_bad_t_is_refused_before_reading_any_tensor(tmp_path, run):
 
 def test_wrong_number_of_t(make_quartet, tmp_path, run):
     paths, _ = make_quartet(n=3)
-    assert_refused(run("merge", *paths, "-t", "1e-4", "-t", "1e-3", "-o", tmp_path / "out"), "2 -t values for 3 secondaries", tmp_path=tmp_path)
+    assert_refused(run("merge", *paths, "-t", "1e-4", "-t", "1e-3", "-o", tmp_path / "out"), "2 thresholds (-t) for 3 secondaries", tmp_path=tmp_path)
 
 
 def test_existing_output(make_quartet, tmp_path, run):
@@ -239,7 +238,7 @@ def test_not_enough_disk(make_quartet, tmp_path, run, monkeypatch):
 def test_example_recipe_is_valid():
     from pathlib import Path
 
-    from nearswap import recipe
+    from nearswap.merging import recipe
 
     rec = recipe.load(Path(__file__).parent.parent / "examples" / "quartet.yaml")
     assert [s.t for s in rec.steps] == [1e-4] * 3 and rec.dtype == "BF16"

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nearswap import curve
-from nearswap.stream import Settings
+from nearswap.measure import curve
+from nearswap.runtime.stream import Settings
 from reference import counts as ref_counts
 from reference import nearswap_step
 
@@ -31,7 +31,7 @@ def expected_step_counts(arrays, ts):
 @pytest.fixture(params=["c", "numpy"])
 def backend(request, monkeypatch):
     """The C kernel, and the numpy fallback a build without a compiler gets."""
-    from nearswap import kernels
+    from nearswap.core import kernels
 
     if request.param == "numpy":
         monkeypatch.setattr(kernels, "_ckernel", None)
@@ -124,7 +124,7 @@ def test_counting_needs_no_numpy(make_quartet, tmp_path):
     import sys
 
     paths, _ = make_quartet("bf16", n=2, noise=0.002)
-    code = ("import sys; from nearswap import curve; "
+    code = ("import sys; from nearswap.measure import curve; "
             f"r = curve.compute({str(paths[0])!r}, {[str(p) for p in paths[1:]]!r}); curve.format_table(r); "
             "print('numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -241,7 +241,7 @@ def test_sample_items_are_a_systematic_sample_of_blocks(sizes, fraction):
 
 @pytest.fixture(scope="module")
 def sampled_trio(tmp_path_factory):
-    from nearswap import synthetic
+    from nearswap.demo import synthetic
 
     root = tmp_path_factory.mktemp("sampled")
     synthetic.make_base(root / "base", synthetic.LlamaShape(512, 4, 1376, 8192, 8, 4), "bfloat16", seed=0)

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from nearswap import fit
-from nearswap.fetch import SMOLLM2, cached
 from conftest import CACHE
+from nearswap.demo.fetch import SMOLLM2, cached
+from nearswap.ship import fit
 
 GIB = 1024**3
 

@@ -3,18 +3,21 @@
 import json
 import struct
 
-import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from nearswap.dtypes import BY_NAME
-from nearswap.errors import NearswapError
+from conftest import random_model, write_model
+from nearswap.core.dtypes import BY_NAME
+from nearswap.core.errors import NearswapError
 from nearswap.formats import open_model
-from nearswap.formats.safetensors import FileReader, MappedReader, ShardedWriter, read_header
+from nearswap.formats.safetensors import (
+    FileReader,
+    MappedReader,
+    ShardedWriter,
+    read_header,
+)
 from reference import same_bits
-
-from conftest import TINY, random_model, write_model
 
 
 def test_reader_matches_library(tmp_path):

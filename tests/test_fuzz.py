@@ -21,12 +21,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nearswap.errors import NearswapError
+from nearswap.core.errors import NearswapError
 from nearswap.formats import open_model
 from nearswap.formats.safetensors import read_header as read_safetensors
 
 gguf = pytest.importorskip("gguf")
-from nearswap.formats.gguf_header import HeaderError, read_header as read_gguf  # noqa: E402
+from nearswap.formats.gguf_header import HeaderError  # noqa: E402
+from nearswap.formats.gguf_header import read_header as read_gguf  # noqa: E402
 
 EXAMPLES = int(os.environ.get("NEARSWAP_FUZZ_EXAMPLES", "150"))
 BOUND = 64 << 20  # bytes a parser may allocate for a file of a few KB, however hostile

@@ -30,14 +30,15 @@ import numpy as np
 import pytest
 
 import nearswap
-from nearswap.errors import NearswapError
-from nearswap.stream import Settings
-from nearswap.verify import verify
 from conftest import random_model, write_model
 from killer import PRELUDE
+from nearswap.core.errors import NearswapError
+from nearswap.measure.verify import verify
+from nearswap.runtime.stream import Settings
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
+
 from test_gguf_merge import family  # noqa: E402
 
 CASES = int(os.environ.get("NEARSWAP_FUZZ_CASES", "120"))

@@ -9,11 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from nearswap import fetch, synthetic
+from conftest import CACHE
+from nearswap.demo import fetch, synthetic
 from nearswap.formats import open_model
 from nearswap.formats.safetensors import FileReader
-
-from conftest import CACHE
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.disk(4.5)  # the f32 conversion, a secondary and two merges, ~1.07 GB each
@@ -42,7 +41,7 @@ def test_inspect_describes_it_as_gguf_does(gemma, run):
 
 @pytest.fixture(scope="module")
 def converted(gemma, tmp_path_factory):
-    from nearswap.convert import convert
+    from nearswap.merging.convert import convert
 
     out = tmp_path_factory.mktemp("gemma") / "hf"
     convert(gemma, out)
@@ -112,7 +111,7 @@ def test_hf_base_merge_equals_gguf_base_merge(gemma, converted, tmp_path):
 
 
 def test_gguf_merge_like_base_runs_in_llama_cpp(gemma, tmp_path, run):
-    from nearswap.errors import NearswapError
+    from nearswap.core.errors import NearswapError
 
     try:
         sec = synthetic.make_secondary_gguf(gemma, tmp_path / "s1.gguf", seed=1)

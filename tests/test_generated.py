@@ -14,12 +14,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import nearswap
-from nearswap import synthetic
+import reference
+from nearswap.demo import synthetic
 from nearswap.formats import open_model
 from nearswap.formats.generated import PERIOD, visits
 from nearswap.formats.safetensors import FileReader
-
-import reference
 
 BF16 = ml_dtypes.bfloat16
 

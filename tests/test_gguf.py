@@ -13,13 +13,12 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import quants  # noqa: E402
 
 import nearswap  # noqa: E402
-from nearswap.errors import NearswapError  # noqa: E402
+from conftest import random_model, write_model  # noqa: E402
+from nearswap.core.errors import NearswapError  # noqa: E402
 from nearswap.formats import open_model  # noqa: E402
 from nearswap.formats.safetensors import FileReader  # noqa: E402
 from reference import chain as ref_chain  # noqa: E402
 from reference import same_bits  # noqa: E402
-
-from conftest import random_model, write_model  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, LAYERS = 64, 4, 2, 96, 40, 2
 WRITABLE = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]  # what gguf.quants can write
@@ -196,7 +195,7 @@ def test_gguf_base_merges_like_its_hf_twin(tmp_path, qtype):
 
 def test_curve_of_a_gguf_base_equals_its_hf_twin(tmp_path):
     """GGUF tensors are decoded into buffers, safetensors ones mapped: the counts are the same."""
-    from nearswap import curve
+    from nearswap.measure import curve
 
     hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.02)
     expected = write_llama_gguf(tmp_path / "base.gguf", hf, Q.Q8_0)
@@ -340,7 +339,7 @@ def test_export_carries_the_vocabulary_gguf_settings_and_license(tmp_path, run):
 
 @pytest.mark.parametrize("type_name", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])
 def test_export_types_store_what_gguf_quantizes(tmp_path, type_name):
-    from nearswap.formats.gguf import EXPORT_TYPES, export_gguf
+    from nearswap.ship.gguf_export import EXPORT_TYPES, export_gguf
 
     hf = random_model(0, "f32", shapes=hf_shapes(), scale=0.5)
     write_llama_gguf(tmp_path / "src.gguf", hf, Q.F32)
@@ -376,7 +375,7 @@ def test_export_refusals(tmp_path, run):
 
 def test_k_quant_export_through_llama_cpp(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional) is not installed")
-    from nearswap.formats.gguf import export_gguf
+    from nearswap.ship.gguf_export import export_gguf
 
     # two 256-wide tensors, so llama.cpp has rows that fit a K-quant block
     shapes = hf_shapes() | {"model.layers.0.mlp.up_proj.weight": (FFN, 256), "model.layers.0.mlp.gate_proj.weight": (FFN, 256)}
@@ -399,7 +398,7 @@ def test_gguf_without_vocabulary_converts_without_torch(tmp_path):
     import sys
 
     write_llama_gguf(tmp_path / "m.gguf", random_model(0, "f32", shapes=hf_shapes()), Q.F32)
-    code = ("import sys, nearswap.convert as c; r = c.convert(sys.argv[1], sys.argv[2]); print(r['output']['copied']); "
+    code = ("import sys, nearswap.merging.convert as c; r = c.convert(sys.argv[1], sys.argv[2]); print(r['output']['copied']); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.gguf"), str(tmp_path / "hf")],
                           capture_output=True, text=True)

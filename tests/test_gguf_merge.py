@@ -98,7 +98,7 @@ def test_the_plan_of_a_gguf_merge_counts_the_files_bytes(tmp_path, run, type_nam
     """--plan / the plan line: reads are the input files' tensor bytes (blocks, not the float32
     they decode to), writes the output's in its types; against gguf's own reader of the inputs
     and of the file the merge then writes."""
-    from nearswap import engine, recipe
+    from nearswap.merging import engine, recipe
 
     (base, *secs), _, _ = family(tmp_path, Q.Q8_0, n=2)
     rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": 1e-3} for s in secs]}, "test")
@@ -211,7 +211,7 @@ def test_changed_counts_the_values_the_gguf_output_stores(tmp_path, qtype):
     """"changed" of a .gguf output kept in the base's types is the count of stored values that
     differ from the base's, as gguf's own reader dequantizes both files (not of the float32
     values before they were coded: most moves of t round back to the base's code)."""
-    from nearswap.errors import NearswapError
+    from nearswap.core.errors import NearswapError
 
     try:
         gguf_writer.quantizer_for(qtype)

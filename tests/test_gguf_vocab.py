@@ -4,7 +4,6 @@ tokenizer conversion: identical token ids and decoded text on a multilingual tex
 special tokens. The vocabulary is learned here (a few hundred BPE merges over a small
 multilingual corpus, with byte-fallback tokens and scores), written with gguf's own writer."""
 
-from collections import Counter
 
 import pytest
 

@@ -21,14 +21,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import nearswap
-from nearswap import engine
-from nearswap.errors import NearswapError
 from conftest import TINY, random_model, write_model
+from nearswap.core.errors import NearswapError
+from nearswap.merging import engine
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf import GGUFValueType as V  # noqa: E402
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -219,7 +218,7 @@ def test_item2_racing_merges_never_both_succeed(tmp_path):
 def test_the_final_rename_with_and_without_renameat2(tmp_path, monkeypatch, renameat2):
     """Where renameat2 is missing (or the file system refuses its flags) the same guarantees
     hold, by a check under the lock just before a plain rename."""
-    from nearswap import output
+    from nearswap.runtime import output
 
     if not renameat2:
         monkeypatch.setattr(output, "_renameat2", None)
@@ -315,7 +314,7 @@ def test_item5_sigterm_while_replacing_says_what_is_where(tmp_path):
 
 
 def test_item6_concurrent_exports_to_one_file(tmp_path):
-    from nearswap.formats.gguf import export_gguf
+    from nearswap.ship.gguf_export import export_gguf
 
     a = llama_gguf(tmp_path / "a.gguf", seed=1)
     b = llama_gguf(tmp_path / "b.gguf", seed=2)

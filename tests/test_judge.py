@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 
 import nearswap
-
 from nearswap.judge import stats, writing
-from conftest import CACHE
 
 # ---------------------------------------------------------------- paired statistics
 

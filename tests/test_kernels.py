@@ -6,14 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearswap import kernels
-from nearswap.dtypes import BY_NUMPY
+from conftest import DTYPES
+from nearswap.core import kernels
+from nearswap.core.dtypes import BY_NUMPY
 from reference import chain as ref_chain
 from reference import counts as ref_counts
 from reference import nearswap_step, same_bits
 from reference import threshold_counts as ref_threshold_counts
-
-from conftest import DTYPES
 
 # Every step implementation of the C kernel this CPU can run (AVX-512, AVX2, scalar), and numpy.
 if kernels.BACKEND == "c":

@@ -10,14 +10,15 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import nearswap
-from nearswap import engine, recipe
-from nearswap.errors import NearswapError
-from nearswap.stream import Settings
+import nearswap.merging.report
+from conftest import DTYPES, random_model, write_model
+from nearswap.api import run_recipe
+from nearswap.core.errors import NearswapError
+from nearswap.merging import engine, recipe
+from nearswap.runtime.stream import Settings
 from reference import chain as ref_chain
 from reference import counts as ref_counts
 from reference import nearswap_step, same_bits
-
-from conftest import DTYPES, random_model, write_model
 
 
 def load_dir(path):
@@ -80,7 +81,7 @@ def test_chain_bit_exact_and_counts_exact(make_quartet, tmp_path, dtype, n):
     assert on_disk["all_steps"]["total"] == sum(b.size for b in arrays[0].values())
     if n > 1:  # a weight moved and moved back is not a change of the merge
         assert on_disk["all_steps"]["changed"] <= sum(s["changed"] for s in on_disk["steps"])
-        assert "all steps: changed" in nearswap.stats.format_table(on_disk["steps"], on_disk["all_steps"])
+        assert "all steps: changed" in nearswap.merging.report.format_table(on_disk["steps"], on_disk["all_steps"])
 
 
 def test_chain_equals_steps_run_one_by_one(make_quartet, tmp_path):
@@ -139,7 +140,7 @@ def test_rules_set_t_per_tensor(make_quartet, tmp_path):
     def ts(name):
         return [5e-3 if ".mlp." in name else 2e-4, 0.0 if name.startswith("lm_head") else 1e-3]
 
-    report = engine.merge(rec, tmp_path / "o")
+    report = run_recipe(rec, tmp_path / "o")
     merged = load_dir(tmp_path / "o")
     for name, b in arrays[0].items():
         assert same_bits(merged[name], ref_chain(b, [a[name] for a in arrays[1:]], ts(name))), name
@@ -147,7 +148,7 @@ def test_rules_set_t_per_tensor(make_quartet, tmp_path):
     assert step1["tensors"]["model.layers.0.mlp.up_proj.weight"]["t"] == 5e-3
     assert step1["swapped"] == expected_report(arrays, ts)[0]["swapped"]
     # the step table says what the rules did: counted here from the tensor names
-    from nearswap.stats import format_table
+    from nearswap.merging.report import format_table
 
     table = format_table(report["steps"]).splitlines()
     mlp = sum(".mlp." in n for n in arrays[0])
@@ -201,7 +202,7 @@ def test_provenance_and_side_files(make_quartet, tmp_path):
     assert meta["format"] == "pt" and meta["nearswap_version"] == nearswap.__version__
     assert json.loads(meta["nearswap_recipe"])["base"] == str(paths[0])
     # the written recipe reproduces the merge
-    again = engine.merge(recipe.load(out / "nearswap_recipe.yaml"), tmp_path / "again")
+    again = run_recipe(recipe.load(out / "nearswap_recipe.yaml"), tmp_path / "again")
     a, b = load_dir(out), load_dir(tmp_path / "again")
     assert all(same_bits(a[k], b[k]) for k in a) and again["steps"][0]["swapped"] >= 0
 
@@ -315,7 +316,7 @@ def test_changed_counts_what_the_output_holds(make_quartet, tmp_path):
     paths, arrays = make_quartet("f32", n=1, noise=0.002)
     rec = recipe.build({"base": str(paths[0]), "dtype": "bfloat16",
                         "steps": [{"model": str(paths[1]), "t": 1e-4, "rules": [{"match": "*.mlp.*", "t": 0}]}]})
-    report = engine.merge(rec, tmp_path / "o")
+    report = run_recipe(rec, tmp_path / "o")
     merged = load_dir(tmp_path / "o")
     step = report["steps"][0]
     total = 0
@@ -338,7 +339,7 @@ def test_net_change_of_a_float32_carry(make_quartet, tmp_path):
     paths, arrays = make_quartet("f32", n=2, noise=0.002)
     rec = recipe.build({"base": str(paths[0]), "dtype": "bfloat16", "carry_float32": True,
                         "steps": [{"model": str(p), "t": 3e-4} for p in paths[1:3]]})
-    report = engine.merge(rec, tmp_path / "o")
+    report = run_recipe(rec, tmp_path / "o")
     merged = load_dir(tmp_path / "o")
     want = sum(int(np.count_nonzero(merged[name].astype(np.float32) != b.astype(ml_dtypes.bfloat16).astype(np.float32)))
                for name, b in arrays[0].items())
@@ -352,8 +353,8 @@ def test_a_tallys_change_is_the_exact_sum_in_any_order():
     import random
     from fractions import Fraction
 
-    from nearswap.kernels import StepCounts
-    from nearswap.stats import Tally
+    from nearswap.core.kernels import StepCounts
+    from nearswap.merging.report import Tally
 
     rng = random.Random(7)
     parts = [rng.random() * 10.0 ** rng.randint(-40, 40) for _ in range(5000)] + [0.0, 5e-324, 1.7e308 / 4]

@@ -15,9 +15,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 import nearswap  # noqa: E402
-from nearswap import synthetic  # noqa: E402
-from nearswap.errors import NearswapError  # noqa: E402
-from nearswap.stream import Settings  # noqa: E402
+from nearswap.core.errors import NearswapError  # noqa: E402
+from nearswap.demo import synthetic  # noqa: E402
+from nearswap.runtime.stream import Settings  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -115,8 +116,9 @@ def test_worker_that_cannot_see_a_path_says_which(cluster, quartet, tmp_path):
     here, as on a node that does not mount the share): the task says which path, where."""
     import shutil
 
-    from nearswap import distributed, engine, recipe
     from nearswap.formats.safetensors import ShardedWriter
+    from nearswap.merging import engine, recipe
+    from nearswap.runtime import distributed
 
     base = tmp_path / "base"
     shutil.copytree(quartet[0], base)

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import nearswap
-from nearswap.stream import Settings
 from conftest import random_model, write_model
 from killer import PRELUDE
+from nearswap.runtime.stream import Settings
 
 SHAPES = {f"model.layers.{i}.mlp.up_proj.weight": (96, 128) for i in range(12)}  # 48 KiB each in float32
 SHAPES["model.embed_tokens.weight"] = (200, 128)
@@ -83,7 +83,7 @@ elif point == "headers":  # `arg` shard headers written
 elif point == "side-files":
     engine._copy_side_files = lambda *a: die()
 elif point == "card":
-    import nearswap.card as card
+    import nearswap.ship.card as card
     card.model_card = lambda *a, **k: die()
 elif point == "before-rename":
     output._commit = lambda *a, **k: die()

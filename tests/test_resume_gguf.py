@@ -18,8 +18,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 import nearswap  # noqa: E402
-from nearswap.stream import Settings  # noqa: E402
 from killer import PRELUDE  # noqa: E402
+from nearswap.runtime.stream import Settings  # noqa: E402
 from test_gguf_merge import family  # noqa: E402
 
 TS = [1e-3, 2e-3]

@@ -14,12 +14,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import nearswap
-from nearswap import fetch, synthetic
-from nearswap.errors import NearswapError, NearswapWarning
+from conftest import CACHE, random_model, write_model
+from nearswap.core.errors import NearswapError, NearswapWarning
+from nearswap.demo import fetch, synthetic
 from reference import chain as ref_chain
 from reference import same_bits
-
-from conftest import CACHE, random_model, write_model
 
 SIDE = {
     "tokenizer.json": '{"version": "1.0"}',
@@ -60,7 +59,7 @@ def test_every_side_file_is_carried(tmp_path):
     assert not (out / "pytorch_model.bin").exists() and not (out / ".git").exists()
     assert (out / "README.md").read_text() != "the base's own card"  # the merge writes its own card
     convert_out = tmp_path / "conv"
-    from nearswap.convert import convert
+    from nearswap.merging.convert import convert
 
     convert(b, convert_out)
     assert (convert_out / "README.md").read_text() == "the base's own card"  # a conversion keeps it

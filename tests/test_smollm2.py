@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import nearswap
-from nearswap import fetch, synthetic
-from nearswap.errors import NearswapError
+from nearswap.core.errors import NearswapError
+from nearswap.demo import fetch, synthetic
 from nearswap.formats import open_model
 from nearswap.formats.safetensors import FileReader
 from reference import same_bits
@@ -34,7 +34,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smol_pair(smollm2, tmp_path_factory):
     """The demo pair: SmolLM2 and SmolLM2 + Laplace(0.0125) noise, plus the base converted to HF."""
-    from nearswap.convert import convert
+    from nearswap.merging.convert import convert
 
     root = tmp_path_factory.mktemp("smol")
     synthetic.make_secondary(smollm2, root / "s1", 0.0125, seed=1)
@@ -61,8 +61,8 @@ def test_opens_as_the_hf_llama_it_is(smollm2):
 
 
 def test_hf_to_gguf_f32_to_hf_is_bit_identical(smol_pair, tmp_path):
-    from nearswap.convert import convert
-    from nearswap.formats.gguf import export_gguf
+    from nearswap.merging.convert import convert
+    from nearswap.ship.gguf_export import export_gguf
 
     _, root = smol_pair
     export_gguf(root / "base_hf", tmp_path / "m.f32.gguf", "f32")
@@ -117,7 +117,7 @@ def test_converted_model_matches_transformers_own_gguf_loader(smollm2, tmp_path)
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers needs it to load a GGUF
-    from nearswap.convert import convert
+    from nearswap.merging.convert import convert
 
     convert(smollm2, tmp_path / "hf")
     ours = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
@@ -136,8 +136,8 @@ def test_llama_cpp_runs_the_f32_export_like_transformers(smollm2, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional) is not installed")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from nearswap.convert import convert
-    from nearswap.formats.gguf import export_gguf
+    from nearswap.merging.convert import convert
+    from nearswap.ship.gguf_export import export_gguf
 
     convert(smollm2, tmp_path / "hf")
     export_gguf(tmp_path / "hf", tmp_path / "m.f32.gguf", "f32")
@@ -157,7 +157,7 @@ def test_llama_cpp_runs_the_f32_export_like_transformers(smollm2, tmp_path):
 def test_curve_on_the_demo_pair_gives_the_cards_shares(smol_pair):
     """SmolLM2 + Laplace(0.0125) noise: at the card's six t values the exact shares are
     ~0.8 / 2.4 / 7.7 / 18 / 33 / 55 % (1 - exp(-t/b) over the noised weights)."""
-    from nearswap import curve
+    from nearswap.measure import curve
 
     gguf_path, root = smol_pair
     result = curve.compute(gguf_path, [root / "s1"], curve.DEFAULT_TS)
@@ -172,7 +172,7 @@ def test_verdict_rule_on_both_ends(smol_pair, tmp_path):
     own scale is "garbage"."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from nearswap import sweep
+    from nearswap.judge import sweep
 
     _, root = smol_pair
     base = sweep.judge(root / "base_hf", root / "base_hf", root / "base_hf")
@@ -187,7 +187,7 @@ def test_tokenizer_built_without_transformers_equals_transformers_own(smollm2, t
     that directory and tokenizes exactly as its own GGUF loader does."""
     from conftest import assert_tokenizer_built_without_torch
 
-    code = "import sys, nearswap.convert as c; c.convert(sys.argv[1], sys.argv[2])"
+    code = "import sys, nearswap.merging.convert as c; c.convert(sys.argv[1], sys.argv[2])"
     text = ("<|im_start|>user\nHello, world! Grüße aus Köln — 東京は晴れ。 Привет, мир. 12345 + 678 = 13023 "
             "   spaces\tand\ttabs 🙂 <|im_end|>\n<|endoftext|>don't we'll I'M")
     theirs = assert_tokenizer_built_without_torch([code, str(smollm2), str(tmp_path / "hf")], tmp_path / "hf", smollm2,
@@ -204,10 +204,9 @@ def test_eval_on_smollm2_equals_lm_evals_own_cli(smol_pair, tmp_path, monkeypatc
     import sys
 
     pytest.importorskip("lm_eval")
+    from conftest import CACHE
     from nearswap import judge
     from nearswap.judge import data, tasks
-
-    from conftest import CACHE
 
     try:
         data.prepare([s.task for s in tasks.select("quick")], cache=CACHE)

@@ -12,9 +12,11 @@ import pytest
 from safetensors.numpy import load_file
 
 import nearswap
-from nearswap import curve, engine, recipe, stream
 from nearswap.formats.safetensors import ShardedWriter
-from nearswap.stream import Settings
+from nearswap.measure import curve
+from nearswap.merging import engine, recipe
+from nearswap.runtime import stream
+from nearswap.runtime.stream import Settings
 
 PACKAGE = Path(nearswap.__file__).parent
 
@@ -116,7 +118,6 @@ def test_settings_are_checked():
 def test_library_calls_leave_process_settings_alone(make_quartet, tmp_path):
     """No process-wide side effects: the garbage collector stays on while a pass runs, the
     pyplot backend and rc settings are what they were after plotting."""
-    import gc
 
     matplotlib = pytest.importorskip("matplotlib")
     before = matplotlib.get_backend()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nearswap import sweep
+from nearswap.judge import sweep
 
 WORDS = {"the", "a", "cat", "sat", "on", "mat", "and", "then", "it", "slept", "by", "fire", "warm"}
 

@@ -23,9 +23,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import nearswap
-from nearswap.stream import Settings
 from conftest import random_model, write_model
 from killer import PRELUDE
+from nearswap.runtime.stream import Settings
 
 SHAPES = {f"model.layers.{i}.mlp.up_proj.weight": (48, 64) for i in range(8)}
 SHAPES["model.embed_tokens.weight"] = (100, 64)
@@ -263,7 +263,7 @@ def test_item9_what_verify_reads_from_the_report_is_bounded(inputs, tmp_path, ru
 
 def test_item10_a_gguf_output_is_verified_by_its_coded_bytes(tmp_path, run):
     gguf = pytest.importorskip("gguf")
-    from nearswap import checksums
+    from nearswap.core import checksums
     from test_gguf_merge import family
 
     paths, _, _ = family(tmp_path, gguf.GGMLQuantizationType.Q4_0, n=2)
@@ -502,7 +502,7 @@ def test_item20_messages_say_what_to_do(inputs, tmp_path, run, monkeypatch):
     assert "a bare number is a fraction: 50 is 5000%; for 50 percent write 50%" in line
     from collections import namedtuple
 
-    import nearswap.output as output
+    import nearswap.runtime.output as output
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(output.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**5, 10**5))

@@ -13,8 +13,8 @@ import pytest
 from safetensors import safe_open
 
 import nearswap
-from nearswap.stream import Settings
 from conftest import random_model, write_model
+from nearswap.runtime.stream import Settings
 
 SHAPES = {f"model.layers.{i}.mlp.up_proj.weight": (96, 128) for i in range(9)}
 SHAPES["model.embed_tokens.weight"] = (200, 128)

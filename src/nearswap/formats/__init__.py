@@ -10,9 +10,10 @@ import errno
 import os
 import re
 from pathlib import Path
+from typing import Collection
 
-from ..errors import NearswapError, shown
-from ..files import read_json_object
+from ..core.errors import NearswapError, shown
+from ..core.files import read_json_object
 from . import safetensors as st
 from .types import Model, TensorInfo, role
 
@@ -37,6 +38,8 @@ TOKENIZER_FILES = (
     "vocab.txt", "sentencepiece.bpe.model", "spiece.model", "spm.model", "bpe.codes", "qwen.tiktoken",
     "tokenizer.tiktoken",
 )
+# of those, the files that hold a vocabulary: a model directory with none has no tokenizer
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 MAX_SIDE_FILES = 10_000  # a model directory with more is not a model directory
 
 
@@ -54,7 +57,7 @@ def _allowed_root(directory: Path) -> Path:
     return d
 
 
-def side_files(directory: Path, skip: set[str] = frozenset()) -> tuple[list[tuple[str, Path]], list[str]]:
+def side_files(directory: Path, skip: Collection[str] = frozenset()) -> tuple[list[tuple[str, Path]], list[str]]:
     """The non-weight files of a model directory, as (relative path, file to read), and the
     relative paths left out because they are links leading outside the model, linked folders,
     or not regular files. ``skip``: relative paths not to take (say, tokenizer files from elsewhere)."""
@@ -131,16 +134,15 @@ def open_model(path: str | Path, label: str = "model", native: bool = False) -> 
     if suffix in PICKLE_SUFFIXES:
         raise NearswapError(f"{role(label)}: refusing {path}: {PICKLE_HINT}")
     if suffix == ".gguf":
-        from .gguf import open_gguf
-
-        from .gguf import write_side_files
+        from .gguf import open_gguf, write_side_files
 
         fmt, tensors, config, meta = open_gguf(path, label, native)
         if native:
             return Model(path, label, fmt, [path], tensors, None, {k: str(v) for k, v in meta.items()}, kind="gguf")
         vocabulary = meta.get("tokenizer.ggml.model")
+        hf_config = config or {}  # (a GGUF read under HF names always has one)
         return Model(path, label, fmt, [path], tensors, config, {k: str(v) for k, v in meta.items()},
-                     side_files=lambda dest, skip_tokenizer=False: write_side_files(path, config, dest, skip_tokenizer,
+                     side_files=lambda dest, skip_tokenizer=False: write_side_files(path, hf_config, dest, skip_tokenizer,
                                                                                     vocabulary), kind="gguf")
     if suffix != ".safetensors":
         raise NearswapError(f"{role(label)}: {path}: unknown model format {suffix or '(no suffix)'}; "

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from gguf import Keys
 
-from ..errors import NearswapError
+from ..core.errors import NearswapError
 
 # ---------------------------------------------------------------- HF tensor names
 
@@ -161,7 +161,7 @@ def short_name(gguf_name_: str) -> str:
 
 def unsupported(arch_name: object, what: str) -> NearswapError:
     """The one line for a GGUF architecture without a row, naming what does work."""
-    from ..errors import shown
+    from ..core.errors import shown
 
     return NearswapError(f"{what}: GGUF architecture {shown(arch_name)} has no HF mapping in nearswap "
                          f"(mapped: {', '.join(ARCHITECTURES)}); `nearswap inspect` reads any GGUF, and a merge of "

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from ..dtypes import BY_NAME, by_name
-from ..errors import NearswapError, shown
+from ..core.dtypes import BY_NAME, by_name
+from ..core.errors import NearswapError, shown
 from .types import Model, TensorInfo, role
 
 SCHEME = "synthetic:"
@@ -57,7 +57,7 @@ class Spec:
 
     @classmethod
     def parse(cls, text: str, label: str = "model") -> "Spec":
-        from ..shapes import SHAPES
+        from .shapes import SHAPES
 
         body = text[len(SCHEME):]
         shape, _, query = body.partition("?")
@@ -166,7 +166,7 @@ class GeneratedSource:
 
 
 def open_generated(text: str, label: str) -> Model:
-    from ..shapes import SHAPES, is_norm
+    from .shapes import SHAPES, is_norm
 
     spec = Spec.parse(text, label)
     shape, dtype = SHAPES[spec.shape], BY_NAME[spec.dtype]

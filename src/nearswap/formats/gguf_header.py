@@ -26,7 +26,7 @@ from typing import Any
 
 import gguf
 
-from ..errors import shown
+from ..core.errors import shown
 
 # fixed-size value types: struct format (little-endian) by GGUF value type
 SCALARS = {
@@ -162,7 +162,7 @@ def read_header(path: str | Path, arrays: tuple[str, ...] = ()) -> GGUFHeader:
     """Parse a GGUF file's header. Raises ``HeaderError`` (or ``NearswapError`` for a file that
     is not a regular file, ``OSError`` for a failed read) on a bad file. Metadata arrays whose
     key starts with one of ``arrays`` are read into ``GGUFHeader.arrays``; the rest are skipped."""
-    from ..files import open_regular
+    from ..core.files import open_regular
 
     fd = open_regular(path)
     try:

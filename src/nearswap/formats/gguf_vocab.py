@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import NearswapError
+from ..core.errors import NearswapError
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
 
@@ -97,7 +97,14 @@ def _post_processor(config: dict[str, Any], vocab: dict[str, int]) -> Any:
 def build_sentencepiece(metadata: dict[str, Any], arrays: dict[str, list[Any]]) -> tuple[str, dict[str, Any], str | None]:
     """(tokenizer.json text, tokenizer_config.json data, chat template or None) for a
     SentencePiece-style vocabulary (``tokenizer.ggml.model == "llama"``)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
 
     tokens = list(arrays.get("tokenizer.ggml.tokens") or [])
     if not tokens:
@@ -108,7 +115,7 @@ def build_sentencepiece(metadata: dict[str, Any], arrays: dict[str, list[Any]]) 
         tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
     vocab = {t: i for i, t in enumerate(tokens)}
     if gemma:  # Gemma's scores do not follow its merge order; the file order does
-        ranks = {t: -i for i, t in enumerate(tokens)}
+        ranks: dict[str, float] = {t: float(-i) for i, t in enumerate(tokens)}
     else:
         scores = arrays.get("tokenizer.ggml.scores")
         if not scores or len(scores) != len(tokens):
@@ -141,7 +148,15 @@ def build_sentencepiece(metadata: dict[str, Any], arrays: dict[str, list[Any]]) 
 def build(metadata: dict[str, Any], arrays: dict[str, list[Any]]) -> tuple[str, dict[str, Any], str | None]:
     """(tokenizer.json text, tokenizer_config.json data, chat template or None) for a byte-level
     BPE vocabulary; ``metadata`` and ``arrays`` as ``gguf_header.read_header`` gives them."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     tokens = arrays.get("tokenizer.ggml.tokens")
     if not tokens:
@@ -150,11 +165,11 @@ def build(metadata: dict[str, Any], arrays: dict[str, list[Any]]) -> tuple[str, 
     merges = [tuple(m.split(" ", 1)) for m in arrays.get("tokenizer.ggml.merges") or []]
     spelling = bytes_to_unicode()
     alphabet = set(spelling.values())
-    vocab = {}
+    vocab: dict[str, int] = {}
     for i, t in enumerate(tokens):
         vocab.setdefault(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")), i)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    split = SPLITS.get(metadata.get("tokenizer.ggml.pre"))
+    split = SPLITS.get(str(metadata.get("tokenizer.ggml.pre")))
     tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
                          if split else pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True))
@@ -189,7 +204,7 @@ def write(path: Path, dest: Path) -> list[str]:
     import tempfile
 
     from .._version import __version__
-    from ..fetch import cache_dir
+    from ..core.paths import cache_dir
 
     st = path.stat()
     key = hashlib.sha256(f"{__version__}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]

@@ -21,12 +21,12 @@ import functools
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ..errors import NearswapError, WriteFailed
+from ..core.errors import NearswapError, WriteFailed
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +108,7 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return out
 
 
-def metadata_of(path: Path, drop: tuple[str, ...] = (), prefix: str = "") -> tuple[str, list[tuple[str, Any, Any, Any]]]:
+def metadata_of(path: Path, drop: tuple[str, ...] = (), prefix: str = "") -> tuple[Any, list[tuple[str, Any, Any, Any]]]:
     """The architecture and the metadata values of the GGUF at ``path`` whose key starts with
     ``prefix`` (all by default; arrays included, read by the bounded header reader) as (key,
     value, type, item type), but ``drop``."""
@@ -118,6 +118,25 @@ def metadata_of(path: Path, drop: tuple[str, ...] = (), prefix: str = "") -> tup
     kv = [(key, header.arrays[key] if key in header.arrays else header.metadata[key], vtype, item)
           for key, (vtype, item) in header.types.items() if key.startswith(prefix) and key not in drop]
     return header.metadata.get("general.architecture"), kv
+
+
+def tensor_type(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """The one rule for the GGML type of a tensor written when ``qtype`` is asked for (a merge
+    into .gguf and ``export`` alike), as llama.cpp's quantizer has it: vectors in F32, matrices
+    and stacks of them (3-D expert tensors) in ``qtype`` where their rows fill whole blocks,
+    else F16."""
+    if len(shape) < 2:
+        return GGMLQuantizationType.F32
+    return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else GGMLQuantizationType.F16
+
+
+def file_type(qtype: GGMLQuantizationType) -> int | None:
+    """``general.file_type`` of a file whose matrices are ``qtype`` (llama.cpp's ``LlamaFileType``),
+    or None for a type that has no file type of its own."""
+    from gguf import LlamaFileType
+
+    found = getattr(LlamaFileType, "ALL_F32" if qtype == GGMLQuantizationType.F32 else f"MOSTLY_{qtype.name}", None)
+    return int(found) if found is not None else None
 
 
 def coded_bytes(numel: int, qtype: GGMLQuantizationType) -> int:
@@ -208,7 +227,7 @@ class GGUFStreamWriter:
         digest of each tensor's chunk CRCs (of the coded bytes), in file order. Returns it."""
         import json
 
-        from .. import checksums
+        from ..core import checksums
 
         order = sorted(self.tensors, key=lambda name: self.tensors[name][0])
         value = {"method": checksums.METHOD, "chunk": chunk, "header": checksums.crc(self.header),
@@ -228,13 +247,13 @@ class GGUFStreamWriter:
 
     def write_coded(self, name: str, start: int, data: Any) -> tuple[int, np.ndarray, GGMLQuantizationType]:
         """``write``, returning also the coded values as stored (a flat array) and their type."""
-        from .. import checksums
+        from ..core import checksums
 
         offset, qtype = self.tensors[name]
         values = np.frombuffer(data, np.float32)
         block, size = GGML_QUANT_SIZES[qtype]
         stored = quantize(values, qtype)
-        coded = memoryview(stored).cast("B")
+        coded = memoryview(cast(Any, stored)).cast("B")
         try:
             os.pwrite(self.fd, coded, offset + start // block * size)
         except OSError as e:

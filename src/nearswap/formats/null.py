@@ -12,8 +12,8 @@ import math
 import threading
 from typing import Any
 
-from ..dtypes import DType
-from ..errors import NearswapError, shown
+from ..core.dtypes import DType
+from ..core.errors import NearswapError, shown
 
 NAME = "null:"
 
@@ -30,7 +30,7 @@ class NullWriter:
         self.total_size = sum(self._sizes.values())
 
     def write(self, name: str, start: int, data: Any) -> int:
-        from .. import checksums
+        from ..core import checksums
 
         n = memoryview(data).nbytes
         with self._lock:

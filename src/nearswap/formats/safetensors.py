@@ -23,14 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from ..dtypes import BY_NAME, DType
-from ..errors import NearswapError, WriteFailed, shown
-from ..files import open_regular, parse_json
+from ..core.dtypes import BY_NAME, DType
+from ..core.errors import NearswapError, WriteFailed, shown
+from ..core.files import open_regular, parse_json
 from .types import TensorInfo
 
 _FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 MAX_HEADER = 100 * 1024 * 1024  # same limit as the safetensors library
 MAX_TENSORS = 1 << 17  # per file: a 70B shard holds ~100, the largest MoE checkpoints a few thousand
@@ -205,7 +205,7 @@ class FileReader:
     def read(self, info: TensorInfo, start: int, out: Any) -> Any:
         """Fill ``out`` (a 1-D numpy array of ``info.dtype``, or a byte buffer holding whole
         elements) with the elements from ``start`` on; returns ``out``."""
-        if getattr(info.source, "fileless", False):  # generated on the fly
+        if info.source is not None and getattr(info.source, "fileless", False):  # generated on the fly
             return info.source.read(-1, info, start, out)
         fd = self._fd(info)
         if info.source is not None:
@@ -447,14 +447,14 @@ class ShardedWriter:
 
     def header_crcs(self) -> dict[str, int]:
         """Each shard's CRC-32C of its header (the bytes ``close`` writes before the data)."""
-        from .. import checksums
+        from ..core import checksums
 
         return {path.name: checksums.crc(header) for _, header, path in self.headers}
 
     def write(self, name: str, start: int, data: Any) -> int:
         """Write ``data`` (a 1-D array of the tensor's dtype, or its bytes) at element ``start``;
         returns the CRC-32C of the bytes written."""
-        from .. import checksums
+        from ..core import checksums
 
         fd, offset, dtype, path = self.places[name]
         fd = self._fd(fd, path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from ..dtypes import DType
+from ..core.dtypes import DType
 
 
 class Source(Protocol):

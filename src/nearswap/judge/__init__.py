@@ -22,22 +22,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import NearswapError
+from ..core.errors import NearswapError
+from .models import require
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
-
-
-def require() -> None:
-    """The judge extra, or one line saying how to install it."""
-    missing = []
-    for module in ("torch", "transformers", "lm_eval"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
-    if missing:
-        raise NearswapError(f"nearswap eval needs the judge extra ({', '.join(missing)} missing): "
-                            "pip install 'nearswap[judge]' (torch==2.13.0 is the CPU build)")
 
 
 def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick", limit: int | None = None,
@@ -50,8 +38,10 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     comma-separated ("" for none); ``limit``: the first N items of every task (default: the
     quick preset's fixed limit for ``quick``, else all); ``ray_address``: one model per task on
     that Ray cluster (``run.run_models_ray``) instead of one after another here."""
-    from ..output import check_replaceable
-    from . import data, models as loader, tasks as task_table
+    from ..runtime.output import check_replaceable
+    from . import data
+    from . import models as loader
+    from . import tasks as task_table
 
     started = time.perf_counter()
     if not models:
@@ -74,9 +64,10 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     require()
     candidates = loader.check(list(models))
     data.prepare([s.task for s in selected], echo=echo)  # (only what is not prepared yet)
-    from ..engine import check_output_not_input
-    from ..output import atomic_directory
-    from . import harness, report as reports
+    from ..merging.engine import check_output_not_input
+    from ..runtime.output import atomic_directory
+    from . import harness
+    from . import report as reports
     from .run import run_models, run_models_ray
 
     with atomic_directory(out, force) as tmp:
@@ -94,12 +85,12 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
 
 
 def _fixed_text() -> str:
-    from ..evaluate import fixed_text
+    from .quick import fixed_text
 
     return fixed_text()
 
 
 def _read_text(path: str | Path) -> str:
-    from ..files import read_text
+    from ..core.files import read_text
 
     return read_text(path, "--drift-text", 16 << 20)

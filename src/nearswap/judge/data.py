@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import NearswapError
-from ..fetch import cache_dir
+from ..core.errors import NearswapError
+from ..core.paths import cache_dir
 from .tasks import BIGBENCH, OLMO, Split, Task
 
 

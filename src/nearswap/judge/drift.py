@@ -7,7 +7,7 @@ token first (top-1 agreement), and each model's perplexity. At the soft t of the
 merge's benchmark scores hardly move, but its distributions do: this is the most sensitive
 signal nearswap has, and the one ``sweep`` uses.
 
-The text is fixed and shipped (public domain; see ``nearswap.evaluate.fixed_text``), so the
+The text is fixed and shipped (public domain; see ``nearswap.judge.quick.fixed_text``), so the
 figures compare across runs and machines; ``--drift-text FILE`` takes another.
 """
 

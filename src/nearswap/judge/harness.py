@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import NearswapError
+from ..core.errors import NearswapError
 from . import data
 from .tasks import Selected, Task
 

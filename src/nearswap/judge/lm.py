@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable
 
-from ..errors import NearswapError
+from ..core.errors import NearswapError
 
 TOKENS_PER_BATCH = 4096  # padded tokens in one forward pass
 LOGITS_BYTES = 256 << 20  # the needed logits of one batch

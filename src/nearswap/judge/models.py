@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..errors import NearswapError
-from ..fetch import cache_dir
-from ..files import read_json_shallow
-from ..formats import open_model
+from ..core.errors import NearswapError
+from ..core.files import read_json_shallow
+from ..core.paths import cache_dir
+from ..formats import VOCABULARY_FILES, open_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -54,8 +53,8 @@ def check(paths: list[str | Path], labels: list[str] | None = None) -> list[Cand
         if path.is_dir():
             if model.config is None:
                 raise NearswapError(f"{label}: {path} has no config.json; transformers cannot build the model")
-            if not any((path / f).exists() for f in TOKENIZER_FILES):
-                raise NearswapError(f"{label}: {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy "
+            if not any((path / f).exists() for f in VOCABULARY_FILES):
+                raise NearswapError(f"{label}: {path} has no tokenizer (none of {', '.join(VOCABULARY_FILES)}); copy "
                                     "the base model's tokenizer files into it (a nearswap merge does this itself)")
             for name in JSON_FILES:  # parsed again by transformers and tokenizers, whose parsers recurse
                 if os.path.lexists(path / name):
@@ -72,7 +71,7 @@ def hf_directory(candidate: Candidate, echo: Callable[[str], None] = lambda s: N
     """The HF directory to load: the model's own, or its GGUF converted once into the cache."""
     if candidate.hf_dir is not None:
         return candidate.hf_dir
-    from ..convert import convert
+    from ..merging.convert import convert
 
     st = candidate.given.stat()
     key = hashlib.sha256(f"{candidate.given.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -80,7 +79,7 @@ def hf_directory(candidate: Candidate, echo: Callable[[str], None] = lambda s: N
     if not (target / "config.json").exists():
         echo(f"converting {candidate.given.name} to an HF checkpoint for transformers (once, cached in {target.parent})")
         convert(candidate.given, target, force=True)
-    if not any((target / f).exists() for f in TOKENIZER_FILES):
+    if not any((target / f).exists() for f in VOCABULARY_FILES):
         raise NearswapError(f"{candidate.given}: its GGUF vocabulary could not be turned into a tokenizer by transformers; "
                             "evaluate its HF twin instead")
     candidate.hf_dir = target
@@ -120,5 +119,14 @@ def load(path: Path, threads: int | None = None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def require() -> None:
+    """The judge extra, or one line saying how to install it."""
+    missing = []
+    for module in ("torch", "transformers", "lm_eval"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise NearswapError(f"nearswap eval needs the judge extra ({', '.join(missing)} missing): "
+                            "pip install 'nearswap[judge]' (torch==2.13.0 is the CPU build)")

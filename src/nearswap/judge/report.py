@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .. import plots
 from .._version import __version__
-from ..markup import md
-from ..provenance import identity
+from ..core import plots
+from ..core.markup import md
+from ..formats.identity import identity
 from . import stats
 from .tasks import Selected
 

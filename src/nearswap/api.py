@@ -1,0 +1,55 @@
+"""The library's front door: what ``nearswap.merge`` and the ``nearswap merge`` command run.
+
+``merge`` builds the recipe from its arguments (``merging.recipe.build``, the one recipe builder)
+and ``run_recipe`` runs one: the merge into a directory, a .gguf file or ``null:``, and the
+model card written into a directory output (``ship.card.merge``), as the command line does.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .core.errors import NearswapError, NearswapWarning
+
+
+def merge(base: Any, secondaries: Any = (), t: Any = None, out: Any = None, **options: Any) -> dict:
+    """Merge ``base`` with each of ``secondaries`` in turn by NearSwap; write an HF checkpoint to ``out``.
+
+    ``t`` is one threshold or a list with one per secondary. ``base`` may instead be a
+    ``Recipe`` (then ``secondaries`` and ``t`` are unused; recipe fields given set its own, with
+    a warning for each value they change, as the command line does). Options: ``dtype``,
+    ``shard_size``, ``tokenizer_source``, ``carry_float32``, ``allow_nonfinite`` (recipe
+    fields) and ``force``, ``threads`` or ``settings`` (a ``stream.Settings``: chunk size and
+    threads), ``ray_address`` (run on a Ray cluster: ``HOST:PORT``, ``auto`` or ``local``),
+    ``progress`` (run settings), ``resume`` (``auto``: continue an earlier, killed run of
+    the same merge into ``out``; ``restart``; ``never``). An ``out`` ending in
+    ``.gguf`` merges GGUF inputs of one architecture into a GGUF file, ``gguf_type`` giving
+    its tensor type (default ``like-base``). Returns the report.
+
+    >>> nearswap.merge("base/", ["s1/", "s2/"], t=1e-4, out="merged/")  # doctest: +SKIP
+    """
+    from .merging import recipe
+
+    run_keys = {"force", "threads", "settings", "progress", "on_plan", "gguf_type", "ray_address", "resume"}
+    run = {k: v for k, v in options.items() if k in run_keys}
+    fields = {k: v for k, v in options.items() if k not in run_keys}
+    if isinstance(base, recipe.Recipe):
+        rec, said = recipe.with_fields(base, fields)
+        for sentence in said:
+            warnings.warn(sentence, NearswapWarning, stacklevel=2)
+    else:
+        rec = recipe.from_inputs(base, secondaries, t, fields)
+    if out is None:
+        raise NearswapError("merge() needs out=, the output directory")
+    return run_recipe(rec, out, **run)
+
+
+def run_recipe(rec: Any, out: str | Path, gguf_type: str | None = None, **run: Any) -> dict:
+    """Run the recipe ``rec`` into ``out`` (a directory, a ``.gguf`` file or ``null:``), the
+    card included; ``run``: ``force``, ``threads``, ``settings``, ``progress``, ``on_plan``,
+    ``ray_address``, ``resume``. Returns the report."""
+    from .ship.card import merge as published
+
+    return published(rec, out, gguf_type, **run)
