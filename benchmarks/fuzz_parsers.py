@@ -9,24 +9,19 @@ reference library, within 2 s and 64 MB allocated. Prints per parser how many we
 how many refused, and the time taken.
 """
 
-import argparse
 import sys
 
-from fuzz_run import run
+import fuzz_run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--examples", type=int, default=10_000)
-    args = ap.parse_args()
-    rc, seconds, module = run("test_fuzz", "NEARSWAP_FUZZ_EXAMPLES", args.examples)
+    rc, module = fuzz_run.main(__doc__, "examples", 10_000, "test_fuzz", "NEARSWAP_FUZZ_EXAMPLES")
     outcomes = module.OUTCOMES
-    print(f"\n{args.examples} examples per test, {seconds:.0f} s, pytest exit {int(rc)}")
     print("| parser | cases | read | refused in one line |")
     print("|---|---:|---:|---:|")
     for parser, counts in outcomes.items():
         print(f"| {parser} | {counts['read'] + counts['refused']:,} | {counts['read']:,} | {counts['refused']:,} |")
-    sys.exit(int(rc))
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -7,25 +7,20 @@ and the merge run again: each run must give the fresh merge's bytes or refuse in
 finished output is altered N times: verify must find each alteration. Prints the outcomes.
 """
 
-import argparse
 import sys
 
-from fuzz_run import run
+import fuzz_run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", type=int, default=2500)
-    args = ap.parse_args()
-    rc, seconds, module = run("test_fuzz_resume", "NEARSWAP_FUZZ_CASES", args.cases)
+    rc, module = fuzz_run.main(__doc__, "cases", 2500, "test_fuzz_resume", "NEARSWAP_FUZZ_CASES")
     outcomes = module.OUTCOMES
-    print(f"\n{args.cases} cases per test, {seconds:.0f} s, pytest exit {int(rc)}")
     print("| what | outcome | cases |")
     print("|---|---|---:|")
     for kind, counts in outcomes.items():
         for outcome, n in sorted(counts.items()):
             print(f"| {kind} | {outcome} | {n:,} |")
-    sys.exit(int(rc))
+    sys.exit(rc)
 
 
 if __name__ == "__main__":
