@@ -353,3 +353,12 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "nearswap", "inspect", "synthetic:miqu-70b", "--tensors"],
                               stdout=full, stderr=subprocess.PIPE)
     assert proc.returncode == 1 and b"No space left on device" in proc.stderr
+
+
+def test_silent_choices_are_refused(make_quartet, tmp_path, run):
+    """A recipe key given twice (YAML keeps the last, silently) and -t 1_0 (Python reads 10)."""
+    paths, _ = make_quartet(n=1)
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text(f"base: {paths[0]}\nbase: {paths[1]}\nsteps:\n  - model: {paths[1]}\n    t: 1e-4\n")
+    assert_refused(run("merge", recipe, "-o", tmp_path / "out"), "'base' is given twice (line 2)", tmp_path=tmp_path)
+    assert_refused(run("merge", *paths, "-t", "1_0", "-o", tmp_path / "out"), "takes numbers", tmp_path=tmp_path)

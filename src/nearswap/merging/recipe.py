@@ -330,6 +330,17 @@ def _bounded_loader() -> type:
             finally:
                 self.depth -= 1
 
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            """A key given twice is refused (YAML loaders otherwise keep the last, silently)."""
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.YAMLError(f"{shown(key)} is given twice (line {key_node.start_mark.line + 1}); "
+                                         "keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     return Loader
 
 
