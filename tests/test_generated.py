@@ -176,3 +176,21 @@ def test_a_log_gets_the_plan_of_a_big_merge_and_one_eta_line(run, monkeypatch):
     assert eta.startswith("merging: ") and "GB/s over the first 0 s; about " in eta
     quiet = run("merge", "synthetic:demo", "synthetic:demo?seed=1", "-t", 1e-4, "-o", "null:", "-q")
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_the_demos_secondaries_are_titled_by_their_names_and_readable_as_any_new_file(tmp_path):
+    """Derived in a hidden partial directory and renamed into place: the card says `# s1`, not the
+    partial's name, and the weights follow the umask as the other files do (safetensors wrote 0600)."""
+    import os
+
+    from conftest import random_model, write_model
+    from nearswap.demo import walkthrough
+
+    base = write_model(tmp_path / "base", random_model(0, "f32"))
+    secondaries = walkthrough._secondaries(base, tmp_path / "work", lambda m: None)
+    mask = os.umask(0)
+    os.umask(mask)
+    for sec in secondaries:
+        assert (sec / "README.md").read_text().split("\n---\n", 1)[1].startswith(f"# {sec.name}\n")
+        for f in sec.iterdir():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f

@@ -10,6 +10,7 @@ pass at t = 0.0001 in float32 -- the model card's figure. Files are written with
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,9 @@ def _write(directory: Path, arrays: dict[str, np.ndarray], shards: int, config: 
     for group, fname in zip(groups, files):
         save_file({names[i]: arrays[names[i]] for i in group}, str(directory / fname),
                   metadata={"format": "pt", "nearswap_version": __version__})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(directory / fname, 0o666 & ~mask)  # (safetensors writes 0600) as any new file
         weight_map.update({names[i]: fname for i in group})
     if len(files) > 1:
         total = int(sizes[-1])
@@ -89,12 +93,13 @@ NOISE_CHUNK = 1 << 20  # elements of noise drawn at once
 
 
 def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.0125, seed: int = 1,
-                   shards: int = 1, dtype: str | None = None) -> Path:
+                   shards: int = 1, dtype: str | None = None, title: str | None = None) -> Path:
     """Write ``base`` + Laplace(``scale``) noise on every non-norm weight to ``directory``.
 
     ``base`` is any model nearswap opens (HF directory, safetensors or GGUF file); the
     secondary is an HF directory with the base's dtypes (float32 for a GGUF base) unless
-    ``dtype`` says otherwise.
+    ``dtype`` says otherwise. ``title``: the card's title (default: the directory's name; give
+    the final name when writing into a partial directory).
     """
     rng = np.random.default_rng(seed)
 
@@ -110,15 +115,16 @@ def make_secondary(base: str | Path, directory: str | Path, scale: float = 0.012
 
     _rewrite(base, directory, noised, dtype, shards)
     _derived_card(base, Path(directory), f"`{Path(base).name}` plus Laplace noise of scale {scale} (seed {seed}) on "
-                  "every weight but the norms: a synthetic stand-in for a fine-tune of it")
+                  "every weight but the norms: a synthetic stand-in for a fine-tune of it", title)
     return Path(directory)
 
 
-def _derived_card(base: str | Path, directory: Path, how: str) -> None:
+def _derived_card(base: str | Path, directory: Path, how: str, title: str | None = None) -> None:
     """A model card for a model derived from ``base``: what it is, and the base's license
     (noise does not change whose weights they are)."""
     import yaml
 
+    from ..core.markup import md
     from ..ship.provenance import hub_license, origin_of
 
     origin = origin_of(base)
@@ -128,7 +134,7 @@ def _derived_card(base: str | Path, directory: Path, how: str) -> None:
         if name:
             meta["license_name"] = name
     (directory / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
-                                         f"# {directory.name}\n\n{how}.\n")
+                                         f"# {md(title or directory.name)}\n\n{how}.\n")
 
 
 def make_secondary_gguf(base: str | Path, path: str | Path, scale: float = 0.0125, seed: int = 1) -> Path:

@@ -49,7 +49,7 @@ def _secondaries(base: Path, workdir: Path, echo: Callable[[str], None]) -> list
         sec = workdir / f"s{i}"
         if not (sec / "config.json").exists():
             echo(f"deriving secondary s{i}: base + Laplace noise (scale {NOISE}) on every non-norm weight")
-            _atomic(sec, lambda d, i=i: synthetic.make_secondary(base, d, NOISE, seed=i))
+            _atomic(sec, lambda d, i=i, name=sec.name: synthetic.make_secondary(base, d, NOISE, seed=i, title=name))
         out.append(sec)
     return out
 
