@@ -36,8 +36,9 @@ class Candidate:
     model: Any = None  # the opened header (formats.Model): its files must not be overwritten by the report
 
 
-def check(paths: list[str | Path], labels: list[str] | None = None) -> list[Candidate]:
-    """Open every model's header (no weights) and refuse what cannot be evaluated."""
+def check(paths: list[str | Path], labels: list[str] | None = None, tokenizer: bool = True) -> list[Candidate]:
+    """Open every model's header (no weights) and refuse what cannot be evaluated; without
+    ``tokenizer``, a directory may lack tokenizer files (it is read with another model's)."""
     out = []
     names: dict[str, int] = {}
     for i, p in enumerate(paths):
@@ -53,7 +54,7 @@ def check(paths: list[str | Path], labels: list[str] | None = None) -> list[Cand
         if path.is_dir():
             if model.config is None:
                 raise NearswapError(f"{label}: {path} has no config.json; transformers cannot build the model")
-            if not any((path / f).exists() for f in VOCABULARY_FILES):
+            if tokenizer and not any((path / f).exists() for f in VOCABULARY_FILES):
                 raise NearswapError(f"{label}: {path} has no tokenizer (none of {', '.join(VOCABULARY_FILES)}); copy "
                                     "the base model's tokenizer files into it (a nearswap merge does this itself)")
             for name in JSON_FILES:  # parsed again by transformers and tokenizers, whose parsers recurse

@@ -159,10 +159,15 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
     steps = [{"model": str(s), "t": ts[0]} for s in secondaries]
     plan_ = engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep"))  # preflight first
     base_model = plan_.base
+    # everything that can be checked, before the first minute of work: each model as the judge
+    # reads it (a secondary without tokenizer files is read with the base's, as a merge takes them)
+    base_candidate = loader.check([base], ["base"])[0]
+    sec_candidates = loader.check(list(secondaries), [f"secondary {i}" for i in range(1, len(secondaries) + 1)],
+                                  tokenizer=False)
     with atomic_directory(out, force) as tmp:
         engine.check_output_not_input(Path(out), [plan_.base, *plan_.secondaries])
         # a GGUF base is evaluated through its HF conversion, cached outside the output
-        base_hf = loader.hf_directory(loader.check([base])[0], echo)
+        base_hf = loader.hf_directory(base_candidate, echo)
         if selected:
             harness.write_configs(selected, tmp / "tasks", limit)
         echo("judging the base model")
@@ -172,7 +177,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
         sec_rows = []  # each secondary itself: where a large t ends (at t >= every |difference| the merge is it)
         for i, sec in enumerate(secondaries, 1):
             echo(f"judging secondary {i}")
-            sec_hf = loader.hf_directory(loader.check([sec])[0], echo)
+            sec_hf = loader.hf_directory(sec_candidates[i - 1], echo)
             sec_rows.append({"label": f"s{i}", "model": str(sec),
                              **judge(sec_hf, base_hf, base_hf, selected=selected, config_dir=tmp / "tasks", limit=limit)})
         jobs = jobs or _default_jobs(base_model.nbytes, len(ts))
