@@ -362,3 +362,29 @@ def test_silent_choices_are_refused(make_quartet, tmp_path, run):
     recipe.write_text(f"base: {paths[0]}\nbase: {paths[1]}\nsteps:\n  - model: {paths[1]}\n    t: 1e-4\n")
     assert_refused(run("merge", recipe, "-o", tmp_path / "out"), "'base' is given twice (line 2)", tmp_path=tmp_path)
     assert_refused(run("merge", *paths, "-t", "1_0", "-o", tmp_path / "out"), "takes numbers", tmp_path=tmp_path)
+
+
+def _options_of(command):
+    return [{"name": p.name, "opts": list(p.opts) + list(p.secondary_opts),
+             "type": getattr(p.type, "name", type(p.type).__name__), "default": repr(p.default),
+             "flag": getattr(p, "is_flag", False), "multiple": p.multiple, "required": p.required,
+             "help": getattr(p, "help", None), "flag_value": repr(getattr(p, "flag_value", None))}
+            for p in command.params]
+
+
+def test_every_command_keeps_its_options_and_shared_options_are_declared_once():
+    """`nearswap COMMAND --help` lists what it listed before the shared options were declared once
+    (tests/cli_options.json: recorded from the command line as it was), and cli.py declares each
+    shared option in one place."""
+    import json
+    from pathlib import Path
+
+    from nearswap.cli import cli
+
+    recorded = json.loads((Path(__file__).parent / "cli_options.json").read_text())
+    now = {name: _options_of(cmd) for name, cmd in sorted(cli.commands.items())}
+    now["(group)"] = _options_of(cli)
+    assert now == recorded
+    source = (Path(__file__).parent.parent / "src" / "nearswap" / "cli.py").read_text()
+    for option in ('"--threads"', '"--force"', '"-q"', '"--ray"', '"--restart"', '"--no-resume"', '"--json"'):
+        assert source.count(option) == 1, option

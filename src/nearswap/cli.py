@@ -172,6 +172,23 @@ def quiet_option(help: str = "No progress bar."):
     return click.option("-q", "--quiet", is_flag=True, help=help)
 
 
+def force_option(help: str = "Replace an existing output (only once the new one is complete)."):
+    return click.option("--force", is_flag=True, help=help)
+
+
+def resume_options(command):
+    """``--restart`` and ``--no-resume``, the same on every command whose output resumes."""
+    command = click.option("--no-resume", is_flag=True, help="Neither continue an earlier run nor keep this run's "
+                           "partial output when writing fails.")(command)
+    return click.option("--restart", is_flag=True, help="Discard the unfinished output of an earlier, killed run "
+                        "into OUT instead of continuing it.")(command)
+
+
+def ray_option(help: str):
+    return click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+                        help=help)
+
+
 def _parse_ts(text: "str | tuple[str, ...]", check: bool = True) -> list[float]:
     """Thresholds from -t/--t values (each a number or a comma-separated list), at least one;
     with ``check``, finite numbers >= 0 (``merge`` leaves that to the recipe builder, which
@@ -275,17 +292,13 @@ def _resume_mode(restart: bool, no_resume: bool) -> str:
 @click.option("--tokenizer-source", help="Model directory to take tokenizer files from (default: the base).")
 @click.option("--carry-float32", is_flag=True, help="Keep float32 between steps instead of rounding after each.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge NaN/inf weights by the formula instead of refusing.")
-@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
-@click.option("--restart", is_flag=True, help="Discard the unfinished output of an earlier, killed run into OUT "
-              "instead of continuing it.")
-@click.option("--no-resume", is_flag=True, help="Neither continue an earlier run nor keep this run's partial output "
-              "when writing fails.")
-@click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
-              help="Run on a Ray cluster: HOST:PORT, auto (this machine's `ray start` cluster; the default "
-                   "when --ray is given alone) or local (a private Ray for this run). Needs the ray extra.")
-@click.option("--json", "as_json", is_flag=True, help="Print the merge report as JSON.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@force_option()
+@resume_options
+@threads_option()
+@ray_option("Run on a Ray cluster: HOST:PORT, auto (this machine's `ray start` cluster; the default "
+           "when --ray is given alone) or local (a private Ray for this run). Needs the ray extra.")
+@json_option("Print the merge report as JSON.")
+@quiet_option()
 def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, tokenizer_source, carry_float32, allow_nonfinite,
           force, restart, no_resume, threads, ray_address, as_json, quiet):
     """Merge BASE SECONDARY [SECONDARY ...] (or one RECIPE.yaml) sequentially by NearSwap.
@@ -364,13 +377,10 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (HF format).")
 @click.option("--dtype", help="Cast floating tensors (bfloat16, float16, float32). Default: keep (F32 for GGUF).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
-@click.option("--restart", is_flag=True, help="Discard the unfinished output of an earlier, killed run into OUT "
-              "instead of continuing it.")
-@click.option("--no-resume", is_flag=True, help="Neither continue an earlier run nor keep this run's partial output "
-              "when writing fails.")
-@click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@force_option()
+@resume_options
+@threads_option()
+@quiet_option()
 @json_option("Print the conversion report as JSON.")
 def convert(model, out, dtype, shard_size, force, restart, no_resume, threads, quiet, as_json):
     """Rewrite MODEL (GGUF, safetensors, HF dir) as an HF checkpoint: safetensors, config, tokenizer."""
@@ -408,8 +418,8 @@ def convert(model, out, dtype, shard_size, force, restart, no_resume, threads, q
 @click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path),
               help="GGUF: an importance matrix (nearswap imatrix) for llama.cpp's llama-quantize (on PATH).")
 @click.option("--vocab-from", type=click.Path(path_type=Path), help="A GGUF whose vocabulary to embed.")
-@click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@force_option()
+@quiet_option()
 @threads_option("Threads for llama.cpp's quantizer (K-quants; default: all cores).")
 @json_option("Print what was written as JSON.")
 def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, samples, seq_len, imatrix_file,
@@ -469,7 +479,7 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
 @click.option("--chunk-tokens", type=click.IntRange(8), default=512, show_default=True,
               help="Tokens per forward pass (llama-imatrix's -c).")
 @click.option("--chunks", type=click.IntRange(1), help="At most this many chunks (default: all the text holds).")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@force_option("Replace an existing output.")
 @threads_option("Threads for torch (default: all cores).")
 @quiet_option()
 @json_option("Print what was written as JSON.")
@@ -500,9 +510,9 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
 @t_option("1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2", "Thresholds to count exactly (comma-separated, or repeat -t).")
 @click.option("--plot", "plot_dir", type=click.Path(path_type=Path), help="Write curve and heatmap (PNG, SVG) here.")
 @click.option("--at", type=float, help="t of the layer x kind heatmap (default: the first --t).")
-@click.option("--threads", type=click.IntRange(1, 256), help="Worker threads (default: all cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print the counts and the curve as JSON.")
-@click.option("--force", is_flag=True, help="Replace an existing --plot directory (once the new one is complete).")
+@threads_option()
+@json_option("Print the counts and the curve as JSON.")
+@force_option("Replace an existing --plot directory (once the new one is complete).")
 @click.option("--swap-share", help="Instead of the table: for each step, the t at which this share of the weights "
               "swaps (e.g. 0.8%), found exactly (two reading passes per step), as merge --swap-share picks it.")
 @click.option("--sample", type=click.FloatRange(0, 1, min_open=True),
@@ -512,7 +522,7 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
 @click.option("--exact", is_flag=True, help="Count every element, however large the inputs.")
 @click.option("--dtype", help="The merge's output dtype, as merge --dtype (steps 2+ start from the result stored in "
               "it). Default: each base tensor's own.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample, exact, dtype, quiet):
     """Swap share of BASE SECONDARY [SECONDARY ...] at any t, from one read, without merging.
 
@@ -574,12 +584,11 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory for the table and plot.")
 @click.option("--keep", is_flag=True, help="Keep the merged models (under OUT/models/).")
 @click.option("--jobs", type=click.IntRange(1, 64), help="Parallel t values (default: by cores and memory).")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@force_option("Replace an existing output directory.")
 @click.option("--tasks", default="arc_easy:0,hellaswag:0", show_default=True,
               help="Benchmark tasks each merge is compared with the base on ('none' to skip).")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="Items per task.")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
-              help="One t per task on a Ray cluster (HOST:PORT, auto or local); OUT on storage every node sees.")
+@ray_option("One t per task on a Ray cluster (HOST:PORT, auto or local); OUT on storage every node sees.")
 @threads_option("CPU threads per t value (default: 1; --jobs of them run at once).")
 @json_option("Print the sweep (sweep.json) instead of the table.")
 @quiet_option("No progress messages.")
@@ -639,13 +648,12 @@ class _Phases:
 @click.option("--no-writing", is_flag=True, help="Skip the stories and their scores.")
 @click.option("--cliches", type=click.Path(path_type=Path), help="Phrase list for the cliché rate (one phrase per line).")
 @click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the KL divergence (default: the shipped one).")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
-              help="One model per task on a Ray cluster (HOST:PORT, auto or local); the models, the cache and OUT "
-                   "on storage every node sees.")
-@click.option("--threads", type=click.IntRange(1, 256), help="CPU threads (default: all cores).")
-@click.option("--force", is_flag=True, help="Replace an earlier report directory.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (without per-item results).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or messages.")
+@ray_option("One model per task on a Ray cluster (HOST:PORT, auto or local); the models, the cache and OUT "
+           "on storage every node sees.")
+@threads_option("CPU threads (default: all cores).")
+@force_option("Replace an earlier report directory.")
+@json_option("Print the report as JSON (without per-item results).")
+@quiet_option("No progress bars or messages.")
 def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, ray_address, threads, force, as_json,
              quiet):
     """Judge MODEL [MODEL ...] against the first (the reference): benchmarks, drift, writing.
@@ -698,8 +706,8 @@ def card(directory, evaluation, sweep, quants):
 @click.option("--sample", type=click.IntRange(1, 1_000_000), default=64, show_default=True,
               help="Chunks to recompute with --inputs.")
 @click.option("--seed", type=int, help="Seed of the sample (default: a new one each run).")
-@click.option("--threads", type=click.IntRange(1, 256), help="Shards checked at once (default: all cores).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@threads_option("Shards checked at once (default: all cores).")
+@quiet_option()
 @json_option("Print what was checked as JSON.")
 def verify(out, inputs, sample, seed, threads, quiet, as_json):
     """Check a merge OUT (a directory, or a .gguf file) against the checksums it recorded when it
@@ -741,7 +749,7 @@ def verify(out, inputs, sample, seed, threads, quiet, as_json):
 
 @cli.command()
 @click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@json_option("Print as JSON.")
 @click.option("--tensors", "list_tensors", is_flag=True, help="List every tensor.")
 def inspect(model, as_json, list_tensors):
     """Describe MODEL: format, shards, tensors, parameters, dtypes, architecture."""
@@ -823,7 +831,7 @@ def fetch_model(name):
 @click.option("--workdir", type=click.Path(path_type=Path), help="Where the demo writes (default: the cache).")
 @click.option("--synthetic", is_flag=True, help="Use a generated model instead of SmolLM2 (no download).")
 @click.option("--no-eval", is_flag=True, help="Skip the stories and perplexities.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@quiet_option()
 def demo(workdir, synthetic, no_eval, quiet):
     """The card's quartet on SmolLM2-135M: merge at t = 0.0001, write stories, export GGUF."""
     from .demo.walkthrough import run_demo
