@@ -91,6 +91,7 @@ def _isolate_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # (Ray's default, 15, starves its workers on a busy machine)
     yield
     shutil.rmtree(home, ignore_errors=True)
 
