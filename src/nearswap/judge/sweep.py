@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from ..core import kernels, plots
 from ..core.markup import md
 from ..merging import engine, recipe
-from ..runtime.output import atomic_directory
+from ..runtime.output import atomic_directory, check_name
 from .writing import vocabulary_words
 
 DEFAULT_SWEEP_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -159,8 +159,10 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
     steps = [{"model": str(s), "t": ts[0]} for s in secondaries]
     plan_ = engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep"))  # preflight first
     base_model = plan_.base
-    # everything that can be checked, before the first minute of work: each model as the judge
-    # reads it (a secondary without tokenizer files is read with the base's, as a merge takes them)
+    # everything that can be checked, before the first minute of work: the output's name, then each
+    # model as the judge reads it (a secondary without tokenizer files is read with the base's, as a
+    # merge takes them)
+    check_name(Path(out))
     base_candidate = loader.check([base], ["base"])[0]
     sec_candidates = loader.check(list(secondaries), [f"secondary {i}" for i in range(1, len(secondaries) + 1)],
                                   tokenizer=False)
