@@ -10,7 +10,7 @@ PRELUDE = r"""
 import os, signal, sys
 from pathlib import Path
 import nearswap
-from nearswap.merging import engine
+from nearswap.merging import passes, sinks
 from nearswap.runtime import journal, output
 from nearswap.formats import gguf_writer, safetensors as st
 from nearswap.runtime.stream import Settings
@@ -27,7 +27,7 @@ journal.JournalWriter.__init__ = keep
 
 if point == "collected-journaled":
     state = {"n": 0}
-    completed = engine.CopyPass._completed
+    completed = passes.CopyPass._completed
     def collected(self, result):
         completed(self, result)
         task = self.tasks[result.tensor]
@@ -35,7 +35,7 @@ if point == "collected-journaled":
         if state["n"] >= arg:
             self.journal.flush()
             die()
-    engine.CopyPass._completed = collected
+    passes.CopyPass._completed = collected
 
 if point == "after-rename":  # the output complete and in place
     commit = output._commit

@@ -98,11 +98,12 @@ def test_the_plan_of_a_gguf_merge_counts_the_files_bytes(tmp_path, run, type_nam
     """--plan / the plan line: reads are the input files' tensor bytes (blocks, not the float32
     they decode to), writes the output's in its types; against gguf's own reader of the inputs
     and of the file the merge then writes."""
-    from nearswap.merging import engine, recipe
+    from nearswap.merging import recipe
+    from nearswap.merging.plan import plan_for
 
     (base, *secs), _, _ = family(tmp_path, Q.Q8_0, n=2)
     rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": 1e-3} for s in secs]}, "test")
-    plan = engine.plan_for(rec, tmp_path / "out.gguf", type_name)
+    plan = plan_for(rec, tmp_path / "out.gguf", type_name)
     stored = [sum(int(t.n_bytes) for t in gguf.GGUFReader(str(p)).tensors) for p in (base, *secs)]
     assert plan.read_bytes == sum(stored)
     result = run("merge", base, *secs, "-t", 1e-3, "-o", tmp_path / "out.gguf", "-q",

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 import nearswap
 from conftest import TINY, random_model, write_model
 from nearswap.core.errors import NearswapError
-from nearswap.merging import engine
+from nearswap.merging import sinks
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
@@ -791,7 +791,7 @@ def test_item17_a_killed_merge_is_not_mistaken_for_a_model(tmp_path, run, restar
 
 def test_unexpected_exceptions_say_internal_error_and_keep_the_traceback(tmp_path, run, monkeypatch):
     base, s1 = pair(tmp_path)
-    monkeypatch.setattr(engine, "_copy_side_files", lambda *a: (_ for _ in ()).throw(TypeError("a bug")))
+    monkeypatch.setattr(sinks, "copy_side_files", lambda *a: (_ for _ in ()).throw(TypeError("a bug")))
     line = one_line(run("merge", base, s1, "-t", "1e-4", "-o", tmp_path / "out"))
     assert "internal error" in line and "please report" in line
     trace = Path(line.rsplit(" ", 1)[-1])

@@ -154,11 +154,11 @@ def test_the_checks_fail_on_an_upward_import_and_a_cycle():
     """The rule is not vacuous: an import of the judge from the merge layer, one of the CLI, torch at
     module level in the formats, and a cycle between two core modules are each found."""
     edges = graph()
-    edges["nearswap.merging.engine"] = [*edges["nearswap.merging.engine"], ("nearswap.judge.models", 1, False)]
+    edges["nearswap.merging.sinks"] = [*edges["nearswap.merging.sinks"], ("nearswap.judge.models", 1, False)]
     edges["nearswap.core.files"] = [*edges["nearswap.core.files"], ("nearswap.cli", 2, False)]
     edges["nearswap.formats.safetensors"] = [*edges["nearswap.formats.safetensors"], ("heavy:torch", 5, True)]
     found = violations(edges)
-    assert any("nearswap.merging.engine (line 1) imports nearswap.judge.models, a higher layer" in v for v in found)
+    assert any("nearswap.merging.sinks (line 1) imports nearswap.judge.models, a higher layer" in v for v in found)
     assert any("nearswap.core.files (line 2) imports the CLI" in v for v in found)
     assert any("nearswap.formats.safetensors (line 5) imports torch" in v for v in found)
     edges = graph()

@@ -14,7 +14,7 @@ import nearswap.merging.report
 from conftest import DTYPES, random_model, write_model
 from nearswap.api import run_recipe
 from nearswap.core.errors import NearswapError
-from nearswap.merging import engine, recipe
+from nearswap.merging import passes, recipe, sinks
 from nearswap.runtime.stream import Settings
 from reference import chain as ref_chain
 from reference import counts as ref_counts
@@ -228,7 +228,7 @@ def test_nonfinite_refused_naming_model_tensor_and_count(make_quartet, tmp_path)
 def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
     paths, _ = make_quartet("bf16", n=3)
     calls = {"n": 0}
-    real = engine.kernels.chain_raw
+    real = passes.kernels.chain_raw
 
     def flaky(*args, **kw):
         calls["n"] += 1
@@ -236,7 +236,7 @@ def test_interrupted_merge_leaves_nothing(make_quartet, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine.kernels, "chain_raw", flaky)
+    monkeypatch.setattr(passes.kernels, "chain_raw", flaky)
     with pytest.raises(KeyboardInterrupt):
         nearswap.merge(paths[0], paths[1:], t=1e-4, out=tmp_path / "o", settings=Settings(64, 2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "s1", "s2", "s3"]
@@ -249,7 +249,7 @@ def test_force_replaces_only_after_success(make_quartet, tmp_path, monkeypatch):
     (out / "keep.txt").write_text("old")
     with pytest.raises(NearswapError, match="already exists.*--force"):
         nearswap.merge(paths[0], paths[1:], t=1e-4, out=out)
-    monkeypatch.setattr(engine, "_copy_side_files", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(sinks, "copy_side_files", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         nearswap.merge(paths[0], paths[1:], t=1e-4, out=out, force=True)
     assert (out / "keep.txt").read_text() == "old"

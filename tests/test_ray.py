@@ -117,18 +117,20 @@ def test_worker_that_cannot_see_a_path_says_which(cluster, quartet, tmp_path):
     import shutil
 
     from nearswap.formats.safetensors import ShardedWriter
-    from nearswap.merging import engine, recipe
+    from nearswap.merging import recipe
+    from nearswap.merging.passes import ChainPass
+    from nearswap.merging.plan import plan
     from nearswap.runtime import distributed
 
     base = tmp_path / "base"
     shutil.copytree(quartet[0], base)
     rec = recipe.build({"base": str(base), "steps": [{"model": str(quartet[1]), "t": 1e-3}]}, "test")
-    plan_ = engine.plan(rec)
+    plan_ = plan(rec)
     (tmp_path / "out").mkdir()
     writer = ShardedWriter(tmp_path / "out", [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], 1 << 40, {})
     base.rename(tmp_path / "elsewhere")
     with pytest.raises(NearswapError, match=f"cannot see {base}"):
-        distributed.run(engine.ChainPass(plan_, writer), Settings(), cluster)
+        distributed.run(ChainPass(plan_, writer), Settings(), cluster)
     writer.abort()
 
 

@@ -14,7 +14,9 @@ from safetensors.numpy import load_file
 import nearswap
 from nearswap.formats.safetensors import ShardedWriter
 from nearswap.measure import curve
-from nearswap.merging import engine, recipe
+from nearswap.merging import recipe
+from nearswap.merging.passes import ChainPass
+from nearswap.merging.plan import plan
 from nearswap.runtime import stream
 from nearswap.runtime.stream import Settings
 
@@ -73,13 +75,13 @@ def test_chain_pass_runs_in_other_processes_to_the_same_bits(make_quartet, tmp_p
     local = nearswap.merge(paths[0], paths[1:], t=1e-3, out=tmp_path / "local", shard_size="2KB")
     rec = recipe.build({"base": str(paths[0]), "steps": [{"model": str(p), "t": 1e-3} for p in paths[1:]],
                         "shard_size": "2KB"}, "test")
-    plan_ = engine.plan(rec)
+    plan_ = plan(rec)
     out = tmp_path / "remote"
     out.mkdir()
     metadata = {"format": "pt", "nearswap_version": nearswap.__version__,
                 "nearswap_recipe": __import__("json").dumps(rec.to_dict())}
     writer = ShardedWriter(out, [(t.name, t.out_dtype, t.shape) for t in plan_.tasks], rec.shard_size, metadata)
-    pass_ = engine.ChainPass(plan_, writer)
+    pass_ = ChainPass(plan_, writer)
     blob = pickle.dumps(pass_)
     items = list(pass_.items(Settings(53)))
     halves = [items[0::2], items[1::2]]
@@ -99,7 +101,7 @@ def test_count_pass_survives_pickle(make_quartet):
     ts = [1e-4, 1e-3]
     want = curve.compute(paths[0], paths[1:], ts, settings=Settings(101))  # (the |d| sample follows the chunks)
     rec = recipe.build({"base": str(paths[0]), "steps": [{"model": str(p), "t": ts[0]} for p in paths[1:]]}, "test")
-    plan_ = engine.plan(rec)
+    plan_ = plan(rec)
     pass_ = pickle.loads(pickle.dumps(curve.CountPass([t for t in plan_.tasks if t.merged], ts, paths[1:])))
     stream.run(pass_, Settings(101))
     got = curve.CurveResult(ts, str(paths[0]), pass_.steps, pass_.histograms())

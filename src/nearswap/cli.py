@@ -309,8 +309,9 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
       nearswap merge base.gguf s1.gguf -t 1e-4 -o merged.gguf --type like-base
     """
     from .api import run_recipe
-    from .merging import engine
     from .merging import recipe as recipes
+    from .merging.layout import REPORT_NAME
+    from .merging.plan import describe_plan, plan, plan_for
     from .merging.report import format_table
 
     options = {k: v for k, v in dict(dtype=dtype, shard_size=shard_size, tokenizer_source=tokenizer_source).items()
@@ -335,18 +336,18 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
             share = parse_share(swap_share)
             say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
             say(f"choosing t for {100 * share:g}% swapped per step (two reading passes per step)")
-            chosen = choose(engine.plan(rec), share, _settings(threads), echo=say)
+            chosen = choose(plan(rec), share, _settings(threads), echo=say)
             rec = recipes.from_inputs(inputs[0], secondaries, [c.t for c in chosen], options)
 
     bar = _Progress("merging", quiet or as_json)
 
     if show_plan:
-        _say("\n".join(engine.describe_plan(engine.plan_for(rec, out, gguf_type))))
+        _say("\n".join(describe_plan(plan_for(rec, out, gguf_type))))
         return
 
     def on_plan(p) -> None:  # noqa: ANN001
         if not (quiet or as_json) and (p.read_bytes >= PLAN_SHOWN_FROM or _stderr_is_a_terminal()):
-            click.echo("\n".join(engine.describe_plan(p)), err=True)
+            click.echo("\n".join(describe_plan(p)), err=True)
         bar.start(p.in_bytes)
 
     try:
@@ -369,7 +370,7 @@ def merge(inputs, ts, out, swap_share, dtype, show_plan, gguf_type, shard_size, 
             _say(f"wrote {_p(out)} ({size}; {_p(types)}; {report['seconds']:.1f} s)")
         else:
             _say(f"wrote {_p(out)} ({size} in {len(report['output']['files'])} files, "
-                 f"{report['seconds']:.1f} s); per-tensor counts in {_p(out / engine.REPORT_NAME)}")
+                 f"{report['seconds']:.1f} s); per-tensor counts in {_p(out / REPORT_NAME)}")
 
 
 @cli.command()
@@ -535,13 +536,13 @@ def curve(inputs, ts, plot_dir, at, threads, as_json, force, swap_share, sample,
         raise NearswapError("give a base and at least one secondary")
     if swap_share is not None:
         from .measure.swapshare import choose, parse_share
-        from .merging import engine
         from .merging import recipe as recipes
+        from .merging.plan import plan
 
         share = parse_share(swap_share)
         rec = recipes.build({"base": inputs[0], "steps": [{"model": m, "t": 0} for m in inputs[1:]],
                              **({"dtype": dtype} if dtype else {})}, "command line")
-        chosen = choose(engine.plan(rec), share, _settings(threads),
+        chosen = choose(plan(rec), share, _settings(threads),
                         echo=(lambda m: None) if as_json else click.echo)
         if as_json:
             click.echo(json.dumps({"share": share, "steps": [c.__dict__ for c in chosen]}, indent=1))

@@ -3,7 +3,7 @@
 For runs whose output would not fit anywhere (a 70B-shaped merge of generated inputs): the
 engine streams, merges and checksums every chunk as for a real output, and this writer only
 checks that each tensor receives each of its bytes once. The chunk CRCs the pass computes
-stand for the data (``engine.merge_to_null`` reports their digest).
+stand for the data (``merging.sinks.merge_to_null`` reports their digest).
 """
 
 from __future__ import annotations

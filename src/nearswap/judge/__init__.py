@@ -64,7 +64,7 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     require()
     candidates = loader.check(list(models))
     data.prepare([s.task for s in selected], echo=echo)  # (only what is not prepared yet)
-    from ..merging.engine import check_output_not_input
+    from ..merging.plan import check_output_not_input
     from ..runtime.output import atomic_directory
     from . import harness
     from . import report as reports

@@ -1,6 +1,6 @@
 """`nearswap sweep`: the card's t-table for any models — merge at each t, then judge the result.
 
-For every t: merge with the engine, then (``judge`` extra, CPU) measure how far the merge
+For every t: merge (``merging.sinks``), then (``judge`` extra, CPU) measure how far the merge
 moved from the base and whether it still writes:
 
 - ``kl_mean``: the mean KL divergence of its next-token distributions from the base's on the
@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 
 from ..core import kernels, plots
 from ..core.markup import md
-from ..merging import engine, recipe
+from ..merging import recipe, sinks
+from ..merging.plan import check_output_not_input, plan
 from ..runtime.output import atomic_directory, check_name
 from .writing import vocabulary_words
 
@@ -128,7 +129,7 @@ def _one_t(t: float, rec_data: dict, out_dir: str, tokenizer_path: str, base_pat
     torch.set_num_threads(threads)
     model_dir = Path(out_dir) / "models" / f"t={t:g}"
     rec = recipe.build(rec_data, "sweep")
-    report = engine.merge(rec, model_dir, threads=threads)
+    report = sinks.merge(rec, model_dir, threads=threads)
     result = {"t": t, "swapped": [s["swapped"] / s["total"] for s in report["steps"]]}
     result.update(judge(model_dir, Path(tokenizer_path), Path(base_path), selected=selected,
                         config_dir=Path(out_dir) / "tasks", limit=limit))
@@ -157,7 +158,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
         loader.require()
         data.prepare([s.task for s in selected], echo=echo)  # (only what is not prepared yet)
     steps = [{"model": str(s), "t": ts[0]} for s in secondaries]
-    plan_ = engine.plan(recipe.build({"base": str(base), "steps": steps}, "sweep"))  # preflight first
+    plan_ = plan(recipe.build({"base": str(base), "steps": steps}, "sweep"))  # preflight first
     base_model = plan_.base
     # everything that can be checked, before the first minute of work: the output's name, then each
     # model as the judge reads it (a secondary without tokenizer files is read with the base's, as a
@@ -167,7 +168,7 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
     sec_candidates = loader.check(list(secondaries), [f"secondary {i}" for i in range(1, len(secondaries) + 1)],
                                   tokenizer=False)
     with atomic_directory(out, force) as tmp:
-        engine.check_output_not_input(Path(out), [plan_.base, *plan_.secondaries])
+        check_output_not_input(Path(out), [plan_.base, *plan_.secondaries])
         # a GGUF base is evaluated through its HF conversion, cached outside the output
         base_hf = loader.hf_directory(base_candidate, echo)
         if selected:

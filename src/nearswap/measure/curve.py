@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence
 from ..core import kernels, plots
 from ..core.errors import InvalidValue, NearswapError
 from ..formats.safetensors import FileReader, MappedReader
-from ..merging import engine, recipe
-from ..merging.engine import Plan, plan
+from ..merging import recipe
+from ..merging.plan import Plan, check_output_not_input, plan
 from ..runtime import stream
 from ..runtime.output import atomic_directory, check_replaceable
 from ..runtime.stream import ChunkBuffers, Settings, work_items
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 DEFAULT_TS = (1e-4, 3e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
 # Elements per block when a chain is simulated at every t: a block of each input fits in L2.
 CHAIN_BLOCK = 1 << 16
-# A work item spans this many of the engine's chunks, counted (and their pages released) one by
+# A work item spans this many of the merge's chunks, counted (and their pages released) one by
 # one: resident memory as with single chunks, an eighth of the hand-offs between threads.
 CHUNKS_PER_ITEM = 8
 
@@ -483,7 +483,7 @@ def check_plot_output(directory: str | Path, force: bool = False, inputs: Sequen
     from ..formats import open_model
 
     check_replaceable(Path(directory), force)
-    engine.check_output_not_input(Path(directory), [open_model(p, "input") for p in inputs])
+    check_output_not_input(Path(directory), [open_model(p, "input") for p in inputs])
     _check_matplotlib()
 
 

@@ -125,7 +125,7 @@ def verify(out: str | Path, inputs: bool = False, sample: int = 64, seed: int | 
     from ..core.files import read_json_object
     from ..core.paths import default_threads
     from ..formats import open_model
-    from ..merging.engine import RECIPE_NAME, REPORT_NAME
+    from ..merging.layout import RECIPE_NAME, REPORT_NAME
 
     out = Path(out)
     threads = threads or default_threads()
@@ -414,9 +414,10 @@ def _sampled(pass_: Any, numels: list[int], chunk: int, sample: int, seed: int |
 
 
 def _recompute(out: Path, rec: Any, model: Any, chunk: int, sample: int, seed: int | None) -> dict[str, Any]:
-    from ..merging import engine
+    from ..merging.passes import ChainPass, CopyPass
+    from ..merging.plan import plan
 
-    plan_ = engine.plan(rec)
+    plan_ = plan(rec)
     for task in plan_.tasks:
         info = model.tensors.get(task.name)
         if info is None or info.shape != task.shape or info.dtype != task.out_dtype:
@@ -424,7 +425,7 @@ def _recompute(out: Path, rec: Any, model: Any, chunk: int, sample: int, seed: i
                                 f"({'missing' if info is None else f'{info.dtype.name} {list(info.shape)}'}; "
                                 f"expected {task.out_dtype.name} {list(task.shape)})")
     compare = _Compare(out, model)
-    pass_ = engine.ChainPass(plan_, compare) if rec.steps else engine.CopyPass(plan_.tasks, compare)
+    pass_ = ChainPass(plan_, compare) if rec.steps else CopyPass(plan_.tasks, compare)
     try:
         chunks, seconds = _sampled(pass_, [t.numel for t in plan_.tasks], chunk, sample, seed)
     finally:
@@ -435,16 +436,17 @@ def _recompute(out: Path, rec: Any, model: Any, chunk: int, sample: int, seed: i
 
 def _recompute_gguf(path: Path, rec: Any, tensors: dict[str, Any], chunk: int, sample: int,
                     seed: int | None) -> dict[str, Any]:
-    from ..merging import engine
+    from ..merging.passes import ChainPass
+    from ..merging.plan import plan
 
-    plan_ = engine.plan(rec, native=True)
+    plan_ = plan(rec, native=True)
     for task in plan_.tasks:
         t = tensors.get(task.name)
         if t is None or t.n_elements != task.numel:
             raise NearswapError(f"{path}: tensor {shown(task.name)} is not what the recipe's inputs give "
                                 f"({'missing' if t is None else f'{t.n_elements} elements'}; expected {task.numel})")
     compare = _CompareCoded(path, tensors)
-    pass_ = engine.ChainPass(plan_, compare)
+    pass_ = ChainPass(plan_, compare)
     try:
         chunks, seconds = _sampled(pass_, [t.numel for t in plan_.tasks], chunk, sample, seed)
     finally:

@@ -7,9 +7,9 @@ from typing import Any
 
 from ..core import dtypes
 from ..core.errors import NearswapError
-from . import engine
 from .recipe import DEFAULT_SHARD_SIZE, Recipe, parse_size
 from .report import MergeReport
+from .sinks import write_checkpoint
 
 
 def convert(source: str | Path, out: str | Path, *, dtype: str | None = None,
@@ -29,4 +29,4 @@ def convert(source: str | Path, out: str | Path, *, dtype: str | None = None,
         raise NearswapError(str(e)) from None
     # no steps: a conversion (a user recipe needs at least one, so this bypasses build())
     recipe = Recipe(base=str(source), steps=[], dtype=name, shard_size=size, allow_nonfinite=True)
-    return engine.write_checkpoint(recipe, out, {"nearswap_converted_from": recipe.base}, **run)[1]
+    return write_checkpoint(recipe, out, {"nearswap_converted_from": recipe.base}, **run)[1]

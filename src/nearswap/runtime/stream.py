@@ -1,7 +1,7 @@
 """The streaming runtime every pass runs on: work items over tensors, a thread pool, buffers.
 
-A **pass** is what a job does to each chunk: merge's chain (``engine.ChainPass``), convert's
-copy (``engine.CopyPass``), curve's counts (``curve.CountPass``). It is a picklable object
+A **pass** is what a job does to each chunk: merge's chain (``merging.passes.ChainPass``), convert's
+copy (``merging.passes.CopyPass``), curve's counts (``curve.CountPass``). It is a picklable object
 with three methods — ``items(settings)`` (what to do), ``work(item)`` (pure: reads its inputs,
 opening its readers lazily, and returns a small result; runs on any thread, or in another
 process once unpickled) and ``collect(result)`` (on the driver, in item order of completion)

@@ -16,15 +16,15 @@ from .provenance import Origin, Terms, combine, origin_of
 
 
 def merge(recipe: Any, out: str | Path, gguf_type: str | None = None, **run: Any) -> dict[str, Any]:
-    """A merge as it is published: ``merging.engine.merge`` with this card written into a
+    """A merge as it is published: ``merging.sinks.merge`` with this card written into a
     directory output before the output is put in place. Returns the report."""
-    from ..merging import engine
+    from ..merging import sinks
 
     def write_card(tmp: Path, report: dict[str, Any], recipe_yaml: str) -> None:
         inputs = [recipe.base, *(step.model for step in recipe.steps)]
         (tmp / "README.md").write_text(model_card({**report, "output_name": Path(out).name}, recipe_yaml, inputs))
 
-    return engine.merge(recipe, out, gguf_type, card=write_card, **run)
+    return sinks.merge(recipe, out, gguf_type, card=write_card, **run)
 
 
 def front_matter(origins: list[Origin], terms: Terms) -> str:
@@ -176,7 +176,7 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
     The card is replaced atomically; a README.md nearswap did not write is refused."""
     from ..core.errors import NearswapError
     from ..core.files import read_bytes, read_json_object
-    from ..merging.engine import RECIPE_NAME, REPORT_NAME
+    from ..merging.layout import RECIPE_NAME, REPORT_NAME
     from ..merging.recipe import load
     from .provenance import front_matter
 
