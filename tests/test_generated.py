@@ -164,10 +164,10 @@ def test_null_is_refused_where_an_output_is_kept(command, run, tmp_path, monkeyp
 def test_a_log_gets_the_plan_of_a_big_merge_and_one_eta_line(run, monkeypatch):
     """Where stderr is no terminal (CliRunner's, a log): the plan from PLAN_SHOWN_FROM input
     bytes on, and one line with the speed measured so far and the time left."""
-    from nearswap import cli
+    from nearswap.cli import merge, progress
 
-    monkeypatch.setattr(cli, "PLAN_SHOWN_FROM", 0)
-    monkeypatch.setattr(cli._Progress, "ETA_AFTER", 0.0)
+    monkeypatch.setattr(merge, "PLAN_SHOWN_FROM", 0)
+    monkeypatch.setattr(progress._Progress, "ETA_AFTER", 0.0)
     result = run("merge", "synthetic:demo", "synthetic:demo?seed=1", "-t", 1e-4, "-o", "null:")
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()

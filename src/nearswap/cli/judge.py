@@ -1,0 +1,98 @@
+"""`nearswap sweep` and `nearswap eval`: is a merge better than its base, and is the difference real."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..core.errors import NearswapError
+from .group import _p, _say, cli
+from .options import (
+    _parse_ts,
+    force_option,
+    json_option,
+    quiet_option,
+    ray_option,
+    t_option,
+    threads_option,
+)
+from .progress import _Phases
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@t_option("1e-4,3e-4,1e-3,2.5e-3,5e-3,1e-2,2e-2,5e-2,1e-1",
+          "Thresholds to merge and judge (comma-separated, or repeat -t).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory for the table and plot.")
+@click.option("--keep", is_flag=True, help="Keep the merged models (under OUT/models/).")
+@click.option("--jobs", type=click.IntRange(1, 64), help="Parallel t values (default: by cores and memory).")
+@force_option("Replace an existing output directory.")
+@click.option("--tasks", default="arc_easy:0,hellaswag:0", show_default=True,
+              help="Benchmark tasks each merge is compared with the base on ('none' to skip).")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1), help="Items per task.")
+@ray_option("One t per task on a Ray cluster (HOST:PORT, auto or local); OUT on storage every node sees.")
+@threads_option("CPU threads per t value (default: 1; --jobs of them run at once).")
+@json_option("Print the sweep (sweep.json) instead of the table.")
+@quiet_option("No progress messages.")
+def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads, as_json, quiet):
+    """Merge BASE SECONDARY [...] at each t and judge it: the card's quality table (judge extra)."""
+    from ..judge import sweep as sweeps
+
+    if len(inputs) < 2:
+        raise NearswapError("give a base and at least one secondary")
+    values = _parse_ts(ts)
+    say = (lambda m: None) if quiet or as_json else click.echo
+    result = sweeps.run(inputs[0], inputs[1:], values, out=out, keep=keep, jobs=jobs, force=force,
+                        tasks="" if tasks.strip() == "none" else tasks, limit=limit, ray_address=ray_address,
+                        threads=threads or 1, echo=say)
+    if as_json:
+        click.echo(json.dumps(result, indent=1))
+        return
+    _say(sweeps.markdown(result))
+    _say(f"wrote {_p(out / 'sweep.md')}, {_p(out / 'sweep.json')}, {_p(out / 'sweep.png')}")
+
+
+@cli.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Report directory (written atomically).")
+@click.option("--tasks", default="quick", show_default=True,
+              help="Task names and presets (quick, leaderboard, all), comma-separated; NAME:N sets N few-shot examples; "
+                   "'none' for no benchmarks.")
+@click.option("--limit", type=click.IntRange(1), help="Score the first N items of each task (default: 100 for quick, else all).")
+@click.option("--no-drift", is_flag=True, help="Skip the KL divergence from the reference.")
+@click.option("--no-writing", is_flag=True, help="Skip the stories and their scores.")
+@click.option("--cliches", type=click.Path(path_type=Path), help="Phrase list for the cliché rate (one phrase per line).")
+@click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the KL divergence (default: the shipped one).")
+@ray_option("One model per task on a Ray cluster (HOST:PORT, auto or local); the models, the cache and OUT "
+           "on storage every node sees.")
+@threads_option("CPU threads (default: all cores).")
+@force_option("Replace an earlier report directory.")
+@json_option("Print the report as JSON (without per-item results).")
+@quiet_option("No progress bars or messages.")
+def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, ray_address, threads, force, as_json,
+             quiet):
+    """Judge MODEL [MODEL ...] against the first (the reference): benchmarks, drift, writing.
+
+    \b
+      nearswap eval base/ merged/ -o report/                  # the quick preset
+      nearswap eval base/ merged/ --tasks leaderboard --limit 100 -o report/
+    """
+    from ..judge.report import markdown
+    from . import judge
+
+    bar = _Phases(quiet or as_json)
+    say = (lambda s: None) if quiet or as_json else (lambda s: (bar.close(), click.echo(s, err=True)))
+    try:
+        report = judge.evaluate(list(models), out, tasks="" if tasks.strip() == "none" else tasks, limit=limit,
+                                drift=not no_drift, writing=not no_writing, cliches=cliches, drift_text=drift_text,
+                                threads=threads, force=force, echo=say, progress=bar, ray_address=ray_address)
+    finally:
+        bar.close()
+    if as_json:
+        slim = {**report, "tasks": [{k: v for k, v in t.items() if k != "items"} for t in report["tasks"]]}
+        click.echo(json.dumps(slim, indent=1))
+        return
+    _say(markdown(report).split("\n### Stories")[0].rstrip())
+    _say(f"\nwrote {_p(out / 'report.md')}, {_p(out / 'report.html')}, {_p(out / 'report.json')} ({report['seconds']:.0f} s)")
