@@ -136,3 +136,44 @@ def test_every_sink_names_the_output_type_with_one_key(tmp_path):
     assert not any("output_dtype" in r for r in reports)
     assert json.loads((tmp_path / "d" / "merge_report.json").read_text())["output_type"] == "as base"
     assert sorted(reports[0]) == sorted(reports[1]) == sorted(reports[2])  # one builder: the same keys
+
+
+def _calls(path: Path, attribute: str) -> list[int]:
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attribute]
+
+
+def test_the_judge_has_one_loader_and_one_check_of_its_extras():
+    """Every judge entry (eval, sweep, the demo's stories, the imatrix) loads through
+    ``judge.models.load`` and checks its extras with ``judge.models.require``: no other module
+    defines either, and no other judge module calls transformers' ``from_pretrained``."""
+    assert [w for w in definitions("load") if w.startswith("judge/")] == ["judge/models.py"]
+    assert definitions("require") == ["judge/models.py"]
+    elsewhere = {str(p.relative_to(SRC)): _calls(p, "from_pretrained") for p in (SRC / "judge").glob("*.py")
+                 if p.name != "models.py"}
+    assert {k: v for k, v in elsewhere.items() if v} == {}
+    assert _calls(SRC / "judge" / "models.py", "from_pretrained")  # (the check above looks at the right call)
+
+
+@pytest.mark.parametrize("command", [["eval", "M1", "M2", "-o", "OUT"], ["sweep", "M1", "M2", "-o", "OUT"],
+                                     ["imatrix", "M1", "--text", "TEXT", "-o", "OUT.gguf"]])
+def test_a_missing_extra_is_one_line_naming_it_from_every_judge_entry(tmp_path, command):
+    """With torch hidden (as on a machine without the extra), each command that needs it says
+    which extra to install, in the same words, in one line and before any work."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "m"
+    write_model(model, random_model(seed=0))
+    (tmp_path / "text.txt").write_text("Some calibration text. " * 50)
+    args = [{"M1": str(model), "M2": str(model), "OUT": str(tmp_path / "out"), "OUT.gguf": str(tmp_path / "o.gguf"),
+             "TEXT": str(tmp_path / "text.txt")}.get(a, a) for a in command]
+    code = ("import sys; sys.modules['torch'] = None; from nearswap.cli import main; "
+            f"sys.argv = ['nearswap', *{args!r}]; main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    extra = "judge" if command[0] == "eval" else "eval"
+    assert lines[0] == (f"nearswap: error: this needs the {extra} extra (torch missing): "
+                        f"pip install 'nearswap[{extra}]' (torch==2.13.0 is the CPU build)")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o.gguf").exists()

@@ -80,7 +80,7 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
       nearswap eval base/ merged/ --tasks leaderboard --limit 100 -o report/
     """
     from ..judge.report import markdown
-    from . import judge
+    from .. import judge
 
     bar = _Phases(quiet or as_json)
     say = (lambda s: None) if quiet or as_json else (lambda s: (bar.close(), click.echo(s, err=True)))

@@ -103,6 +103,7 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, o
 
     if evaluate_models and _have_eval():
         from ..judge import quick as evaluate
+        from ..judge.models import load
         from ..merging.convert import convert
 
         base_hf = work / "base_hf"
@@ -112,9 +113,9 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, o
         echo(f'stories from the prompt "{evaluate.STORY_PROMPT}" (seed 0), and perplexity on a fixed text '
              "(Alice in Wonderland, chapter 1):")
         for label, path in (("base", base_hf), ("merged", merged)):
-            m = evaluate.load(path, tokenizer_path=base_hf)
-            story = evaluate.generate(m)
-            report[f"{label}_perplexity"] = evaluate.perplexity(m)
+            model, tokenizer = load(path, tokenizer=base_hf)
+            story = evaluate.generate(model, tokenizer)
+            report[f"{label}_perplexity"] = evaluate.perplexity(model, tokenizer)
             echo(f"\n[{label}] perplexity {report[f'{label}_perplexity']:.3f}\n{evaluate.STORY_PROMPT}{story}")
         echo("")
     elif evaluate_models:

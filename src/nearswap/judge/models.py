@@ -103,31 +103,41 @@ def quiet_transformers() -> Iterator[None]:
             tlog.enable_progress_bar()
 
 
-def load(path: Path, threads: int | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) from an HF directory: float32, CPU, evaluation mode."""
-    import torch
-    import transformers
-
+def load(path: str | Path, threads: int | None = None, tokenizer: str | Path | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF directory: float32, CPU, evaluation mode; the tokenizer
+    from ``tokenizer`` when given (a merge without tokenizer files takes its base's). The one
+    loader of the judge, the sweep, the demo's stories and the imatrix."""
+    torch, transformers = require(lm_eval=False)
     if threads:
         torch.set_num_threads(threads)
     try:
         with quiet_transformers():
             model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+            tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer or path))
     except (OSError, ValueError, KeyError) as e:
         raise NearswapError(f"{path}: transformers cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     model.eval()
-    return model, tokenizer
+    return model, tok
 
 
-def require() -> None:
-    """The judge extra, or one line saying how to install it."""
-    missing = []
-    for module in ("torch", "transformers", "lm_eval"):
+def require(lm_eval: bool = True) -> tuple[Any, Any]:
+    """torch and transformers (and lm-eval, which scores the tasks, unless ``lm_eval`` is
+    False), or one line naming the extra that holds them and how to install it. Returns
+    (torch, transformers). The one check of the judge's extras."""
+    import importlib.util
+
+    def installed(module: str) -> bool:  # (without importing it: transformers warns on import without torch)
         try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    missing = [m for m in ("torch", "transformers", *(("lm_eval",) if lm_eval else ())) if not installed(m)]
     if missing:
-        raise NearswapError(f"nearswap eval needs the judge extra ({', '.join(missing)} missing): "
-                            "pip install 'nearswap[judge]' (torch==2.13.0 is the CPU build)")
+        extra = "judge" if lm_eval else "eval"
+        raise NearswapError(f"this needs the {extra} extra ({', '.join(missing)} missing): "
+                            f"pip install 'nearswap[{extra}]' (torch==2.13.0 is the CPU build)")
+    import torch
+    import transformers
+
+    return torch, transformers

@@ -79,44 +79,29 @@ def degeneration(text: str, vocabulary: set[str]) -> dict[str, float]:
     return {"words": len(ws), "distinct2": distinct(ws, 2), "nondict": nondict(ws, vocabulary)}
 
 
-def continuation_perplexity(m: Any, prompt: str, continuation: str) -> float:
-    """Perplexity of ``continuation`` given ``prompt`` under model ``m``."""
-    import math
-
-    import torch
-
-    p = m.tokenizer(prompt, return_tensors="pt").input_ids
-    full = m.tokenizer(prompt + continuation, return_tensors="pt").input_ids
-    labels = full.clone()
-    labels[:, : p.shape[1]] = -100
-    if (labels != -100).sum() == 0:
-        return float("inf")
-    with torch.no_grad():
-        return math.exp(m.model(full, labels=labels).loss.item())
-
-
 def judge(path: Path, tokenizer_path: Path, base_path: Path, *, selected: Sequence[Any] = (),
           config_dir: Path | None = None, limit: int | None = None) -> dict[str, Any]:
     """Drift from the base, the quick tasks (per item), a seeded continuation and its scores,
     for the model at ``path``."""
     from . import drift
     from . import quick as evaluate
+    from .models import load
 
-    m = evaluate.load(path, tokenizer_path)
-    out: dict[str, Any] = {"perplexity": evaluate.perplexity(m)}
-    text = evaluate.generate(m, max_new_tokens=CONTINUATION_TOKENS)
+    model, tokenizer = load(path, tokenizer=tokenizer_path)
+    out: dict[str, Any] = {"perplexity": evaluate.perplexity(model, tokenizer)}
+    text = evaluate.generate(model, tokenizer, max_new_tokens=CONTINUATION_TOKENS)
     out["sample"] = text
-    base = m if path == base_path else evaluate.load(base_path, tokenizer_path)
-    out["cont_ppl"] = continuation_perplexity(base, evaluate.STORY_PROMPT, text)
-    out.update(degeneration(text, vocabulary_words(m.tokenizer)))
-    ref = drift.reference(base.model, base.tokenizer, evaluate.fixed_text())
-    d = drift.compare(ref, m.model)
+    base, base_tokenizer = (model, tokenizer) if path == base_path else load(base_path, tokenizer=tokenizer_path)
+    out["cont_ppl"] = evaluate.continuation_perplexity(base, base_tokenizer, evaluate.STORY_PROMPT, text)
+    out.update(degeneration(text, vocabulary_words(tokenizer)))
+    ref = drift.reference(base, base_tokenizer, evaluate.fixed_text())
+    d = drift.compare(ref, model)
     out.update({k: d[k] for k in ("kl_mean", "kl_median", "kl_p99", "top1_agreement")})
     if selected:
         from . import harness
         from .lm import make_lm
 
-        results = harness.run(make_lm(m.model, m.tokenizer), list(selected), config_dir, limit)
+        results = harness.run(make_lm(model, tokenizer), list(selected), config_dir, limit)
         out["tasks"] = {name: {"value": r.value, "metric": r.metric, "items": r.items} for name, r in results.items()}
     return out
 
@@ -148,10 +133,9 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
     each t's merge and evaluation use (``jobs`` of them run at once)."""
     from . import data, harness, stats
     from . import models as loader
-    from . import quick as evaluate
     from . import tasks as task_table
 
-    evaluate._torch_and_transformers()  # the judge extra, or one clear line
+    loader.require(lm_eval=False)  # the eval extra, or one clear line
     ts = sorted(kernels.check_t(float(t)) for t in ts)
     selected = task_table.select(tasks) if tasks else []
     if selected:

@@ -48,10 +48,9 @@ def compute(model_path: str | Path, text: str | Path, chunk_tokens: int = 512, m
             threads: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The sums and counts for ``model_path`` (HF directory or GGUF) over the text file ``text``."""
     from ..judge import models
-    from ..judge.quick import _torch_and_transformers
 
     content = read_text(text, "--text")  # a bad file is one line before torch is imported
-    torch, _ = _torch_and_transformers()  # or one line naming the extra to install
+    torch, _ = models.require(lm_eval=False)  # or one line naming the extra to install
     (candidate,) = models.check([model_path], labels=["model"])
     model, tokenizer = models.load(models.hf_directory(candidate), threads)
     config = model.config.to_dict()
