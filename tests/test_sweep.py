@@ -69,5 +69,15 @@ def test_sweep_end_to_end_on_a_tiny_model(tiny_llm, tmp_path, run):
     assert carded.exit_code == 0, carded.output
     card = (tmp_path / "m" / "README.md").read_text()
     assert "## The t-sweep" in card and all(line in card for line in md.strip().splitlines())
+    assert "(this merge's base and secondaries)" in card and "not evaluated" not in card
     hub = pytest.importorskip("huggingface_hub")
     assert hub.ModelCard.load(tmp_path / "m" / "README.md").data.base_model_relation == "merge"
+    # the same sweep in the card of a 2-step chain says it measured the first step only, and in the
+    # card of a merge of other models that it is not this merge's (item 2 of the new-user issue)
+    assert run("merge", tiny_llm / "base", tiny_llm / "s1", tiny_llm / "s1", "-t", "1e-4", "-o", tmp_path / "m2",
+               "-q").exit_code == 0
+    assert run("card", tmp_path / "m2", "--sweep", tmp_path / "sw").exit_code == 0
+    assert "**only the first 1 of this merge's 2 steps**" in (tmp_path / "m2" / "README.md").read_text()
+    assert run("merge", tiny_llm / "s1", tiny_llm / "base", "-t", "1e-4", "-o", tmp_path / "m3", "-q").exit_code == 0
+    assert run("card", tmp_path / "m3", "--sweep", tmp_path / "sw").exit_code == 0
+    assert "**other models than this merge's base and secondaries**" in (tmp_path / "m3" / "README.md").read_text()

@@ -198,8 +198,10 @@ def run(base: str | Path, secondaries: Sequence[str | Path], ts: Sequence[float]
             row["tasks_worse"] = worse
             row["verdict"], row["decided_by"] = verdict_and_reason(row)
         from .._version import __version__
+        from ..formats.identity import identity
 
         result = {"nearswap_version": __version__, "base": str(base), "secondaries": [str(s) for s in secondaries],
+                  "identities": [identity(p) for p in (base, *secondaries)],  # (what a card checks it against)
                   "tasks": [{"name": s.task.name, "shots": s.shots} for s in selected], "limit": limit, "rows": rows,
                   "secondary_rows": sec_rows,
                   "verdict_rule": [dict(zip(("verdict", "metric", "limit", "direction"), v)) for v in VERDICT]}

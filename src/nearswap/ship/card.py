@@ -136,7 +136,7 @@ def _extra_sections(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | N
         secondaries = sweep.get("secondaries") or []
         what = (f"The sweep merged {md(Path(str(sweep.get('base'))).name)} with {len(secondaries)} secondar"
                 f"{'y' if len(secondaries) == 1 else 'ies'} ({', '.join(md(Path(str(x)).name) for x in secondaries)}) at "
-                "each t, the same t for every step")
+                f"each t, the same t for every step{sweep.get('relation', '')}")
         out.append(f"## The t-sweep (nearswap sweep)\n\n{what}; each row a merge at that t, judged against the base "
                    "(verdict rules in nearswap's docs/judging.md):\n\n" + sweep_table(sweep) + "\n")
     if quants:
@@ -199,6 +199,8 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
 
     extras = {"evaluation": report_of(evaluation, "report.json"), "sweep": report_of(sweep, "sweep.json")}
     inputs = [rec.base, *(step.model for step in rec.steps)]
+    if isinstance(extras["sweep"], dict):
+        extras["sweep"]["relation"] = _sweep_relation(extras["sweep"], inputs)
     if extras["evaluation"] is not None:
         _check_evaluated(Path(evaluation), extras["evaluation"], directory, inputs)
     for key, path, what in (("evaluation", evaluation, "an eval report (report.json)"),
@@ -213,6 +215,29 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
                       quants=[quant_row(q) for q in quants])
     _replace_card(card, text)
     return card
+
+
+def _sweep_relation(sweep: dict[str, Any], inputs: list[str]) -> str:
+    """What a sweep measured, next to the merge whose card shows it: the same inputs (nothing to
+    say), the first steps of its chain, or other models — said in the card, so that a table of
+    another merge is never read as this one's. Inputs are compared by identity
+    (``formats.identity``), recorded by the sweep."""
+    from ..formats.identity import identity
+
+    recorded = sweep.get("identities")
+    if not isinstance(recorded, list) or not all(isinstance(x, str) for x in recorded):
+        return ("; the sweep did not record its inputs' identities (an older nearswap sweep), so this card cannot "
+                "say whether they are this merge's")
+    ours = [identity(p) for p in inputs]
+    steps = len(ours) - 1
+    if recorded == ours:
+        return " (this merge's base and secondaries)"
+    if len(recorded) < len(ours) and recorded == ours[: len(recorded)]:
+        n = len(recorded) - 1
+        return (f"; **only the first {n} of this merge's {steps} steps** (its base and first secondar"
+                f"{'y' if n == 1 else 'ies'}): the table does not measure the whole chain")
+    return ("; **other models than this merge's base and secondaries**: the table does not describe this merge "
+            "and is shown only as given")
 
 
 def _check_evaluated(where: Path, evaluation: dict[str, Any], directory: Path, inputs: list[str]) -> None:
