@@ -26,14 +26,14 @@ def free_port() -> int:
 class LocalCluster:
     """``nodes`` Ray nodes of one CPU each; ``address`` once started; ``stop()`` kills what it started."""
 
-    def __init__(self, nodes: int = 2) -> None:
+    def __init__(self, nodes: int = 2, env: dict[str, str] | None = None) -> None:
         self.nodes = nodes
         # short: Ray puts unix sockets under it, whose paths may not exceed ~107 bytes
         self.temp = Path(tempfile.mkdtemp(prefix="nsray", dir="/tmp"))
         self.address = f"127.0.0.1:{free_port()}"
         # Ray runs its workers at nice 15 by default: beside other busy processes (CI's machine) they
         # would get almost no CPU, and a test would take as long as the others let it
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0"}
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", **(env or {})}
 
     def start(self) -> str:
         common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]

@@ -171,3 +171,46 @@ def test_a_gguf_output_is_refused_before_any_work(quartet, tmp_path, run):
     result = run("merge", quartet[0], quartet[1], "-t", 1e-3, "-o", tmp_path / "m.gguf", "--ray", "local")
     assert result.exit_code == 1 and "--ray writes directory outputs" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_cluster_started_as_the_docs_say_with_a_token_at_hand(quartet, tmp_path):
+    """Ray 2.60's `ray start --head` turns token authentication on where a token exists
+    (~/.ray/auth_token): `nearswap merge --ray HOST:PORT` from the same account sends it, as
+    Ray's own CLI does, and merges bit-identically to a local run; a client without the token
+    is refused in one line that names token authentication and the fix (it said "start one
+    with `ray start --head`" while the cluster ran)."""
+    import subprocess
+    import sys
+
+    from ray_cluster import RAY, LocalCluster
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    made = subprocess.run([RAY, "get-auth-token", "--generate"], capture_output=True, text=True,
+                          env={**env, "HOME": str(home)})
+    assert made.returncode == 0 and (home / ".ray" / "auth_token").is_file(), made.stderr
+    nodes = LocalCluster(1, env={"HOME": str(home)})
+    try:
+        address = nodes.start()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        def merge(out: Path, client_home: Path) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "nearswap", "merge", *map(str, quartet[:2]), "-t", "1e-3",
+                                   "-o", str(out), "-q", "--ray", address], capture_output=True, text=True,
+                                  env={**env, "HOME": str(client_home)}, timeout=600)
+
+        ok = merge(tmp_path / "ray", home)
+        assert ok.returncode == 0, ok.stderr
+        nearswap.merge(quartet[0], quartet[1:2], t=1e-3, out=tmp_path / "local")
+        assert files_of(tmp_path / "ray") == files_of(tmp_path / "local")
+        stranger = tmp_path / "stranger"
+        stranger.mkdir()
+        refused = merge(tmp_path / "refused", stranger)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 1 and len(lines) == 1, refused.stderr
+        assert "runs with token authentication" in lines[0] and "RAY_AUTH_MODE=token" in lines[0]
+        assert not (tmp_path / "refused").exists()
+    finally:
+        nodes.stop()

@@ -16,9 +16,11 @@ Ray is the optional ``ray`` extra; nothing here is imported without ``--ray``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -51,21 +53,98 @@ def _connect(ray: Any, address: str) -> bool:
             raise NearswapError(f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}); start one with "
                                 "`ray start --head`, or pass --ray local") from None
     options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
-    try:
-        if address == "local":
-            ray.init(include_dashboard=False, **options)
-        else:
-            ray.init(address=address, **options)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if address != "local" and AUTH_MODE not in os.environ and token_available():
+        _use_token(ray)
+    with _stderr_kept() as said:  # Ray's C++ client retries with a warning line each time: one line, ours
+        try:
+            if address == "local":
+                ray.init(include_dashboard=False, **options)
+            else:
+                ray.init(address=address, **options)
+            error = None
+        except Exception as e:  # (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError, ...)
+            error = e
+    if error is not None:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if any(word in said[0] for word in ("Unauthenticated", "InvalidAuthToken")) or "uthenticat" in first:
+            raise NearswapError(
+                f"the Ray cluster at {address!r} refused this client: it runs with token authentication "
+                f"({AUTH_MODE}={os.environ.get(AUTH_MODE, 'unset')} here, and "
+                f"{'a token that is not the cluster' + chr(39) + 's' if token_available() else 'no token'} in "
+                f"{_token_source()}); give this process the cluster's token (RAY_AUTH_TOKEN, or the head's "
+                "~/.ray/auth_token) with RAY_AUTH_MODE=token, or start the cluster with RAY_AUTH_MODE=disabled") from None
+        if not isinstance(error, (ConnectionError, RuntimeError, ValueError)):
+            raise error
         raise NearswapError(f"cannot reach the Ray cluster at {address!r} ({first[:160]}); start one with "
                             "`ray start --head`, or pass --ray local") from None
     return True
 
 
+AUTH_MODE = "RAY_AUTH_MODE"
+
+
+def _use_token(ray: Any) -> None:
+    """What `ray start --head` does on a machine with a token (Ray 2.60 turns token
+    authentication on for that cluster), so that this client sends it too: Ray's own rule,
+    which also refreshes the configuration Ray read at import (setting RAY_AUTH_MODE alone
+    would not reach it); the environment variable where Ray has no such function."""
+    try:
+        from ray._private.authentication import authentication_token_setup as setup
+    except ImportError:
+        os.environ[AUTH_MODE] = "token"
+        return
+    log = logging.getLogger(setup.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)  # (its warning says what this function's docstring says)
+    try:
+        setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        log.setLevel(level)
+
+
+def _token_source() -> str:
+    return ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else
+            os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token"))
+
+
+def token_available() -> bool:
+    """Whether this process has a Ray token where Ray looks for one: ``RAY_AUTH_TOKEN``, the
+    file ``RAY_AUTH_TOKEN_PATH`` names, or ``~/.ray/auth_token``."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    return Path(_token_source()).is_file()
+
+
+@contextlib.contextmanager
+def _stderr_kept() -> Any:
+    """File descriptor 2 into a temporary file while Ray connects (its C++ client writes there);
+    yields a one-item list that holds what was written, after the block."""
+    import tempfile
+
+    said = [""]
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield said
+        return
+    with tempfile.TemporaryFile() as kept:
+        os.dup2(kept.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            kept.seek(0)
+            said[0] = kept.read(1 << 16).decode("utf-8", "replace")
+
+
 def visible_paths(pass_: Any) -> list[Path]:
     """What a worker must be able to see: the input files, and the directory the output goes to."""
-    paths = {t.file for task in getattr(pass_, "tasks", []) for t in [task.base, *task.secondaries]}
+    from ..formats.generated import is_generated
+
+    paths = {t.file for task in getattr(pass_, "tasks", []) for t in [task.base, *task.secondaries]
+             if not is_generated(str(t.file))}  # (synthetic: inputs are computed wherever they are read)
     writer = getattr(pass_, "writer", None)
     if writer is not None and getattr(writer, "directory", None) is not None:
         paths.add(Path(writer.directory))
