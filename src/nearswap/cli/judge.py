@@ -79,8 +79,8 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
       nearswap eval base/ merged/ -o report/                  # the quick preset
       nearswap eval base/ merged/ --tasks leaderboard --limit 100 -o report/
     """
-    from ..judge.report import markdown
     from .. import judge
+    from ..judge.report import markdown
 
     bar = _Phases(quiet or as_json)
     say = (lambda s: None) if quiet or as_json else (lambda s: (bar.close(), click.echo(s, err=True)))

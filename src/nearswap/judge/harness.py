@@ -196,12 +196,19 @@ def _run(lm: Any, selected: list[Selected], config_dir: Path, limit: int | None)
     return results
 
 
-def cli_command(selected: list[Selected], config_dir: Path, model_path: Path, limit: int | None) -> str:
-    """The lm-eval command line that runs the same tasks on the same items with lm-eval's own HF backend."""
+def cli_command(selected: list[Selected], config_dir: Path, model_path: Path, limit: int | None,
+                converted_from: Path | None = None) -> str:
+    """The lm-eval command line that runs the same tasks on the same items with lm-eval's own HF
+    backend. A GGUF (``converted_from``) is named as the user gave it, with the command that
+    makes its HF twin first: the path of nearswap's cached copy is of this machine only."""
     names = ",".join(s.task.lm_eval_name for s in selected)
     chosen = samples(selected, limit)
     lim = f" --samples {config_dir / SAMPLES_FILE}" if chosen else f" --limit {limit}" if limit else ""
-    return (f"lm_eval --model hf --model_args pretrained={model_path},dtype=float32 --device cpu "
+    first = ""
+    if converted_from is not None:
+        model_path = Path(f"{converted_from.stem}_hf")
+        first = f"nearswap convert {converted_from} {model_path} && "
+    return (f"{first}lm_eval --model hf --model_args pretrained={model_path},dtype=float32 --device cpu "
             f"--include_path {config_dir} --tasks {names}{lim}")
 
 

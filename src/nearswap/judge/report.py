@@ -83,7 +83,9 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
                             "documents_rescored_exactly": r.rescored} for r in results]
     report["timing_seconds"] = [{"model": r.name, **{k: round(v, 1) for k, v in r.seconds.items()}} for r in results]
     if selected:
-        report["lm_eval_command"] = harness.cli_command(selected, out / "tasks", Path(candidates[0].hf_dir or ""), limit)
+        first = candidates[0]
+        report["lm_eval_command"] = harness.cli_command(selected, out / "tasks", Path(first.hf_dir or ""), limit,
+                                                        first.given if first.hf_dir != first.given else None)
     return report
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -129,7 +130,12 @@ class Recipe:
     def resolve_paths(self, root: Path) -> "Recipe":
         """Make relative model paths relative to ``root`` (the recipe file's folder)."""
         def fix(p: str) -> str:
-            return str(p) if Path(p).is_absolute() or is_generated(p) else str(root / p)
+            if Path(p).is_absolute() or is_generated(p):
+                return str(p)
+            joined = os.path.join(root, p)
+            short = os.path.normpath(joined)  # merged/../base -> base, as a person writes it ...
+            # ... unless a link on the way makes ".." lead elsewhere: then the path as joined
+            return short if os.path.realpath(short) == os.path.realpath(joined) else joined
 
         data = self.to_dict()
         data["base"] = fix(self.base)

@@ -1,0 +1,78 @@
+"""The README followed as a new user would (the new-user issue): what ships holds no path of
+this machine that the user did not type, and a saved recipe re-run from elsewhere records its
+inputs as a person writes them."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from nearswap.demo import synthetic
+
+SHAPE = synthetic.LlamaShape(64, 2, 128, 49152, 4, 2)  # SmolLM2's vocabulary size: its GGUF gives the export's
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from conftest import CACHE
+
+    from nearswap.core.errors import NearswapError
+    from nearswap.demo import fetch
+
+    try:
+        return fetch.fetch(cache=CACHE)
+    except NearswapError as e:
+        pytest.skip(f"SmolLM2 (its vocabulary for the export) unavailable: {e}")
+
+
+def every_file(*roots: Path) -> list[Path]:
+    return sorted(p for root in roots for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
+
+
+def test_no_shipped_file_holds_an_absolute_path_the_user_did_not_type(tmp_path, monkeypatch, run, smollm2):
+    """From a working folder, with relative paths as a user types them: merge, the saved recipe
+    re-run from another folder, card, export and curve's plots. No file written holds the
+    working folder's absolute path, the home directory or the cache's; the re-run's report names
+    its inputs normalized (``../work/base``, not ``../work/merged/../base``)."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(work)
+    synthetic.make_base(Path("base"), SHAPE, "float32", seed=0)
+    synthetic.make_secondary(Path("base"), Path("s1"), 0.0125, seed=1)
+    os.symlink(os.path.relpath(smollm2), "vocab.gguf")  # (a path as the user would type it)
+    for args in (["merge", "base", "s1", "-t", "1e-3", "-o", "merged", "-q"],
+                 ["card", "merged"],
+                 ["export", "merged", "-o", "merged.q8_0.gguf", "--type", "q8_0", "--vocab-from", "vocab.gguf", "-q"],
+                 ["curve", "base", "s1", "--plot", "plots"]):
+        result = run(*args)
+        assert result.exit_code == 0, (args, result.output)
+    monkeypatch.chdir(other)
+    rerun = run("merge", "../work/merged/nearswap_recipe.yaml", "-o", "m2", "-q")
+    assert rerun.exit_code == 0, rerun.output
+    import json
+
+    report = json.loads((other / "m2" / "merge_report.json").read_text())
+    assert report["base"] == os.path.join("..", "work", "base")
+    assert [s["model"] for s in report["steps"]] == [os.path.join("..", "work", "s1")]
+    written = every_file(work / "merged", work / "plots", other / "m2", work / "merged.q8_0.gguf")
+    assert len(written) >= 8
+    secrets = {str(tmp_path), str(tmp_path.resolve()), os.environ["HOME"], str(Path(os.environ["XDG_CACHE_HOME"]))}
+    found = {str(p.relative_to(tmp_path)): s for p in written for s in secrets if s.encode() in p.read_bytes()}
+    assert found == {}
+
+
+def test_the_lm_eval_line_names_a_gguf_as_given_with_its_conversion():
+    """An eval whose reference is a GGUF is scored on its HF twin in nearswap's cache; the report's
+    lm_eval line names the GGUF as the user gave it and the command that makes the twin, not the
+    cache's path of this machine."""
+    pytest.importorskip("yaml")
+    from nearswap.judge import harness, tasks
+
+    selected = tasks.select("arc_easy:0")
+    cache = Path("/home/someone/.cache/nearswap/eval/converted/base-0123456789abcdef")
+    line = harness.cli_command(selected, Path("report/tasks"), cache, 20, Path("models/base.gguf"))
+    assert line.startswith("nearswap convert models/base.gguf base_hf && lm_eval --model hf ")
+    assert "pretrained=base_hf," in line and str(cache) not in line and "--limit 20" in line
+    plain = harness.cli_command(selected, Path("report/tasks"), Path("merged"), 20)
+    assert plain.startswith("lm_eval --model hf --model_args pretrained=merged,")
