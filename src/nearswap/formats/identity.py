@@ -30,3 +30,10 @@ def identity(path: str | Path) -> str:
     files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".gguf", ".bin")) if path.is_dir() else [path]
     parts = [str(path.resolve())] + [f"{f.name}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in files if f.is_file()]
     return "files:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def name_of(path: str | Path) -> str:
+    """A model's one name in everything nearswap shows (a card's tables, an eval report): its
+    folder's or file's name as given (``merged``, ``SmolLM2-135M-Instruct.Q4_1.gguf``)."""
+    path = Path(path)
+    return path.name or str(path)

@@ -103,6 +103,7 @@ class Step:
     model: str
     t: float
     rules: list[Rule] = field(default_factory=list)
+    id: str | None = None  # its Hugging Face Hub id (org/name), for the card's base_model
 
     def t_for(self, tensor: str) -> float:
         """The threshold this step applies to ``tensor``: the first matching rule, else ``t``."""
@@ -123,9 +124,18 @@ class Recipe:
     tokenizer_source: str = "base"
     carry_float32: bool = False
     allow_nonfinite: bool = False
+    base_id: str | None = None  # the base's Hugging Face Hub id (org/name), for the card's base_model
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The recipe's fields; the Hub ids only where given (they name the inputs for the card
+        and change nothing that is merged)."""
+        data = asdict(self)
+        if data["base_id"] is None:
+            del data["base_id"]
+        for step in data["steps"]:
+            if step["id"] is None:
+                del step["id"]
+        return data
 
     def resolve_paths(self, root: Path) -> "Recipe":
         """Make relative model paths relative to ``root`` (the recipe file's folder)."""
@@ -165,7 +175,11 @@ class Recipe:
             item: dict[str, Any] = {"model": path(step.model), "t": step.t}
             if step.rules:
                 item["rules"] = [{"match": r.match, "t": r.t} for r in step.rules]
+            if step.id:
+                item["id"] = step.id
             out["steps"].append(item)
+        if self.base_id:
+            out = {"base": out["base"], "base_id": self.base_id, "steps": out["steps"]}
         if self.dtype:
             out["dtype"] = BY_NAME[self.dtype].hf_name or self.dtype
         if self.shard_size != DEFAULT_SHARD_SIZE:
@@ -229,6 +243,19 @@ def _dtype(value: Any) -> str | None:
     return d.name
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # org/name, as the Hub's repo ids
+
+
+def hub_id(value: Any) -> str | None:
+    """A Hugging Face Hub model id (``org/name``), or None when not given."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not HUB_ID.fullmatch(value) or "--" in value or ".." in value \
+            or value.endswith((".git", ".")):
+        raise ValueError(f"expected a Hugging Face Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, got {shown(value)}")
+    return value
+
+
 def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {shown(value)}")
@@ -247,7 +274,8 @@ def _step(data: Any, where: str) -> Step:
         parsed.append(Rule(_text(_required(rule, "match", rw), f"{rw}.match"),
                            _check(_t, _required(rule, "t", rw), f"{rw}.t")))
     return Step(_text(_required(data, "model", where), f"{where}.model"),
-                _check(_t, _required(data, "t", where), f"{where}.t"), parsed)
+                _check(_t, _required(data, "t", where), f"{where}.t"), parsed,
+                _check(hub_id, data.get("id"), f"{where}.id"))
 
 
 def _recipe(data: Any) -> Recipe:
@@ -263,6 +291,7 @@ def _recipe(data: Any) -> Recipe:
         tokenizer_source=_text(data.get("tokenizer_source", "base"), "tokenizer_source"),
         carry_float32=_check(_bool, data.get("carry_float32", False), "carry_float32"),
         allow_nonfinite=_check(_bool, data.get("allow_nonfinite", False), "allow_nonfinite"),
+        base_id=_check(hub_id, data.get("base_id"), "base_id"),
     )
 
 

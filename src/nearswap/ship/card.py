@@ -22,7 +22,8 @@ def merge(recipe: Any, out: str | Path, gguf_type: str | None = None, **run: Any
 
     def write_card(tmp: Path, report: dict[str, Any], recipe_yaml: str) -> None:
         inputs = [recipe.base, *(step.model for step in recipe.steps)]
-        (tmp / "README.md").write_text(model_card({**report, "output_name": Path(out).name}, recipe_yaml, inputs))
+        (tmp / "README.md").write_text(model_card({**report, "output_name": Path(out).name}, recipe_yaml, inputs,
+                                                  hub_ids=hub_ids_of(recipe)))
 
     return sinks.merge(recipe, out, gguf_type, card=write_card, **run)
 
@@ -32,26 +33,46 @@ def front_matter(origins: list[Origin], terms: Terms) -> str:
     of a merge, the library, the license, the tags."""
     import yaml
 
-    data: dict[str, Any] = {"base_model": [o.id for o in origins], "base_model_relation": "merge",
-                            "library_name": "transformers", "license": terms.license}
+    known = [o.hub_id for o in origins if o.hub_id]
+    data: dict[str, Any] = {"base_model": known, "base_model_relation": "merge"} if known else {}
+    data.update({"library_name": "transformers", "license": terms.license})
     if terms.license_name:
         data["license_name"] = terms.license_name
     data["tags"] = ["merge", "nearswap"]
     return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+def hub_ids_of(recipe: Any) -> list[str | None]:
+    """The Hub id the recipe gives each input (``base_id``, each step's ``id``), None where none."""
+    return [recipe.base_id, *(step.id for step in recipe.steps)]
+
+
+def unknown_hub_ids(origins: list[Origin]) -> str:
+    """The sentence a card says of the inputs whose Hub id nothing states (left out of its
+    ``base_model``), or ""."""
+    missing = [o.id for o in origins if not o.hub_id]
+    if not missing:
+        return ""
+    return (f"base_model leaves out {', '.join(missing)}: no Hugging Face Hub id is known for "
+            f"{'it' if len(missing) == 1 else 'them'} (none in the recipe, the config's _name_or_path, a GGUF's "
+            "general.repo_url / general.source.* / general.base_model.0.repo_url, or a Hugging Face cache path); "
+            "give one as base_id (the base) or id (a step) in the recipe")
+
+
 def model_card(report: dict[str, Any], recipe_yaml: str, inputs: list[str | Path], *,
                evaluation: dict[str, Any] | None = None, sweep: dict[str, Any] | None = None,
-               quants: list[dict[str, Any]] | None = None) -> str:
+               quants: list[dict[str, Any]] | None = None, hub_ids: list[str | None] | None = None) -> str:
     """The card of a merge from its report and recipe; ``inputs``: the base and secondaries'
     paths (their own files give their names and licenses). With ``evaluation`` (an eval
     report.json), ``sweep`` (a sweep.json) and ``quants`` (``quant_row`` of each file), their
     tables too."""
     steps = report["steps"]
-    origins = [origin_of(path) for path in inputs]
+    origins = [origin_of(path, hub) for path, hub in zip(inputs, hub_ids or [None] * len(inputs))]
     terms = combine(origins)
-    licenses = "\n".join(f"- {md(o.id)}: {md(o.license) if o.license else 'not stated'}"
+    licenses = "\n".join(f"- {md(o.id)}{' (' + md(o.hub_id) + ' on the Hub)' if o.hub_id else ''}: "
+                          f"{md(o.license) if o.license else 'not stated'}"
                           + (f" (from its {md(o.found_in)})" if o.found_in else "") for o in origins)
+    missing = unknown_hub_ids(origins)
     rows = "\n".join(
         f"| {i} | {md(Path(s['model']).name)} | {s['t']:g}{md(rules_note(s).replace('  (', ' ('))} | "
         f"{100 * s['swapped'] / s['total']:.2f}% | "
@@ -101,7 +122,7 @@ counted). Per-tensor counts are in `merge_report.json`.
 ## Notes
 
 {_quality_note(evaluation, sweep)}
-- NearSwap is the algorithm of the QuartetAnemoi-70B model card (alchemonaut); this merge was made with nearswap.
+{"- " + md(missing) + "." + chr(10) if missing else ""}- NearSwap is the algorithm of the QuartetAnemoi-70B model card (alchemonaut); this merge was made with nearswap.
 """
 
 
@@ -212,7 +233,14 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
                 raise NearswapError(f"{path}: not {what} that nearswap wrote (its tables cannot be read); "
                                     "give the directory nearswap eval / sweep wrote") from None
     text = model_card({**report, "output_name": directory.name}, recipe_yaml, inputs, **extras,
-                      quants=[quant_row(q) for q in quants])
+                      quants=[quant_row(q) for q in quants], hub_ids=hub_ids_of(rec))
+    missing = unknown_hub_ids([origin_of(p, h) for p, h in zip(inputs, hub_ids_of(rec))])
+    if missing:
+        import warnings
+
+        from ..core.errors import NearswapWarning
+
+        warnings.warn(missing, NearswapWarning, stacklevel=2)
     _replace_card(card, text)
     return card
 

@@ -9,6 +9,7 @@ when the inputs disagree, or one says nothing, the card says so rather than pick
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,11 @@ class Origin:
     """One input of a merge: what it is called and what its files say about its terms."""
 
     path: str
-    id: str  # a Hub id (org/name) when its files say one, else its folder's or file's name
+    id: str  # its one name everywhere: the folder's or file's name as given (``formats.identity.name_of``)
     license: str | None  # as its files give it (a Hub license id, or free text); None: they say nothing
     found_in: str = ""  # where the license was read
+    hub_id: str | None = None  # its Hugging Face Hub id (org/name), when the user or its files say one
+    hub_from: str = ""  # where the Hub id was found
 
 
 def rank(license: str | None) -> int:
@@ -64,19 +67,49 @@ def rank(license: str | None) -> int:
     return USE_RESTRICTED  # a custom license: its own terms, whatever they are
 
 
-def origin_of(path: str | Path) -> Origin:
-    """What ``path`` (an HF directory, a safetensors file or a GGUF) says about itself."""
+def origin_of(path: str | Path, hub_id: str | None = None) -> Origin:
+    """What ``path`` (an HF directory, a safetensors file or a GGUF) says about itself; ``hub_id``:
+    its Hub id as the user gave it (a recipe's ``base_id`` / a step's ``id``), which wins."""
+    from ..formats.identity import name_of
+
     path = Path(path)
-    name = _hub_id_from_cache_path(path) or (path.name if path.is_dir() else path.stem)
+    name = name_of(path)
+    given = (hub_id, "the recipe") if hub_id else (None, "")
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return _gguf_origin(path, name)
-    card = path / "README.md" if path.is_dir() else path.parent / "README.md"
-    meta = front_matter(card)
-    license = meta.get("license")
-    if license == "other" and isinstance(meta.get("license_name"), str):
-        license = meta["license_name"]
-    found = f"{card.name}" if isinstance(license, str) else ""
-    return Origin(str(path), name, license if isinstance(license, str) else None, found)
+        origin = _gguf_origin(path, name)
+        found = (origin.hub_id, origin.hub_from)
+    else:
+        card = path / "README.md" if path.is_dir() else path.parent / "README.md"
+        meta = front_matter(card)
+        license = meta.get("license")
+        if license == "other" and isinstance(meta.get("license_name"), str):
+            license = meta["license_name"]
+        origin = Origin(str(path), name, license if isinstance(license, str) else None,
+                        f"{card.name}" if isinstance(license, str) else "")
+        found = _hub_id_of_directory(path)
+    cached = _hub_id_from_cache_path(path)
+    hub, where = given if given[0] else (cached, "its Hugging Face cache path") if cached else found
+    return dataclasses.replace(origin, hub_id=hub, hub_from=where if hub else "")
+
+
+def _hub_id_of_directory(path: Path) -> tuple[str | None, str]:
+    """The Hub id a model directory's config.json names (``_name_or_path``, as transformers
+    writes the id it was loaded from), when that is a Hub id and not a local path."""
+    from ..core.errors import NearswapError
+    from ..core.files import read_json_object
+    from ..merging.recipe import HUB_ID
+
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.is_file():
+        return None, ""
+    try:
+        value = read_json_object(config, "config").get("_name_or_path")
+    except (NearswapError, OSError, AttributeError):
+        return None, ""
+    if isinstance(value, str) and HUB_ID.fullmatch(value) and "--" not in value and ".." not in value \
+            and not value.startswith((".", "/", "~")):
+        return value, "config.json _name_or_path"
+    return None, ""
 
 
 def front_matter(card: Path) -> dict[str, Any]:
@@ -109,13 +142,19 @@ def _gguf_origin(path: Path, name: str) -> Origin:
         meta = read_header(path).metadata
     except (HeaderError, OSError):
         return Origin(str(path), name, None)
-    repo = meta.get("general.repo_url")
-    hub = re.search(r"huggingface\.co/([\w.-]+/[\w.-]+)", repo) if isinstance(repo, str) else None
-    if hub:
-        name = hub.group(1)
+    hub, where = None, ""
+    for key in ("general.repo_url", "general.source.repo_url", "general.source.url",  # the model itself, then
+                "general.source.huggingface.repository", "general.base_model.0.repo_url"):  # the one it names
+        value = meta.get(key)
+        found = re.search(r"huggingface\.co/([\w.-]+/[\w.-]+?)(?:\.git)?/?$", value) if isinstance(value, str) else None
+        if key == "general.source.huggingface.repository" and isinstance(value, str) and "/" in value:
+            found = re.fullmatch(r"([\w.-]+/[\w.-]+)", value)
+        if found:
+            hub, where = found.group(1), f"GGUF {key}"
+            break
     license = meta.get("general.license.name") if meta.get("general.license") == "other" else meta.get("general.license")
     return Origin(str(path), name, license if isinstance(license, str) else None,
-                  "GGUF general.license" if isinstance(license, str) else "")
+                  "GGUF general.license" if isinstance(license, str) else "", hub, where)
 
 
 def _hub_id_from_cache_path(path: Path) -> str | None:
