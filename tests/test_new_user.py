@@ -76,3 +76,34 @@ def test_the_lm_eval_line_names_a_gguf_as_given_with_its_conversion():
     assert "pretrained=base_hf," in line and str(cache) not in line and "--limit 20" in line
     plain = harness.cli_command(selected, Path("report/tasks"), Path("merged"), 20)
     assert plain.startswith("lm_eval --model hf --model_args pretrained=merged,")
+
+
+def test_a_long_eval_in_a_log_says_where_it_is(monkeypatch, capsys):
+    """eval's progress where stderr is a log (new-user issue, item 6: 35 silent minutes): a line
+    when a phase starts, one per LOG_EVERY seconds with counts, time spent and time left, one
+    when it ends — computed here from the same clock."""
+    from nearswap.cli import progress
+
+    clock = [100.0]
+    monkeypatch.setattr("time.monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress, "_stderr_is_a_terminal", lambda: False)
+    phases = progress._Phases(quiet=False)
+    phases("base: benchmarks", 0, 400)
+    for done in range(1, 401):
+        clock[0] += 0.5  # 2 requests a second: 200 s for the phase
+        phases("base: benchmarks", done, 400)
+    phases("base: stories", 0, 6)
+    phases("base: stories", 6, 6)
+    lines = capsys.readouterr().err.splitlines()
+    every = progress._Phases.LOG_EVERY
+    ticks = [int(k * every / 0.5) for k in range(1, int(200 // every) + 1) if k * every < 200]
+    expected = ["base: benchmarks: 0/400"]
+    for done in ticks:
+        spent = done * 0.5
+        expected.append(f"base: benchmarks: {done}/400 ({100 * done / 400:.0f}%) in {progress._duration(spent)}, "
+                        f"about {progress._duration(spent / done * (400 - done))} left")
+    expected += [f"base: benchmarks: 400/400 (100%) in {progress._duration(200)}", "base: stories: 0/6", "base: stories: 6/6 (100%) in 0 s"]
+    assert lines == expected
+    quiet = progress._Phases(quiet=True)
+    quiet("x", 1, 2)
+    assert capsys.readouterr().err == ""

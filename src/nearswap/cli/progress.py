@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -67,15 +68,27 @@ def _duration(seconds: float) -> str:
 
 
 class _Phases:
-    """One tqdm bar per phase of a long job (``what`` changes: a new bar), with rate and ETA."""
+    """Progress of a long job in phases (``what`` changes: a new phase): on a terminal one tqdm
+    bar per phase, with rate and ETA; in a log (stderr not a terminal) a line when a phase
+    starts, then one every ``LOG_EVERY`` seconds and one when it ends, each with the counts, the
+    time spent and the time left — a log of a 35-minute eval is never silent for long."""
+
+    LOG_EVERY = 60.0  # seconds between a phase's lines in a log
 
     def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet or not _stderr_is_a_terminal()
-        self.what, self.bar = None, None
+        self.quiet = quiet
+        self.log = not _stderr_is_a_terminal()
+        self.what: str | None = None
+        self.bar: Any = None
         self.file = sys.stderr  # the terminal, even while a library's own output is being hidden
+        self.started = self.last = 0.0
+        self.ended = False
 
     def __call__(self, what: str, done: int, total: int) -> None:
         if self.quiet:
+            return
+        if self.log:
+            self._line(what, done, total)
             return
         if what != self.what:
             self.close()
@@ -86,6 +99,22 @@ class _Phases:
         if self.bar is not None:
             self.bar.total = total
             self.bar.update(done - self.bar.n)
+
+    def _line(self, what: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if what != self.what:
+            self.what, self.started, self.last, self.ended = what, now, now, False
+            click.echo(f"{what}: {done}/{total}", err=True)
+            return
+        finished = total > 0 and done >= total
+        if self.ended or not (finished or now - self.last >= self.LOG_EVERY):
+            return
+        self.last, self.ended = now, finished
+        spent = now - self.started
+        left = f", about {_duration(spent / done * (total - done))} left" if 0 < done < total else ""
+        click.echo(f"{what}: {done}/{total} ({100 * done / max(total, 1):.0f}%) in {_duration(spent)}{left}", err=True)
 
     def close(self) -> None:
         if self.bar is not None:
