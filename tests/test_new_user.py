@@ -137,3 +137,48 @@ def test_the_readme_walkthrough_runs_on_a_small_stand_in(tiny_llm, quick_data, t
     assert swept.exit_code == 0, swept.output
     carded = run("card", "merged", "--eval", "report", "--sweep", "sweep", "--quants", "merged.q8_0.gguf")
     assert carded.exit_code == 0, carded.output
+
+
+def _loads_in_llama_cpp(path: Path) -> None:
+    """llama.cpp's own loader on ``path`` (skipped where llama-cpp-python is not installed)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=1, verbose=False)
+    out = llm("The capital of France is", max_tokens=4, temperature=0.0)
+    assert isinstance(out["choices"][0]["text"], str)
+
+
+def test_demo_on_a_base_of_ones_own(tiny_llm, tmp_path, run):
+    """`nearswap demo --base DIR` (new-user issue, item 9): the card's workflow on the user's own
+    model — three derived secondaries, the merge, the curve, the GGUF export — without Python.
+    The export is read back by gguf's own reader: every tensor of the merge is there."""
+    gguf = pytest.importorskip("gguf")
+    result = run("demo", "--base", tiny_llm / "base", "--workdir", tmp_path, "--no-eval", "-q")
+    assert result.exit_code == 0, result.output
+    work = tmp_path / "base"
+    assert sorted(p.name for p in work.iterdir()) == ["merged", "merged.q8_0.gguf", "s1", "s2", "s3"]
+    assert "step 3" in result.output and "what other t would swap" in result.output
+    from nearswap.formats import open_model
+
+    merged = open_model(work / "merged", "merged")
+    reader = gguf.GGUFReader(work / "merged.q8_0.gguf")
+    assert len(reader.tensors) == len(merged.tensors)
+    bad = run("demo", "--base", tmp_path / "nothing", "--workdir", tmp_path / "w")
+    assert bad.exit_code == 1 and len(bad.stderr.strip().splitlines()) == 1 and "no such file" in bad.stderr
+
+
+def test_demo_on_gemma3_when_fetched(tmp_path, monkeypatch, run):
+    """`nearswap demo --base gemma3-270m`: the workflow on Gemma-3-270M Q4_K_M to a GGUF that
+    llama.cpp loads (skipped unless Gemma is in the cache: `nearswap fetch gemma3-270m`)."""
+    from conftest import CACHE
+
+    from nearswap.demo import fetch
+
+    if fetch.cached(fetch.GEMMA3, cache=CACHE) is None:
+        pytest.skip("Gemma-3-270M is not in the cache: run `nearswap fetch gemma3-270m` to include this test")
+    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
+    result = run("demo", "--base", "gemma3-270m", "--workdir", tmp_path, "--no-eval", "-q")
+    assert result.exit_code == 0, result.output
+    exported = tmp_path / "gemma3-270m" / "merged.q8_0.gguf"
+    gguf = pytest.importorskip("gguf")
+    assert gguf.GGUFReader(exported).fields["general.architecture"].contents() == "gemma3"
+    _loads_in_llama_cpp(exported)

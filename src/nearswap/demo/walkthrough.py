@@ -83,9 +83,17 @@ def _have_eval() -> bool:
 
 
 def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, on_plan=None,
-             synthetic_only: bool = False, evaluate_models: bool = True) -> dict:
+             synthetic_only: bool = False, evaluate_models: bool = True, base: str | Path | None = None) -> dict:
+    """The card's workflow on SmolLM2 (the default), on ``base`` (a packaged model's name, as
+    ``nearswap fetch`` takes it, or a model nearswap reads: GGUF, HF directory, safetensors), or
+    offline on a generated model (``synthetic_only``)."""
     started = time.perf_counter()
     workdir = Path(workdir) if workdir else default_workdir()
+    if base is not None:
+        if synthetic_only:
+            raise NearswapError("--base and --synthetic choose two different bases; give one")
+        path, hub_id, license, slug = _chosen_base(str(base), echo)
+        return _real_demo(path, hub_id, license, workdir / slug, echo, progress, on_plan, evaluate_models, started)
     gguf_path = None
     if not synthetic_only:
         try:
@@ -94,23 +102,50 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, o
             echo(f"could not fetch SmolLM2 ({e}); running the demo on a generated model instead")
     if gguf_path is None:
         return _synthetic_demo(workdir / "synthetic", echo, progress, on_plan)
+    return _real_demo(gguf_path, fetch.SMOLLM2.hub_id, fetch.SMOLLM2.license, workdir / "smollm2", echo, progress,
+                      on_plan, evaluate_models, started)
 
-    work = workdir / "smollm2"
-    echo(f"base: {gguf_path.name} ({fetch.SMOLLM2.license}), merged straight from the GGUF")
-    secondaries = _secondaries(gguf_path, work, echo)
+
+def _chosen_base(base: str, echo: Callable[[str], None]) -> tuple[Path, str | None, str, str]:
+    """(path, Hub id, license, work folder name) of ``--base``: a packaged model by name (fetched
+    once), or a local model (its license as its own files state it)."""
+    import re
+
+    from ..formats import open_model
+    from ..ship.provenance import origin_of
+
+    if base in fetch.MODELS:
+        model = fetch.MODELS[base]
+        return fetch.fetch(model, echo=echo), model.hub_id, model.license, base
+    path = Path(base)
+    if not path.exists():
+        raise NearswapError(f"--base {base}: no such file or directory, and not a model nearswap fetches "
+                            f"({', '.join(fetch.MODELS)})")
+    open_model(path, "--base")  # (refuses, in one line, what nearswap cannot read)
+    origin = origin_of(path)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem if path.is_file() else path.name).strip("-.") or "base"
+    return path, origin.hub_id, origin.license or "license not stated", slug
+
+
+def _real_demo(base: Path, hub_id: str | None, license: str, work: Path, echo, progress, on_plan,
+               evaluate_models: bool, started: float) -> dict:
+    echo(f"base: {base.name} ({license}){', merged straight from the GGUF' if base.suffix.lower() == '.gguf' else ''}")
+    secondaries = _secondaries(base, work, echo)
     merged = work / "merged"
-    report = _merge(gguf_path, secondaries, merged, echo, progress, on_plan, fetch.SMOLLM2.hub_id)
-    _curve(gguf_path, secondaries, echo)
+    report = _merge(base, secondaries, merged, echo, progress, on_plan, hub_id)
+    _curve(base, secondaries, echo)
 
     if evaluate_models and _have_eval():
         from ..judge import quick as evaluate
         from ..judge.models import load
         from ..merging.convert import convert
 
-        base_hf = work / "base_hf"
-        if not (base_hf / "config.json").exists():
-            echo("converting the base GGUF to an HF checkpoint for transformers")
-            convert(gguf_path, base_hf, force=True)
+        base_hf = base
+        if not base.is_dir():
+            base_hf = work / "base_hf"
+            if not (base_hf / "config.json").exists():
+                echo(f"converting the base to an HF checkpoint for transformers ({base_hf})")
+                convert(base, base_hf, force=True)
         echo(f'stories from the prompt "{evaluate.STORY_PROMPT}" (seed 0), and perplexity on a fixed text '
              "(Alice in Wonderland, chapter 1):")
         for label, path in (("base", base_hf), ("merged", merged)):
@@ -118,6 +153,7 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, o
             story = evaluate.generate(model, tokenizer)
             report[f"{label}_perplexity"] = evaluate.perplexity(model, tokenizer)
             echo(f"\n[{label}] perplexity {report[f'{label}_perplexity']:.3f}\n{evaluate.STORY_PROMPT}{story}")
+            del model
         echo("")
     elif evaluate_models:
         echo("(install the eval extra -- pip install 'nearswap[eval]' -- for the stories and perplexities)")
@@ -126,6 +162,7 @@ def run_demo(workdir: Path | None, echo: Callable[[str], None], progress=None, o
 
     out_gguf = work / f"merged.{EXPORT_TYPE}.gguf"
     result = export_gguf(merged, out_gguf, EXPORT_TYPE, force=True)
+    report["exported"] = str(out_gguf)
     echo(f"exported {out_gguf} ({result['bytes'] / 1e6:.0f} MB, {EXPORT_TYPE}) for llama.cpp")
     echo(f"demo done in {time.perf_counter() - started:.0f} s; merged model: {merged}")
     return report
