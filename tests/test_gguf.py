@@ -334,7 +334,7 @@ def test_export_carries_the_vocabulary_gguf_settings_and_license(tmp_path, run):
     for key in ("tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_space_prefix",
                 "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "general.license", "general.languages"):
         assert out.fields[key].contents() == orig.fields[key].contents(), key
-    assert out.fields["general.name"].contents() == "m"
+    assert out.fields["general.name"].contents() == "hf"  # the model it holds (its folder), not the file written
 
 
 @pytest.mark.parametrize("type_name", ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"])

@@ -60,6 +60,10 @@ def test_no_shipped_file_holds_an_absolute_path_the_user_did_not_type(tmp_path, 
     secrets = {str(tmp_path), str(tmp_path.resolve()), os.environ["HOME"], str(Path(os.environ["XDG_CACHE_HOME"]))}
     found = {str(p.relative_to(tmp_path)): s for p in written for s in secrets if s.encode() in p.read_bytes()}
     assert found == {}
+    # the export names the model it holds, not the file (item 7: it was renamed "merged.q8_0")
+    import gguf
+
+    assert gguf.GGUFReader(work / "merged.q8_0.gguf").fields["general.name"].contents() == "merged"
 
 
 def test_the_lm_eval_line_names_a_gguf_as_given_with_its_conversion():

@@ -103,6 +103,19 @@ def carried_general_keys() -> tuple[str, ...]:
     return (g.LICENSE, g.LICENSE_NAME, g.LICENSE_LINK, g.LANGUAGES)
 
 
+def model_name(model: Any) -> str:
+    """``general.name`` of an export: the name of the model it holds, not of the file it is
+    written to (``merged.q4_k_m.gguf`` holds "merged"): a GGUF's own ``general.name``, else the
+    model's folder (or file) name as given."""
+    name = model.metadata.get("general.name") if model.kind == "gguf" else None
+    if isinstance(name, str) and name.strip():
+        return name
+    from ..formats.identity import name_of
+
+    path = Path(model.path)
+    return name_of(path) if path.is_dir() else path.stem
+
+
 def _gguf_vocab(source: Path) -> Callable[[Any], None]:
     """Every tokenizer.* field of another GGUF, as it is, and its license and languages
     (``carried_general_keys``), read now (with nearswap's bounded header reader: a file
@@ -347,7 +360,7 @@ def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab
         on_start(model)
     w = gguf.GGUFWriter(str(part), arch_name)
     try:
-        w.add_name(out.stem)
+        w.add_name(model_name(model))
         add_metadata(w, arch, config)
         w.add_file_type(file_type(qtype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
