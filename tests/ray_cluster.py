@@ -33,7 +33,12 @@ class LocalCluster:
         self.address = f"127.0.0.1:{free_port()}"
         # Ray runs its workers at nice 15 by default: beside other busy processes (CI's machine) they
         # would get almost no CPU, and a test would take as long as the others let it
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", **(env or {})}
+        # and a HOME of its own: a token in the user's ~/.ray (Ray 2.60 turns token authentication on
+        # where one exists) would change what the cluster asks of its clients
+        (self.temp / "home").mkdir()
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+                    "HOME": str(self.temp / "home"), "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",
+                    **(env or {})}
 
     def start(self) -> str:
         common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
