@@ -53,3 +53,22 @@ def run_recipe(rec: Any, out: str | Path, gguf_type: str | None = None, **run: A
     from .ship.card import merge as published
 
     return published(rec, out, gguf_type, **run)
+
+
+def tune(base: Any, secondaries: Any, budget: str, out: str | Path, *, max_merges: int | None = None,
+         threads: int | None = None, force: bool = False, drift_text: Any = None,
+         echo: Any = lambda s: None, progress: Any = None, on_plan: Any = None) -> dict:
+    """``nearswap tune``: each step's t at the edge of a drift ``budget`` (``kl<=0.01``: see
+    ``judge.tune``), the search written to ``out``, then the chosen recipe merged with its card
+    into ``out/merged`` (as ``nearswap merge`` of ``out/recipe.yaml`` would). Returns the
+    search's result with the merge's report under ``merge``."""
+    from .judge import tune as tuning
+    from .merging import recipe
+
+    result = tuning.search(base, secondaries, budget, out, max_merges=max_merges or tuning.MAX_MERGES,
+                           threads=threads, force=force, drift_text=drift_text, echo=echo)
+    chosen = recipe.build(result["recipe"], "tune")
+    echo(f"merging the chosen recipe into {Path(out) / 'merged'}")
+    result["merge"] = run_recipe(chosen, Path(out) / "merged", force=True, threads=threads, progress=progress,
+                                 on_plan=on_plan)
+    return result

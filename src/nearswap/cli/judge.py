@@ -54,6 +54,43 @@ def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads
     _say(f"wrote {_p(out / 'sweep.md')}, {_p(out / 'sweep.json')}, {_p(out / 'sweep.png')}")
 
 
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--budget", required=True, help="The drift the merge may have, from the base: kl<=X (mean KL, nats per "
+              "token), kl_p99<=X, or top1>=X (top-1 agreement).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path),
+              help="Output folder: tune.json/.md, frontier.png, recipe.yaml, the merge (merged/), the trials.")
+@click.option("--max-merges", type=click.IntRange(2, 64), help="Merges a step, at most (default 6).")
+@click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the drift (default: the shipped one).")
+@force_option("Empty an existing output folder that is not a tune's.")
+@threads_option()
+@json_option("Print the result (tune.json) instead of the table.")
+@quiet_option("No progress messages.")
+def tune(inputs, budget, out, max_merges, drift_text, force, threads, as_json, quiet):
+    """The largest t the base tolerates: each step's t at the edge of a drift budget, by
+    bisection on the swap share (a few merges, not a grid), then the merge at that t with its
+    card. A killed tune, run again, continues from its measured candidates.
+
+    \b
+      nearswap tune base/ s1/ s2/ s3/ --budget "kl<=0.01" -o tuned/
+    """
+    from .. import api
+    from ..judge.tune import markdown, parse_budget
+
+    parse_budget(budget)  # (a bad budget is one line before anything is opened)
+    if len(inputs) < 2:
+        raise NearswapError("give a base and at least one secondary")
+    say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
+    result = api.tune(inputs[0], list(inputs[1:]), budget, out, max_merges=max_merges, threads=threads, force=force,
+                      drift_text=drift_text, echo=say)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.items() if k != "merge"}, indent=1))
+        return
+    _say(markdown(result))
+    _say(f"wrote {_p(out / 'tune.md')}, {_p(out / 'tune.json')}, {_p(out / 'frontier.png')}, "
+         f"{_p(out / 'recipe.yaml')}, {_p(out / 'merged')}")
+
+
 @cli.command("eval")
 @click.argument("models", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Report directory (written atomically).")
