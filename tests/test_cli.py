@@ -171,7 +171,7 @@ def test_pickle_checkpoint(make_quartet, tmp_path, run):
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("base: b\nsteps: [{model: s, t: 1e-4, tt: 1}]\n", "step 1.tt: unknown key (allowed here: model, t, rules)"),
+    ("base: b\nsteps: [{model: s, t: 1e-4, tt: 1}]\n", "step 1.tt: unknown key (allowed here: model, t, rules, id)"),
     ("base: b\nsteps: [{model: s, t: -1}]\n", "step 1.t: t must be"),
     ("base: b\nsteps: []\n", "steps"),
     ("base: b\nsteps: [{model: s, t: 1e-4}]\nshard_size: lots\n", "bad size"),

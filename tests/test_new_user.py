@@ -15,7 +15,6 @@ SHAPE = synthetic.LlamaShape(64, 2, 128, 49152, 4, 2)  # SmolLM2's vocabulary si
 @pytest.fixture(scope="module")
 def smollm2():
     from conftest import CACHE
-
     from nearswap.core.errors import NearswapError
     from nearswap.demo import fetch
 
@@ -174,7 +173,6 @@ def test_demo_on_gemma3_when_fetched(tmp_path, monkeypatch, run):
     """`nearswap demo --base gemma3-270m`: the workflow on Gemma-3-270M Q4_K_M to a GGUF that
     llama.cpp loads (skipped unless Gemma is in the cache: `nearswap fetch gemma3-270m`)."""
     from conftest import CACHE
-
     from nearswap.demo import fetch
 
     if fetch.cached(fetch.GEMMA3, cache=CACHE) is None:

@@ -111,3 +111,33 @@ def test_a_chain_is_tuned_step_by_step_within_the_budget(tiny_llm, tmp_path, run
         found["steps"][1]["drift"]["kl_mean"], rel=1e-5)
     recipe = nearswap.load_recipe(tmp_path / "out" / "recipe.yaml")
     assert [s.t for s in recipe.steps] == [s["t"] for s in found["steps"]]
+
+
+def test_per_kind_swaps_more_within_the_same_budget_or_says_none_exists(tiny_llm, tmp_path, run):
+    """--per-kind: from the single-t answer, a t per group of tensors raised where the budget
+    holds. Either its point swaps more than the single t — and the merge written from its recipe
+    has that share, measured by the merge itself, and a drift within the budget — or it says
+    that it found none."""
+    from nearswap.judge import drift, models
+    from nearswap.judge.quick import fixed_text
+
+    budget = 0.001
+    result = run("tune", tiny_llm / "base", tiny_llm / "s1", "--budget", f"kl<={budget}", "-o", tmp_path / "out",
+                 "--threads", "1", "--max-merges", "4", "--per-kind", "--json")
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    kinds = found["per_kind"]
+    report = json.loads((tmp_path / "out" / "merged" / "merge_report.json").read_text())
+    share = report["steps"][0]["swapped"] / report["steps"][0]["total"]
+    model, tokenizer = models.load(tiny_llm / "base", 1)
+    kl = _drift_of(tmp_path / "out" / "merged", tiny_llm / "base", drift.reference(model, tokenizer, fixed_text()))
+    assert kl <= budget
+    if kinds["rules"]:
+        assert share == pytest.approx(kinds["share"]) and kinds["share"] > kinds["single_share"]
+        assert found["recipe"]["steps"][0]["rules"] == kinds["rules"]
+    else:
+        assert "no point with more weights swapped" in (tmp_path / "out" / "tune.md").read_text()
+        assert share == pytest.approx(kinds["single_share"])
+    wrong = run("tune", tiny_llm / "base", tiny_llm / "s1", tiny_llm / "s1", "--budget", "kl<=0.01", "-o",
+                tmp_path / "two", "--per-kind")
+    assert wrong.exit_code == 1 and "--per-kind tunes one step" in wrong.stderr and not (tmp_path / "two").exists()

@@ -56,7 +56,7 @@ def run_recipe(rec: Any, out: str | Path, gguf_type: str | None = None, **run: A
 
 
 def tune(base: Any, secondaries: Any, budget: str, out: str | Path, *, max_merges: int | None = None,
-         threads: int | None = None, force: bool = False, drift_text: Any = None,
+         threads: int | None = None, force: bool = False, drift_text: Any = None, per_kind: bool = False,
          echo: Any = lambda s: None, progress: Any = None, on_plan: Any = None) -> dict:
     """``nearswap tune``: each step's t at the edge of a drift ``budget`` (``kl<=0.01``: see
     ``judge.tune``), the search written to ``out``, then the chosen recipe merged with its card
@@ -66,7 +66,7 @@ def tune(base: Any, secondaries: Any, budget: str, out: str | Path, *, max_merge
     from .merging import recipe
 
     result = tuning.search(base, secondaries, budget, out, max_merges=max_merges or tuning.MAX_MERGES,
-                           threads=threads, force=force, drift_text=drift_text, echo=echo)
+                           threads=threads, force=force, drift_text=drift_text, per_kind=per_kind, echo=echo)
     chosen = recipe.build(result["recipe"], "tune")
     echo(f"merging the chosen recipe into {Path(out) / 'merged'}")
     result["merge"] = run_recipe(chosen, Path(out) / "merged", force=True, threads=threads, progress=progress,

@@ -62,11 +62,13 @@ def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads
               help="Output folder: tune.json/.md, frontier.png, recipe.yaml, the merge (merged/), the trials.")
 @click.option("--max-merges", type=click.IntRange(2, 64), help="Merges a step, at most (default 6).")
 @click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the drift (default: the shipped one).")
+@click.option("--per-kind", is_flag=True, help="Then a t per group of tensors (norms, attention, MLP, embeddings) "
+              "within the same budget, from the single t upward (one secondary).")
 @force_option("Empty an existing output folder that is not a tune's.")
 @threads_option()
 @json_option("Print the result (tune.json) instead of the table.")
 @quiet_option("No progress messages.")
-def tune(inputs, budget, out, max_merges, drift_text, force, threads, as_json, quiet):
+def tune(inputs, budget, out, max_merges, drift_text, per_kind, force, threads, as_json, quiet):
     """The largest t the base tolerates: each step's t at the edge of a drift budget, by
     bisection on the swap share (a few merges, not a grid), then the merge at that t with its
     card. A killed tune, run again, continues from its measured candidates.
@@ -82,7 +84,7 @@ def tune(inputs, budget, out, max_merges, drift_text, force, threads, as_json, q
         raise NearswapError("give a base and at least one secondary")
     say = (lambda m: None) if quiet or as_json else (lambda m: click.echo(m, err=True))
     result = api.tune(inputs[0], list(inputs[1:]), budget, out, max_merges=max_merges, threads=threads, force=force,
-                      drift_text=drift_text, echo=say)
+                      drift_text=drift_text, per_kind=per_kind, echo=say)
     if as_json:
         click.echo(json.dumps({k: v for k, v in result.items() if k != "merge"}, indent=1))
         return

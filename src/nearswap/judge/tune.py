@@ -44,6 +44,10 @@ MAX_MERGES = 6  # a step: the secondary itself, then five halvings of the share 
 # METRIC in --budget METRIC<=X or METRIC>=X: the drift figure it bounds, and the direction a merge moves it
 METRICS = {"kl": ("kl_mean", "<="), "kl_p99": ("kl_p99", "<="), "top1": ("top1_agreement", ">=")}
 FILES = ("tune.json", "tune.md", "frontier.png", "recipe.yaml")
+KIND_MERGES = 3  # --per-kind: merges per group of tensors, at most
+# --per-kind: groups of tensors, each a recipe rule (first match wins: norms first, q_norm/k_norm are norms)
+GROUPS = (("norms", ("*norm*",)), ("attention", ("*.self_attn.*",)), ("mlp", ("*.mlp.*",)),
+          ("embeddings", ("*embed_tokens*", "lm_head*")))
 
 
 @dataclass(frozen=True)
@@ -150,14 +154,14 @@ class Trials:
                 except ValueError:
                     continue
                 if isinstance(row, dict) and row.get("key") == key and isinstance(row.get("ts"), list):
-                    self.rows[self._id(row["ts"])] = row
+                    self.rows[self._id(row["ts"], row.get("rules") or [])] = row
 
     @staticmethod
-    def _id(ts: Sequence[float]) -> str:
-        return ",".join(repr(float(t)) for t in ts)
+    def _id(ts: Sequence[float], rules: Sequence[Any] = ()) -> str:
+        return ",".join(repr(float(t)) for t in ts) + json.dumps(list(rules), sort_keys=True)
 
-    def get(self, ts: Sequence[float]) -> dict[str, Any] | None:
-        return self.rows.get(self._id(ts))
+    def get(self, ts: Sequence[float], rules: Sequence[Any] = ()) -> dict[str, Any] | None:
+        return self.rows.get(self._id(ts, rules))
 
     def add(self, row: dict[str, Any]) -> None:
         row = {"key": self.key, **row}
@@ -167,12 +171,13 @@ class Trials:
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.rows[self._id(row["ts"])] = row
+        self.rows[self._id(row["ts"], row.get("rules") or [])] = row
 
 
 def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Budget, out: str | Path, *,
            max_merges: int = MAX_MERGES, threads: int | None = None, force: bool = False,
-           drift_text: str | Path | None = None, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+           drift_text: str | Path | None = None, per_kind: bool = False, kind_merges: int = KIND_MERGES,
+           echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Tune each step's t to the edge of ``budget`` (see the module docstring); writes the
     search's files to ``out`` and returns the result (``recipe``: the chosen recipe's data)."""
     from ..formats.identity import identity
@@ -188,6 +193,9 @@ def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Bu
         raise InvalidValue(f"--max-merges {max_merges}: give 2 to 64 merges a step")
     if not secondaries:
         raise NearswapError("give a base and at least one secondary")
+    if per_kind and len(secondaries) > 1:
+        raise NearswapError("--per-kind tunes one step for now: give one secondary (a chain's later steps would "
+                            "be measured against per-kind t that the counting pass does not apply yet)")
     loader.require(lm_eval=False)
     out = Path(out)
     check_name(out)
@@ -211,9 +219,12 @@ def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Bu
     del model
     merges = 0
 
-    def measure(ts: list[float]) -> dict[str, Any]:
+    def measure(ts: list[float], rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The chain at ``ts`` (the last step with ``rules``: per-kind t), merged and measured,
+        or as an earlier run measured it."""
         nonlocal merges
-        found = trials.get(ts)
+        rules = rules or []
+        found = trials.get(ts, rules)
         if found is not None:
             return found
         from ..merging import sinks
@@ -221,8 +232,10 @@ def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Bu
         where = out / "candidate"
         if where.exists():
             shutil.rmtree(where)
-        rec = recipes.build({"base": str(base), "steps": [{"model": str(s), "t": t} for s, t in zip(secondaries, ts)]},
-                            "tune")
+        steps = [{"model": str(s), "t": t} for s, t in zip(secondaries, ts)]
+        if rules:
+            steps[-1]["rules"] = rules
+        rec = recipes.build({"base": str(base), "steps": steps}, "tune")
         report = sinks.merge(rec, where, threads=threads)
         merges += 1
         candidate, _ = loader.load(where, threads, tokenizer=base_hf)
@@ -230,7 +243,7 @@ def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Bu
         del candidate
         shutil.rmtree(where)
         step = report["steps"][-1]
-        row = {"step": len(ts), "ts": ts, "t": ts[-1], "share": step["swapped"] / step["total"],
+        row = {"step": len(ts), "ts": ts, "rules": rules, "t": ts[-1], "share": step["swapped"] / step["total"],
                "changed": report.get("all_steps", step)["changed"] / step["total"],
                **{k: d[k] for k in ("kl_mean", "kl_median", "kl_p99", "top1_agreement", "perplexity")}}
         row["within"] = budget.holds(row)
@@ -277,16 +290,92 @@ def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Bu
         previous = best
         echo(f"step {k + 1}: t = {best_t:.6g} ({100 * steps_out[-1]['share']:.2f}% swapped)"
              + (f"; the next candidate, t = {min(over):.6g}, is over the budget" if over else ""))
-    chosen_recipe = recipes.build({"base": str(base), "steps": [{"model": str(s), "t": t}
-                                                               for s, t in zip(secondaries, chosen)]}, "tune")
+    steps_data: list[dict[str, Any]] = [{"model": str(s), "t": t} for s, t in zip(secondaries, chosen)]
+    kinds = None
+    if per_kind:
+        kinds = _per_kind(plan_, steps_out[0], previous, measure, kind_merges, threads, echo)
+        if kinds["rules"]:
+            steps_data[0]["rules"] = kinds["rules"]
+    chosen_recipe = recipes.build({"base": str(base), "steps": steps_data}, "tune")
     result = {"budget": str(budget), "metric": budget.key, "bound": budget.bound, "op": budget.op,
               "base": str(base), "secondaries": [str(s) for s in secondaries], "max_merges": max_merges,
-              "merges": merges, "steps": steps_out, "recipe": chosen_recipe.to_dict()}
+              "merges": merges, "steps": steps_out, "per_kind": kinds, "recipe": chosen_recipe.to_dict()}
     (out / "recipe.yaml").write_text(chosen_recipe.to_yaml(relative_to=out.absolute()))
     (out / "tune.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "tune.md").write_text(markdown(result) + "\n")
     plot(result, out / "frontier.png")
     return result
+
+
+def _per_kind(plan_: Any, single: dict[str, Any], start: dict[str, Any] | None, measure: Callable[..., dict[str, Any]],
+              kind_merges: int, threads: int | None, echo: Callable[[str], None]) -> dict[str, Any]:
+    """A t per group of tensors (norms, attention, MLP, embeddings: recipe rules) within the same
+    budget, by coordinate ascent from the single-t answer: each group in turn, largest first,
+    its t raised by bisection on its own share axis while the others stay, a raise kept only
+    where the budget holds. The swapped share and the drift are each monotone in every group's
+    t, so each move keeps the point within the budget and only adds swapped weights; what it
+    finds is a better point, not a proven optimum. Returns the groups' t, the rules, the share."""
+    import fnmatch
+
+    t0 = single["t"]
+    members = {name: [task for task in plan_.tasks if task.merged and any(fnmatch.fnmatchcase(task.name, g)
+                                                                          for g in globs)
+                      and not any(fnmatch.fnmatchcase(task.name, g) for n2, gl in GROUPS[:i] for g in gl)]
+               for i, (name, globs) in enumerate(GROUPS)}
+    present = sorted((name for name in members if members[name]), key=lambda n: -sum(x.numel for x in members[n]))
+    current = {name: t0 for name in present}
+
+    used = {g for globs in (gl for _, gl in GROUPS) for g in globs
+            if any(fnmatch.fnmatchcase(task.name, g) for task in plan_.tasks)}  # (a rule matching nothing warns)
+
+    def rules() -> list[dict[str, Any]]:
+        return [{"match": g, "t": current[name]} for name, globs in GROUPS if name in current for g in globs
+                if current[name] != t0 and g in used]
+
+    best = start
+    moves: list[dict[str, Any]] = []
+    tried: list[dict[str, Any]] = []
+    for name in present:
+        sub = _Subset(plan_, members[name])
+        axis_ = axis(sub, 0, [], threads)
+        lo, hi = axis_.share_at(current[name]), 1.0
+        spent = 0
+        for _ in range(48):
+            if spent >= kind_merges:
+                break
+            mid = (lo + hi) / 2
+            t = axis_.t_at(mid)
+            if t <= current[name]:
+                lo = mid
+                continue
+            before = current[name]
+            current[name] = t
+            row = measure([t0], rules())
+            spent += 1
+            tried.append({"group": name, "t": t, **{k: row[k] for k in ("share", "kl_mean", "kl_p99", "top1_agreement",
+                                                                        "perplexity", "within")}})
+            if row["within"]:
+                lo, best = mid, row
+                moves.append({"group": name, "t": t, "share": row["share"]})
+            else:
+                current[name], hi = before, mid
+        echo(f"per kind: {name} at t = {current[name]:.6g}")
+    single_share = start["share"] if start is not None else 0.0
+    share = best["share"] if best is not None else single_share
+    better = share > single_share and bool(rules())
+    echo(f"per kind: {100 * share:.2f}% swapped within the budget against {100 * single_share:.2f}% at one t"
+         if better else "per kind: no point with more weights swapped than the single t was found within the budget "
+                        f"({kind_merges} merge(s) a group)")
+    return {"groups": current, "rules": rules() if better else [], "share": share if better else single_share,
+            "single_share": single_share, "moves": moves, "candidates": tried,
+            "drift": {k: best[k] for k in ("kl_mean", "kl_p99", "top1_agreement")} if better and best else None}
+
+
+class _Subset:
+    """A plan restricted to some of its tensors (a group's share axis)."""
+
+    def __init__(self, plan_: Any, tasks: list[Any]) -> None:
+        self.tasks, self.recipe = tasks, plan_.recipe
 
 
 def _read(path: str | Path) -> str:
@@ -321,6 +410,15 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {step['step']} | {r['t']:.6g} | {100 * r['share']:.2f}% | {r['kl_mean']:.4g} | "
                          f"{r['kl_p99']:.4g} | {r['top1_agreement']:.4f} | {r['perplexity']:.3f} | "
                          f"{'yes' if r['within'] else 'no'} | {'**yes**' if r['t'] == step['t'] else ''} |")
+    kinds = result.get("per_kind")
+    if kinds:
+        lines += ["", "| group | t | swapped | KL mean | within |", "|---|---|---|---|---|"]
+        lines += [f"| {r['group']} | {r['t']:.6g} | {100 * r['share']:.2f}% | {r['kl_mean']:.4g} | "
+                  f"{'yes' if r['within'] else 'no'} |" for r in kinds["candidates"]]
+        lines += ["", ("Per kind: " + ", ".join(f"{g} t = {t:.6g}" for g, t in kinds["groups"].items())
+                       + f": {100 * kinds['share']:.2f}% swapped, against {100 * kinds['single_share']:.2f}% at one t"
+                       if kinds["rules"] else "Per kind: no point with more weights swapped than the single t was "
+                       "found within the budget")]
     lines += ["", "Chosen: " + ", ".join(f"step {s['step']} t = {s['t']:.6g} ({100 * s['share']:.2f}% swapped, "
                                          f"running {result['metric']} {s['drift'][result['metric']]:.4g})"
                                          for s in result["steps"])]
