@@ -97,7 +97,10 @@ def test_hf_base_merge_equals_gguf_base_merge(gemma, converted, tmp_path):
     a = nearswap.merge(gemma, [sec], t=1e-4, out=tmp_path / "from-gguf")
     b = nearswap.merge(converted, [sec], t=1e-4, out=tmp_path / "from-hf")
     assert a["steps"][0]["swapped"] == b["steps"][0]["swapped"] > 0
-    assert a["output"]["checksums"] == b["output"]["checksums"]
+    # the tensors' data (the chunk CRCs of every shard); the shards' headers name each merge's own recipe (its
+    # base's path) and the side files come from each base, so those differ, as they should
+    data = ("method", "chunk", "files")
+    assert {k: a["output"]["checksums"][k] for k in data} == {k: b["output"]["checksums"][k] for k in data}
     ma, mb = open_model(tmp_path / "from-gguf"), open_model(tmp_path / "from-hf")
     assert {n: (i.dtype, i.shape) for n, i in ma.tensors.items()} == {n: (i.dtype, i.shape) for n, i in mb.tensors.items()}
     reader = FileReader()

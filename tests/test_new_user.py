@@ -127,7 +127,9 @@ def test_the_readme_walkthrough_runs_on_a_small_stand_in(tiny_llm, quick_data, t
         synthetic.make_secondary(Path("base.gguf"), Path(f"s{i}"), 0.0125, seed=i)
     assert not any(Path("s1").glob("tokenizer*"))  # (as the demo's: the base's tokenizer is used)
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    commands = [line.strip()[2:].split("  #")[0].split() for line in readme.splitlines()
+    walkthrough = readme[readme.index("## Walkthrough"):]
+    walkthrough = walkthrough[: walkthrough.index("\n## ", 3)]
+    commands = [line.strip()[2:].split("  #")[0].split() for line in walkthrough.splitlines()
                 if line.startswith("    $ nearswap ")]
     assert [c[1] for c in commands] == ["merge", "curve", "eval", "verify", "export", "card", "fit"]
     small = {"eval": ["--tasks", "arc_easy", "--limit", "8", "--no-writing"]}
