@@ -311,8 +311,9 @@ def _per_kind(plan_: Any, single: dict[str, Any], start: dict[str, Any] | None, 
               kind_merges: int, threads: int | None, echo: Callable[[str], None]) -> dict[str, Any]:
     """A t per group of tensors (norms, attention, MLP, embeddings: recipe rules) within the same
     budget, by coordinate ascent from the single-t answer: each group in turn, largest first,
-    its t raised by bisection on its own share axis while the others stay, a raise kept only
-    where the budget holds. The swapped share and the drift are each monotone in every group's
+    its t raised on its own share axis while the others stay — a small raise first, doubled
+    while within the budget, then halving towards the edge — a raise kept only where the budget
+    holds. The swapped share and the drift are each monotone in every group's
     t, so each move keeps the point within the budget and only adds swapped weights; what it
     finds is a better point, not a proven optimum. Returns the groups' t, the rules, the share."""
     import fnmatch
@@ -338,15 +339,21 @@ def _per_kind(plan_: Any, single: dict[str, Any], start: dict[str, Any] | None, 
     for name in present:
         sub = _Subset(plan_, members[name])
         axis_ = axis(sub, 0, [], threads)
-        lo, hi = axis_.share_at(current[name]), 1.0
+        # galloping: a small raise first (1/16 of what is left of the group's share axis), doubled while
+        # within the budget, then halving between the last within and the first over
+        lo, hi = axis_.share_at(current[name]), None
+        step = (1.0 - lo) / 16
         spent = 0
-        for _ in range(48):
-            if spent >= kind_merges:
+        for _ in range(64):
+            if spent >= kind_merges or lo >= 1.0:
                 break
-            mid = (lo + hi) / 2
-            t = axis_.t_at(mid)
-            if t <= current[name]:
-                lo = mid
+            target = min(1.0, lo + step) if hi is None else (lo + hi) / 2
+            t = axis_.t_at(target)
+            if t <= current[name]:  # inside the bucket of the t it has: a larger raise, or as fine as it gets
+                if hi is None:
+                    step *= 2
+                else:
+                    lo = target
                 continue
             before = current[name]
             current[name] = t
@@ -355,10 +362,12 @@ def _per_kind(plan_: Any, single: dict[str, Any], start: dict[str, Any] | None, 
             tried.append({"group": name, "t": t, **{k: row[k] for k in ("share", "kl_mean", "kl_p99", "top1_agreement",
                                                                         "perplexity", "within")}})
             if row["within"]:
-                lo, best = mid, row
+                lo, best = target, row
                 moves.append({"group": name, "t": t, "share": row["share"]})
+                if hi is None:
+                    step *= 2
             else:
-                current[name], hi = before, mid
+                current[name], hi = before, target
         echo(f"per kind: {name} at t = {current[name]:.6g}")
     single_share = start["share"] if start is not None else 0.0
     share = best["share"] if best is not None else single_share
