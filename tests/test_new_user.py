@@ -12,18 +12,6 @@ from nearswap.demo import synthetic
 SHAPE = synthetic.LlamaShape(64, 2, 128, 49152, 4, 2)  # SmolLM2's vocabulary size: its GGUF gives the export's
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from conftest import CACHE
-    from nearswap.core.errors import NearswapError
-    from nearswap.demo import fetch
-
-    try:
-        return fetch.fetch(cache=CACHE)
-    except NearswapError as e:
-        pytest.skip(f"SmolLM2 (its vocabulary for the export) unavailable: {e}")
-
-
 def every_file(*roots: Path) -> list[Path]:
     return sorted(p for root in roots for p in ([root] if root.is_file() else root.rglob("*")) if p.is_file())
 

@@ -23,14 +23,6 @@ pytestmark = pytest.mark.disk(2.5)  # the f32 twin, the secondary and a test's o
 CACHE = fetch.cache_dir()  # read at import, before the per-test HOME isolation
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    try:
-        return fetch.fetch(cache=CACHE)
-    except NearswapError as e:
-        pytest.skip(f"SmolLM2 GGUF not cached in {CACHE} and not downloadable: {e}")
-
-
 @pytest.fixture(scope="module")
 def smol_pair(smollm2, tmp_path_factory):
     """The demo pair: SmolLM2 and SmolLM2 + Laplace(0.0125) noise, plus the base converted to HF."""
