@@ -141,3 +141,24 @@ def test_per_kind_swaps_more_within_the_same_budget_or_says_none_exists(tiny_llm
     wrong = run("tune", tiny_llm / "base", tiny_llm / "s1", tiny_llm / "s1", "--budget", "kl<=0.01", "-o",
                 tmp_path / "two", "--per-kind")
     assert wrong.exit_code == 1 and "--per-kind tunes one step" in wrong.stderr and not (tmp_path / "two").exists()
+
+
+def test_a_folder_of_ones_own_is_never_emptied(tiny_llm, tmp_path, run):
+    """-o naming a folder with a user's file is refused, --force or not, and the file stays; a
+    `merged` there that is no merge nearswap wrote is refused before the final merge, not replaced."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--force"]):
+        refused = run("tune", tiny_llm / "base", tiny_llm / "s1", "--budget", "kl<=0.001", "-o", out, *extra)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.exit_code == 1 and len(lines) == 1 and "not a tune's" in lines[0], refused.output
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    from nearswap.judge import tune
+
+    (out / "notes.txt").unlink()
+    (out / "merged").mkdir()
+    (out / "merged" / "weights.bin").write_text("mine")
+    with pytest.raises(nearswap.NearswapError, match="not a merge a tune wrote"):
+        tune.remove_own_merge(out / "merged")
+    assert (out / "merged" / "weights.bin").read_text() == "mine"

@@ -69,6 +69,7 @@ def tune(base: Any, secondaries: Any, budget: str, out: str | Path, *, max_merge
                            threads=threads, force=force, drift_text=drift_text, per_kind=per_kind, echo=echo)
     chosen = recipe.build(result["recipe"], "tune")
     echo(f"merging the chosen recipe into {Path(out) / 'merged'}")
-    result["merge"] = run_recipe(chosen, Path(out) / "merged", force=True, threads=threads, progress=progress,
+    tuning.remove_own_merge(Path(out) / "merged")  # an earlier tune's merge, checked now; anything else refused
+    result["merge"] = run_recipe(chosen, Path(out) / "merged", threads=threads, progress=progress,
                                  on_plan=on_plan)
     return result

@@ -64,7 +64,7 @@ def sweep(inputs, ts, out, keep, jobs, force, tasks, limit, ray_address, threads
 @click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the drift (default: the shipped one).")
 @click.option("--per-kind", is_flag=True, help="Then a t per group of tensors (norms, attention, MLP, embeddings) "
               "within the same budget, from the single t upward (one secondary).")
-@force_option("Empty an existing output folder that is not a tune's.")
+@force_option("Discard an earlier tune's measured candidates in OUT and start over.")
 @threads_option()
 @json_option("Print the result (tune.json) instead of the table.")
 @quiet_option("No progress messages.")

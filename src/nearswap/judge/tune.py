@@ -230,8 +230,7 @@ def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Bu
         from ..merging import sinks
 
         where = out / "candidate"
-        if where.exists():
-            shutil.rmtree(where)
+        remove_own_merge(where)  # (a killed run's; anything else there is refused, never removed)
         steps = [{"model": str(s), "t": t} for s, t in zip(secondaries, ts)]
         if rules:
             steps[-1]["rules"] = rules
@@ -241,7 +240,7 @@ def search(base: str | Path, secondaries: Sequence[str | Path], budget: str | Bu
         candidate, _ = loader.load(where, threads, tokenizer=base_hf)
         d = drift.compare(reference, candidate)
         del candidate
-        shutil.rmtree(where)
+        remove_own_merge(where)
         step = report["steps"][-1]
         row = {"step": len(ts), "ts": ts, "rules": rules, "t": ts[-1], "share": step["swapped"] / step["total"],
                "changed": report.get("all_steps", step)["changed"] / step["total"],
@@ -393,19 +392,33 @@ def _read(path: str | Path) -> str:
     return read_bytes(Path(path), 16 << 20, "--drift-text").decode("utf-8", "replace")
 
 
+def remove_own_merge(where: Path) -> None:
+    """Remove ``where`` if it is a merge nearswap wrote (its report and recipe are there), checked
+    at this moment; refuse anything else there: a tune removes only what a tune made."""
+    from ..merging.layout import RECIPE_NAME, REPORT_NAME
+
+    if not os.path.lexists(where):
+        return
+    if where.is_symlink() or not where.is_dir() or not (where / REPORT_NAME).is_file() \
+            or not (where / RECIPE_NAME).is_file():
+        raise NearswapError(f"{where} is not a merge a tune wrote; move it away, or give another -o")
+    shutil.rmtree(where)
+
+
 def _prepare(out: Path, force: bool) -> None:
     """``out`` as a tune's folder: new, or one an earlier tune wrote (its trials are taken where
-    they are of these inputs); anything else is refused unless ``force``, which empties it."""
+    they are of these inputs; ``force`` discards them and starts over). A folder holding anything
+    else is refused, ``force`` or not: a tune never removes what it did not write."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise NearswapError(f"{out} exists and is not a folder; give another -o")
     if out.is_dir():
         entries = set(os.listdir(out))
         ours = {TRIALS, "candidate", "merged", *FILES}
         if entries - ours:
-            if not force:
-                raise NearswapError(f"{out} holds files that are not a tune's ({', '.join(sorted(entries - ours)[:3])}); "
-                                    "give another -o, or --force to empty it")
-            shutil.rmtree(out)
+            raise NearswapError(f"{out} holds files that are not a tune's ({', '.join(sorted(entries - ours)[:3])}); "
+                                "give another -o")
+        if force:
+            (out / TRIALS).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
