@@ -8,11 +8,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# The suite runs everything it can here: the judge (torch CPU + lm-eval) and Ray included.
+# The suite runs everything it can here: the judge (torch CPU + lm-eval), Ray and llama.cpp (prebuilt) included.
 $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c src/nearswap/_dequant.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -e '.[dev,judge,ray]'
+	$(BIN)/pip install -q -e '.[dev,judge,ray,llama]'
 	$(BIN)/python -c "import nearswap.core.kernels as k; print('nearswap kernel:', k.describe_backend())"
 	touch $(STAMP)
 

@@ -4,8 +4,6 @@ cache per token against what llama.cpp itself allocates for SmolLM2."""
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -69,13 +67,15 @@ def test_a_ggufs_bytes_on_the_gpu_are_its_own_tensors():
 
 
 def test_kv_cache_per_token_equals_what_llama_cpp_allocates():
-    pytest.importorskip("llama_cpp")
+    from nearswap.core import llamacpp
+    from nearswap.runtime.llama_model import LlamaModel
+
     path = smollm2()
-    code = ("import sys; from llama_cpp import Llama; "
-            f"Llama(model_path={str(path)!r}, n_ctx=1024, n_gpu_layers=0, verbose=True)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    found = re.search(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells", proc.stderr)
-    assert found, proc.stderr[-2000:]
+    with LlamaModel(path, n_ctx=1024):
+        log = "\n".join(llamacpp.log_lines())
+    found = list(re.finditer(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells", log))[-1:]
+    assert found, log[-2000:]
+    found = found[0]
     mib, cells = float(found.group(1)), int(found.group(2))
     assert fit.kv_bytes_per_token(fit.shape_of(path), "f16") * cells / 2**20 == pytest.approx(mib, abs=0.005)
 

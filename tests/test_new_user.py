@@ -133,11 +133,12 @@ def test_the_readme_walkthrough_runs_on_a_small_stand_in(tiny_llm, quick_data, t
 
 
 def _loads_in_llama_cpp(path: Path) -> None:
-    """llama.cpp's own loader on ``path`` (skipped where llama-cpp-python is not installed)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=1, verbose=False)
-    out = llm("The capital of France is", max_tokens=4, temperature=0.0)
-    assert isinstance(out["choices"][0]["text"], str)
+    """llama.cpp's own loader on ``path``, and a few greedy tokens from it."""
+    from nearswap.runtime.llama_model import LlamaModel
+
+    with LlamaModel(path, n_ctx=64) as llm:
+        text = llm.greedy(llm.tokenize("The capital of France is", add_special=llm.adds_bos), 4)
+    assert isinstance(text, str) and text.strip()
 
 
 def test_demo_on_a_base_of_ones_own(tiny_llm, tmp_path, run):

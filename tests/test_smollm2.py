@@ -123,12 +123,13 @@ def test_converted_model_matches_transformers_own_gguf_loader(smollm2, tmp_path)
 
 
 def test_llama_cpp_runs_the_f32_export_like_transformers(smollm2, tmp_path):
-    """llama.cpp (llama-cpp-python, optional) on nearswap's f32 GGUF export vs transformers on
-    the HF conversion: same tokens, logits within 1e-2 (float32 KV cache on both sides)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional) is not installed")
+    """llama.cpp (the llama extra) on nearswap's f32 GGUF export vs transformers on the HF
+    conversion: same tokens, logits within 1e-3 (``exact``: plain attention on a float32 KV cache,
+    as transformers computes; measured 9e-5)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from nearswap.merging.convert import convert
+    from nearswap.runtime.llama_model import LlamaModel
     from nearswap.ship.gguf_export import export_gguf
 
     convert(smollm2, tmp_path / "hf")
@@ -139,11 +140,10 @@ def test_llama_cpp_runs_the_f32_export_like_transformers(smollm2, tmp_path):
     ids = tok(prompt).input_ids
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.f32.gguf"), logits_all=True, n_ctx=128, verbose=False,
-                          type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
-    assert llm.tokenize(prompt.encode(), add_bos=False) == ids
-    llm.eval(ids)
-    assert np.abs(np.array(llm.scores[: len(ids)]) - ref).max() <= 1e-2
+    with LlamaModel(tmp_path / "m.f32.gguf", n_ctx=128, exact=True) as llm:
+        assert llm.tokenize(prompt) == ids
+        got = llm.logits_from(ids, 0)
+    assert np.abs(got - ref).max() <= 1e-3
 
 
 def test_curve_on_the_demo_pair_gives_the_cards_shares(smol_pair):

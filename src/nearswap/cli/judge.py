@@ -104,14 +104,16 @@ def tune(inputs, budget, out, max_merges, drift_text, per_kind, force, threads, 
 @click.option("--no-writing", is_flag=True, help="Skip the stories and their scores.")
 @click.option("--cliches", type=click.Path(path_type=Path), help="Phrase list for the cliché rate (one phrase per line).")
 @click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the KL divergence (default: the shipped one).")
+@click.option("--backend", type=click.Choice(["auto", "llama.cpp", "torch"]), default="auto", show_default=True,
+              help="What runs each model: llama.cpp for a .gguf and torch for the rest (auto), or one for all.")
 @ray_option("One model per task on a Ray cluster (HOST:PORT, auto or local); the models, the cache and OUT "
            "on storage every node sees.")
 @threads_option("CPU threads (default: all cores).")
 @force_option("Replace an earlier report directory.")
 @json_option("Print the report as JSON (without per-item results).")
 @quiet_option("No progress bars or messages.")
-def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, ray_address, threads, force, as_json,
-             quiet):
+def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, backend, ray_address, threads, force,
+             as_json, quiet):
     """Judge MODEL [MODEL ...] against the first (the reference): benchmarks, drift, writing.
 
     \b
@@ -126,7 +128,8 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
     try:
         report = judge.evaluate(list(models), out, tasks="" if tasks.strip() == "none" else tasks, limit=limit,
                                 drift=not no_drift, writing=not no_writing, cliches=cliches, drift_text=drift_text,
-                                threads=threads, force=force, echo=say, progress=bar, ray_address=ray_address)
+                                threads=threads, force=force, echo=say, progress=bar, ray_address=ray_address,
+                                backend=backend)
     finally:
         bar.close()
     if as_json:

@@ -8,17 +8,15 @@ chunk. Chunks start on block boundaries (the merge's chunk size is a multiple of
 size), and the quantizers used here code each block on its own, so a tensor written in
 chunks has the bytes it would have written whole.
 
-Which quantizer codes a type: llama.cpp's own ``ggml_quantize_chunk`` when the llama-cpp-python
-extra is installed (every type that needs no importance matrix; the reference, and far faster
+Which quantizer codes a type: llama.cpp's own ``ggml_quantize_chunk`` when the ``llama``
+extra is installed (``core.llamacpp``) (every type that needs no importance matrix; the reference, and far faster
 than numpy: docs/design.md), else ``gguf.quants`` for the types it implements (Q4_0, Q4_1, Q5_0,
 Q5_1, Q8_0, BF16; the two agree byte for byte, tested). F32 and F16 are plain casts.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Iterable, cast
@@ -27,6 +25,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..core.errors import NearswapError, WriteFailed
+from ..core.llamacpp import INSTALL
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,26 +43,11 @@ def gguf_quantizes(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
 def _ggml() -> Any:
-    """llama.cpp's ggml library as llama-cpp-python ships it, or None (found without importing
-    llama_cpp itself, which loads a model runtime and its dependencies)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    lib_dir = Path(list(spec.submodule_search_locations)[0]) / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so"):
-        if (lib_dir / name).exists():
-            lib = ctypes.CDLL(str(lib_dir / name))
-            if not hasattr(lib, "ggml_quantize_chunk"):
-                continue
-            lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-            lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                                ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-            lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-            lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
-            return lib
-    return None
+    """llama.cpp's library (its ggml quantizer), or None where the ``llama`` extra is not installed."""
+    from ..core import llamacpp
+
+    return llamacpp.library()
 
 
 PLAIN = (GGMLQuantizationType.F32, GGMLQuantizationType.F16)
@@ -78,7 +62,7 @@ def quantizer_for(qtype: GGMLQuantizationType) -> str:
     if lib is None and gguf_quantizes(qtype):
         return "gguf"
     if lib is None:
-        raise NearswapError(f"writing {qtype.name} tensors needs llama.cpp's quantizer: install llama-cpp-python "
+        raise NearswapError(f"writing {qtype.name} tensors needs llama.cpp's quantizer: {INSTALL} "
                             "(the gguf package codes only Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, BF16, F16, F32), "
                             "or pass --type q8_0")
     if lib.ggml_quantize_requires_imatrix(int(qtype)):

@@ -32,12 +32,14 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
              drift: bool = True, writing: bool = True, cliches: str | Path | None = None,
              drift_text: str | Path | None = None, threads: int | None = None, force: bool = False,
              echo: Callable[[str], None] = lambda s: None, progress: Progress | None = None,
-             ray_address: str | None = None) -> dict[str, Any]:
+             ray_address: str | None = None, backend: str = "auto") -> dict[str, Any]:
     """Evaluate ``models`` (the first is the reference) and write ``report.json``, ``report.md``
     and ``report.html`` into ``out``. Returns the report. ``tasks``: task names and presets,
     comma-separated ("" for none); ``limit``: the first N items of every task (default: the
     quick preset's fixed limit for ``quick``, else all); ``ray_address``: one model per task on
-    that Ray cluster (``run.run_models_ray``) instead of one after another here."""
+    that Ray cluster (``run.run_models_ray``) instead of one after another here; ``backend``:
+    what runs each model — "auto" (llama.cpp for a ``.gguf``, torch for the rest), "llama.cpp"
+    or "torch" (``models.backend_for``)."""
     from ..runtime.output import check_replaceable
     from . import data
     from . import models as loader
@@ -62,7 +64,7 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     out = Path(out)
     check_replaceable(out, force)  # before any work (atomic_directory checks again, under its lock)
     require()
-    candidates = loader.check(list(models))
+    candidates = loader.check(list(models), backend=backend)
     data.prepare([s.task for s in selected], echo=echo)  # (only what is not prepared yet)
     from ..merging.plan import check_output_not_input
     from ..runtime.output import atomic_directory

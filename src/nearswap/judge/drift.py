@@ -18,27 +18,48 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_TOKENS = 1024
+ROWS = 128  # positions compared at once (each row is a vocabulary of float64s)
 
 
 @dataclass
 class Reference:
     """The reference model's log-probabilities on the text, kept to compare the others with."""
 
-    ids: Any  # torch.LongTensor [tokens]
-    logp: Any  # torch.FloatTensor [tokens - 1, vocab]: log P(next token) at each position
+    ids: list[int]  # the text's tokens, by the reference's tokenizer (every model reads these ids)
+    logp: Any  # numpy float32 [tokens - 1, vocab]: log P(next token) at each position
 
 
-def token_ids(tokenizer: Any, text: str, max_tokens: int = MAX_TOKENS) -> Any:
-    return tokenizer(text, return_tensors="pt").input_ids[0, :max_tokens]
+def _is_llama(model: Any) -> bool:
+    from ..runtime.llama_model import LlamaModel
+
+    return isinstance(model, LlamaModel)
 
 
-def log_probs(model: Any, ids: Any) -> Any:
-    """log P(next token) at every position but the last, float32, in one forward pass."""
+def token_ids(tokenizer: Any, text: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+    """The text's first tokens: by a transformers tokenizer, or by llama.cpp's vocabulary when
+    ``tokenizer`` is a ``LlamaModel`` (BOS where the GGUF asks for it)."""
+    if _is_llama(tokenizer):
+        return tokenizer.tokenize(text, add_special=tokenizer.adds_bos)[:max_tokens]
+    return [int(t) for t in tokenizer(text).input_ids[:max_tokens]]
+
+
+def log_probs(model: Any, ids: list[int]) -> Any:
+    """log P(next token) at every position but the last, float32 numpy, from a transformers
+    model (one forward pass) or from llama.cpp (``LlamaModel``)."""
+    import numpy as np
+
+    if _is_llama(model):
+        from ..runtime.llama_model import log_softmax
+
+        model.keep(0)
+        logits = model.logits_from(ids, 0)[:-1]
+        return np.concatenate([log_softmax(logits[i:i + ROWS]).astype(np.float32)
+                               for i in range(0, len(logits), ROWS)])
     import torch
 
     with torch.inference_mode():
-        logits = model(ids[None]).logits[0, :-1].float()
-        return torch.log_softmax(logits, dim=-1)
+        logits = model(torch.tensor([ids], dtype=torch.long)).logits[0, :-1].float()
+        return torch.log_softmax(logits, dim=-1).numpy()
 
 
 def reference(model: Any, tokenizer: Any, text: str, max_tokens: int = MAX_TOKENS) -> Reference:
@@ -48,25 +69,28 @@ def reference(model: Any, tokenizer: Any, text: str, max_tokens: int = MAX_TOKEN
 
 def compare(ref: Reference, model: Any) -> dict[str, Any]:
     """KL(P_ref || P_model) per position (in nats) and its summary, top-1 agreement, and the
-    perplexities of both on the text. A model compared with itself gives exactly 0 and 1.0."""
-    import torch
+    perplexities of both on the text. A model compared with itself gives exactly 0 and 1.0.
+    ``model``: a transformers model or a ``LlamaModel`` (a reference from either backend)."""
+    import numpy as np
 
     logp = log_probs(model, ref.ids)
     if logp.shape != ref.logp.shape:
         raise ValueError(f"vocabularies differ ({ref.logp.shape[1]} vs {logp.shape[1]} tokens)")
-    with torch.inference_mode():
-        p = ref.logp.exp()
-        kl = (p * (ref.logp - logp)).sum(dim=-1).clamp_min(0.0)  # clamp: rounding can give -1e-9
-        agree = (ref.logp.argmax(dim=-1) == logp.argmax(dim=-1)).float().mean().item()
-        target = ref.ids[1:]
-        nll_model = -logp.gather(1, target[:, None]).mean().item()
-        nll_ref = -ref.logp.gather(1, target[:, None]).mean().item()
-        q = torch.quantile(kl.double(), torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
+    kl = np.empty(len(logp))
+    for i in range(0, len(logp), ROWS):
+        a, b = ref.logp[i:i + ROWS].astype(np.float64), logp[i:i + ROWS].astype(np.float64)
+        kl[i:i + ROWS] = np.maximum((np.exp(a) * (a - b)).sum(axis=1), 0.0)  # max: rounding can give -1e-9
+    agree = float((ref.logp.argmax(axis=1) == logp.argmax(axis=1)).mean())
+    target = np.asarray(ref.ids[1:])
+    rows = np.arange(len(target))
+    nll_model = -float(logp[rows, target].astype(np.float64).mean())
+    nll_ref = -float(ref.logp[rows, target].astype(np.float64).mean())
+    q = np.quantile(kl, [0.5, 0.99])
     return {
-        "tokens": int(ref.ids.shape[0]),
-        "kl_mean": float(kl.double().mean()),
-        "kl_median": q[0],
-        "kl_p99": q[1],
+        "tokens": len(ref.ids),
+        "kl_mean": float(kl.mean()),
+        "kl_median": float(q[0]),
+        "kl_p99": float(q[1]),
         "kl_max": float(kl.max()),
         "top1_agreement": agree,
         "perplexity": math.exp(nll_model),

@@ -34,11 +34,31 @@ class Candidate:
     format: str
     parameters: int
     model: Any = None  # the opened header (formats.Model): its files must not be overwritten by the report
+    backend: str = "torch"  # "torch" (transformers on the HF directory) or "llama.cpp" (the GGUF itself)
 
 
-def check(paths: list[str | Path], labels: list[str] | None = None, tokenizer: bool = True) -> list[Candidate]:
+BACKENDS = ("auto", "llama.cpp", "torch")
+
+
+def backend_for(path: Path, asked: str) -> str:
+    """The backend that runs ``path``: llama.cpp for a ``.gguf`` and torch for the rest under
+    ``auto``; llama.cpp is refused for what is not a GGUF file."""
+    if asked not in BACKENDS:
+        raise NearswapError(f"--backend must be one of {', '.join(BACKENDS)}, not {asked!r}")
+    is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
+    if asked == "auto":
+        return "llama.cpp" if is_gguf else "torch"
+    if asked == "llama.cpp" and not is_gguf:
+        raise NearswapError(f"{path}: the llama.cpp backend runs GGUF files; convert it (nearswap export {path} -o "
+                            f"{path.name}.gguf) or evaluate it with --backend torch")
+    return asked
+
+
+def check(paths: list[str | Path], labels: list[str] | None = None, tokenizer: bool = True,
+          backend: str = "torch") -> list[Candidate]:
     """Open every model's header (no weights) and refuse what cannot be evaluated; without
-    ``tokenizer``, a directory may lack tokenizer files (it is read with another model's)."""
+    ``tokenizer``, a directory may lack tokenizer files (it is read with another model's).
+    ``backend``: "torch", "llama.cpp" or "auto" (``backend_for``), each model's own."""
     out = []
     names: dict[str, int] = {}
     for i, p in enumerate(paths):
@@ -64,8 +84,29 @@ def check(paths: list[str | Path], labels: list[str] | None = None, tokenizer: b
         names[name] = names.get(name, 0) + 1
         if names[name] > 1:
             name = f"{name} ({names[name]})"
-        out.append(Candidate(name, path, path if path.is_dir() else None, model.format, model.num_params, model))
+        chosen = backend_for(path, backend)
+        if chosen == "llama.cpp":
+            from ..core import llamacpp
+
+            llamacpp.require(f"{label}: evaluating {path.name} with llama.cpp (or pass --backend torch)")
+        out.append(Candidate(name, path, path if path.is_dir() else None, model.format, model.num_params, model,
+                             chosen))
     return out
+
+
+def open_for_eval(cand: Candidate, threads: int | None, echo: Callable[[str], None] = lambda s: None,
+                  n_ctx: int | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of one candidate on its backend: transformers' pair, or for llama.cpp
+    the ``LlamaModel`` twice (it tokenizes as well)."""
+    if cand.backend == "llama.cpp":
+        from ..runtime.llama_model import LlamaModel
+
+        m = LlamaModel(cand.given, n_ctx=n_ctx or LLAMA_CONTEXT, threads=threads)
+        return m, m
+    return load(hf_directory(cand, echo), threads)
+
+
+LLAMA_CONTEXT = 4096  # llama.cpp's context for an evaluation (or the model's own, when shorter)
 
 
 def hf_directory(candidate: Candidate, echo: Callable[[str], None] = lambda s: None) -> Path:

@@ -41,10 +41,10 @@ def run_models(candidates: list[loader.Candidate], selected: list[Selected], lim
     shared = Shared()
     results = []
     for i, cand in enumerate(candidates):
-        directory = loader.hf_directory(cand, echo)
-        echo(f"[{i + 1}/{len(candidates)}] {cand.name}: loading")
-        results.append(evaluate_one(cand.name, directory, selected, limit, phrases, text, config_dir, threads, shared,
-                                    progress))
+        if cand.backend == "torch":
+            loader.hf_directory(cand, echo)
+        echo(f"[{i + 1}/{len(candidates)}] {cand.name}: loading ({cand.backend})")
+        results.append(evaluate_one(cand, selected, limit, phrases, text, config_dir, threads, shared, progress))
     return results
 
 
@@ -57,26 +57,37 @@ def run_models_ray(candidates: list[loader.Candidate], selected: list[Selected],
     models, the cache and the report directory must be on storage every node sees."""
     from ..runtime import distributed
 
-    directories = [loader.hf_directory(cand, echo) for cand in candidates]
-    calls = [(cand.name, directory, directories[0] if i else None, selected, limit, phrases, text, config_dir, threads)
-             for i, (cand, directory) in enumerate(zip(candidates, directories))]
+    for cand in candidates:
+        if cand.backend == "torch":
+            loader.hf_directory(cand, echo)
+    calls = [(cand, candidates[0] if i else None, selected, limit, phrases, text, config_dir, threads)
+             for i, cand in enumerate(candidates)]
     echo(f"evaluating {len(calls)} models as Ray tasks on {address}")
     done = iter(range(1, len(calls) + 1))
     return distributed.map_tasks(model_task, calls, address,
                                  lambda r: echo(f"[{next(done)}/{len(calls)}] {r.name}: done"))
 
 
-def model_task(name: str, directory: Path, reference_dir: Path | None, selected: list[Selected], limit: int | None,
-               phrases: dict[str, str] | None, text: str | None, config_dir: Path, threads: int | None) -> ModelResults:
-    """A Ray task: one model's evaluation (``reference_dir``: the reference model's directory,
-    None when this model is the reference)."""
+def model_task(cand: loader.Candidate, reference: loader.Candidate | None, selected: list[Selected],
+               limit: int | None, phrases: dict[str, str] | None, text: str | None, config_dir: Path,
+               threads: int | None) -> ModelResults:
+    """A Ray task: one model's evaluation (``reference``: the reference model, None when this
+    model is the reference)."""
     shared = Shared()
-    if reference_dir is not None and (text is not None or phrases is not None):
-        model, tokenizer = loader.load(reference_dir, threads or default_threads())
+    if reference is not None and (text is not None or phrases is not None):
+        model, tokenizer = loader.open_for_eval(reference, threads or default_threads())
         _take_reference(shared, model, tokenizer, text, phrases)
+        _close(model)
         del model, tokenizer
         gc.collect()
-    return evaluate_one(name, directory, selected, limit, phrases, text, config_dir, threads, shared, None)
+    return evaluate_one(cand, selected, limit, phrases, text, config_dir, threads, shared, None)
+
+
+def _close(model: Any) -> None:
+    from ..runtime.llama_model import LlamaModel
+
+    if isinstance(model, LlamaModel):  # llama.cpp's memory is freed now, not at some collection
+        model.close()
 
 
 def _take_reference(shared: Shared, model: Any, tokenizer: Any, text: str | None, phrases: dict[str, str] | None) -> None:
@@ -90,24 +101,31 @@ def _take_reference(shared: Shared, model: Any, tokenizer: Any, text: str | None
         shared.dictionary = vocabulary_words(tokenizer)  # the reference tokenizer's words, for every model
 
 
-def evaluate_one(name: str, directory: Path, selected: list[Selected], limit: int | None,
+def evaluate_one(cand: loader.Candidate, selected: list[Selected], limit: int | None,
                  phrases: dict[str, str] | None, text: str | None, config_dir: Path, threads: int | None,
                  shared: Shared, progress: Callable[[str, int, int], None] | None) -> ModelResults:
-    """Load one model and run what was asked of it; a ``shared`` still empty is filled from
-    this model (it is the reference)."""
+    """Load one model on its backend and run what was asked of it; a ``shared`` still empty is
+    filled from this model (it is the reference)."""
     import time
 
     from . import drift as drift_mod
     from . import harness
-    from .lm import make_lm
 
-    model, tokenizer = loader.load(directory, threads or default_threads())
+    name = cand.name
+    model, tokenizer = loader.open_for_eval(cand, threads or default_threads())
     _take_reference(shared, model, tokenizer, text, phrases)
     res = ModelResults(name)
     if selected:
         t = time.perf_counter()
-        lm = make_lm(model, tokenizer, on_progress=(lambda done, total: progress(f"{name}: benchmarks", done, total))
-                     if progress else None)
+        on_progress = (lambda done, total: progress(f"{name}: benchmarks", done, total)) if progress else None
+        if cand.backend == "llama.cpp":
+            from .llama_lm import make_llama_lm
+
+            lm = make_llama_lm(model, on_progress)
+        else:
+            from .lm import make_lm
+
+            lm = make_lm(model, tokenizer, on_progress=on_progress)
         res.tasks = harness.run(lm, selected, config_dir, limit)
         res.rescored, res.requests, res.tokens = lm.exact_rescored, lm.requests_scored, lm.input_tokens
         res.seconds["benchmarks"] = time.perf_counter() - t
@@ -128,6 +146,7 @@ def evaluate_one(name: str, directory: Path, selected: list[Selected], limit: in
             progress(f"{name}: stories", total, total)
         res.writing = writing.score(res.stories, phrases, shared.dictionary)
         res.seconds["writing"] = time.perf_counter() - t
+    _close(model)
     del model, tokenizer
     gc.collect()
     return res

@@ -95,8 +95,14 @@ def cliche_counts(text: str, phrases: Iterable[str]) -> dict[str, int]:
 def vocabulary_words(tokenizer: Any) -> set[str]:
     """Lower-case words that are whole tokens of the tokenizer's vocabulary (BPE 'Ġword' or
     'word'): what ``nondict`` counts a word against."""
+    from ..runtime.llama_model import LlamaModel
+
+    if isinstance(tokenizer, LlamaModel):  # llama.cpp's vocabulary: each token's text, its leading space included
+        tokens = (tokenizer.piece(t).decode("utf-8", "replace").replace(" ", "Ġ", 1) for t in range(tokenizer.n_vocab))
+    else:
+        tokens = iter(tokenizer.get_vocab())
     found = set()
-    for token in tokenizer.get_vocab():
+    for token in tokens:
         w = token[1:] if token[:1] in ("Ġ", "▁") else token
         if w.isalpha():
             found.add(w.lower())
@@ -165,7 +171,14 @@ def _mean(values: list[float]) -> float:
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str] = PROMPTS, seeds: Sequence[int] = SEEDS,
              new_tokens: int = NEW_TOKENS, temperature: float = 0.7, top_p: float = 0.95) -> list[Story]:
     """One story per prompt and seed: the prompts of a seed sampled together in one batch
-    (left-padded), seeded, so a model writes the same stories on every run."""
+    (left-padded), seeded, so a model writes the same stories on every run. ``model`` may be a
+    ``LlamaModel`` (llama.cpp; then ``tokenizer`` is the same): the same prompts, seeds and
+    sampling, drawn by numpy from llama.cpp's logits."""
+    from ..runtime.llama_model import LlamaModel
+
+    if isinstance(model, LlamaModel):
+        return [Story(p, seed, _sample_llama(model, p, seed, new_tokens, temperature, top_p))
+                for seed in seeds for p in prompts]
     import torch
 
     stories = []
@@ -186,6 +199,30 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] = PROMPTS, seeds
     finally:
         tokenizer.padding_side = side
     return stories
+
+
+def _sample_llama(m: Any, prompt: str, seed: int, new_tokens: int, temperature: float, top_p: float) -> str:
+    """One seeded story from llama.cpp's logits: temperature, then nucleus (top-p) sampling,
+    as transformers' sampler orders them."""
+    import numpy as np
+
+    from ..runtime.llama_model import log_softmax
+
+    rng = np.random.default_rng(seed)
+    ids = m.tokenize(prompt, add_special=m.adds_bos)
+    logits = m.logits_from(ids, len(ids) - 1)[-1]
+    made: list[int] = []
+    for _ in range(new_tokens):
+        p = np.exp(log_softmax(logits / temperature))
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        kept = order[: int(np.searchsorted(cum, top_p)) + 1]
+        token = int(rng.choice(kept, p=p[kept] / p[kept].sum()))
+        if m.is_end(token):
+            break
+        made.append(token)
+        logits = m.decode([token], [0])[0]
+    return m.detokenize(made)
 
 
 def _pad_left(tokenizer: Any, prompts: Sequence[str], pad: int) -> dict[str, Any]:

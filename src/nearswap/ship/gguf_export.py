@@ -297,8 +297,9 @@ def _llama_cpp(type_name: str) -> Any:
     try:
         import llama_cpp
     except ImportError:
-        raise NearswapError(f"--type {type_name} uses llama.cpp's quantizer: install llama-cpp-python "
-                            "(CMAKE_ARGS=\"-DLLAVA_BUILD=OFF\" pip install llama-cpp-python builds it in ~5 min)") from None
+        raise NearswapError(f"--type {type_name} uses llama.cpp's whole-file quantizer (llama_model_quantize), which the "
+                            "prebuilt llama extra lacks: pip install 'nearswap[llama-export]' (llama-cpp-python, built "
+                            "from source; docs/llama-cpp.md)") from None
     return llama_cpp
 
 
