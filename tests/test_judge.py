@@ -127,7 +127,8 @@ def test_kl_of_a_model_with_itself_is_zero(torch_models):
     from nearswap.judge import drift
 
     torch, a, b = torch_models
-    ids = torch.randint(0, 300, (80,))
+    t_ids = torch.randint(0, 300, (80,))
+    ids = t_ids.tolist()  # (drift takes token ids as a list: a transformers tokenizer's or llama.cpp's)
     ref = drift.Reference(ids, drift.log_probs(a, ids))
     same = drift.compare(ref, a)
     assert same["kl_mean"] == 0.0 and same["kl_max"] == 0.0 and same["top1_agreement"] == 1.0
@@ -136,13 +137,13 @@ def test_kl_of_a_model_with_itself_is_zero(torch_models):
     assert other["kl_mean"] > 0 and other["top1_agreement"] < 1.0
     # against a plain float64 computation of KL(P_a || P_b)
     with torch.no_grad():
-        pa = torch.log_softmax(a(ids[None]).logits[0, :-1].double(), -1)
-        pb = torch.log_softmax(b(ids[None]).logits[0, :-1].double(), -1)
+        pa = torch.log_softmax(a(t_ids[None]).logits[0, :-1].double(), -1)
+        pb = torch.log_softmax(b(t_ids[None]).logits[0, :-1].double(), -1)
     kl = (pa.exp() * (pa - pb)).sum(-1).numpy()
     assert other["kl_mean"] == pytest.approx(kl.mean(), rel=1e-4)
     assert other["kl_median"] == pytest.approx(np.median(kl), rel=1e-3)
     assert other["kl_per_token"] == pytest.approx(kl.tolist(), abs=2e-6)
-    want_ppl = math.exp(-pb.gather(1, ids[1:, None]).mean().item())
+    want_ppl = math.exp(-pb.gather(1, t_ids[1:, None]).mean().item())
     assert other["perplexity"] == pytest.approx(want_ppl, rel=1e-5)
 
 

@@ -111,6 +111,7 @@ _echo: list[Callable[[str], None]] = []  # where llama.cpp's log goes besides th
 
 DEBUG, CONT = 1, 5  # ggml_log_level: a debug line (not kept), the continuation of the line before
 _skipping = [False]
+_written = [0]  # lines appended so far (a mark for ``last_error``)
 
 
 @LOG_CALLBACK
@@ -126,6 +127,7 @@ def _on_log(level: int, text: bytes | None, user_data: Any) -> None:
             _log[-1] += line  # llama.cpp logs a line in pieces
         else:
             _log.append(line)
+            _written[0] += 1
     for echo in _echo:
         echo(line)
 
@@ -136,12 +138,22 @@ def log_lines() -> list[str]:
         return [line.rstrip("\n") for line in _log]
 
 
-def last_error() -> str:
-    """The last line llama.cpp logged that reads as a reason (an error, a failure), or ''."""
-    for line in reversed(log_lines()):
-        low = line.lower()
-        if any(w in low for w in ("error", "failed", "invalid", "unknown", "unsupported", "not supported")):
-            return line.strip()
+def mark() -> int:
+    """Where llama.cpp's log stands now: ``last_error(mark)`` reads only what came after."""
+    with _log_lock:
+        return _written[0]
+
+
+def last_error(since: int = 0) -> str:
+    """The last line llama.cpp logged (after ``since``, a ``mark``) that gives a reason (an
+    error; else a failure), or ''."""
+    with _log_lock:
+        new = min(_written[0] - since, len(_log))
+    lines = log_lines()[-new:] if new > 0 else []
+    for words in (("error",), ("failed", "invalid", "unknown", "unsupported", "not supported")):
+        for line in reversed(lines):
+            if any(w in line.lower() for w in words):
+                return line.strip()
     return ""
 
 
@@ -206,7 +218,7 @@ def library() -> Any:
     return lib
 
 
-def require(what: str) -> Any:
+def required(what: str) -> Any:
     """The library, or one line saying that ``what`` needs it and how to install it."""
     lib = library()
     if lib is None:

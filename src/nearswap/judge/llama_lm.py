@@ -68,10 +68,14 @@ def make_llama_lm(model: LlamaModel, on_progress: Callable[[int, int], None] | N
         def _loglikelihood_tokens(self, requests: list[Any], disable_tqdm: bool = False,
                                   **kwargs: Any) -> list[tuple[float, bool]]:
             inputs = []
-            for _, context_enc, continuation_enc in requests:  # as lm-eval's HF backend builds them
-                whole = (context_enc + continuation_enc)[-(self.max_length + 1):]
-                inputs.append((whole[:-1], continuation_enc[-len(whole):] if len(continuation_enc) >= len(whole)
-                               else continuation_enc))
+            for _, context_enc, continuation_enc in requests:
+                n = len(context_enc) + len(continuation_enc) - 1
+                if n > self.max_length:  # lm-eval's HF backend cuts the context's start off; nearswap refuses
+                    raise NearswapError(f"{self.m.path.name}: a request of {n} tokens is longer than the context "
+                                        f"of {self.max_length} llama.cpp runs this model with; use tasks with "
+                                        f"shorter prompts (fewer shots) or a model with a longer context")
+                whole = context_enc + continuation_enc
+                inputs.append((whole[:-1], continuation_enc))
             order = sorted(range(len(inputs)), key=lambda i: inputs[i][0])
             results: list[tuple[float, bool] | None] = [None] * len(inputs)
             for done, i in enumerate(order, 1):

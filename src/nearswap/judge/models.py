@@ -88,7 +88,7 @@ def check(paths: list[str | Path], labels: list[str] | None = None, tokenizer: b
         if chosen == "llama.cpp":
             from ..core import llamacpp
 
-            llamacpp.require(f"{label}: evaluating {path.name} with llama.cpp (or pass --backend torch)")
+            llamacpp.required(f"{label}: evaluating {path.name} with llama.cpp (or pass --backend torch)")
         out.append(Candidate(name, path, path if path.is_dir() else None, model.format, model.num_params, model,
                              chosen))
     return out

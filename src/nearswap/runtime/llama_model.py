@@ -32,23 +32,24 @@ class LlamaModel:
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  batch: int = BATCH, exact: bool = False) -> None:
         self.path = Path(path)
-        lib = self.lib = llamacpp.require(f"running {self.path.name} in llama.cpp")
+        lib = self.lib = llamacpp.required(f"running {self.path.name} in llama.cpp")
         if not self.path.is_file():
             raise NearswapError(f"{self.path}: no such GGUF file")
+        since = llamacpp.mark()
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = 0
         self.model = lib.llama_model_load_from_file(os.fsencode(self.path), mp)
         if not self.model:
-            reason = llamacpp.last_error()
+            reason = llamacpp.last_error(since)
             raise NearswapError(f"{self.path}: llama.cpp cannot load it ({reason or 'no reason logged'}); "
                                 "check it with `nearswap inspect` or convert it again")
         self.vocab = lib.llama_model_get_vocab(self.model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.model))
-        self.batch_size = batch
         cp = lib.llama_context_default_params()
         cp.n_ctx = min(n_ctx or self.n_ctx_train, self.n_ctx_train) if self.n_ctx_train > 0 else (n_ctx or 2048)
-        cp.n_batch = cp.n_ubatch = batch
+        self.batch_size = min(batch, cp.n_ctx)  # llama.cpp caps a batch at the context (and asserts it)
+        cp.n_batch = cp.n_ubatch = self.batch_size
         cp.n_threads = cp.n_threads_batch = threads or default_threads()
         cp.no_perf = True
         if exact:
@@ -56,14 +57,14 @@ class LlamaModel:
             cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            reason = llamacpp.last_error()
+            reason = llamacpp.last_error(since)
             lib.llama_model_free(self.model)
             self.model = None
             raise NearswapError(f"{self.path}: llama.cpp cannot make a context of {cp.n_ctx} tokens for it "
                                 f"({reason or 'no reason logged'})")
         self.n_ctx = int(lib.llama_n_ctx(self.ctx))
         self.memory = lib.llama_get_memory(self.ctx)
-        self._batch = lib.llama_batch_init(batch, 0, 1)
+        self._batch = lib.llama_batch_init(self.batch_size, 0, 1)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds, from position 0
 
     # --- vocabulary ---
@@ -132,6 +133,7 @@ class LlamaModel:
         out = np.empty((len(wanted), self.n_vocab), np.float32)
         want = {w: k for k, w in enumerate(wanted)}
         b = self._batch
+        since = llamacpp.mark()
         start = 0
         while start < len(tokens):
             part = tokens[start:start + self.batch_size]
@@ -151,7 +153,7 @@ class LlamaModel:
             if rc != 0:
                 self.keep(base)
                 raise NearswapError(f"{self.path.name}: llama.cpp's decode failed (code {rc}: "
-                                    f"{llamacpp.last_error() or 'no reason logged'})")
+                                    f"{llamacpp.last_error(since) or 'no reason logged'})")
             self.cached.extend(int(t) for t in part)
             for i, k in rows:
                 out[k] = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))

@@ -1,0 +1,107 @@
+"""llama.cpp backend against the torch backend on the same weights, side by side in one run.
+
+Evaluates the quick preset on SmolLM2-135M-Instruct twice per backend pair: the torch path
+on an HF directory and the llama.cpp path on the same weights as an F32 GGUF (nearswap's own
+export), recording every request's log-likelihood; reports max and median |Δ| nats, the
+items whose decision differs (with their margins), and the wall time of each backend. With
+``--quant FILE`` it also times both backends on a quantized GGUF (the torch path converts it).
+
+    .venv/bin/python benchmarks/bench_llama_backend.py --limit 100 [--quant model.q4_k_m.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def record(lm: Any, into: dict[tuple[str, str], tuple[float, bool]]) -> None:
+    """Keep every (context, continuation) -> (log-likelihood, greedy) the LM answers."""
+    inner = lm.loglikelihood
+
+    def loglikelihood(requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = inner(requests, disable_tqdm=disable_tqdm)
+        for req, res in zip(requests, out):
+            into[tuple(req.args)] = res
+        return out
+
+    lm.loglikelihood = loglikelihood
+
+
+def run(backend: str, path: Path, selected: list[Any], limit: int, config_dir: Path,
+        seen: dict[tuple[str, str], tuple[float, bool]]) -> tuple[dict[str, Any], float]:
+    from nearswap.judge import harness, models
+
+    cand = models.check([path], backend=backend)[0]
+    model, tok = models.open_for_eval(cand, None)
+    if backend == "llama.cpp":
+        from nearswap.judge.llama_lm import make_llama_lm
+
+        lm = make_llama_lm(model)
+    else:
+        from nearswap.judge.lm import make_lm
+
+        lm = make_lm(model, tok)
+    record(lm, seen)
+    t = time.perf_counter()
+    results = harness.run(lm, selected, config_dir, limit)
+    seconds = time.perf_counter() - t
+    if hasattr(model, "close") and backend == "llama.cpp":
+        model.close()
+    return results, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--quant", type=Path, help="also time both backends on this GGUF")
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    args = ap.parse_args()
+
+    from nearswap.demo.fetch import SMOLLM2, fetch
+    from nearswap.judge import data, harness
+    from nearswap.judge import tasks as task_table
+    from nearswap.merging.convert import convert
+    from nearswap.ship.gguf_export import export_gguf
+
+    work = Path(tempfile.mkdtemp(prefix="bench-llama-"))
+    source = fetch(SMOLLM2)
+    convert(source, work / "hf")
+    export_gguf(work / "hf", work / "m.f32.gguf", "f32")
+    selected = task_table.select("quick")
+    data.prepare([s.task for s in selected])
+    harness.write_configs(selected, work / "tasks", args.limit)
+
+    torch_ll: dict = {}
+    llama_ll: dict = {}
+    res_t, sec_t = run("torch", work / "hf", selected, args.limit, work / "tasks", torch_ll)
+    res_l, sec_l = run("llama.cpp", work / "m.f32.gguf", selected, args.limit, work / "tasks", llama_ll)
+    common = sorted(set(torch_ll) & set(llama_ll))
+    deltas = [abs(torch_ll[k][0] - llama_ll[k][0]) for k in common]
+    flips = []
+    for name in res_t:
+        a, b = res_t[name].items, res_l[name].items
+        flips += [f"{name}/{k}" for k in a if a[k] != b.get(k)]
+    figures: dict[str, Any] = {
+        "requests": len(common), "max_abs_delta_nats": max(deltas), "median_abs_delta_nats": statistics.median(deltas),
+        "tasks": {n: {"torch": res_t[n].value, "llama.cpp": res_l[n].value, "items": res_t[n].n} for n in res_t},
+        "items_whose_decision_differs": flips,
+        "seconds": {"torch (HF, float32)": round(sec_t, 1), "llama.cpp (F32 GGUF)": round(sec_l, 1)},
+    }
+    if args.quant:
+        res_tq, sec_tq = run("torch", args.quant, selected, args.limit, work / "tasks", {})
+        res_lq, sec_lq = run("llama.cpp", args.quant, selected, args.limit, work / "tasks", {})
+        figures["quant"] = {"file": args.quant.name, "seconds": {"torch": round(sec_tq, 1), "llama.cpp": round(sec_lq, 1)},
+                            "speedup": round(sec_tq / sec_lq, 2)}
+    print(json.dumps(figures, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

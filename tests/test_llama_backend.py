@@ -1,0 +1,140 @@
+"""eval's llama.cpp backend: a GGUF scored as llama.cpp computes it, against the torch backend
+(transformers on the HF twin of the same weights, an independent implementation), and its
+one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("torch")
+gguf = pytest.importorskip("gguf")
+
+from nearswap.core import llamacpp  # noqa: E402
+from nearswap.core.errors import NearswapError  # noqa: E402
+
+TOLERANCE = 0.1  # nats per request; measured on SmolLM2 F32, quick preset, 1,299 requests: max 0.047, median 0.0031
+
+
+@pytest.fixture(scope="module")
+def smol_f32(smollm2, tmp_path_factory):
+    """SmolLM2 as an HF directory (transformers) and as an F32 GGUF (llama.cpp): the same weights."""
+    from nearswap.merging.convert import convert
+    from nearswap.ship.gguf_export import export_gguf
+
+    root = tmp_path_factory.mktemp("smol_f32")
+    convert(smollm2, root / "hf")
+    export_gguf(root / "hf", root / "m.f32.gguf", "f32")
+    return root
+
+
+def _scored(backend, path, selected, config_dir, limit):
+    """Every request's (log-likelihood, greedy) and the tasks' results, through lm-eval."""
+    from nearswap.judge import harness, models
+
+    cand = models.check([path], backend=backend)[0]
+    model, tok = models.open_for_eval(cand, None)
+    if backend == "llama.cpp":
+        from nearswap.judge.llama_lm import make_llama_lm
+
+        lm = make_llama_lm(model)
+    else:
+        from nearswap.judge.lm import make_lm
+
+        lm = make_lm(model, tok)
+    seen = {}
+    inner = lm.loglikelihood
+
+    def loglikelihood(requests, disable_tqdm=False):
+        out = inner(requests, disable_tqdm=disable_tqdm)
+        seen.update({tuple(r.args): o for r, o in zip(requests, out)})
+        return out
+
+    lm.loglikelihood = loglikelihood
+    results = harness.run(lm, selected, config_dir, limit)
+    if backend == "llama.cpp":
+        model.close()
+    return seen, results
+
+
+def test_llama_cpp_backend_scores_like_torch_on_the_same_weights(smol_f32, quick_data, tmp_path):
+    from nearswap.judge import harness, tasks
+
+    limit = 8
+    selected = tasks.select("quick")
+    harness.write_configs(selected, tmp_path / "tasks", limit, cache=quick_data)
+    torch_ll, torch_res = _scored("torch", smol_f32 / "hf", selected, tmp_path / "tasks", limit)
+    llama_ll, llama_res = _scored("llama.cpp", smol_f32 / "m.f32.gguf", selected, tmp_path / "tasks", limit)
+    assert set(torch_ll) == set(llama_ll) and len(torch_ll) >= 80
+    deltas = np.array([abs(torch_ll[k][0] - llama_ll[k][0]) for k in torch_ll])
+    assert deltas.max() <= TOLERANCE, deltas.max()
+    assert 0 < np.median(deltas) < TOLERANCE / 10  # the same weights, other arithmetic: close, not bit-equal
+    for name, res in torch_res.items():
+        assert llama_res[name].n == res.n == limit
+        # a decision can flip only where the torch backend's own margin is under twice the tolerance
+        close = _near_ties(torch_ll, 2 * TOLERANCE)
+        flipped = [k for k in res.items if res.items[k] != llama_res[name].items[k]]
+        assert len(flipped) <= close, (name, flipped)
+
+
+def _near_ties(ll, within):
+    """Requests sharing a context or a continuation whose log-likelihoods are within ``within``
+    of each other: an upper bound on the decisions arithmetic can flip."""
+    by = {}
+    for (context, continuation), (score, _) in ll.items():
+        by.setdefault(("c", context), []).append(score)
+        by.setdefault(("x", continuation), []).append(score)
+    return sum(1 for scores in by.values() if len(scores) > 1 and
+               min(abs(a - b) for i, a in enumerate(scores) for b in scores[i + 1:]) < within)
+
+
+def test_eval_of_ggufs_runs_llama_cpp_by_default(smollm2, quick_data, tmp_path, run):
+    """`nearswap eval a.gguf b.gguf`: llama.cpp runs both (recorded per model), drift from
+    llama.cpp's logits (a model against itself: KL 0, top-1 1.0), stories from llama.cpp."""
+    import json
+
+    result = run("eval", smollm2, smollm2, "--tasks", "arc_easy", "--limit", "4", "-o", tmp_path / "r", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [m["backend"] for m in report["models"]] == ["llama.cpp", "llama.cpp"]
+    drift = report["drift"][1]
+    assert drift["kl_mean"] == 0.0 and drift["top1_agreement"] == 1.0
+    assert report["tasks"][0]["scores"][0]["mean"] == report["tasks"][0]["scores"][1]["mean"]
+    stories = [s["text"] for s in report["writing"]["models"][0]["stories"]]
+    assert stories == [s["text"] for s in report["writing"]["models"][1]["stories"]] and all(stories)
+
+
+def test_refusals_are_one_line(smollm2, tmp_path, run, monkeypatch):
+    from nearswap.judge.llama_lm import make_llama_lm
+    from nearswap.runtime.llama_model import LlamaModel
+
+    # a task longer than the context llama.cpp runs the model with
+    with LlamaModel(smollm2, n_ctx=64) as m:  # (llama.cpp rounds a context up: 256 here)
+        lm = make_llama_lm(m)
+        n = m.n_ctx + 10
+        with pytest.raises(NearswapError, match=f"a request of {n} tokens is longer than the context of {m.n_ctx}"):
+            lm._loglikelihood_tokens([(None, list(range(10, 10 + n)), [5])])
+        assert lm._loglikelihood_tokens([(None, list(range(10, 10 + m.n_ctx)), [5])])[0][0] < 0  # the longest that fits
+    # a GGUF llama.cpp cannot load: llama.cpp's reason in the line (a tensor taken out)
+    reader = gguf.GGUFReader(str(smollm2))
+    writer = gguf.GGUFWriter(str(tmp_path / "broken.gguf"), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith(("GGUF.", "general.architecture")):
+            continue
+        value = field.contents()
+        writer.add_key_value(field.name, value, field.types[0], sub_type=field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        if t.name != "blk.0.ffn_up.weight":
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(NearswapError, match=r"llama.cpp cannot load it \(.*blk\.0\.ffn_up"):
+        LlamaModel(tmp_path / "broken.gguf")
+    # the backend not installed: one line naming the extra
+    monkeypatch.setattr(llamacpp, "library", lambda: None)
+    result = run("eval", smollm2, "--tasks", "none", "--no-writing", "-o", tmp_path / "r")
+    assert result.exit_code == 1 and "nearswap[llama]" in result.stderr and "--backend torch" in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
