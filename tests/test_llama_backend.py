@@ -61,12 +61,12 @@ def _scored(backend, path, selected, config_dir, limit):
 def test_llama_cpp_backend_scores_like_torch_on_the_same_weights(smol_f32, quick_data, tmp_path):
     from nearswap.judge import harness, tasks
 
-    limit = 8
-    selected = tasks.select("quick")
+    limit = 5
+    selected = tasks.select("hellaswag:0,arc_easy:0,winogrande:0,lambada:0")  # quick but PIQA: each kind of request
     harness.write_configs(selected, tmp_path / "tasks", limit, cache=quick_data)
     torch_ll, torch_res = _scored("torch", smol_f32 / "hf", selected, tmp_path / "tasks", limit)
     llama_ll, llama_res = _scored("llama.cpp", smol_f32 / "m.f32.gguf", selected, tmp_path / "tasks", limit)
-    assert set(torch_ll) == set(llama_ll) and len(torch_ll) >= 80
+    assert set(torch_ll) == set(llama_ll) and len(torch_ll) >= 50
     deltas = np.array([abs(torch_ll[k][0] - llama_ll[k][0]) for k in torch_ll])
     assert deltas.max() <= TOLERANCE, deltas.max()
     assert 0 < np.median(deltas) < TOLERANCE / 10  # the same weights, other arithmetic: close, not bit-equal
@@ -91,18 +91,30 @@ def _near_ties(ll, within):
 
 def test_eval_of_ggufs_runs_llama_cpp_by_default(smollm2, quick_data, tmp_path, run):
     """`nearswap eval a.gguf b.gguf`: llama.cpp runs both (recorded per model), drift from
-    llama.cpp's logits (a model against itself: KL 0, top-1 1.0), stories from llama.cpp."""
+    llama.cpp's logits (a model against itself: KL 0, top-1 1.0)."""
     import json
 
-    result = run("eval", smollm2, smollm2, "--tasks", "arc_easy", "--limit", "4", "-o", tmp_path / "r", "-q")
+    from nearswap.judge.quick import fixed_text
+
+    (tmp_path / "text.txt").write_text(fixed_text()[:1500])  # (the tasks are test_llama_cpp_backend_scores_...'s)
+    result = run("eval", smollm2, smollm2, "--tasks", "none", "--no-writing", "--drift-text", tmp_path / "text.txt",
+                 "-o", tmp_path / "r", "-q")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [m["backend"] for m in report["models"]] == ["llama.cpp", "llama.cpp"]
     drift = report["drift"][1]
-    assert drift["kl_mean"] == 0.0 and drift["top1_agreement"] == 1.0
-    assert report["tasks"][0]["scores"][0]["mean"] == report["tasks"][0]["scores"][1]["mean"]
-    stories = [s["text"] for s in report["writing"]["models"][0]["stories"]]
-    assert stories == [s["text"] for s in report["writing"]["models"][1]["stories"]] and all(stories)
+    assert drift["kl_mean"] == 0.0 and drift["top1_agreement"] == 1.0 and drift["tokens"] > 250
+    assert drift["perplexity"] == drift["reference_perplexity"] < 100
+
+
+def test_llama_cpp_stories_are_seeded(smollm2):
+    """Stories from llama.cpp's logits: the same seed gives the same text, another seed another."""
+    from nearswap.judge import writing
+    from nearswap.runtime.llama_model import LlamaModel
+
+    with LlamaModel(smollm2, n_ctx=256) as m:
+        one = writing.generate(m, m, prompts=writing.PROMPTS[:1], seeds=(0, 0, 1), new_tokens=24)
+    assert one[0].text == one[1].text and one[0].text != one[2].text and one[0].text.strip()
 
 
 def test_refusals_are_one_line(smollm2, tmp_path, run, monkeypatch):

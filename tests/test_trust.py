@@ -119,14 +119,20 @@ def test_item2_a_journal_line_for_a_tensor_never_written_is_not_believed(inputs,
     """A line with a valid tag naming a tensor whose data never reached the disk (a torn write):
     its chunks are read back, their CRCs do not match, and the tensor is merged again."""
     paths, reference, expected = inputs
-    out = tmp_path / "run" / "out"
-    partial = killed(paths, out, fraction=0.3)
-    lines = journal_lines(partial)
-    done = {}
-    for _, body in lines[1:]:
-        done.update(json.loads(body)["done"])
-    missing = [name for name in SHAPES if name not in done]
-    assert missing and done
+    # killed where some tensors are journaled and some are not: which ones, at a given share of
+    # the work, depends on how the threads interleave (a busy machine spreads them), so the kill
+    # point moves on until both kinds exist
+    for fraction in (0.3, 0.45, 0.6, 0.75, 0.9):
+        out = tmp_path / f"run{fraction}" / "out"
+        partial = killed(paths, out, fraction=fraction)
+        lines = journal_lines(partial)
+        done = {}
+        for _, body in lines[1:]:
+            done.update(json.loads(body)["done"])
+        missing = [name for name in SHAPES if name not in done]
+        if missing and done:
+            break
+    assert missing and done, fraction
     example = next(iter(done.values()))
     numel = int(np.prod(SHAPES[missing[0]]))
     forged = {"done": {missing[0]: {"tallies": example["tallies"], "crc": [0] * -(-numel // SETTINGS["chunk"])}}}

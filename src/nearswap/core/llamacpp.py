@@ -99,6 +99,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "llama_get_memory": (_P, [_P]),
     "llama_memory_clear": (None, [_P, C.c_bool]),
     "llama_memory_seq_rm": (C.c_bool, [_P, C.c_int32, C.c_int32, C.c_int32]),
+    "llama_memory_seq_cp": (None, [_P, C.c_int32, C.c_int32, C.c_int32, C.c_int32]),
     "ggml_quantize_chunk": (C.c_size_t, [C.c_int, _P, _P, C.c_int64, C.c_int64, C.c_int64, _P]),
     "ggml_quantize_requires_imatrix": (C.c_bool, [C.c_int]),
 }

@@ -5,7 +5,8 @@ splits context and continuation as every lm-eval backend does); this class only 
 log-likelihoods and generations from llama.cpp's logits (``runtime.llama_model``). Requests
 are taken in token order, so those that share a prefix (the choices of one question, a
 few-shot context) are neighbours: the prefix stays in llama.cpp's KV cache and only the rest
-is decoded. Tokens are llama.cpp's own (the GGUF's vocabulary), BOS as the GGUF says.
+is decoded, the rests of a few requests side by side in one call (``LlamaModel.score_many``).
+Tokens are llama.cpp's own (the GGUF's vocabulary), BOS as the GGUF says.
 
 What differs from the torch backend is arithmetic: llama.cpp multiplies quantized weights
 with activations it quantizes too (Q8 for most types), where torch multiplies the
@@ -32,7 +33,6 @@ def make_llama_lm(model: LlamaModel, on_progress: Callable[[int, int], None] | N
         exact_rescored = 0  # (the torch backend's re-scoring has no counterpart: one request at a time here)
         requests_scored = 0
         input_tokens = 0  # tokens lm-eval's backend would feed for the same requests (one forward each)
-        decoded_tokens = 0  # tokens llama.cpp actually decoded (the rest came from its cache)
 
         def __init__(self) -> None:
             super().__init__()
@@ -76,22 +76,22 @@ def make_llama_lm(model: LlamaModel, on_progress: Callable[[int, int], None] | N
                                         f"shorter prompts (fewer shots) or a model with a longer context")
                 whole = context_enc + continuation_enc
                 inputs.append((whole[:-1], continuation_enc))
-            order = sorted(range(len(inputs)), key=lambda i: inputs[i][0])
+            order = sorted(range(len(inputs)), key=lambda i: inputs[i][0])  # neighbours share their prefix
             results: list[tuple[float, bool] | None] = [None] * len(inputs)
-            for done, i in enumerate(order, 1):
-                inp, cont = inputs[i]
-                if not cont:
+            todo = [i for i in order if inputs[i][1]]
+            for i in order:
+                if not inputs[i][1]:
                     results[i] = (0.0, True)
-                    continue
-                first = len(inp) - len(cont)
-                before = len(self.m.cached)
-                logp = log_softmax(self.m.logits_from(inp, first))
-                self.decoded_tokens += len(self.m.cached) - min(before, self.m.common_prefix(inp))
+            scored = self.m.score_many([(inputs[i][0], len(inputs[i][0]) - len(inputs[i][1])) for i in todo])
+            for done, (k, logits) in enumerate(scored, 1):
+                i = todo[k]
+                inp, cont = inputs[i]
+                logp = log_softmax(logits)
                 picked = logp[range(len(cont)), cont]
                 results[i] = (float(picked.sum()), bool((logp.argmax(axis=1) == cont).all()))
                 self.input_tokens += len(inp)
                 if on_progress:
-                    on_progress(done, len(order))
+                    on_progress(done, len(todo))
             self.requests_scored += len(requests)
             return results  # type: ignore[return-value]
 
