@@ -41,7 +41,7 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
         "reference": candidates[0].name,
         "models": [{"name": c.name, "path": str(c.given), "format": c.format, "parameters": c.parameters,
                     "evaluated_from": str(c.given if c.backend == "llama.cpp" else c.hf_dir), "backend": c.backend,
-                    "identity": identity(c.given)} for c in candidates],
+                    **_size(c), "identity": identity(c.given)} for c in candidates],
         "settings": {"limit": limit, "tasks": [{"name": s.task.name, "shots": s.shots} for s in selected],
                      "bootstrap_resamples": stats.BOOTSTRAP, "bootstrap_seed": stats.SEED, "interval": stats.LEVEL},
         "tasks": [], "seconds": round(seconds, 1),
@@ -88,6 +88,14 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
         report["lm_eval_command"] = harness.cli_command(selected, out / "tasks", Path(first.hf_dir or ""), limit,
                                                         first.given if first.hf_dir != first.given else None)
     return report
+
+
+def _size(c: Any) -> dict[str, Any]:
+    """The bytes of a model's weights (its GGUF file, or its weight files) and bits per weight:
+    with the drift table against a float reference, which quant to ship."""
+    files = [c.given] if c.given.is_file() else list(getattr(c.model, "files", []) or [])
+    size = sum(f.stat().st_size for f in files)
+    return {"bytes": size, "bits_per_weight": round(8 * size / c.parameters, 3) if c.parameters else None}
 
 
 def _item_order(key: str) -> tuple[str, int]:
@@ -157,6 +165,10 @@ def markdown(report: dict[str, Any]) -> str:
              f"Reference: **{ref}**. Every other model is compared with it on the same items: its score minus the "
              f"reference's, with a {int(100 * stats.LEVEL)}% paired-bootstrap interval ({stats.BOOTSTRAP:,} resamples), "
              "and a word: *better* / *worse* only when the whole interval is on one side of zero.", ""]
+    lines += ["| model | format | run by | size | bits per weight |", "|---|---|---|---:|---:|"]
+    lines += [f"| {md(m['name'])} | {md(m['format'])} | {m.get('backend', 'torch')} | {m.get('bytes', 0) / 2**20:,.1f} MiB | "
+              f"{m.get('bits_per_weight') or 0:.2f} |" for m in report["models"]]
+    lines += [""]
     if report["tasks"]:
         lines += ["## Benchmarks (lm-evaluation-harness)", "", *benchmark_table(report)]
         limit = report["settings"]["limit"]
