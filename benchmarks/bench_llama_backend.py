@@ -20,42 +20,6 @@ from pathlib import Path
 from typing import Any
 
 
-def record(lm: Any, into: dict[tuple[str, str], tuple[float, bool]]) -> None:
-    """Keep every (context, continuation) -> (log-likelihood, greedy) the LM answers."""
-    inner = lm.loglikelihood
-
-    def loglikelihood(requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        out = inner(requests, disable_tqdm=disable_tqdm)
-        for req, res in zip(requests, out):
-            into[tuple(req.args)] = res
-        return out
-
-    lm.loglikelihood = loglikelihood
-
-
-def run(backend: str, path: Path, selected: list[Any], limit: int, config_dir: Path,
-        seen: dict[tuple[str, str], tuple[float, bool]]) -> tuple[dict[str, Any], float]:
-    from nearswap.judge import harness, models
-
-    cand = models.check([path], backend=backend)[0]
-    model, tok = models.open_for_eval(cand, None)
-    if backend == "llama.cpp":
-        from nearswap.judge.llama_lm import make_llama_lm
-
-        lm = make_llama_lm(model)
-    else:
-        from nearswap.judge.lm import make_lm
-
-        lm = make_lm(model, tok)
-    record(lm, seen)
-    t = time.perf_counter()
-    results = harness.run(lm, selected, config_dir, limit)
-    seconds = time.perf_counter() - t
-    if hasattr(model, "close") and backend == "llama.cpp":
-        model.close()
-    return results, seconds
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=100)
@@ -66,6 +30,7 @@ def main() -> None:
     from nearswap.demo.fetch import SMOLLM2, fetch
     from nearswap.judge import data, harness
     from nearswap.judge import tasks as task_table
+    from nearswap.judge.run import per_request
     from nearswap.merging.convert import convert
     from nearswap.ship.gguf_export import export_gguf
 
@@ -77,10 +42,13 @@ def main() -> None:
     data.prepare([s.task for s in selected])
     harness.write_configs(selected, work / "tasks", args.limit)
 
-    torch_ll: dict = {}
-    llama_ll: dict = {}
-    res_t, sec_t = run("torch", work / "hf", selected, args.limit, work / "tasks", torch_ll)
-    res_l, sec_l = run("llama.cpp", work / "m.f32.gguf", selected, args.limit, work / "tasks", llama_ll)
+    def timed(backend: str, path: Path) -> tuple[dict, dict, float]:
+        t = time.perf_counter()
+        seen, results = per_request(path, backend, selected, work / "tasks", args.limit)
+        return seen, results, time.perf_counter() - t
+
+    torch_ll, res_t, sec_t = timed("torch", work / "hf")
+    llama_ll, res_l, sec_l = timed("llama.cpp", work / "m.f32.gguf")
     common = sorted(set(torch_ll) & set(llama_ll))
     deltas = [abs(torch_ll[k][0] - llama_ll[k][0]) for k in common]
     flips = []
@@ -94,8 +62,8 @@ def main() -> None:
         "seconds": {"torch (HF, float32)": round(sec_t, 1), "llama.cpp (F32 GGUF)": round(sec_l, 1)},
     }
     if args.quant:
-        res_tq, sec_tq = run("torch", args.quant, selected, args.limit, work / "tasks", {})
-        res_lq, sec_lq = run("llama.cpp", args.quant, selected, args.limit, work / "tasks", {})
+        _, _, sec_tq = timed("torch", args.quant)
+        _, _, sec_lq = timed("llama.cpp", args.quant)
         figures["quant"] = {"file": args.quant.name, "seconds": {"torch": round(sec_tq, 1), "llama.cpp": round(sec_lq, 1)},
                             "speedup": round(sec_tq / sec_lq, 2)}
     print(json.dumps(figures, indent=1))

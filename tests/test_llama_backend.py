@@ -29,43 +29,15 @@ def smol_f32(smollm2, tmp_path_factory):
     return root
 
 
-def _scored(backend, path, selected, config_dir, limit):
-    """Every request's (log-likelihood, greedy) and the tasks' results, through lm-eval."""
-    from nearswap.judge import harness, models
-
-    cand = models.check([path], backend=backend)[0]
-    model, tok = models.open_for_eval(cand, None)
-    if backend == "llama.cpp":
-        from nearswap.judge.llama_lm import make_llama_lm
-
-        lm = make_llama_lm(model)
-    else:
-        from nearswap.judge.lm import make_lm
-
-        lm = make_lm(model, tok)
-    seen = {}
-    inner = lm.loglikelihood
-
-    def loglikelihood(requests, disable_tqdm=False):
-        out = inner(requests, disable_tqdm=disable_tqdm)
-        seen.update({tuple(r.args): o for r, o in zip(requests, out)})
-        return out
-
-    lm.loglikelihood = loglikelihood
-    results = harness.run(lm, selected, config_dir, limit)
-    if backend == "llama.cpp":
-        model.close()
-    return seen, results
-
-
 def test_llama_cpp_backend_scores_like_torch_on_the_same_weights(smol_f32, quick_data, tmp_path):
     from nearswap.judge import harness, tasks
+    from nearswap.judge.run import per_request
 
     limit = 5
     selected = tasks.select("hellaswag:0,arc_easy:0,winogrande:0,lambada:0")  # quick but PIQA: each kind of request
     harness.write_configs(selected, tmp_path / "tasks", limit, cache=quick_data)
-    torch_ll, torch_res = _scored("torch", smol_f32 / "hf", selected, tmp_path / "tasks", limit)
-    llama_ll, llama_res = _scored("llama.cpp", smol_f32 / "m.f32.gguf", selected, tmp_path / "tasks", limit)
+    torch_ll, torch_res = per_request(smol_f32 / "hf", "torch", selected, tmp_path / "tasks", limit)
+    llama_ll, llama_res = per_request(smol_f32 / "m.f32.gguf", "llama.cpp", selected, tmp_path / "tasks", limit)
     assert set(torch_ll) == set(llama_ll) and len(torch_ll) >= 50
     deltas = np.array([abs(torch_ll[k][0] - llama_ll[k][0]) for k in torch_ll])
     assert deltas.max() <= TOLERANCE, deltas.max()

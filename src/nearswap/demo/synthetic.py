@@ -153,7 +153,8 @@ def make_secondary_gguf(base: str | Path, path: str | Path, scale: float = 0.012
         quantizer_for(qtype)  # a type nothing here can write (K-quants without llama.cpp): one line, up front
     rng = np.random.default_rng(seed)
     with atomic_file(path) as part:  # a hidden sibling, renamed when complete; never over an existing file
-        writer = GGUFStreamWriter(part, arch, kv, plan)
+        # (atomic_file made ``part``, empty, with mkstemp: opened as it is, without following a link)
+        writer = GGUFStreamWriter(part, arch, kv, plan, resume=True)
         reader = FileReader()
         try:
             for name, info in model.tensors.items():

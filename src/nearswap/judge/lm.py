@@ -24,6 +24,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from ..core.errors import NearswapError
+from ..core.tokens import common_prefix
 
 TOKENS_PER_BATCH = 4096  # padded tokens in one forward pass
 LOGITS_BYTES = 256 << 20  # the needed logits of one batch
@@ -174,12 +175,7 @@ class _Group:
         self.longest = len(inp)
 
     def shared_with(self, inp: list[int]) -> int:
-        n = 0
-        for a, b in zip(self.prefix, inp):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.prefix, inp)
 
     def add(self, i: int, inp: list[int], shared: int) -> None:
         cut = self.prefix[shared:]

@@ -118,14 +118,7 @@ def evaluate_one(cand: loader.Candidate, selected: list[Selected], limit: int | 
     if selected:
         t = time.perf_counter()
         on_progress = (lambda done, total: progress(f"{name}: benchmarks", done, total)) if progress else None
-        if cand.backend == "llama.cpp":
-            from .llama_lm import make_llama_lm
-
-            lm = make_llama_lm(model, on_progress)
-        else:
-            from .lm import make_lm
-
-            lm = make_lm(model, tokenizer, on_progress=on_progress)
+        lm = lm_for(cand, model, tokenizer, on_progress)
         res.tasks = harness.run(lm, selected, config_dir, limit)
         res.rescored, res.requests, res.tokens = lm.exact_rescored, lm.requests_scored, lm.input_tokens
         res.seconds["benchmarks"] = time.perf_counter() - t
@@ -150,3 +143,40 @@ def evaluate_one(cand: loader.Candidate, selected: list[Selected], limit: int | 
     del model, tokenizer
     gc.collect()
     return res
+
+
+def lm_for(cand: loader.Candidate, model: Any, tokenizer: Any,
+           on_progress: Callable[[int, int], None] | None = None) -> Any:
+    """The lm-eval LM of a loaded model on its candidate's backend."""
+    if cand.backend == "llama.cpp":
+        from .llama_lm import make_llama_lm
+
+        return make_llama_lm(model, on_progress)
+    from .lm import make_lm
+
+    return make_lm(model, tokenizer, on_progress=on_progress)
+
+
+def per_request(path: Path, backend: str, selected: list[Selected], config_dir: Path,
+                limit: int | None) -> tuple[dict[tuple[str, str], tuple[float, bool]], dict[str, Any]]:
+    """One model's tasks through lm-eval on ``backend``, keeping every request's answer:
+    ((context, continuation) -> (log-likelihood, greedy)) and the tasks' results. What the
+    backends are compared by (tests, benchmarks/bench_llama_backend.py)."""
+    from . import harness
+
+    cand = loader.check([path], backend=backend)[0]
+    model, tokenizer = loader.open_for_eval(cand, None)
+    lm = lm_for(cand, model, tokenizer)
+    seen: dict[tuple[str, str], tuple[float, bool]] = {}
+    inner = lm.loglikelihood
+
+    def loglikelihood(requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = inner(requests, disable_tqdm=disable_tqdm)
+        seen.update({tuple(r.args): o for r, o in zip(requests, out)})
+        return out
+
+    lm.loglikelihood = loglikelihood
+    try:
+        return seen, harness.run(lm, selected, config_dir, limit)
+    finally:
+        _close(model)

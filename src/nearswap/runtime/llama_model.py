@@ -18,6 +18,7 @@ import numpy as np
 from ..core import llamacpp
 from ..core.errors import NearswapError, shown
 from ..core.paths import default_threads
+from ..core.tokens import common_prefix
 
 BATCH = 512  # tokens decoded in one llama_decode call (llama.cpp's default micro-batch)
 SEQUENCES = 4  # requests scored side by side in one call, each its own sequence over the shared prefix
@@ -123,12 +124,7 @@ class LlamaModel:
             self.cached = self.cached[:n]
 
     def common_prefix(self, tokens: Sequence[int]) -> int:
-        n = 0
-        for a, b in zip(self.cached, tokens):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.cached, tokens)
 
     def decode(self, tokens: Sequence[int], wanted: Sequence[int] = ()) -> np.ndarray:
         """Append ``tokens`` to the cached sequence; the logits after each position in
@@ -201,11 +197,11 @@ class LlamaModel:
         i = 0
         while i < len(requests):
             chunk = [i]
-            prefix = _lcp(requests[i][0], requests[i][0], requests[i][1])
+            prefix = common_prefix(requests[i][0], requests[i][0], requests[i][1])
             rest = len(requests[i][0]) - prefix
             while i + len(chunk) < len(requests) and len(chunk) < SEQUENCES - 1:
                 tokens, first = requests[i + len(chunk)]
-                p = min(_lcp(requests[i][0], tokens, first), prefix)
+                p = min(common_prefix(requests[i][0], tokens, first), prefix)
                 extra = rest + (prefix - p) * len(chunk) + len(tokens) - p
                 if extra > self.batch_size or p + extra > self.n_ctx:
                     break
@@ -276,16 +272,6 @@ class LlamaModel:
 
     def __repr__(self) -> str:
         return f"LlamaModel({shown(str(self.path))})"
-
-
-def _lcp(a: Sequence[int], b: Sequence[int], cap: int) -> int:
-    """The length of the common prefix of ``a`` and ``b``, at most ``cap``."""
-    n = 0
-    for x, y in zip(a[:cap], b[:cap]):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
