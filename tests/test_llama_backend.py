@@ -80,7 +80,9 @@ def test_eval_of_ggufs_runs_llama_cpp_by_default(smollm2, quick_data, tmp_path, 
     numel = sum(int(t.n_elements) for t in gguf.GGUFReader(str(smollm2)).tensors)  # gguf's own count
     want = 8 * smollm2.stat().st_size / numel
     assert report["models"][0]["bits_per_weight"] == pytest.approx(want, abs=1e-3)
-    assert f"| llama.cpp | {smollm2.stat().st_size / 2**20:,.1f} MiB | {want:.2f} |" in (tmp_path / "r" / "report.md").read_text()
+    size = f"{smollm2.stat().st_size / 2**20:,.1f} MiB"
+    assert f"| llama.cpp | {size} | {want:.2f} |" in (tmp_path / "r" / "report.md").read_text()
+    assert f"<td>llama.cpp</td><td>{size}</td><td>{want:.2f}</td>" in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_llama_cpp_stories_are_seeded(smollm2):

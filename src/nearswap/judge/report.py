@@ -303,6 +303,10 @@ def page(report: dict[str, Any], plots: dict[str, str]) -> str:
              f"<h1>nearswap eval</h1><p>Reference: <b>{e(ref)}</b>. "
              + ("Compared with it, item by item: " + ", ".join(f"<b>{e(n)}</b>" for n in names[1:]) + "."
                 if len(names) > 1 else "No other model was given: its scores alone.") + "</p>"]
+    parts.append("<table><tr><th>model</th><th>format</th><th>run by</th><th>size</th><th>bits per weight</th></tr>" + "".join(
+        f"<tr><td>{e(m['name'])}</td><td>{e(m['format'])}</td><td>{e(m.get('backend', 'torch'))}</td>"
+        f"<td>{m.get('bytes', 0) / 2**20:,.1f} MiB</td><td>{m.get('bits_per_weight') or 0:.2f}</td></tr>"
+        for m in report["models"]) + "</table>")
 
     def verdict(p: dict[str, Any]) -> str:
         cls = {"better": "better", "worse": "worse"}.get(p["verdict"], "none")
