@@ -60,8 +60,11 @@ def run_models_ray(candidates: list[loader.Candidate], selected: list[Selected],
     for cand in candidates:
         if cand.backend == "torch":
             loader.hf_directory(cand, echo)
-    calls = [(cand, candidates[0] if i else None, selected, limit, phrases, text, config_dir, threads)
-             for i, cand in enumerate(candidates)]
+    import dataclasses
+
+    sent = [dataclasses.replace(cand, model=None) for cand in candidates]  # paths and names, not open headers
+    calls = [(cand, sent[0] if i else None, selected, limit, phrases, text, config_dir, threads)
+             for i, cand in enumerate(sent)]
     echo(f"evaluating {len(calls)} models as Ray tasks on {address}")
     done = iter(range(1, len(calls) + 1))
     return distributed.map_tasks(model_task, calls, address,
