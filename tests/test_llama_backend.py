@@ -95,6 +95,18 @@ def test_llama_cpp_stories_are_seeded(smollm2):
     assert one[0].text == one[1].text and one[0].text != one[2].text and one[0].text.strip()
 
 
+def test_auto_compares_like_for_like(smollm2, tiny_llm):
+    """auto: llama.cpp only when every model is a GGUF, else torch for all (the same arithmetic
+    on both sides of a comparison); per-file: each GGUF in llama.cpp, the rest in torch."""
+    from nearswap.judge import models
+
+    assert [c.backend for c in models.check([smollm2, smollm2], backend="auto")] == ["llama.cpp", "llama.cpp"]
+    assert [c.backend for c in models.check([tiny_llm / "base", smollm2], backend="auto")] == ["torch", "torch"]
+    assert [c.backend for c in models.check([tiny_llm / "base", smollm2], backend="per-file")] == ["torch", "llama.cpp"]
+    with pytest.raises(NearswapError, match="runs GGUF files.*--backend per-file"):
+        models.check([tiny_llm / "base", smollm2], backend="llama.cpp")
+
+
 def test_refusals_are_one_line(smollm2, tmp_path, run, monkeypatch):
     from nearswap.judge.llama_lm import make_llama_lm
     from nearswap.runtime.llama_model import LlamaModel

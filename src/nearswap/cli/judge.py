@@ -104,8 +104,9 @@ def tune(inputs, budget, out, max_merges, drift_text, per_kind, force, threads, 
 @click.option("--no-writing", is_flag=True, help="Skip the stories and their scores.")
 @click.option("--cliches", type=click.Path(path_type=Path), help="Phrase list for the cliché rate (one phrase per line).")
 @click.option("--drift-text", type=click.Path(path_type=Path), help="Text for the KL divergence (default: the shipped one).")
-@click.option("--backend", type=click.Choice(["auto", "llama.cpp", "torch"]), default="auto", show_default=True,
-              help="What runs each model: llama.cpp for a .gguf and torch for the rest (auto), or one for all.")
+@click.option("--backend", type=click.Choice(["auto", "llama.cpp", "torch", "per-file"]), default="auto", show_default=True,
+              help="What runs the models: llama.cpp when all are GGUF files, else torch (auto); one for all; or per-file "
+                   "(llama.cpp for each .gguf, torch for the rest).")
 @ray_option("One model per task on a Ray cluster (HOST:PORT, auto or local); the models, the cache and OUT "
            "on storage every node sees.")
 @threads_option("CPU threads (default: all cores).")

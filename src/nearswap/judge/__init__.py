@@ -38,8 +38,8 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     comma-separated ("" for none); ``limit``: the first N items of every task (default: the
     quick preset's fixed limit for ``quick``, else all); ``ray_address``: one model per task on
     that Ray cluster (``run.run_models_ray``) instead of one after another here; ``backend``:
-    what runs each model — "auto" (llama.cpp for a ``.gguf``, torch for the rest), "llama.cpp"
-    or "torch" (``models.backend_for``)."""
+    what runs the models — "auto" (llama.cpp when every model is a ``.gguf``, else torch),
+    "llama.cpp", "torch", or "per-file" (``models.resolve_backend``)."""
     from ..runtime.output import check_replaceable
     from . import data
     from . import models as loader

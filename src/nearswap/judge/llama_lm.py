@@ -30,7 +30,7 @@ def make_llama_lm(model: LlamaModel, on_progress: Callable[[int, int], None] | N
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     class LlamaCppLM(TemplateLM):
-        exact_rescored = 0  # (the torch backend's re-scoring has no counterpart: one request at a time here)
+        exact_rescored = 0  # (no counterpart of the torch backend's re-scoring: llama.cpp's numbers are the ones reported)
         requests_scored = 0
         input_tokens = 0  # tokens lm-eval's backend would feed for the same requests (one forward each)
 

@@ -37,20 +37,33 @@ class Candidate:
     backend: str = "torch"  # "torch" (transformers on the HF directory) or "llama.cpp" (the GGUF itself)
 
 
-BACKENDS = ("auto", "llama.cpp", "torch")
+BACKENDS = ("auto", "llama.cpp", "torch", "per-file")
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def resolve_backend(paths: list[Path], asked: str) -> str:
+    """``auto``: llama.cpp when every model is a GGUF, else torch for all (a comparison is
+    like for like: the same arithmetic on both sides); ``per-file``: llama.cpp for each GGUF
+    and torch for the rest (an HF base against GGUF quants, the backends' difference included)."""
+    if asked not in BACKENDS:
+        raise NearswapError(f"--backend must be one of {', '.join(BACKENDS)}, not {asked!r}")
+    if asked == "auto":
+        return "llama.cpp" if paths and all(_is_gguf(p) for p in paths) else "torch"
+    return asked
 
 
 def backend_for(path: Path, asked: str) -> str:
-    """The backend that runs ``path``: llama.cpp for a ``.gguf`` and torch for the rest under
-    ``auto``; llama.cpp is refused for what is not a GGUF file."""
-    if asked not in BACKENDS:
-        raise NearswapError(f"--backend must be one of {', '.join(BACKENDS)}, not {asked!r}")
-    is_gguf = path.is_file() and path.suffix.lower() == ".gguf"
-    if asked == "auto":
+    """The backend that runs ``path`` (``asked`` already resolved: llama.cpp, torch or
+    per-file); llama.cpp is refused for what is not a GGUF file."""
+    is_gguf = _is_gguf(path)
+    if asked == "per-file":
         return "llama.cpp" if is_gguf else "torch"
     if asked == "llama.cpp" and not is_gguf:
         raise NearswapError(f"{path}: the llama.cpp backend runs GGUF files; convert it (nearswap export {path} -o "
-                            f"{path.name}.gguf) or evaluate it with --backend torch")
+                            f"{path.name}.gguf), or pass --backend torch (every model in torch) or --backend per-file")
     return asked
 
 
@@ -58,8 +71,9 @@ def check(paths: list[str | Path], labels: list[str] | None = None, tokenizer: b
           backend: str = "torch") -> list[Candidate]:
     """Open every model's header (no weights) and refuse what cannot be evaluated; without
     ``tokenizer``, a directory may lack tokenizer files (it is read with another model's).
-    ``backend``: "torch", "llama.cpp" or "auto" (``backend_for``), each model's own."""
+    ``backend``: "auto", "llama.cpp", "torch" or "per-file" (``resolve_backend``)."""
     out = []
+    backend = resolve_backend([Path(p) for p in paths], backend)
     names: dict[str, int] = {}
     for i, p in enumerate(paths):
         label = labels[i] if labels else "reference" if i == 0 else f"model {i + 1}"
