@@ -14,7 +14,7 @@ gguf = pytest.importorskip("gguf")
 from nearswap.core import llamacpp  # noqa: E402
 from nearswap.core.errors import NearswapError  # noqa: E402
 
-TOLERANCE = 0.1  # nats per request; measured on SmolLM2 F32, quick preset, 1,299 requests: max 0.047, median 0.0031
+TOLERANCE = 0.1  # nats per request (what was measured on the quick preset: docs/judging.md)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,8 @@ Python extension whose one shared object also exports llama.cpp's C API (``llama
 (a server) does not give: every position's logits, the KV cache kept between requests, and
 ggml's quantizer. Nothing of xllamacpp's Python side is imported.
 
-Why not llama-cpp-python: it ships as source only and compiles for ~15 minutes on two
-cores, and built natively on an AVX-512/AMX Xeon it crashes in decode at its default batch
-size (docs/llama-cpp.md says what was found). Its ``llama_model_quantize`` (a whole file with
+Why not llama-cpp-python: it ships as source only and compiles for many minutes, and built
+natively on an AVX-512/AMX Xeon it crashed in decode at its default batch size (docs/llama-cpp.md says what was found). Its ``llama_model_quantize`` (a whole file with
 llama.cpp's per-tensor type rules, ``export --type q4_k_m``) is the one thing the prebuilt
 wheel does not export; export takes it from llama-cpp-python where that is installed.
 

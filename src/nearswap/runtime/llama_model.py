@@ -22,17 +22,15 @@ from ..core.tokens import common_prefix
 
 BATCH = 512  # tokens decoded in one llama_decode call (llama.cpp's default micro-batch)
 SEQUENCES = 4  # requests scored side by side in one call, each its own sequence over the shared prefix
-# (on this 2-core CPU a small model is compute-bound and batching does not pay: quick preset, 30 items,
-# F32 SmolLM2: 1 request per call 60.0 s, 3 per call 62.1 s, 15 per call 71.6 s; it pays where reading
-# the weights dominates, a large model or a GPU)
+# (kept small: on a 2-core CPU a small model is compute-bound and batching does not pay; docs/judging.md)
 
 
 class LlamaModel:
     """One GGUF in llama.cpp: ``decode`` appends tokens to the cached sequence and returns the
     logits of the positions asked for; ``keep(n)`` cuts the sequence back to its first n tokens.
     llama.cpp's defaults (what its users run: flash attention where it can, an F16 KV cache), or
-    with ``exact`` plain attention on an F32 cache: then an F32 GGUF's logits equal transformers'
-    to ~1e-4 (with the defaults, ~2e-2: flash attention rounds queries and keys to F16)."""
+    with ``exact`` plain attention on an F32 cache, as transformers computes (the defaults'
+    flash attention rounds queries and keys to F16; the figures: docs/judging.md)."""
 
     def __init__(self, path: str | Path, n_ctx: int | None = None, threads: int | None = None,
                  batch: int = BATCH, exact: bool = False) -> None:
