@@ -374,7 +374,11 @@ def test_export_refusals(tmp_path, run):
 
 
 def test_k_quant_export_through_llama_cpp(tmp_path):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python (optional) is not installed")
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("llama_cpp") is None and shutil.which("llama-quantize") is None:
+        pytest.skip("neither llama-cpp-python (the llama-export extra) nor llama.cpp's llama-quantize is installed")
     from nearswap.ship.gguf_export import export_gguf
 
     # two 256-wide tensors, so llama.cpp has rows that fit a K-quant block

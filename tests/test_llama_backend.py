@@ -77,8 +77,8 @@ def test_eval_of_ggufs_runs_llama_cpp_by_default(smollm2, quick_data, tmp_path, 
     drift = report["drift"][1]
     assert drift["kl_mean"] == 0.0 and drift["top1_agreement"] == 1.0 and drift["tokens"] > 250
     assert drift["perplexity"] == drift["reference_perplexity"] < 100
-    numel = sum(int(t.n_elements) for t in gguf.GGUFReader(str(smollm2)).tensors)  # gguf's own count
-    want = 8 * smollm2.stat().st_size / numel
+    tensors = gguf.GGUFReader(str(smollm2)).tensors  # gguf's own count: the tensors' bytes over their elements
+    want = 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
     assert report["models"][0]["bits_per_weight"] == pytest.approx(want, abs=1e-3)
     size = f"{smollm2.stat().st_size / 2**20:,.1f} MiB"
     assert f"| llama.cpp | {size} | {want:.2f} |" in (tmp_path / "r" / "report.md").read_text()
@@ -140,3 +140,81 @@ def test_refusals_are_one_line(smollm2, tmp_path, run, monkeypatch):
     result = run("eval", smollm2, "--tasks", "none", "--no-writing", "-o", tmp_path / "r")
     assert result.exit_code == 1 and "nearswap[llama]" in result.stderr and "--backend torch" in result.stderr
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_which_quant_to_ship(tiny_llm, quick_data, tmp_path, run, monkeypatch):
+    """eval FLOAT QUANT... --against BASE_QUANT...: each quant of a model with its size, bits per
+    weight and drift from the float reference, and its task scores paired item by item with
+    the base's same quant; a pair of different quants, or a count that does not match, is one
+    line before any work."""
+    import json
+
+    from nearswap.ship.gguf_export import export_gguf
+
+    monkeypatch.setenv("NEARSWAP_CACHE", str(quick_data))
+    merged = run("merge", tiny_llm / "base", tiny_llm / "s1", "-t", "1e-2", "-o", tmp_path / "s1")
+    assert merged.exit_code == 0, merged.output
+    files = {}
+    for model, source in (("base", tiny_llm / "base"), ("s1", tmp_path / "s1")):
+        for kind in ("f32", "q8_0", "q4_0")[model == "base":]:
+            files[model, kind] = tmp_path / f"{model}.{kind}.gguf"
+            export_gguf(source, files[model, kind], kind)
+    common = ["--tasks", "arc_easy,piqa", "--limit", "6", "--no-writing", "-q"]
+    refused = run("eval", files["s1", "f32"], files["s1", "q8_0"], files["s1", "q4_0"], "--against", files["base", "q4_0"],
+                  "--against", files["base", "q8_0"], *common, "-o", tmp_path / "bad")
+    assert refused.exit_code == 1 and "(Q8_0) is paired with" in refused.stderr and "(Q4_0)" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    short = run("eval", files["s1", "f32"], files["s1", "q8_0"], "--against", files["base", "q8_0"], "--against",
+                files["base", "q4_0"], *common, "-o", tmp_path / "bad")
+    assert short.exit_code == 1 and "1 model(s) to pair, 2 given" in short.stderr
+
+    result = run("eval", files["s1", "f32"], files["s1", "q8_0"], files["s1", "q4_0"], "--against", files["base", "q8_0"],
+                 "--against", files["base", "q4_0"], *common, "-o", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["s1.f32.gguf", "s1.q8_0.gguf", "s1.q4_0.gguf"]
+    assert [m["name"] for m in report["against"]] == ["base.q8_0.gguf", "base.q4_0.gguf"]
+    drift = {d["model"]: d for d in report["drift"]}
+    assert set(drift) == {m["name"] for m in report["models"]}  # the --against models: tasks only
+    rows = report["quants"]
+    assert [(r["model"], r["against"], r["quant"], r["against_quant"]) for r in rows] == [
+        ("s1.q8_0.gguf", "base.q8_0.gguf", "Q8_0", "Q8_0"), ("s1.q4_0.gguf", "base.q4_0.gguf", "Q4_0", "Q4_0")]
+    for r in rows:
+        path = tmp_path / r["model"]
+        tensors = gguf.GGUFReader(str(path)).tensors  # size and bits per weight by gguf's own reader
+        assert r["bytes"] == path.stat().st_size
+        assert r["bits_per_weight"] == pytest.approx(8 * sum(int(t.n_bytes) for t in tensors)
+                                                     / sum(int(t.n_elements) for t in tensors), abs=1e-3)
+        assert r["kl_mean"] == drift[r["model"]]["kl_mean"] > 0
+        assert r["top1_agreement"] == drift[r["model"]]["top1_agreement"]
+        per_task = []
+        for t, entry in zip(r["tasks"], report["tasks"]):
+            mine, theirs = entry["items"][r["model"]], entry["items"][r["against"]]
+            assert mine.keys() == theirs.keys() and len(mine) == 6
+            d = np.array([mine[k] - theirs[k] for k in mine])  # the difference, computed here
+            per_task.append(d)
+            assert t["diff"] == pytest.approx(d.mean()) and t["low"] <= t["diff"] <= t["high"]
+            assert t["against"] == pytest.approx(np.mean(list(theirs.values())))
+            assert t["verdict"] == ("better" if t["low"] > 0 else "worse" if t["high"] < 0 else "no detectable difference")
+        assert r["average"]["diff"] == pytest.approx(np.mean([d.mean() for d in per_task]))
+    assert rows[0]["kl_mean"] < rows[1]["kl_mean"]  # Q8_0 is nearer the float model than Q4_0
+    from nearswap.core.markup import md
+
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "## Which quant to ship" in text and f"| {md('s1.q4_0.gguf')} | {md('base.q4_0.gguf')} | {md('Q4_0')} |" in text
+    assert "dequantized" not in text  # (llama.cpp ran the quants' own blocks)
+    assert "<h2>Which quant to ship</h2>" in (tmp_path / "r" / "report.html").read_text()
+
+    # the merge's card: each quant's row with the figures of the eval that measured that file
+    card = run("card", tmp_path / "s1", "--quants", files["s1", "q4_0"], "--quants", files["s1", "q8_0"],
+               "--quant-eval", tmp_path / "r")
+    assert card.exit_code == 0, card.output
+    text = (tmp_path / "s1" / "README.md").read_text()
+    for r in rows:
+        d = r["average"]
+        cell = f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] {d['verdict']}"
+        line = next(x for x in text.splitlines() if x.startswith(f"| {md(r['model'])} |"))
+        assert f"| {r['kl_mean']:.4g} | {100 * r['top1_agreement']:.2f}% | {md(r['against'])} | {cell} |" in line, line
+    assert "KL to s1.f32.gguf" in text and "Quality was not evaluated" not in text
+    other = run("card", tmp_path / "s1", "--quants", files["base", "q8_0"], "--quant-eval", tmp_path / "r")
+    assert other.exit_code == 1 and "evaluates none of the --quants files" in other.stderr

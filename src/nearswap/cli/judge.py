@@ -107,19 +107,24 @@ def tune(inputs, budget, out, max_merges, drift_text, per_kind, force, threads, 
 @click.option("--backend", type=click.Choice(["auto", "llama.cpp", "torch", "per-file"]), default="auto", show_default=True,
               help="What runs the models: llama.cpp when all are GGUF files, else torch (auto); one for all; or per-file "
                    "(llama.cpp for each .gguf, torch for the rest).")
+@click.option("--against", multiple=True, type=click.Path(path_type=Path),
+              help="Repeat once per model after the reference, in order: the model to compare it with on the tasks, "
+                   "item by item (the base's same quant: which quant to ship).")
 @ray_option("One model per task on a Ray cluster (HOST:PORT, auto or local); the models, the cache and OUT "
            "on storage every node sees.")
 @threads_option("CPU threads (default: all cores).")
 @force_option("Replace an earlier report directory.")
 @json_option("Print the report as JSON (without per-item results).")
 @quiet_option("No progress bars or messages.")
-def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, backend, ray_address, threads, force,
-             as_json, quiet):
+def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_text, backend, against, ray_address, threads,
+             force, as_json, quiet):
     """Judge MODEL [MODEL ...] against the first (the reference): benchmarks, drift, writing.
 
     \b
       nearswap eval base/ merged/ -o report/                  # the quick preset
       nearswap eval base/ merged/ --tasks leaderboard --limit 100 -o report/
+      nearswap eval merged.f16.gguf merged.Q8_0.gguf merged.Q4_K_M.gguf \\
+          --against base.Q8_0.gguf --against base.Q4_K_M.gguf -o quants/   # which quant to ship
     """
     from .. import judge
     from ..judge.report import markdown
@@ -130,7 +135,7 @@ def evaluate(models, out, tasks, limit, no_drift, no_writing, cliches, drift_tex
         report = judge.evaluate(list(models), out, tasks="" if tasks.strip() == "none" else tasks, limit=limit,
                                 drift=not no_drift, writing=not no_writing, cliches=cliches, drift_text=drift_text,
                                 threads=threads, force=force, echo=say, progress=bar, ray_address=ray_address,
-                                backend=backend)
+                                backend=backend, against=list(against))
     finally:
         bar.close()
     if as_json:

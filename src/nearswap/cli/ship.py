@@ -24,7 +24,7 @@ from .progress import _Progress
 @click.option("--format", "fmt", default="gguf", show_default=True,
               help="gguf; awq (llm-compressor, a directory); exl2 / exl3 (on an NVIDIA GPU).")
 @click.option("--type", "type_name", default="q8_0", show_default=True,
-              help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (K-quants with llama-cpp-python).")
+              help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (K-quants with llama-cpp-python or llama.cpp's llama-quantize on PATH).")
 @click.option("--bpw", type=float, help="EXL2/EXL3: bits per weight (e.g. 4.6).")
 @click.option("--head-bits", type=int, help="EXL2/EXL3: bits of the output head (2-6 or 8; default 6).")
 @click.option("--text", type=click.Path(path_type=Path), help="AWQ: calibration text (passages separated by blank lines).")
@@ -129,15 +129,19 @@ def imatrix(model, text, out, chunk_tokens, chunks, force, threads, quiet, as_js
 @click.option("--sweep", type=click.Path(path_type=Path), help="A sweep (its directory or sweep.json): its t-table.")
 @click.option("--quants", multiple=True, type=click.Path(path_type=Path),
               help="A quantized GGUF of the merge (repeatable): file, type, size, bits per weight.")
-def card(directory, evaluation, sweep, quants):
+@click.option("--quant-eval", type=click.Path(path_type=Path),
+              help="The report of `nearswap eval FLOAT QUANT... --against BASE_QUANT...`: each --quants file's KL, "
+                   "top-1 and task difference from the base's same quant.")
+def card(directory, evaluation, sweep, quants, quant_eval):
     """Write the model card of a merge DIRECTORY again, with what was measured since.
 
     \b
       nearswap card merged/ --eval report/ --sweep sweep/ --quants merged.q8_0.gguf
+      nearswap card merged/ --quants merged.q8_0.gguf --quants merged.q4_k_m.gguf --quant-eval quants/
     """
     from ..ship.card import rebuild
 
-    _say(f"wrote {_p(rebuild(directory, evaluation, sweep, list(quants)))}")
+    _say(f"wrote {_p(rebuild(directory, evaluation, sweep, list(quants), quant_eval))}")
 
 
 @cli.command()

@@ -65,6 +65,18 @@ class GGUFHeader:
     tensors: list[GGUFTensor] = field(default_factory=list)
 
 
+def file_type_name(header: GGUFHeader) -> str:
+    """What a GGUF's quant is called (``general.file_type`` by gguf's ``LlamaFileType`` names:
+    ``Q4_K_M``, ``Q8_0``, ``IQ4_XS``, ``F16``...); "?" when the file does not say."""
+    ftype = header.metadata.get("general.file_type")
+    if ftype is None:
+        return "?"
+    try:
+        return gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return str(ftype)
+
+
 MAX_ARRAY_NESTING = 4  # llama.cpp itself reads no arrays of arrays; gguf-py writes them
 MAX_DIMS = 4  # GGML_MAX_DIMS
 

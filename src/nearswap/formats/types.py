@@ -103,6 +103,11 @@ class Model:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    @property
+    def stored_bytes(self) -> int:
+        """The tensors' bytes as the files hold them (a GGUF's quant blocks, not their float32)."""
+        return sum(t.stored_bytes for t in self.tensors.values())
+
     def describe(self) -> str:
         return f"{role(self.label)} ({self.path})"
 

@@ -32,14 +32,18 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
              drift: bool = True, writing: bool = True, cliches: str | Path | None = None,
              drift_text: str | Path | None = None, threads: int | None = None, force: bool = False,
              echo: Callable[[str], None] = lambda s: None, progress: Progress | None = None,
-             ray_address: str | None = None, backend: str = "auto") -> dict[str, Any]:
+             ray_address: str | None = None, backend: str = "auto",
+             against: list[str | Path] | None = None) -> dict[str, Any]:
     """Evaluate ``models`` (the first is the reference) and write ``report.json``, ``report.md``
     and ``report.html`` into ``out``. Returns the report. ``tasks``: task names and presets,
     comma-separated ("" for none); ``limit``: the first N items of every task (default: the
     quick preset's fixed limit for ``quick``, else all); ``ray_address``: one model per task on
     that Ray cluster (``run.run_models_ray``) instead of one after another here; ``backend``:
     what runs the models — "auto" (llama.cpp when every model is a ``.gguf``, else torch),
-    "llama.cpp", "torch", or "per-file" (``models.resolve_backend``)."""
+    "llama.cpp", "torch", or "per-file" (``models.resolve_backend``); ``against``: one model for
+    each model after the reference, in order (the base's same quant for each quant of a merge):
+    each model's task scores are then also paired with its own, item by item, in the report's
+    quant table (``report.quant_table``: which quant to ship), those models run for the tasks only."""
     from ..runtime.output import check_replaceable
     from . import data
     from . import models as loader
@@ -64,7 +68,18 @@ def evaluate(models: list[str | Path], out: str | Path, *, tasks: str = "quick",
     out = Path(out)
     check_replaceable(out, force)  # before any work (atomic_directory checks again, under its lock)
     require()
-    candidates = loader.check(list(models), backend=backend)
+    against = list(against or [])
+    if against and len(against) != len(models) - 1:
+        raise NearswapError(f"--against takes one model for each model after the reference, in the same order: "
+                            f"{len(models) - 1} model(s) to pair, {len(against)} given")
+    if against and not selected:
+        raise NearswapError("--against pairs the models' task scores: give --tasks (not 'none')")
+    labels = ["reference", *(f"model {i + 2}" for i in range(len(models) - 1)),
+              *(f"--against {i + 1}" for i in range(len(against)))]
+    candidates = loader.check([*models, *against], labels, backend=backend)
+    for cand in candidates[len(models):]:
+        cand.tasks_only = True
+    loader.check_pairs(candidates[1:len(models)], candidates[len(models):])
     data.prepare([s.task for s in selected], echo=echo)  # (only what is not prepared yet)
     from ..merging.plan import check_output_not_input
     from ..runtime.output import atomic_directory

@@ -35,6 +35,8 @@ class Candidate:
     parameters: int
     model: Any = None  # the opened header (formats.Model): its files must not be overwritten by the report
     backend: str = "torch"  # "torch" (transformers on the HF directory) or "llama.cpp" (the GGUF itself)
+    tasks_only: bool = False  # an --against model: its task scores pair with a model's, no drift or stories
+    quant: str | None = None  # a GGUF's file type (Q4_K_M, Q8_0, F16...), None for an HF directory
 
 
 BACKENDS = ("auto", "llama.cpp", "torch", "per-file")
@@ -103,9 +105,29 @@ def check(paths: list[str | Path], labels: list[str] | None = None, tokenizer: b
             from ..core import llamacpp
 
             llamacpp.required(f"{label}: evaluating {path.name} with llama.cpp (or pass --backend torch)")
-        out.append(Candidate(name, path, path if path.is_dir() else None, model.format, model.num_params, model,
-                             chosen))
+        # (llama.cpp runs a GGUF's own blocks: not "dequantized to F32", as nearswap reads it for torch)
+        described = model.format.replace("; dequantized to F32", "") if chosen == "llama.cpp" else model.format
+        out.append(Candidate(name, path, path if path.is_dir() else None, described, model.num_params, model,
+                             chosen, quant=_quant_of(path)))
     return out
+
+
+def _quant_of(path: Path) -> str | None:
+    if not _is_gguf(path):
+        return None
+    from ..formats.gguf_header import file_type_name, read_header
+
+    return file_type_name(read_header(path))
+
+
+def check_pairs(models: list[Candidate], against: list[Candidate]) -> None:
+    """Each model and its --against model are the same quant of two models: a Q4_K_M merge
+    paired with the base's Q8_0 would measure the quants' difference, not the merge's. Refused
+    in one line where both files say their type and the types differ."""
+    for m, a in zip(models, against):
+        if m.quant and a.quant and "?" not in (m.quant, a.quant) and m.quant != a.quant:
+            raise NearswapError(f"{m.given} ({m.quant}) is paired with {a.given} ({a.quant}): --against takes, for each "
+                                "model after the reference, the same quant of the model to compare it with, in order")
 
 
 def open_for_eval(cand: Candidate, threads: int | None, echo: Callable[[str], None] = lambda s: None,

@@ -33,15 +33,15 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
           phrases: dict[str, str] | None, out: Path, seconds: float) -> dict[str, Any]:
     from . import harness
 
+    against = [(c, r) for c, r in zip(candidates, results) if c.tasks_only]
+    candidates, results = (list(x) for x in zip(*[(c, r) for c, r in zip(candidates, results) if not c.tasks_only]))
     ref = results[0]
     report: dict[str, Any] = {
         "nearswap_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": harness.versions() if selected else {},
         "reference": candidates[0].name,
-        "models": [{"name": c.name, "path": str(c.given), "format": c.format, "parameters": c.parameters,
-                    "evaluated_from": str(c.given if c.backend == "llama.cpp" else c.hf_dir), "backend": c.backend,
-                    **_size(c), "identity": identity(c.given)} for c in candidates],
+        "models": [_model_entry(c) for c in candidates],
         "settings": {"limit": limit, "tasks": [{"name": s.task.name, "shots": s.shots} for s in selected],
                      "bootstrap_resamples": stats.BOOTSTRAP, "bootstrap_seed": stats.SEED, "interval": stats.LEVEL},
         "tasks": [], "seconds": round(seconds, 1),
@@ -72,6 +72,9 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
         report["average"] = _average(report["tasks"], results, per_task_diffs)
     if results[0].drift is not None:
         report["drift"] = [{"model": r.name, **r.drift} for r in results]
+    if against:
+        report["against"] = [_model_entry(c) for c, _ in against]
+        report["quants"] = _quant_rows(report, results[1:], [r for _, r in against])
     if phrases is not None:
         from . import writing
 
@@ -90,12 +93,48 @@ def build(candidates: list[Any], selected: list[Selected], limit: int | None, re
     return report
 
 
+def _model_entry(c: Any) -> dict[str, Any]:
+    return {"name": c.name, "path": str(c.given), "format": c.format, "quant": c.quant, "parameters": c.parameters,
+            "evaluated_from": str(c.given if c.backend == "llama.cpp" else c.hf_dir), "backend": c.backend,
+            **_size(c), "identity": identity(c.given)}
+
+
+def _quant_rows(report: dict[str, Any], models: list[Any], against: list[Any]) -> list[dict[str, Any]]:
+    """Which quant to ship: for each model after the reference, its size and drift from the
+    reference (a float model: the KL quant makers quote), and its task scores paired item by
+    item with its --against model's (the base's same quant): the difference, its interval, the
+    word; the average over tasks as the Avg. row computes it."""
+    entries = {m["name"]: m for m in [*report["models"], *report["against"]]}
+    drift = {d["model"]: d for d in report.get("drift", [])}
+    rows = []
+    for res, other in zip(models, against):
+        tasks, diffs = [], {}
+        for t in report["tasks"]:
+            keys = list(t["items"][report["models"][0]["name"]])
+            mine = [res.tasks[t["name"]].items[k] for k in keys]
+            theirs = [other.tasks[t["name"]].items[k] for k in keys]
+            t["items"][other.name] = dict(zip(keys, theirs))
+            p = stats.paired(theirs, mine)
+            tasks.append({"name": t["name"], "row": t["row"], "model": stats.score(mine).mean,
+                          "against": stats.score(theirs).mean, "diff": p.diff, "low": p.low, "high": p.high, "n": p.n,
+                          "verdict": p.verdict})
+            diffs[t["name"]] = [a - b for a, b in zip(mine, theirs)]
+        m, a = entries[res.name], entries[other.name]
+        d = drift.get(res.name, {})
+        rows.append({"model": res.name, "against": other.name, "quant": m["quant"], "against_quant": a["quant"],
+                     "bytes": m["bytes"], "bits_per_weight": m["bits_per_weight"], "kl_mean": d.get("kl_mean"),
+                     "top1_agreement": d.get("top1_agreement"), "tasks": tasks,
+                     "average": stats.paired_average([diffs[t["name"]] for t in report["tasks"]]) if len(tasks) > 1 else None})
+    return rows
+
+
 def _size(c: Any) -> dict[str, Any]:
     """The bytes of a model's weights (its GGUF file, or its weight files) and bits per weight:
     with the drift table against a float reference, which quant to ship."""
     files = [c.given] if c.given.is_file() else list(getattr(c.model, "files", []) or [])
     size = sum(f.stat().st_size for f in files)
-    return {"bytes": size, "bits_per_weight": round(8 * size / c.parameters, 3) if c.parameters else None}
+    weights = getattr(c.model, "stored_bytes", 0)  # the tensors' bytes over their elements, as llama.cpp's BPW and the card
+    return {"bytes": size, "bits_per_weight": round(8 * weights / c.parameters, 3) if c.parameters and weights else None}
 
 
 def _item_order(key: str) -> tuple[str, int]:
@@ -112,18 +151,8 @@ def _average(tasks: list[dict[str, Any]], results: list[Any], diffs: dict[str, d
     for res in results:
         means = [next(s["mean"] for s in t["scores"] if s["model"] == res.name) for t in tasks]
         avg["scores"].append({"model": res.name, "mean": float(np.mean(means))})
-    rng = np.random.default_rng(stats.SEED)
     for name, by_task in diffs.items():
-        arrays = [np.asarray(by_task[t["name"]]) for t in tasks]
-        boot = np.zeros(stats.BOOTSTRAP)
-        for d in arrays:
-            idx = rng.integers(0, len(d), size=(stats.BOOTSTRAP, len(d)))
-            boot += d[idx].mean(axis=1)
-        boot /= len(arrays)
-        low, high = (float(v) for v in np.quantile(boot, [(1 - stats.LEVEL) / 2, 1 - (1 - stats.LEVEL) / 2]))
-        diff = float(np.mean([d.mean() for d in arrays]))
-        verdict = "better" if low > 0 else "worse" if high < 0 else "no detectable difference"
-        avg["paired"].append({"model": name, "diff": diff, "low": low, "high": high, "verdict": verdict})
+        avg["paired"].append({"model": name, **stats.paired_average([by_task[t["name"]] for t in tasks])})
     return avg
 
 
@@ -138,7 +167,8 @@ def _pct(x: float) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
-def _diff(p: dict[str, Any]) -> str:
+def paired_cell(p: dict[str, Any]) -> str:
+    """A paired difference as a table cell: points, the 95% interval, the word."""
     return f"{100 * p['diff']:+.2f} [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}] {md(p['verdict'])}"
 
 
@@ -151,11 +181,32 @@ def benchmark_table(report: dict[str, Any]) -> list[str]:
     if "average" in report:
         a = report["average"]
         rows.append("| Avg. | " + " | ".join(_pct(s["mean"]) for s in a["scores"])
-                    + "".join(f" | {_diff(p)}" for p in a["paired"]) + " |")
+                    + "".join(f" | {paired_cell(p)}" for p in a["paired"]) + " |")
     for t in report["tasks"]:
         cells = [f"{_pct(s['mean'])} ± {_pct(s['stderr'])}" for s in t["scores"]]
-        rows.append(f"| {md(t['row'])} | " + " | ".join(cells) + "".join(f" | {_diff(p)}" for p in t["paired"]) + " |")
+        rows.append(f"| {md(t['row'])} | " + " | ".join(cells) + "".join(f" | {paired_cell(p)}" for p in t["paired"]) + " |")
     return rows
+
+
+def quant_table(report: dict[str, Any]) -> list[str]:
+    """Which quant to ship, as lines: per model after the reference its quant, size and bits
+    per weight, its drift from the reference, and its task scores minus its --against model's
+    (the base's same quant) with the paired interval and the word; [] without --against."""
+    rows = report.get("quants") or []
+    if not rows:
+        return []
+    ref = md(report["models"][0]["name"])
+    titles = [md(t["row"]) for t in report["tasks"]]
+    head = (f"| model | compared with | quant | size | bits per weight | KL to {ref} | top-1 | "
+            + ("Avg. difference | " if any(r["average"] for r in rows) else "") + " | ".join(titles) + " |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|" + "---|" * (len(titles) + bool(rows[0]["average"]))]
+    for r in rows:
+        kl = "—" if r["kl_mean"] is None else f"{r['kl_mean']:.4g}"
+        top1 = "—" if r["top1_agreement"] is None else f"{100 * r['top1_agreement']:.2f}%"
+        cells = ([paired_cell(r["average"])] if r["average"] else []) + [paired_cell(t) for t in r["tasks"]]
+        lines.append(f"| {md(r['model'])} | {md(r['against'])} | {md(r['quant'] or '—')} | {r['bytes'] / 2**20:,.1f} MiB | "
+                     f"{r['bits_per_weight'] or 0:.2f} | {kl} | {top1} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -167,7 +218,7 @@ def markdown(report: dict[str, Any]) -> str:
              "and a word: *better* / *worse* only when the whole interval is on one side of zero.", ""]
     lines += ["| model | format | run by | size | bits per weight |", "|---|---|---|---:|---:|"]
     lines += [f"| {md(m['name'])} | {md(m['format'])} | {m.get('backend', 'torch')} | {m.get('bytes', 0) / 2**20:,.1f} MiB | "
-              f"{m.get('bits_per_weight') or 0:.2f} |" for m in report["models"]]
+              f"{m.get('bits_per_weight') or 0:.2f} |" for m in [*report["models"], *report.get("against", [])]]
     lines += [""]
     if report["tasks"]:
         lines += ["## Benchmarks (lm-evaluation-harness)", "", *benchmark_table(report)]
@@ -182,6 +233,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"- {md(title)}, {md(p['model'])}: {p['only_reference']} only {ref}, {p['only_model']} only "
                       f"{md(p['model'])}, p = {p['p_mcnemar']:.3g}" for title, p in mc]
         lines += ["", "The same tasks from lm-eval's own command line:", "", f"    {_one_line(report['lm_eval_command'])}"]
+    if report.get("quants"):
+        lines += ["", "## Which quant to ship", "", *quant_table(report), "",
+                  "Each model's task scores minus those of the model it is compared with (`--against`: the base's same "
+                  "quant), item by item, in percentage points with the 95% paired interval; KL and top-1 from the "
+                  "reference's next-token distributions on the fixed text (nats per token)."]
     if "drift" in report:
         lines += ["", "## Drift from the reference (next-token distributions on the fixed text)", "",
                   "| model | tokens | KL mean | KL median | KL p99 | top-1 agreement | perplexity |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -306,7 +362,7 @@ def page(report: dict[str, Any], plots: dict[str, str]) -> str:
     parts.append("<table><tr><th>model</th><th>format</th><th>run by</th><th>size</th><th>bits per weight</th></tr>" + "".join(
         f"<tr><td>{e(m['name'])}</td><td>{e(m['format'])}</td><td>{e(m.get('backend', 'torch'))}</td>"
         f"<td>{m.get('bytes', 0) / 2**20:,.1f} MiB</td><td>{m.get('bits_per_weight') or 0:.2f}</td></tr>"
-        for m in report["models"]) + "</table>")
+        for m in [*report["models"], *report.get("against", [])]) + "</table>")
 
     def verdict(p: dict[str, Any]) -> str:
         cls = {"better": "better", "worse": "worse"}.get(p["verdict"], "none")
@@ -329,6 +385,23 @@ def page(report: dict[str, Any], plots: dict[str, str]) -> str:
                                                if t["notes"]) + "</ul>",
                   f"<p class=note>Reproduce with lm-eval's own HF backend: <code>{e(report['lm_eval_command'])}</code></p>"]
         parts += [plots.get("scores", ""), plots.get("paired", "")]
+    if report.get("quants"):
+        quants = report["quants"]
+        avg = bool(quants[0]["average"])
+        head = ("<tr><th>model</th><th>compared with</th><th>quant</th><th>size</th><th>bits per weight</th>"
+                f"<th>KL to {e(ref)}</th><th>top-1</th>" + ("<th>Avg. difference</th>" if avg else "")
+                + "".join(f"<th>{e(t['row'])}</th>" for t in report["tasks"]) + "</tr>")
+        rows = "".join(
+            f"<tr><td>{e(r['model'])}</td><td>{e(r['against'])}</td><td>{e(r['quant'] or '—')}</td>"
+            f"<td>{r['bytes'] / 2**20:,.1f} MiB</td><td>{r['bits_per_weight'] or 0:.2f}</td>"
+            f"<td>{'—' if r['kl_mean'] is None else format(r['kl_mean'], '.4g')}</td>"
+            f"<td>{'—' if r['top1_agreement'] is None else format(100 * r['top1_agreement'], '.2f') + '%'}</td>"
+            + (f"<td>{verdict(r['average'])}</td>" if avg else "") + "".join(f"<td>{verdict(t)}</td>" for t in r["tasks"])
+            + "</tr>" for r in quants)
+        parts += ["<h2>Which quant to ship</h2>", f"<table>{head}{rows}</table>",
+                  "<p class=note>Each model's task scores minus those of the model it is compared with (the base's same "
+                  "quant), item by item, in percentage points with the 95% paired interval; KL and top-1 from the "
+                  "reference's next-token distributions on the fixed text.</p>"]
     if "drift" in report:
         rows = "".join(f"<tr><td>{e(d['model'])}</td><td>{d['kl_mean']:.3g}</td><td>{d['kl_median']:.3g}</td>"
                        f"<td>{d['kl_p99']:.3g}</td><td>{100 * d['top1_agreement']:.2f}%</td><td>{d['perplexity']:.3f}</td></tr>"

@@ -77,7 +77,7 @@ def model_task(cand: loader.Candidate, reference: loader.Candidate | None, selec
     """A Ray task: one model's evaluation (``reference``: the reference model, None when this
     model is the reference)."""
     shared = Shared()
-    if reference is not None and (text is not None or phrases is not None):
+    if reference is not None and not cand.tasks_only and (text is not None or phrases is not None):
         model, tokenizer = loader.open_for_eval(reference, threads or default_threads())
         _take_reference(shared, model, tokenizer, text, phrases)
         _close(model)
@@ -115,6 +115,8 @@ def evaluate_one(cand: loader.Candidate, selected: list[Selected], limit: int | 
     from . import harness
 
     name = cand.name
+    if cand.tasks_only:
+        text = phrases = None
     model, tokenizer = loader.open_for_eval(cand, threads or default_threads())
     _take_reference(shared, model, tokenizer, text, phrases)
     res = ModelResults(name)

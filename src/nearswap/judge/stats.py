@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 BOOTSTRAP = 10_000
 SEED = 20240314
@@ -77,8 +77,31 @@ def paired(a: Sequence[float], b: Sequence[float], resamples: int = BOOTSTRAP, s
     only_a = int(np.sum((x == 1) & (y == 0))) if binary else 0
     only_b = int(np.sum((x == 0) & (y == 1))) if binary else 0
     p = mcnemar(only_a, only_b) if binary else None
-    verdict = "better" if low > 0 else "worse" if high < 0 else "no detectable difference"
-    return Paired(float(d.mean()), low, high, n, only_a, only_b, p, verdict)
+    return Paired(float(d.mean()), low, high, n, only_a, only_b, p, word(low, high))
+
+
+def word(low: float, high: float) -> str:
+    """The word for a difference's interval: better or worse only when it is all on one side of zero."""
+    return "better" if low > 0 else "worse" if high < 0 else "no detectable difference"
+
+
+def paired_average(per_task: Sequence[Sequence[float]], resamples: int = BOOTSTRAP, seed: int = SEED) -> dict[str, Any]:
+    """The card's Avg. row of a difference: the mean over tasks of each task's mean paired
+    difference (b - a per item), with a bootstrap interval that resamples every task's items
+    (seeded: the same interval every run), and its word."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = [np.asarray(d, dtype=np.float64) for d in per_task]
+    boot = np.zeros(resamples)
+    for d in arrays:
+        idx = rng.integers(0, len(d), size=(resamples, len(d)))
+        boot += d[idx].mean(axis=1)
+    boot /= len(arrays)
+    tail = (1 - LEVEL) / 2
+    low, high = (float(v) for v in np.quantile(boot, [tail, 1 - tail]))
+    diff = float(np.mean([d.mean() for d in arrays]))
+    return {"diff": diff, "low": low, "high": high, "verdict": word(low, high)}
 
 
 def mcnemar(only_a: int, only_b: int) -> float:

@@ -121,13 +121,14 @@ counted). Per-tensor counts are in `merge_report.json`.
 
 ## Notes
 
-{_quality_note(evaluation, sweep)}
+{_quality_note(evaluation, sweep, quants)}
 {"- " + md(missing) + "." + chr(10) if missing else ""}- NearSwap is the algorithm of the QuartetAnemoi-70B model card (alchemonaut); this merge was made with nearswap.
 """
 
 
-def _quality_note(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | None) -> str:
-    if evaluation is None and sweep is None:
+def _quality_note(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | None,
+                  quants: list[dict[str, Any]] | None = None) -> str:
+    if evaluation is None and sweep is None and not any("eval" in q for q in quants or []):
         return "- Quality was not evaluated by the tool that wrote this card; `nearswap eval` and `nearswap sweep` judge a merge."
     return ("- Quality: the sections above are what nearswap measured; no other claim about quality is made here. "
             "Benchmarks on a sample of items are a check, not a leaderboard score.")
@@ -161,17 +162,76 @@ def _extra_sections(evaluation: dict[str, Any] | None, sweep: dict[str, Any] | N
         out.append(f"## The t-sweep (nearswap sweep)\n\n{what}; each row a merge at that t, judged against the base "
                    "(verdict rules in nearswap's docs/judging.md):\n\n" + sweep_table(sweep) + "\n")
     if quants:
-        rows = "\n".join(f"| {md(q['file'])} | {md(q['type'])} | {q['bytes'] / 1e9:.2f} GB | {q['bpw']:.2f} |" for q in quants)
-        out.append("## Quantized files\n\n| file | type | size | bits per weight |\n|---|---|---:|---:|\n" + rows + "\n")
+        out.append(_quant_section(quants))
     return "\n".join(out) + ("\n" if out else "")
+
+
+def _quant_section(quants: list[dict[str, Any]]) -> str:
+    """The card's quant table; with an eval of the quants (``attach_quant_eval``) each file's
+    drift from the eval's float reference and its task scores against the model it was paired
+    with (the base's same quant), as that report measured them."""
+    from ..judge.report import paired_cell
+
+    measured = [q["eval"] for q in quants if "eval" in q]
+    if not measured:
+        rows = "\n".join(f"| {md(q['file'])} | {md(q['type'])} | {q['bytes'] / 1e9:.2f} GB | {q['bpw']:.2f} |" for q in quants)
+        return "## Quantized files\n\n| file | type | size | bits per weight |\n|---|---|---:|---:|\n" + rows + "\n"
+    ref = md(measured[0]["reference"])
+    lines = [f"| file | type | size | bits per weight | KL to {ref} | top-1 | tasks against | difference |",
+             "|---|---|---:|---:|---:|---:|---|---|"]
+    for q in quants:
+        e = q.get("eval")
+        cells = (["—"] * 4 if e is None else
+                 ["—" if e["kl_mean"] is None else f"{e['kl_mean']:.4g}",
+                  "—" if e["top1_agreement"] is None else f"{100 * e['top1_agreement']:.2f}%", md(e["against"]),
+                  paired_cell(e["difference"])])
+        lines.append(f"| {md(q['file'])} | {md(q['type'])} | {q['bytes'] / 1e9:.2f} GB | {q['bpw']:.2f} | " + " | ".join(cells) + " |")
+    what = measured[0]["what"]
+    return ("## Quantized files\n\n" + "\n".join(lines) + "\n\n"
+            f"From `nearswap eval` ({what}): KL (nats per token) and top-1 agreement of each file's next-token "
+            f"distributions with {ref}'s on nearswap's fixed text; the difference is the file's task scores minus "
+            "those of the model in *tasks against* on the same items, in percentage points with the 95% paired "
+            "interval and its word.\n")
+
+
+def attach_quant_eval(where: Path, evaluation: dict[str, Any], files: list[Path], rows: list[dict[str, Any]]) -> None:
+    """Put an eval report's quant table (``nearswap eval FLOAT QUANT... --against ...``) beside
+    the card's rows of the same files: a row takes the figures of the evaluated model that is
+    that file (``formats.identity``: its path, size and modification time), nothing else."""
+    from ..core.errors import NearswapError, shown
+    from ..formats.identity import identity
+
+    quants, models = evaluation.get("quants"), evaluation.get("models")
+    if not isinstance(quants, list) or not quants or not isinstance(models, list):
+        raise NearswapError(f"{where} has no quant table: give the report of nearswap eval FLOAT QUANT... "
+                            "--against BASE_QUANT... (docs/judging.md)")
+    try:
+        names = {m["identity"]: m["name"] for m in models}
+        by_model = {q["model"]: q for q in quants}
+        reference = models[0]["name"]
+        tasks = [t["name"] for t in evaluation["tasks"]]
+    except (KeyError, TypeError, IndexError):
+        raise NearswapError(f"{where}: not an eval report that nearswap wrote (its quant table cannot be read)") from None
+    matched = 0
+    for path, row in zip(files, rows):
+        q = by_model.get(names.get(identity(path), ""))
+        if q is None:
+            continue
+        difference = q["average"] if q.get("average") else q["tasks"][0]
+        row["eval"] = {"reference": reference, "against": q["against"], "kl_mean": q.get("kl_mean"),
+                       "top1_agreement": q.get("top1_agreement"), "difference": difference,
+                       "what": f"{', '.join(tasks)}; " + ("the average over tasks" if q.get("average") else "one task")}
+        matched += 1
+    if not matched:
+        named = ", ".join(shown(q.get("model"), 40) for q in quants[:3])
+        raise NearswapError(f"{where} evaluates none of the --quants files (it has {named}): give the report of "
+                            "nearswap eval on these files")
 
 
 def quant_row(path: str | Path) -> dict[str, Any]:
     """A GGUF file's row of the card's quant table: its name, type (``general.file_type``), size
     on disk, and bits per weight (the tensors' bytes over their elements)."""
-    import gguf
-
-    from ..formats.gguf_header import HeaderError, read_header
+    from ..formats.gguf_header import HeaderError, file_type_name, read_header
 
     path = Path(path)
     try:
@@ -182,16 +242,11 @@ def quant_row(path: str | Path) -> dict[str, Any]:
         raise NearswapError(f"{path}: not a readable GGUF file ({e}); --quants takes GGUF files") from None
     elements = sum(t.n_elements for t in header.tensors)
     bits = 8 * sum(t.n_bytes for t in header.tensors)
-    ftype = header.metadata.get("general.file_type")
-    try:
-        kind = gguf.LlamaFileType(ftype).name.removeprefix("MOSTLY_") if ftype is not None else "?"
-    except ValueError:
-        kind = str(ftype)
-    return {"file": path.name, "type": kind, "bytes": path.stat().st_size, "bpw": bits / elements if elements else 0.0}
+    return {"file": path.name, "type": file_type_name(header), "bytes": path.stat().st_size, "bpw": bits / elements if elements else 0.0}
 
 
 def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: str | Path | None = None,
-            quants: list[str | Path] = ()) -> Path:
+            quants: list[str | Path] = (), quant_eval: str | Path | None = None) -> Path:
     """Write a merge's card again (``nearswap card``): from its ``merge_report.json`` and
     ``nearswap_recipe.yaml``, with the tables of an eval report, a sweep and quantized files.
     The card is replaced atomically; a README.md nearswap did not write is refused."""
@@ -232,8 +287,13 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
             except (KeyError, TypeError, ValueError, IndexError, AttributeError):
                 raise NearswapError(f"{path}: not {what} that nearswap wrote (its tables cannot be read); "
                                     "give the directory nearswap eval / sweep wrote") from None
+    quant_rows = [quant_row(q) for q in quants]
+    if quant_eval is not None:
+        if not quants:
+            raise NearswapError("--quant-eval gives the figures of --quants files: name the files too")
+        attach_quant_eval(Path(quant_eval), report_of(quant_eval, "report.json") or {}, [Path(q) for q in quants], quant_rows)
     text = model_card({**report, "output_name": directory.name}, recipe_yaml, inputs, **extras,
-                      quants=[quant_row(q) for q in quants], hub_ids=hub_ids_of(rec))
+                      quants=quant_rows, hub_ids=hub_ids_of(rec))
     missing = unknown_hub_ids([origin_of(p, h) for p, h in zip(inputs, hub_ids_of(rec))])
     if missing:
         import warnings

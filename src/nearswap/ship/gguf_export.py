@@ -228,6 +228,7 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
                             f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
     else:
         quantize = _llama_cpp_quantizer(type_name, threads) if type_name in LLAMA_CPP_TYPES else None
+        # (llama-cpp-python's llama_model_quantize, else llama.cpp's llama-quantize program on PATH)
     with atomic_file(out, force) as part:
         if quantize is None:
             result = _write_gguf(source, out, part, type_name, vocab_from, progress, on_start)
@@ -249,8 +250,17 @@ Quantize = Callable[[Any, Path, Path], dict[str, Any]]  # (source, f32 GGUF, out
 
 
 def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
-    """llama.cpp's quantizer through llama-cpp-python (``llama_model_quantize``)."""
-    llama_cpp = _llama_cpp(type_name)
+    """llama.cpp's quantizer through llama-cpp-python (``llama_model_quantize``), or where that
+    is not installed its ``llama-quantize`` program on PATH (the same function, quiet: its log
+    is kept for a failure's message)."""
+    import shutil
+
+    try:
+        import llama_cpp
+    except ImportError:
+        if shutil.which(LLAMA_QUANTIZE):
+            return _llama_quantize_program(type_name, None, threads)
+        llama_cpp = _llama_cpp(type_name)
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         params = llama_cpp.llama_model_quantize_default_params()
@@ -263,9 +273,10 @@ def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
     return quantize
 
 
-def _llama_quantize_program(type_name: str, imatrix: Path, threads: int | None) -> Quantize:
-    """llama.cpp's ``llama-quantize`` program with an importance matrix (llama-cpp-python's
-    ``llama_model_quantize`` takes one only as a C++ map); checked before any work."""
+def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int | None) -> Quantize:
+    """llama.cpp's ``llama-quantize`` program, with an importance matrix where given
+    (llama-cpp-python's ``llama_model_quantize`` takes one only as a C++ map); checked before
+    any work."""
     import shutil
     import subprocess
 
@@ -274,21 +285,22 @@ def _llama_quantize_program(type_name: str, imatrix: Path, threads: int | None) 
     if type_name not in LLAMA_CPP_TYPES and type_name not in IMATRIX_TYPES:
         raise NearswapError(f"--imatrix is for llama.cpp's quantizer types ({', '.join([*LLAMA_CPP_TYPES, *IMATRIX_TYPES])}), "
                             f"not {type_name!r}")
-    entries = read_imatrix(imatrix)  # refuses a file that is no importance matrix
+    entries = read_imatrix(imatrix) if imatrix is not None else None  # refuses a file that is no importance matrix
     program = shutil.which(LLAMA_QUANTIZE)
     if program is None:
         raise NearswapError(f"--imatrix runs llama.cpp's {LLAMA_QUANTIZE}, which is not on PATH (llama-cpp-python does "
                             f"not ship it): build it from llama.cpp (cmake -B build && cmake --build build --target "
                             f"{LLAMA_QUANTIZE}) and add build/bin to PATH")
+    with_matrix = ["--imatrix", str(imatrix)] if imatrix is not None else []
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
-        proc = subprocess.run([program, "--imatrix", str(imatrix), str(f32), str(part), type_name.upper(),
+        proc = subprocess.run([program, *with_matrix, str(f32), str(part), type_name.upper(),
                                str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
         if proc.returncode != 0:
             last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-            raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name} with {imatrix} "
-                                f"(exit {proc.returncode}): {last[0][:200]}")
-        return {"imatrix": {"file": str(imatrix), "entries": len(entries)}}
+            raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name}"
+                                f"{f' with {imatrix}' if imatrix is not None else ''} (exit {proc.returncode}): {last[0][:200]}")
+        return {"imatrix": {"file": str(imatrix), "entries": len(entries)}} if entries is not None else {}
 
     return quantize
 
@@ -299,7 +311,7 @@ def _llama_cpp(type_name: str) -> Any:
     except ImportError:
         raise NearswapError(f"--type {type_name} uses llama.cpp's whole-file quantizer (llama_model_quantize), which the "
                             "prebuilt llama extra lacks: pip install 'nearswap[llama-export]' (llama-cpp-python, built "
-                            "from source; docs/llama-cpp.md)") from None
+                            f"from source), or put llama.cpp's {LLAMA_QUANTIZE} on PATH (docs/llama-cpp.md)") from None
     return llama_cpp
 
 
