@@ -5,14 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: setup setup-eval setup-awq demo test bench clean
+unexport PYTHONDONTWRITEBYTECODE
 
 setup: $(STAMP)
 
 # The suite runs everything it can here: the judge (torch CPU + lm-eval), Ray and llama.cpp (prebuilt) included.
+# --no-compile: pip would byte-compile every module of every package (torch, Ray, scipy...: about 2
+# CPU-minutes, most of it never imported); Python compiles what is imported, once, on first use,
+# and keeps it: PYTHONDONTWRITEBYTECODE (set in some sandboxes) is unset for every target here.
 $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c src/nearswap/_dequant.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -e '.[dev,judge,ray,llama]'
+	$(BIN)/pip install -q --no-compile --upgrade pip setuptools wheel
+	$(BIN)/pip install -q --no-compile -e '.[dev,judge,ray,llama]'
 	$(BIN)/python -c "import nearswap.core.kernels as k; print('nearswap kernel:', k.describe_backend())"
 	touch $(STAMP)
 

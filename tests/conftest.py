@@ -112,6 +112,18 @@ def pytest_configure(config):
                                        "temp dir; it is skipped, saying so, when less is free there")
 
 
+# The files that take longest (minutes each, measured with --durations), started first: `make test`
+# runs whole files in two processes, each taking the next file when it is free, so a long file
+# started last keeps one process busy while the other idles. Order only; every test runs.
+LONGEST_FIRST = ("test_smollm2.py", "test_ray.py", "test_new_user.py", "test_gemma3.py", "test_tune.py",
+                 "test_judge.py", "test_llama_backend.py", "test_architectures.py", "test_sweep.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: the rest keep their order)
+
+
 def pytest_runtest_setup(item):
     """Tests that write real models need room: on a machine short of disk they are skipped with
     the figures, before any fixture writes a byte, rather than failing half-way."""

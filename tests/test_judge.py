@@ -233,7 +233,9 @@ def test_an_eval_of_other_models_is_refused_by_the_card(tiny_eval, tiny_llm, tmp
 
 def test_accuracies_are_identical_to_lm_evals_own_cli(tiny_eval, tiny_llm, quick_data, tmp_path):
     """The same task configs, model and limit through `lm_eval --model hf`: every accuracy equal
-    (for the second model; test_smollm2 checks the real SmolLM2 the same way)."""
+    (for the merge: a tiny random model, whose many near-ties exercise the exact re-scoring more
+    than a real model's clear margins; test_llama_backend scores the real SmolLM2 through this
+    backend against llama.cpp)."""
     out, _ = tiny_eval
     report = json.loads((out / "report.json").read_text())
     for position, model in ((1, "merged"),):

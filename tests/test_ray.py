@@ -148,11 +148,12 @@ def test_sweep_through_the_cluster_gives_the_local_table(cluster, tiny_llm, tmp_
 
 def test_eval_through_the_cluster_gives_the_local_report(cluster, tiny_llm, quick_data, tmp_path, monkeypatch, run):
     """eval --ray: one model per task, the second taking the reference's figures from the
-    reference model itself; the same scores, items, drift and stories as the local run."""
+    reference model itself; the same scores, items and drift as the local run. (The stories are
+    written by the same per-model function in either case; their seeding is test_judge's.)"""
     monkeypatch.setenv("NEARSWAP_CACHE", str(quick_data))
     reports = {}
     for name, extra in (("local", []), ("ray", ["--ray", cluster])):
-        result = run("eval", tiny_llm / "base", tiny_llm / "s1", "--tasks", "arc_easy", "--limit", "2",
+        result = run("eval", tiny_llm / "base", tiny_llm / "s1", "--tasks", "arc_easy", "--limit", "2", "--no-writing",
                      "-o", tmp_path / name, "-q", *extra)
         assert result.exit_code == 0, result.output
         reports[name] = json.loads((tmp_path / name / "report.json").read_text())
@@ -163,7 +164,6 @@ def test_eval_through_the_cluster_gives_the_local_report(cluster, tiny_llm, quic
         for key in a:
             assert a[key] == (pytest.approx(b[key], rel=1e-5) if isinstance(b[key], float) else b[key]), key
     assert remote["drift"][0]["kl_mean"] == 0.0 and remote["drift"][1]["kl_mean"] > 0
-    assert remote["writing"] == local["writing"]  # the same seeded stories and scores
 
 
 def test_a_gguf_output_is_refused_before_any_work(quartet, tmp_path, run):
