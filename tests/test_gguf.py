@@ -373,12 +373,16 @@ def test_export_refusals(tmp_path, run):
     assert novocab.exit_code == 1 and "--vocab-from" in novocab.stderr and not (tmp_path / "o.gguf").exists()
 
 
-def test_k_quant_export_through_llama_cpp(tmp_path):
-    import importlib.util
-    import shutil
+def test_k_quant_export_through_llama_cpp(tmp_path, monkeypatch):
+    """export --type q4_k_m: llama.cpp's own whole-file quantizer (its per-tensor type rules),
+    here compiled once against the prebuilt llama.cpp (kept in the real cache)."""
+    from conftest import CACHE
+    from nearswap.core import llamacpp
 
-    if importlib.util.find_spec("llama_cpp") is None and shutil.which("llama-quantize") is None:
-        pytest.skip("neither llama-cpp-python (the llama-export extra) nor llama.cpp's llama-quantize is installed")
+    if llamacpp.library_path() is None:
+        pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
+    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # (not a llama-quantize the developer has on PATH)
     from nearswap.ship.gguf_export import export_gguf
 
     # two 256-wide tensors, so llama.cpp has rows that fit a K-quant block
@@ -389,6 +393,8 @@ def test_k_quant_export_through_llama_cpp(tmp_path):
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     types = {t.name: t.tensor_type for t in reader.tensors}
     assert Q.Q4_K in types.values() or Q.Q6_K in types.values()  # the 256-wide rows got K-quants
+    assert int(reader.fields["general.file_type"].contents()) == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert result["tensors"] == {k.name: list(types.values()).count(k) for k in set(types.values())}
     assert result["type"] == "q4_k_m" and not list(tmp_path.glob(".m.gguf*"))
     got = read_all(open_model(tmp_path / "m.gguf"))
     for name, x in hf.items():  # a lossy copy of the same tensors, in HF layout

@@ -24,7 +24,7 @@ from .progress import _Progress
 @click.option("--format", "fmt", default="gguf", show_default=True,
               help="gguf; awq (llm-compressor, a directory); exl2 / exl3 (on an NVIDIA GPU).")
 @click.option("--type", "type_name", default="q8_0", show_default=True,
-              help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (K-quants with llama-cpp-python or llama.cpp's llama-quantize on PATH).")
+              help="GGUF type: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (and llama.cpp's K-quant mixes: q4_k_m, q6_k...).")
 @click.option("--bpw", type=float, help="EXL2/EXL3: bits per weight (e.g. 4.6).")
 @click.option("--head-bits", type=int, help="EXL2/EXL3: bits of the output head (2-6 or 8; default 6).")
 @click.option("--text", type=click.Path(path_type=Path), help="AWQ: calibration text (passages separated by blank lines).")

@@ -10,7 +10,7 @@ ggml's quantizer. Nothing of xllamacpp's Python side is imported.
 Why not llama-cpp-python: it ships as source only and compiles for many minutes, and built
 natively on an AVX-512/AMX Xeon it crashed in decode at its default batch size (docs/llama-cpp.md says what was found). Its ``llama_model_quantize`` (a whole file with
 llama.cpp's per-tensor type rules, ``export --type q4_k_m``) is the one thing the prebuilt
-wheel does not export; export takes it from llama-cpp-python where that is installed.
+wheel does not export; ``llamacpp_quantize`` compiles it once against this library.
 
 The C structures below are those of llama.h at the pinned version (``VERSION``); another
 version may lay them out differently, so the library is used only when its defaults read

