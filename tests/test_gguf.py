@@ -401,6 +401,33 @@ def test_k_quant_export_through_llama_cpp(tmp_path, monkeypatch):
         assert np.abs(got[name] - x).max() < 0.35 * np.abs(x).max(), name
 
 
+def test_k_quant_export_is_quiet_and_keeps_the_models_name(tmp_path, run, monkeypatch):
+    """New-user issue, item 7: `export --type q4_k_m` printed ~260 lines of llama.cpp's quantize
+    log and renamed the model inside the file. One line by default, llama.cpp's log with -v,
+    and general.name the one nearswap's own export writes (llama.cpp not involved)."""
+    from conftest import CACHE
+    from nearswap.core import llamacpp
+
+    if llamacpp.library_path() is None:
+        pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
+    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    shapes = hf_shapes() | {"model.layers.0.mlp.up_proj.weight": (FFN, 256), "model.layers.0.mlp.gate_proj.weight": (FFN, 256)}
+    write_llama_gguf(tmp_path / "src.gguf", random_model(0, "f32", shapes=shapes, scale=0.5), Q.F32)
+    plain = run("export", tmp_path / "src.gguf", "-o", tmp_path / "f32.gguf", "--type", "f32")
+    quiet = run("export", tmp_path / "src.gguf", "-o", tmp_path / "k.gguf", "--type", "q4_k_m")
+    loud = run("export", tmp_path / "src.gguf", "-o", tmp_path / "k2.gguf", "--type", "q4_k_m", "-v")
+    for result in (plain, quiet, loud):
+        assert result.exit_code == 0, result.output
+    assert len(quiet.output.strip().splitlines()) == 1 and quiet.output.startswith("wrote ")
+    assert "llama_model_quantize" in loud.stderr and len(loud.stderr.splitlines()) > 20
+
+    def name(path):
+        return gguf.GGUFReader(path).fields["general.name"].contents()
+
+    assert name(tmp_path / "k.gguf") == name(tmp_path / "f32.gguf") and name(tmp_path / "k.gguf")
+
+
 def test_gguf_without_vocabulary_converts_without_torch(tmp_path):
     """No tokenizer.ggml.model: there is no tokenizer to build, so nothing imports transformers
     or torch for it (which costs ~300 MB and seconds; the hostile benchmark's RSS limit)."""

@@ -39,8 +39,9 @@ from .progress import _Progress
 @quiet_option()
 @threads_option("Threads for llama.cpp's quantizer (K-quants; default: all cores).")
 @json_option("Print what was written as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's quantizer log (K-quants, --imatrix) on stderr.")
 def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, samples, seq_len, imatrix_file,
-           vocab_from, force, quiet, threads, as_json):
+           vocab_from, force, quiet, threads, as_json, verbose):
     """Write MODEL (a llama-family HF dir, safetensors or GGUF) as a GGUF file for llama.cpp,
     as an AWQ quant (--format awq: llm-compressor, compressed-tensors), or (--format exl2/exl3,
     on an NVIDIA GPU) as an EXL2/EXL3 quant for exllama.
@@ -79,7 +80,8 @@ def export(model, out, fmt, type_name, bpw, head_bits, text, bits, group_size, s
     bar = _Progress("exporting", quiet or as_json)
     try:
         result = export_gguf(model, out, type_name, vocab_from=vocab_from, force=force, progress=bar.update,
-                             on_start=lambda m: bar.start(m.nbytes), threads=threads, imatrix=imatrix_file)
+                             on_start=lambda m: bar.start(m.nbytes), threads=threads, imatrix=imatrix_file,
+                             log=(lambda text: click.echo(text, nl=False, err=True)) if verbose else None)
     finally:
         bar.close()
     if as_json:

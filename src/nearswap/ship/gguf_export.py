@@ -202,7 +202,7 @@ def _vocab_source(model: Any, vocab_from: Path | None) -> tuple[str, Path]:
 def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *, vocab_from: str | Path | None = None,
                 force: bool = False, progress: Callable[[int], None] | None = None,
                 on_start: Callable[[Any], None] | None = None, threads: int | None = None,
-                imatrix: str | Path | None = None) -> dict[str, Any]:
+                imatrix: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write a llama-family model (HF dir, safetensors or GGUF) as a GGUF file of ``type_name``.
 
     2-D weights become ``type_name`` (quantized with gguf.quants; F16 where a row does not
@@ -219,7 +219,7 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
 
     out = Path(out)
     if imatrix is not None:
-        quantize = _llama_quantize_program(type_name, Path(imatrix), threads)
+        quantize = _llama_quantize_program(type_name, Path(imatrix), threads, log)
     elif type_name in IMATRIX_TYPES:
         raise NearswapError(f"{type_name} needs an importance matrix: make one with `nearswap imatrix MODEL --text "
                             f"FILE -o imatrix.gguf` and pass --imatrix imatrix.gguf")
@@ -227,7 +227,7 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
         raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
                             f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
     else:
-        quantize = _llama_cpp_quantizer(type_name, threads) if type_name in LLAMA_CPP_TYPES else None
+        quantize = _llama_cpp_quantizer(type_name, threads, log) if type_name in LLAMA_CPP_TYPES else None
         # (llama-cpp-python's llama_model_quantize, else llama.cpp's llama-quantize program on PATH)
     with atomic_file(out, force) as part:
         if quantize is None:
@@ -249,7 +249,7 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
 Quantize = Callable[[Any, Path, Path], dict[str, Any]]  # (source, f32 GGUF, output) -> what to report
 
 
-def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
+def _llama_cpp_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None) -> Quantize:
     """llama.cpp's whole-file quantizer (``llama_model_quantize``): through llama-cpp-python
     where that is installed, else llama.cpp's ``llama-quantize`` program on PATH, else compiled
     once against the prebuilt llama.cpp (``core.llamacpp_quantize``) — the same function every
@@ -260,12 +260,12 @@ def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
         import llama_cpp
     except ImportError:
         if shutil.which(LLAMA_QUANTIZE):
-            return _llama_quantize_program(type_name, None, threads)
+            return _llama_quantize_program(type_name, None, threads, log)
         from ..core import llamacpp
 
         if llamacpp.library_path() is None:
             _llama_cpp(type_name)  # (one line: what to install)
-        return _wheel_quantizer(type_name, threads)
+        return _wheel_quantizer(type_name, threads, log)
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         params = llama_cpp.llama_model_quantize_default_params()
@@ -278,7 +278,7 @@ def _llama_cpp_quantizer(type_name: str, threads: int | None) -> Quantize:
     return quantize
 
 
-def _wheel_quantizer(type_name: str, threads: int | None) -> Quantize:
+def _wheel_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None) -> Quantize:
     """``llama_model_quantize`` compiled against the prebuilt llama.cpp (built before any work)."""
     import gguf
 
@@ -288,13 +288,20 @@ def _wheel_quantizer(type_name: str, threads: int | None) -> Quantize:
     ftype = gguf.LlamaFileType[LLAMA_CPP_TYPES[type_name]].value
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
-        llamacpp_quantize.quantize(f32, part, ftype, threads)
+        from ..core import llamacpp
+
+        llamacpp.echo_log(log)  # (-v: llama.cpp's log as it comes; else only kept for a failure's line)
+        try:
+            llamacpp_quantize.quantize(f32, part, ftype, threads)
+        finally:
+            llamacpp.echo_log(None)
         return {}
 
     return quantize
 
 
-def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int | None) -> Quantize:
+def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int | None,
+                            log: Callable[[str], None] | None = None) -> Quantize:
     """llama.cpp's ``llama-quantize`` program, with an importance matrix where given
     (llama-cpp-python's ``llama_model_quantize`` takes one only as a C++ map); checked before
     any work."""
@@ -317,6 +324,8 @@ def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int |
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         proc = subprocess.run([program, *with_matrix, str(f32), str(part), type_name.upper(),
                                str(threads or os.cpu_count() or 1)], capture_output=True, text=True)
+        if log is not None:
+            log(proc.stderr + proc.stdout)
         if proc.returncode != 0:
             last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
             raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name}"
