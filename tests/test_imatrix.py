@@ -2,12 +2,13 @@
 
 Its sums are checked against transformers' own hidden states (each layer's input, through that
 layer's own input norm: the q/k/v projections' input), read back with the gguf package as
-llama.cpp's loader reads the file; `export --imatrix` hands it to llama.cpp's llama-quantize
-(skipped where that program is not on PATH: llama-cpp-python does not ship it; the perplexity
+llama.cpp's loader reads the file; `export --imatrix` hands it to llama.cpp's own quantizer
+(and where llama-quantize is on PATH, that program's output is compared; the perplexity
 comparison on SmolLM2 is benchmarks/bench_imatrix.py)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,13 +105,21 @@ def test_a_bad_text_or_model_is_one_line_that_names_it(tiny_llm, tmp_path, run, 
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "i.gguf").exists()
 
 
-def test_llama_quantize_reads_it_and_quantizes_with_it(tiny_llm, calibration, tmp_path, run):
-    """Where llama.cpp's quantizer is on PATH: the file is accepted and used (an i-quant that
-    cannot be made without an importance matrix is made)."""
-    if shutil.which("llama-quantize") is None:
-        pytest.skip("llama.cpp's llama-quantize is not on PATH (llama-cpp-python does not ship it)")
+def test_llama_cpp_quantizes_with_it(tiny_llm, calibration, tmp_path, run, monkeypatch):
+    """llama.cpp's quantizer (compiled against the prebuilt llama.cpp) accepts the file and uses
+    it: an i-quant is made, and the keys llama-quantize records of a matrix are in the output.
+    Where llama.cpp's own llama-quantize is on PATH, its output from the same files is the same,
+    tensor for tensor and key for key."""
+    from conftest import CACHE
+    from nearswap.core import llamacpp
+
+    if llamacpp.library_path() is None:
+        pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
     import gguf
 
+    program = shutil.which("llama-quantize")
+    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert run("imatrix", tiny_llm / "base", "--text", calibration, "-o", tmp_path / "i.gguf", "--chunk-tokens", "64",
                "-q").exit_code == 0
     result = run("export", tiny_llm / "base", "-o", tmp_path / "q.gguf", "--type", "iq4_nl", "--imatrix",
@@ -120,3 +129,13 @@ def test_llama_quantize_reads_it_and_quantizes_with_it(tiny_llm, calibration, tm
     assert "IQ4_NL" in {t.tensor_type.name for t in reader.tensors}
     field = reader.fields["quantize.imatrix.entries_count"]  # what llama-quantize records of the matrix it used
     assert int(field.parts[-1][0]) == json.loads(result.stdout)["imatrix"]["entries"] == 15
+    assert int(reader.fields["quantize.imatrix.chunks_count"].parts[-1][0]) > 0
+    if program:
+        monkeypatch.setenv("PATH", str(Path(program).parent) + ":/usr/bin:/bin")
+        theirs = run("export", tiny_llm / "base", "-o", tmp_path / "p.gguf", "--type", "iq4_nl", "--imatrix",
+                     tmp_path / "i.gguf", "-q")
+        assert theirs.exit_code == 0, theirs.output
+        other = gguf.GGUFReader(str(tmp_path / "p.gguf"))
+        assert {t.name: bytes(t.data) for t in other.tensors} == {t.name: bytes(t.data) for t in reader.tensors}
+        for key in ("quantize.imatrix.entries_count", "quantize.imatrix.chunks_count", "quantize.imatrix.dataset"):
+            assert other.fields[key].contents() == reader.fields[key].contents(), key

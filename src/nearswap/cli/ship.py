@@ -33,7 +33,7 @@ from .progress import _Progress
 @click.option("--samples", type=click.IntRange(1), help="AWQ: calibration passages (default 64).")
 @click.option("--seq-len", type=click.IntRange(8), help="AWQ: tokens per passage, at most (default 256).")
 @click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path),
-              help="GGUF: an importance matrix (nearswap imatrix) for llama.cpp's llama-quantize (on PATH).")
+              help="GGUF: an importance matrix (nearswap imatrix) for llama.cpp's quantizer (i-quants, K-quants).")
 @click.option("--vocab-from", type=click.Path(path_type=Path), help="A GGUF whose vocabulary to embed.")
 @force_option()
 @quiet_option()

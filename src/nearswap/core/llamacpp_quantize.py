@@ -48,6 +48,24 @@ class QuantizeParams(C.Structure):
                 ("prune_layers", C.c_void_p), ("max_buf_size", C.c_size_t)]
 
 
+class ImatrixData(C.Structure):
+    """``llama_model_imatrix_data``: one tensor's per-column importance (a name of None ends the list)."""
+
+    _fields_ = [("name", C.c_char_p), ("data", C.POINTER(C.c_float)), ("size", C.c_size_t)]
+
+
+class KvOverride(C.Structure):
+    """``llama_model_kv_override``: a key written into the output (an empty key ends the list)."""
+
+    class _Value(C.Union):
+        _fields_ = [("val_i64", C.c_int64), ("val_f64", C.c_double), ("val_bool", C.c_bool), ("val_str", C.c_char * 128)]
+
+    _anonymous_ = ("value",)
+    _fields_ = [("tag", C.c_int), ("key", C.c_char * 128), ("value", _Value)]
+
+
+KV_INT, KV_STR = 0, 3  # llama_model_kv_override_type
+
 Q8_0_FTYPE, GGML_TYPE_COUNT = 7, 43  # the defaults' llama_ftype and "no type" (ggml.h at VERSION)
 
 
@@ -119,13 +137,38 @@ def library(echo: Callable[[str], None] = lambda s: None) -> Any:
     return lib
 
 
-def quantize(source: Path, out: Path, ftype: int, threads: int | None) -> None:
+def quantize(source: Path, out: Path, ftype: int, threads: int | None,
+             importance: dict[str, Any] | None = None, records: dict[str, int | str] | None = None) -> None:
     """``source`` (a GGUF) quantized by llama.cpp to the file type ``ftype`` (``llama_ftype``)
-    at ``out``; llama.cpp's reason in one line where it refuses."""
+    at ``out``; llama.cpp's reason in one line where it refuses. ``importance``: tensor name ->
+    per-column importance (float32), for the i-quants; ``records``: keys written into the
+    output as llama-quantize writes them (``quantize.imatrix.*``)."""
+    import numpy as np
+
     lib = library()
     params = lib.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads or os.cpu_count() or 1
+    keep: list[Any] = []  # (what the C side points into, alive until it returns)
+    if importance:
+        entries = (ImatrixData * (len(importance) + 1))()
+        for entry, (name, values) in zip(entries, importance.items()):
+            array = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(array)
+            entry.name, entry.size = name.encode(), array.size
+            entry.data = array.ctypes.data_as(C.POINTER(C.c_float))
+        params.imatrix = C.cast(entries, C.c_void_p)
+        keep.append(entries)
+    if records:
+        kvs = (KvOverride * (len(records) + 1))()
+        for kv, (key, value) in zip(kvs, records.items()):
+            kv.key = key.encode()[:127]
+            if isinstance(value, int):
+                kv.tag, kv.val_i64 = KV_INT, value
+            else:
+                kv.tag, kv.val_str = KV_STR, str(value).encode()[:127]
+        params.kv_overrides = C.cast(kvs, C.c_void_p)
+        keep.append(kvs)
     since = llamacpp.mark()
     if lib.llama_model_quantize(str(source).encode(), str(out).encode(), C.byref(params)) != 0:
         raise NearswapError(f"llama.cpp could not quantize {source} ({llamacpp.last_error(since) or 'no reason given'})")

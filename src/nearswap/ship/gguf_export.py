@@ -39,6 +39,7 @@ LLAMA_CPP_TYPES = {
 }
 # Types only llama.cpp's quantizer writes, and only with an importance matrix (``--imatrix``)
 IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m")
+IMATRIX_FTYPES = {t: f"MOSTLY_{t.upper()}" for t in IMATRIX_TYPES}  # (gguf's LlamaFileType names)
 LLAMA_QUANTIZE = "llama-quantize"  # llama.cpp's quantizer program: the one that reads an imatrix file
 REQUIRED_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -278,24 +279,30 @@ def _llama_cpp_quantizer(type_name: str, threads: int | None, log: Callable[[str
     return quantize
 
 
-def _wheel_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None) -> Quantize:
-    """``llama_model_quantize`` compiled against the prebuilt llama.cpp (built before any work)."""
+def _wheel_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None,
+                     imatrix: Path | None = None, entries: dict[str, Any] | None = None) -> Quantize:
+    """``llama_model_quantize`` compiled against the prebuilt llama.cpp (built before any work),
+    with an importance matrix where given (its per-column values and the keys llama-quantize
+    records of it)."""
     import gguf
 
     from ..core import llamacpp_quantize
+    from .imatrix import importance, records
 
     llamacpp_quantize.library(lambda m: None)
-    ftype = gguf.LlamaFileType[LLAMA_CPP_TYPES[type_name]].value
+    ftype = gguf.LlamaFileType[(LLAMA_CPP_TYPES | IMATRIX_FTYPES)[type_name]].value
+    matrix = importance(entries) if entries is not None else None
+    recorded = records(imatrix, len(entries)) if imatrix is not None and entries is not None else None
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         from ..core import llamacpp
 
         llamacpp.echo_log(log)  # (-v: llama.cpp's log as it comes; else only kept for a failure's line)
         try:
-            llamacpp_quantize.quantize(f32, part, ftype, threads)
+            llamacpp_quantize.quantize(f32, part, ftype, threads, matrix, recorded)
         finally:
             llamacpp.echo_log(None)
-        return {}
+        return {"imatrix": {"file": str(imatrix), "entries": len(entries)}} if imatrix and entries is not None else {}
 
     return quantize
 
@@ -315,6 +322,11 @@ def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int |
                             f"not {type_name!r}")
     entries = read_imatrix(imatrix) if imatrix is not None else None  # refuses a file that is no importance matrix
     program = shutil.which(LLAMA_QUANTIZE)
+    if program is None and imatrix is not None and entries is not None:
+        from ..core import llamacpp
+
+        if llamacpp.library_path() is not None:
+            return _wheel_quantizer(type_name, threads, log, imatrix, entries)
     if program is None:
         raise NearswapError(f"--imatrix runs llama.cpp's {LLAMA_QUANTIZE}, which is not on PATH (llama-cpp-python does "
                             f"not ship it): build it from llama.cpp (cmake -B build && cmake --build build --target "

@@ -137,3 +137,33 @@ def read(path: str | Path) -> dict[str, tuple[Any, Any]]:
                 raise NearswapError(f"--imatrix {path}: {base} has no F32 sums and counts pair; the file is damaged")
             out[base] = (t.data.reshape(-1), counts.data.reshape(-1))
     return out
+
+
+def importance(entries: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """Per-column importance of each tensor, as llama.cpp's quantizer takes it: an entry's sums
+    over its count (per expert: ``counts`` holds one count per expert), 1 where nothing was
+    counted — what llama-quantize computes from the same file before it quantizes."""
+    import numpy as np
+
+    out = {}
+    for name, (sums, counts) in entries.items():
+        sums = np.asarray(sums, np.float32).reshape(len(counts), -1)
+        counts = np.asarray(counts, np.float32).reshape(-1, 1)
+        out[name] = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.float32(1)).reshape(-1)
+    return out
+
+
+def records(path: str | Path, entries: int) -> dict[str, int | str]:
+    """The keys llama-quantize writes into a quant made with ``path`` (``quantize.imatrix.*``)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out: dict[str, int | str] = {"quantize.imatrix.file": str(path)}
+    datasets = reader.fields.get(gguf.Keys.IMatrix.DATASETS)
+    if datasets is not None and datasets.data:
+        out["quantize.imatrix.dataset"] = bytes(datasets.parts[datasets.data[0]]).decode("utf-8", "replace")
+    out["quantize.imatrix.entries_count"] = entries
+    chunks = reader.fields.get(gguf.Keys.IMatrix.CHUNK_COUNT)
+    if chunks is not None:
+        out["quantize.imatrix.chunks_count"] = int(chunks.parts[-1][0])
+    return out
