@@ -95,36 +95,46 @@ def without_vocab(*a, **k):
     cls.set_vocab = tokens_only
     return cls
 c.get_model_class = without_vocab
-sys.argv = ["convert_hf_to_gguf.py", sys.argv[1], "--outtype", "f32", "--outfile", sys.argv[2]]
-c.main()
+pairs = sys.argv[1:]
+for model_dir, out in zip(pairs[::2], pairs[1::2]):  # (one process for all: torch is imported once)
+    sys.argv = ["convert_hf_to_gguf.py", model_dir, "--outtype", "f32", "--outfile", out]
+    c.main()
 """)
 
-    def convert(model_dir: Path, out: Path) -> Path:
-        proc = subprocess.run([sys.executable, str(script), str(model_dir), str(out)], capture_output=True, text=True)
+    def convert(pairs: list[tuple[Path, Path]]) -> None:
+        args = [str(x) for pair in pairs for x in pair]
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        return out
 
     return convert
 
 
-@pytest.fixture(scope="session", params=sorted(MODELS))
-def tiny(request, tmp_path_factory, converter):
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, converter):
     """A tiny random transformers model of each listed architecture, every weight N(0, 0.05),
-    and the GGUF llama.cpp's converter makes of it."""
-    kind = request.param
-    config_cls, extra, gguf_arch = MODELS[kind]
-    torch.manual_seed(sorted(MODELS).index(kind))
-    config = getattr(transformers, config_cls)(**{**COMMON, **extra})
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    path = tmp_path_factory.mktemp(kind) / kind
-    model.save_pretrained(path)
-    vocab = {"model": {"vocab": {f"t{i}": i for i in range(COMMON["vocab_size"])}}, "added_tokens": []}
-    (path / "tokenizer.json").write_text(json.dumps(vocab))  # Gemma 3's converter counts it
-    gguf_file = converter(path, path.parent / f"{kind}.llama-cpp.gguf")
-    return kind, gguf_arch, path, model, gguf_file
+    and the GGUF llama.cpp's converter makes of it (all converted by one converter process)."""
+    made = {}
+    for kind in sorted(MODELS):
+        config_cls, extra, gguf_arch = MODELS[kind]
+        torch.manual_seed(sorted(MODELS).index(kind))
+        config = getattr(transformers, config_cls)(**{**COMMON, **extra})
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.05)
+        path = tmp_path_factory.mktemp(kind) / kind
+        model.save_pretrained(path)
+        vocab = {"model": {"vocab": {f"t{i}": i for i in range(COMMON["vocab_size"])}}, "added_tokens": []}
+        (path / "tokenizer.json").write_text(json.dumps(vocab))  # Gemma 3's converter counts it
+        made[kind] = (kind, gguf_arch, path, model, path.parent / f"{kind}.llama-cpp.gguf")
+    converter([(m[2], m[4]) for m in made.values()])
+    return made
+
+
+@pytest.fixture(scope="session", params=sorted(MODELS))
+def tiny(request, tiny_models):
+    """One architecture's tiny model: (kind, GGUF architecture, HF directory, model, its GGUF)."""
+    return tiny_models[request.param]
 
 
 def read_all(path) -> dict[str, np.ndarray]:

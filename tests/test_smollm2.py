@@ -158,9 +158,10 @@ def test_curve_on_the_demo_pair_gives_the_cards_shares(smol_pair):
         assert abs(got - want) <= 0.5, shares
 
 
-def test_verdict_rule_on_both_ends(smol_pair, tmp_path):
+def test_verdict_rule_on_both_ends(smol_pair, tmp_path, monkeypatch):
     """The base model is "ok"; the same model with every weight matrix replaced by noise of its
-    own scale is "garbage"."""
+    own scale is "garbage" — by its drift, the first rule, whatever its continuation says (so
+    the broken model writes a short one: the test's time is the base's)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from nearswap.judge import sweep
@@ -168,9 +169,11 @@ def test_verdict_rule_on_both_ends(smol_pair, tmp_path):
     _, root = smol_pair
     base = sweep.judge(root / "base_hf", root / "base_hf", root / "base_hf")
     synthetic.make_broken(root / "base_hf", tmp_path / "broken")
+    monkeypatch.setattr(sweep, "CONTINUATION_TOKENS", 8)
     broken = sweep.judge(tmp_path / "broken", root / "base_hf", root / "base_hf")
     assert base["kl_mean"] == 0.0 and sweep.verdict(base) == "ok", base
-    assert sweep.verdict_and_reason(broken)[0] == "garbage", broken
+    word, reason = sweep.verdict_and_reason(broken)
+    assert word == "garbage" and reason.startswith("kl_mean "), broken
 
 
 def test_tokenizer_built_without_transformers_equals_transformers_own(smollm2, tmp_path):
