@@ -38,10 +38,13 @@ demo: setup
 
 # Two test processes, each running whole files (module fixtures such as a Ray cluster or a
 # converted model are made once): the suite waits on subprocesses and downloads as much as on CPU.
+# Files are handed out in the order tests/conftest.py gives them (the longest first);
+# --no-loadscope-reorder: xdist would otherwise hand out the files with the most tests first,
+# which put the few-but-slow files (Ray, SmolLM2, tune) last, one process working alone at the end.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 bench: setup
 	$(BIN)/python benchmarks/bench_merge.py

@@ -113,8 +113,9 @@ def pytest_configure(config):
 
 
 # The files that take longest (minutes each, measured with --durations), started first: `make test`
-# runs whole files in two processes, each taking the next file when it is free, so a long file
-# started last keeps one process busy while the other idles. Order only; every test runs.
+# runs whole files in two processes, each taking the next file when it is free (in this order:
+# the Makefile turns off xdist's own reordering by test count), so a long file started last would
+# keep one process busy while the other idles. Order only; every test runs.
 LONGEST_FIRST = ("test_smollm2.py", "test_ray.py", "test_new_user.py", "test_gemma3.py", "test_tune.py",
                  "test_judge.py", "test_llama_backend.py", "test_architectures.py", "test_sweep.py")
 
