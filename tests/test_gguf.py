@@ -381,6 +381,10 @@ def test_k_quant_export_through_llama_cpp(tmp_path, monkeypatch):
 
     if llamacpp.library_path() is None:
         pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
+    from nearswap.core.llamacpp_quantize import built_path, compiler
+
+    if compiler() is None and not built_path().is_file():
+        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
     monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # (not a llama-quantize the developer has on PATH)
     from nearswap.ship.gguf_export import export_gguf
@@ -410,6 +414,10 @@ def test_k_quant_export_is_quiet_and_keeps_the_models_name(tmp_path, run, monkey
 
     if llamacpp.library_path() is None:
         pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
+    from nearswap.core.llamacpp_quantize import built_path, compiler
+
+    if compiler() is None and not built_path().is_file():
+        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
     monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     shapes = hf_shapes() | {"model.layers.0.mlp.up_proj.weight": (FFN, 256), "model.layers.0.mlp.gate_proj.weight": (FFN, 256)}

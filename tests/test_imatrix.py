@@ -115,6 +115,10 @@ def test_llama_cpp_quantizes_with_it(tiny_llm, calibration, tmp_path, run, monke
 
     if llamacpp.library_path() is None:
         pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
+    from nearswap.core.llamacpp_quantize import built_path, compiler
+
+    if compiler() is None and not built_path().is_file():
+        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
     import gguf
 
     program = shutil.which("llama-quantize")

@@ -73,7 +73,8 @@ def built_path() -> Path:
     return cache_dir() / "llama.cpp" / f"{llamacpp.PACKAGE}-{llamacpp.VERSION}" / LIBRARY
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
+    """The C++ compiler that builds the quantizer: $CXX, else g++ or c++; None where there is none."""
     for name in (os.environ.get("CXX"), "g++", "c++"):
         if name and shutil.which(name):
             return name
@@ -90,8 +91,8 @@ def build(echo: Callable[[str], None] = lambda s: None) -> Path:
     wheel = llamacpp.library_path()
     if wheel is None:
         raise NearswapError(f"llama.cpp's quantizer is built against the prebuilt llama.cpp: {llamacpp.INSTALL}")
-    compiler = _compiler()
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         raise NearswapError("compiling llama.cpp's quantizer (llama-quant.cpp, once) needs a C++ compiler: install g++ "
                             "(or set CXX), or pip install 'nearswap[llama-export]', or put llama-quantize on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,13 +108,13 @@ def build(echo: Callable[[str], None] = lambda s: None) -> Path:
             tar.extractall(work / "src", members=wanted, filter="data")
         tree = work / "src" / root
         part = work / LIBRARY
-        cmd = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-D_GLIBCXX_USE_CXX11_ABI=0",
+        cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-D_GLIBCXX_USE_CXX11_ABI=0",
                *(f"-I{tree / h}" for h in HEADERS), str(tree / SOURCE), "-o", str(part),
                f"-L{wheel.parent}", f"-l:{wheel.name}", f"-Wl,-rpath,{wheel.parent}", "-Wl,--no-undefined", "-pthread"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or ["no output"]
-            raise NearswapError(f"compiling llama.cpp's quantizer failed ({compiler}: {last[0][:200]}); "
+            raise NearswapError(f"compiling llama.cpp's quantizer failed ({cxx}: {last[0][:200]}); "
                                 "pip install 'nearswap[llama-export]', or put llama-quantize on PATH")
         os.replace(part, target)  # (another process may have built it meanwhile: the same file)
     return target
