@@ -10,8 +10,8 @@ unexport PYTHONDONTWRITEBYTECODE
 setup: $(STAMP)
 
 # The suite runs everything it can here: the judge (torch CPU + lm-eval), Ray and llama.cpp (prebuilt) included.
-# --no-compile: pip would byte-compile every module of every package (torch, Ray, scipy...: about 2
-# CPU-minutes, most of it never imported); Python compiles what is imported, once, on first use,
+# --no-compile: pip would byte-compile every module of every package (torch, Ray, scipy...; minutes
+# of CPU, docs/benchmarks.md, most of it never imported); Python compiles what is imported, once, on first use,
 # and keeps it: PYTHONDONTWRITEBYTECODE (set in some sandboxes) is unset for every target here.
 $(STAMP): pyproject.toml setup.py src/nearswap/_ckernel.c src/nearswap/_dequant.c
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

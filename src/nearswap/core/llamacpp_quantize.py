@@ -8,7 +8,7 @@ llama.cpp's C API but not that function. Its source is one file of llama.cpp,
 compiles that file, from the same llama.cpp build (the wheel's own sdist, its sha256 checked),
 once, into a small library beside nearswap's cache, linked against the wheel (which was built
 with the old C++ string ABI, ``_GLIBCXX_USE_CXX11_ABI=0``), and calls it with ``ctypes``.
-Needs a C++ compiler (``$CXX``, else ``g++`` or ``c++``; about 15 s); where there is none, or
+Needs a C++ compiler (``$CXX``, else ``g++`` or ``c++``; seconds, once: docs/llama-cpp.md); where there is none, or
 the download fails, one line says so and what else to install (the ``llama-export`` extra, or
 llama.cpp's ``llama-quantize`` on PATH). Nothing here writes a quantization rule of its own.
 """
