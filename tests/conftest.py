@@ -236,3 +236,23 @@ def quick_data():
     except NearswapError as e:
         pytest.skip(f"evaluation data not cached in {CACHE} and not downloadable: {e}")
     return CACHE
+
+
+@pytest.fixture
+def llama_quantizer(monkeypatch):
+    """llama.cpp's whole-file quantizer compiled against the installed prebuilt llama.cpp, in the
+    real cache (built there once), with no llama-quantize of the developer's on PATH; skipped
+    without the llama extra, or without a C++ compiler where it is not built yet. Its value: the
+    developer's llama-quantize program (looked up before PATH is narrowed), or None."""
+    from nearswap.core import llamacpp
+
+    if llamacpp.library_path() is None:
+        pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
+    program = shutil.which("llama-quantize")
+    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    from nearswap.core.llamacpp_quantize import built_path, compiler
+
+    if compiler() is None and not built_path().is_file():
+        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
+    return program

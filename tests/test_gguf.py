@@ -1,6 +1,8 @@
 """GGUF input: names, layouts and values against gguf's own dequantizer and llama.cpp's permutation."""
 
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -373,20 +375,9 @@ def test_export_refusals(tmp_path, run):
     assert novocab.exit_code == 1 and "--vocab-from" in novocab.stderr and not (tmp_path / "o.gguf").exists()
 
 
-def test_k_quant_export_through_llama_cpp(tmp_path, monkeypatch):
+def test_k_quant_export_through_llama_cpp(tmp_path, llama_quantizer):
     """export --type q4_k_m: llama.cpp's own whole-file quantizer (its per-tensor type rules),
     here compiled once against the prebuilt llama.cpp (kept in the real cache)."""
-    from conftest import CACHE
-    from nearswap.core import llamacpp
-
-    if llamacpp.library_path() is None:
-        pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
-    from nearswap.core.llamacpp_quantize import built_path, compiler
-
-    if compiler() is None and not built_path().is_file():
-        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
-    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # (not a llama-quantize the developer has on PATH)
     from nearswap.ship.gguf_export import export_gguf
 
     # two 256-wide tensors, so llama.cpp has rows that fit a K-quant block
@@ -405,21 +396,10 @@ def test_k_quant_export_through_llama_cpp(tmp_path, monkeypatch):
         assert np.abs(got[name] - x).max() < 0.35 * np.abs(x).max(), name
 
 
-def test_k_quant_export_is_quiet_and_keeps_the_models_name(tmp_path, run, monkeypatch):
+def test_k_quant_export_is_quiet_and_keeps_the_models_name(tmp_path, run, llama_quantizer):
     """New-user issue, item 7: `export --type q4_k_m` printed ~260 lines of llama.cpp's quantize
     log and renamed the model inside the file. One line by default, llama.cpp's log with -v,
     and general.name the one nearswap's own export writes (llama.cpp not involved)."""
-    from conftest import CACHE
-    from nearswap.core import llamacpp
-
-    if llamacpp.library_path() is None:
-        pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
-    from nearswap.core.llamacpp_quantize import built_path, compiler
-
-    if compiler() is None and not built_path().is_file():
-        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
-    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
     shapes = hf_shapes() | {"model.layers.0.mlp.up_proj.weight": (FFN, 256), "model.layers.0.mlp.gate_proj.weight": (FFN, 256)}
     write_llama_gguf(tmp_path / "src.gguf", random_model(0, "f32", shapes=shapes, scale=0.5), Q.F32)
     plain = run("export", tmp_path / "src.gguf", "-o", tmp_path / "f32.gguf", "--type", "f32")
@@ -434,6 +414,57 @@ def test_k_quant_export_is_quiet_and_keeps_the_models_name(tmp_path, run, monkey
         return gguf.GGUFReader(path).fields["general.name"].contents()
 
     assert name(tmp_path / "k.gguf") == name(tmp_path / "f32.gguf") and name(tmp_path / "k.gguf")
+
+
+def test_a_quantizer_built_for_another_installation_is_neither_shared_nor_trusted(tmp_path, llama_quantizer,
+                                                                                  monkeypatch):
+    """CI, stop 28: a cache shared between two checkouts held the quantizer built against the
+    first checkout's llama.cpp (found by its run path), so the second loaded that copy too: a
+    second llama.cpp, whose log went straight to the terminal. Each installation of the prebuilt
+    llama.cpp now has a build of its own, and a build that calls into another copy is refused
+    in one line, nothing written."""
+    import subprocess
+    import sys
+
+    from nearswap.core import llamacpp
+    from nearswap.core import llamacpp_quantize as lq
+    from nearswap.core.errors import NearswapError
+
+    if lq.compiler() is None:
+        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
+    built_here = lq.build()  # (in the real cache, for this installation: once)
+    real = llamacpp.library_path()
+    other = tmp_path / "other-venv" / real.parent.name / real.name  # the same wheel, installed elsewhere
+    other.parent.mkdir(parents=True)
+    shutil.copy(real, other)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NEARSWAP_CACHE", str(cache))
+    ours = lq.built_path()
+    with monkeypatch.context() as m:
+        m.setattr(llamacpp, "library_path", lambda: other)
+        theirs = lq.built_path()
+        assert theirs != ours and theirs.name == ours.name
+        try:
+            lq.build()  # compiled against the copy
+        except NearswapError as e:
+            pytest.skip(f"could not build llama.cpp's quantizer here: {e}")
+    assert theirs.is_file() and not ours.exists()
+    ours.parent.mkdir(parents=True)
+    shutil.copy(theirs, ours)  # what the shared cache held
+    write_llama_gguf(tmp_path / "src.gguf", random_model(0, "f32", shapes=hf_shapes(), scale=0.5), Q.F32)
+    proc = subprocess.run([sys.executable, "-m", "nearswap", "export", str(tmp_path / "src.gguf"), "-o",
+                           str(tmp_path / "k.gguf"), "--type", "q4_k_m"], capture_output=True, text=True,
+                          env={**os.environ, "NEARSWAP_CACHE": str(cache)})
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "another copy of llama.cpp" in proc.stderr and str(ours) in proc.stderr
+    assert not (tmp_path / "k.gguf").exists()
+    shutil.copy(built_here, ours)  # and built for this installation, it is the wheel's own llama.cpp that quantizes
+    proc = subprocess.run([sys.executable, "-m", "nearswap", "export", str(tmp_path / "src.gguf"), "-o",
+                           str(tmp_path / "k.gguf"), "--type", "q4_k_m"], capture_output=True, text=True,
+                          env={**os.environ, "NEARSWAP_CACHE": str(cache)})
+    assert proc.returncode == 0 and proc.stdout.startswith("wrote ") and "llama_model" not in proc.stderr, proc.stderr
+    assert gguf.GGUFReader(tmp_path / "k.gguf").fields["general.file_type"].contents() == \
+        gguf.LlamaFileType.MOSTLY_Q4_K_M
 
 
 def test_gguf_without_vocabulary_converts_without_torch(tmp_path):

@@ -105,25 +105,14 @@ def test_a_bad_text_or_model_is_one_line_that_names_it(tiny_llm, tmp_path, run, 
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "i.gguf").exists()
 
 
-def test_llama_cpp_quantizes_with_it(tiny_llm, calibration, tmp_path, run, monkeypatch):
+def test_llama_cpp_quantizes_with_it(tiny_llm, calibration, tmp_path, run, llama_quantizer, monkeypatch):
     """llama.cpp's quantizer (compiled against the prebuilt llama.cpp) accepts the file and uses
     it: an i-quant is made, and the keys llama-quantize records of a matrix are in the output.
     Where llama.cpp's own llama-quantize is on PATH, its output from the same files is the same,
     tensor for tensor and key for key."""
-    from conftest import CACHE
-    from nearswap.core import llamacpp
-
-    if llamacpp.library_path() is None:
-        pytest.skip("the llama extra (prebuilt llama.cpp) is not installed")
-    from nearswap.core.llamacpp_quantize import built_path, compiler
-
-    if compiler() is None and not built_path().is_file():
-        pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
     import gguf
 
-    program = shutil.which("llama-quantize")
-    monkeypatch.setenv("NEARSWAP_CACHE", str(CACHE))
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    program = llama_quantizer  # (llama.cpp's own llama-quantize where the developer has it)
     assert run("imatrix", tiny_llm / "base", "--text", calibration, "-o", tmp_path / "i.gguf", "--chunk-tokens", "64",
                "-q").exit_code == 0
     result = run("export", tiny_llm / "base", "-o", tmp_path / "q.gguf", "--type", "iq4_nl", "--imatrix",

@@ -70,7 +70,16 @@ Q8_0_FTYPE, GGML_TYPE_COUNT = 7, 43  # the defaults' llama_ftype and "no type" (
 
 
 def built_path() -> Path:
-    return cache_dir() / "llama.cpp" / f"{llamacpp.PACKAGE}-{llamacpp.VERSION}" / LIBRARY
+    """Where the quantizer built against *this* installed wheel lives. The library finds the
+    wheel by its folder (its run path), so each installation has a build of its own: one built
+    against another virtual environment's copy would load that copy, a second llama.cpp with a
+    log, a state and maybe a version of its own (how CI first met it: a cache shared between
+    checkouts)."""
+    import hashlib
+
+    wheel = llamacpp.library_path()
+    where = hashlib.sha256(str(wheel.resolve() if wheel else "none").encode()).hexdigest()[:12]
+    return cache_dir() / "llama.cpp" / f"{llamacpp.PACKAGE}-{llamacpp.VERSION}" / where / LIBRARY
 
 
 def compiler() -> str | None:
@@ -124,8 +133,13 @@ def build(echo: Callable[[str], None] = lambda s: None) -> Path:
 def library(echo: Callable[[str], None] = lambda s: None) -> Any:
     """``llama_model_quantize`` and its defaults, declared; built first where needed. The
     defaults read through ``QuantizeParams`` must be llama.cpp's (a check of the layout)."""
-    llamacpp.required("quantizing with llama.cpp")  # the wheel first: the quantizer resolves its symbols there
-    lib = C.CDLL(str(build(echo)))
+    wheel = llamacpp.required("quantizing with llama.cpp")  # the wheel first: the quantizer resolves its symbols there
+    path = build(echo)
+    lib = C.CDLL(str(path))
+    if not same_llama(lib, wheel):
+        raise NearswapError(f"{path} calls into another copy of llama.cpp than {llamacpp.library_path()} (its run "
+                            f"path, or LD_LIBRARY_PATH, finds another {llamacpp.PACKAGE}); remove that file to rebuild "
+                            f"it, and unset LD_LIBRARY_PATH")
     lib.llama_model_quantize_default_params.restype = QuantizeParams
     lib.llama_model_quantize_default_params.argtypes = []
     lib.llama_model_quantize.restype = C.c_uint32
@@ -136,6 +150,12 @@ def library(echo: Callable[[str], None] = lambda s: None) -> Any:
         raise NearswapError(f"{built_path()}: llama.cpp's quantizer lays out its parameters otherwise than nearswap "
                             f"knows; remove that file and install {llamacpp.PACKAGE}=={llamacpp.VERSION}")
     return lib
+
+
+def same_llama(quantizer: Any, wheel: Any) -> bool:
+    """Whether ``quantizer``'s llama.cpp functions are ``wheel``'s own (the same address of
+    ``llama_log_set``, as each library resolves it), not those of a second copy loaded beside it."""
+    return C.cast(quantizer.llama_log_set, C.c_void_p).value == C.cast(wheel.llama_log_set, C.c_void_p).value
 
 
 def quantize(source: Path, out: Path, ftype: int, threads: int | None,
