@@ -426,6 +426,7 @@ def test_a_quantizer_built_for_another_installation_is_neither_shared_nor_truste
     import subprocess
     import sys
 
+    from conftest import CACHE
     from nearswap.core import llamacpp
     from nearswap.core import llamacpp_quantize as lq
     from nearswap.core.errors import NearswapError
@@ -437,8 +438,10 @@ def test_a_quantizer_built_for_another_installation_is_neither_shared_nor_truste
     other = tmp_path / "other-venv" / real.parent.name / real.name  # the same wheel, installed elsewhere
     other.parent.mkdir(parents=True)
     shutil.copy(real, other)
+    tree = lq.source()  # (llama.cpp's source, in the real cache: the same for every installation)
     cache = tmp_path / "cache"
     monkeypatch.setenv("NEARSWAP_CACHE", str(cache))
+    shutil.copytree(tree, cache / tree.relative_to(CACHE))
     ours = lq.built_path()
     with monkeypatch.context() as m:
         m.setattr(llamacpp, "library_path", lambda: other)

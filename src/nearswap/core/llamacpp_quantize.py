@@ -90,10 +90,35 @@ def compiler() -> str | None:
     return None
 
 
-def build(echo: Callable[[str], None] = lambda s: None) -> Path:
-    """The quantizer library, compiled once (kept in the cache for this llama.cpp version)."""
+def source(echo: Callable[[str], None] = lambda s: None) -> Path:
+    """llama.cpp's tree of the wheel's build, holding only what the quantizer compiles from (its
+    file and the headers): from the wheel's sdist (sha256 checked), kept in the cache for every
+    installation's build of this version."""
     from .pypi import download
 
+    tree = cache_dir() / "llama.cpp" / f"{llamacpp.PACKAGE}-{llamacpp.VERSION}" / "source"
+    if (tree / SOURCE).is_file():
+        return tree
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=tree.parent, prefix=".source.") as tmp:
+        work = Path(tmp)
+        echo(f"llama.cpp's quantizer: its source from {llamacpp.PACKAGE} {llamacpp.VERSION} ({SDIST_MB} MB from PyPI)")
+        archive = download(llamacpp.PACKAGE, llamacpp.VERSION, SDIST_SHA256, work)
+        root = f"{llamacpp.PACKAGE}-{llamacpp.VERSION}/{LLAMA_CPP}/"
+        with tarfile.open(archive) as tar:
+            wanted = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(root)
+                      and (m.name == root + SOURCE or (m.name.endswith(".h") and m.name[len(root):].startswith(HEADERS)))]
+            tar.extractall(work / "src", members=wanted, filter="data")
+        try:
+            os.rename(work / "src" / root, tree)  # (complete, or not there)
+        except OSError:  # another process put it there meanwhile: the same files
+            pass
+    return tree
+
+
+def build(echo: Callable[[str], None] = lambda s: None) -> Path:
+    """The quantizer library, compiled once for this installation of the prebuilt llama.cpp
+    (kept in the cache)."""
     target = built_path()
     if target.is_file():
         return target
@@ -104,18 +129,11 @@ def build(echo: Callable[[str], None] = lambda s: None) -> Path:
     if cxx is None:
         raise NearswapError("compiling llama.cpp's quantizer (llama-quant.cpp, once) needs a C++ compiler: install g++ "
                             "(or set CXX), or pip install 'nearswap[llama-export]', or put llama-quantize on PATH")
+    tree = source(echo)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build.") as tmp:
         work = Path(tmp)
-        echo(f"building llama.cpp's quantizer once: its source from {llamacpp.PACKAGE} {llamacpp.VERSION} "
-             f"({SDIST_MB} MB from PyPI), one file compiled against the installed library")
-        archive = download(llamacpp.PACKAGE, llamacpp.VERSION, SDIST_SHA256, work)
-        root = f"{llamacpp.PACKAGE}-{llamacpp.VERSION}/{LLAMA_CPP}/"
-        with tarfile.open(archive) as tar:
-            wanted = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(root)
-                      and (m.name == root + SOURCE or (m.name.endswith(".h") and m.name[len(root):].startswith(HEADERS)))]
-            tar.extractall(work / "src", members=wanted, filter="data")
-        tree = work / "src" / root
+        echo("building llama.cpp's quantizer once: one file compiled against the installed library")
         part = work / LIBRARY
         cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-shared", "-D_GLIBCXX_USE_CXX11_ABI=0",
                *(f"-I{tree / h}" for h in HEADERS), str(tree / SOURCE), "-o", str(part),
