@@ -1,5 +1,6 @@
 """GGUF input: names, layouts and values against gguf's own dequantizer and llama.cpp's permutation."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -414,6 +415,23 @@ def test_k_quant_export_is_quiet_and_keeps_the_models_name(tmp_path, run, llama_
         return gguf.GGUFReader(path).fields["general.name"].contents()
 
     assert name(tmp_path / "k.gguf") == name(tmp_path / "f32.gguf") and name(tmp_path / "k.gguf")
+
+
+def test_llama_cpp_types_without_llama_cpp_say_what_to_install(tmp_path, run, monkeypatch):
+    """No llama.cpp at all (no prebuilt library, no llama-quantize, no llama-cpp-python): the
+    K-quant and i-quant exports refuse in one line naming what to install, before any work."""
+    from nearswap.core import llamacpp
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed here")
+    monkeypatch.setattr(llamacpp, "library_path", lambda: None)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    write_llama_gguf(tmp_path / "src.gguf", random_model(0, "f32", shapes=hf_shapes(), scale=0.5), Q.F32)
+    k = run("export", tmp_path / "src.gguf", "-o", tmp_path / "k.gguf", "--type", "q4_k_m")
+    assert k.exit_code == 1 and len(k.stderr.strip().splitlines()) == 1 and "nearswap[llama]" in k.stderr, k.output
+    iq = run("export", tmp_path / "src.gguf", "-o", tmp_path / "k.gguf", "--type", "iq2_xs")
+    assert iq.exit_code == 1 and "--imatrix" in iq.stderr and len(iq.stderr.strip().splitlines()) == 1, iq.output
+    assert not list(tmp_path.glob("*k.gguf*"))
 
 
 def test_a_quantizer_built_for_another_installation_is_neither_shared_nor_trusted(tmp_path, llama_quantizer,

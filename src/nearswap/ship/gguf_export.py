@@ -1,7 +1,7 @@
 """GGUF export: an HF checkpoint (or any model nearswap reads) written as a GGUF file for
 llama.cpp, in the types nearswap codes itself (``formats.gguf_writer``) or through llama.cpp's
-own quantizers (the bindings' ``llama_model_quantize``, or the ``llama-quantize`` program with
-an importance matrix)."""
+own whole-file quantizer, ``llama_model_quantize`` (``llama_quantizer``: the one place that
+chooses which llama.cpp runs it)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ EXPORT_TYPES = {
     "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"),
 }
 # --type -> llama.cpp file type, for the quantizers only llama.cpp has (K-quants, i-quants that
-# need no importance matrix); used through llama-cpp-python when that optional extra is installed.
+# need no importance matrix): llama.cpp's whole-file quantizer (``llama_quantizer``).
 LLAMA_CPP_TYPES = {
     "q2_k": "MOSTLY_Q2_K", "q3_k_s": "MOSTLY_Q3_K_S", "q3_k_m": "MOSTLY_Q3_K_M", "q3_k_l": "MOSTLY_Q3_K_L",
     "q4_k_s": "MOSTLY_Q4_K_S", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_s": "MOSTLY_Q5_K_S", "q5_k_m": "MOSTLY_Q5_K_M",
@@ -212,24 +212,23 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
     if it is a GGUF, else the GGUF the source was merged or converted from (recorded in its
     metadata), else its tokenizer.json (BPE). Written into a hidden sibling of ``out`` (one
     run per ``out`` at a time) and renamed when complete; ``force`` replaces a GGUF file.
-    ``imatrix``: an importance matrix file (``nearswap imatrix``), given with the f32 export to
-    llama.cpp's ``llama-quantize`` program (on PATH), which weighs each column's rounding by it.
+    The K-quant and i-quant types are llama.cpp's own quantizer's, from the f32 export
+    (``llama_quantizer``). ``imatrix``: an importance matrix file (``nearswap imatrix``) given to
+    it, which weighs each column's rounding.
     """
     from ..formats.gguf_header import read_header
     from ..runtime.output import atomic_file
 
     out = Path(out)
-    if imatrix is not None:
-        quantize = _llama_quantize_program(type_name, Path(imatrix), threads, log)
-    elif type_name in IMATRIX_TYPES:
+    if imatrix is None and type_name in IMATRIX_TYPES:
         raise NearswapError(f"{type_name} needs an importance matrix: make one with `nearswap imatrix MODEL --text "
                             f"FILE -o imatrix.gguf` and pass --imatrix imatrix.gguf")
-    elif type_name not in EXPORT_TYPES and type_name not in LLAMA_CPP_TYPES:
-        raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, "
-                            f"and with llama-cpp-python installed {', '.join(LLAMA_CPP_TYPES)}")
-    else:
-        quantize = _llama_cpp_quantizer(type_name, threads, log) if type_name in LLAMA_CPP_TYPES else None
-        # (llama-cpp-python's llama_model_quantize, else llama.cpp's llama-quantize program on PATH)
+    if type_name not in EXPORT_TYPES and type_name not in LLAMA_CPP_TYPES and type_name not in IMATRIX_TYPES:
+        raise NearswapError(f"unknown GGUF type {type_name!r}; nearswap writes {', '.join(EXPORT_TYPES)}, and "
+                            f"llama.cpp's quantizer {', '.join(LLAMA_CPP_TYPES)} (and, with --imatrix, "
+                            f"{', '.join(IMATRIX_TYPES)})")
+    own = type_name in EXPORT_TYPES and imatrix is None
+    quantize = None if own else llama_quantizer(type_name, Path(imatrix) if imatrix is not None else None, threads, log)
     with atomic_file(out, force) as part:
         if quantize is None:
             result = _write_gguf(source, out, part, type_name, vocab_from, progress, on_start)
@@ -250,71 +249,21 @@ def export_gguf(source: str | Path, out: str | Path, type_name: str = "q8_0", *,
 Quantize = Callable[[Any, Path, Path], dict[str, Any]]  # (source, f32 GGUF, output) -> what to report
 
 
-def _llama_cpp_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None) -> Quantize:
-    """llama.cpp's whole-file quantizer (``llama_model_quantize``): through llama-cpp-python
-    where that is installed, else llama.cpp's ``llama-quantize`` program on PATH, else compiled
-    once against the prebuilt llama.cpp (``core.llamacpp_quantize``) — the same function every
-    time, and quiet: its log is kept for a failure's one line."""
+def llama_quantizer(type_name: str, imatrix: Path | None, threads: int | None,
+                    log: Callable[[str], None] | None = None) -> Quantize:
+    """llama.cpp's whole-file quantizer, ``llama_model_quantize`` (its per-tensor type rules),
+    chosen and checked usable before any work; the same function whichever is here, in this order:
+
+    1. llama.cpp's ``llama-quantize`` program on PATH (a llama.cpp the user built);
+    2. the function compiled once against the prebuilt llama.cpp (the ``llama`` extra, in every
+       ``make setup``; ``core.llamacpp_quantize``);
+    3. llama-cpp-python's binding (the ``llama-export`` extra), without an importance matrix
+       (it takes one only as a C++ map).
+
+    Quiet: llama.cpp's log is kept for a failure's one line, and goes to ``log`` (``-v``)."""
     import shutil
 
-    try:
-        import llama_cpp
-    except ImportError:
-        if shutil.which(LLAMA_QUANTIZE):
-            return _llama_quantize_program(type_name, None, threads, log)
-        from ..core import llamacpp
-
-        if llamacpp.library_path() is None:
-            _llama_cpp(type_name)  # (one line: what to install)
-        return _wheel_quantizer(type_name, threads, log)
-
-    def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
-        params.nthread = threads or os.cpu_count() or 1
-        if llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0:
-            raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
-        return {}
-
-    return quantize
-
-
-def _wheel_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None,
-                     imatrix: Path | None = None, entries: dict[str, Any] | None = None) -> Quantize:
-    """``llama_model_quantize`` compiled against the prebuilt llama.cpp (built before any work),
-    with an importance matrix where given (its per-column values and the keys llama-quantize
-    records of it)."""
-    import gguf
-
-    from ..core import llamacpp_quantize
-    from .imatrix import importance, records
-
-    llamacpp_quantize.library(lambda m: None)
-    ftype = gguf.LlamaFileType[(LLAMA_CPP_TYPES | IMATRIX_FTYPES)[type_name]].value
-    matrix = importance(entries) if entries is not None else None
-    recorded = records(imatrix, len(entries)) if imatrix is not None and entries is not None else None
-
-    def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
-        from ..core import llamacpp
-
-        llamacpp.echo_log(log)  # (-v: llama.cpp's log as it comes; else only kept for a failure's line)
-        try:
-            llamacpp_quantize.quantize(f32, part, ftype, threads, matrix, recorded)
-        finally:
-            llamacpp.echo_log(None)
-        return {"imatrix": {"file": str(imatrix), "entries": len(entries)}} if imatrix and entries is not None else {}
-
-    return quantize
-
-
-def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int | None,
-                            log: Callable[[str], None] | None = None) -> Quantize:
-    """llama.cpp's ``llama-quantize`` program, with an importance matrix where given
-    (llama-cpp-python's ``llama_model_quantize`` takes one only as a C++ map); checked before
-    any work."""
-    import shutil
-    import subprocess
-
+    from ..core import llamacpp
     from .imatrix import read as read_imatrix
 
     if type_name not in LLAMA_CPP_TYPES and type_name not in IMATRIX_TYPES:
@@ -322,15 +271,31 @@ def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int |
                             f"not {type_name!r}")
     entries = read_imatrix(imatrix) if imatrix is not None else None  # refuses a file that is no importance matrix
     program = shutil.which(LLAMA_QUANTIZE)
-    if program is None and imatrix is not None and entries is not None:
-        from ..core import llamacpp
+    if program is not None:
+        return _program_quantizer(program, type_name, imatrix, entries, threads, log)
+    if llamacpp.library_path() is not None:
+        return _wheel_quantizer(type_name, threads, log, imatrix, entries)
+    if imatrix is None:
+        try:
+            import llama_cpp
+        except ImportError:
+            pass
+        else:
+            return _binding_quantizer(llama_cpp, type_name, threads, log)
+    raise NearswapError(f"--type {type_name} uses llama.cpp's whole-file quantizer (llama_model_quantize): pip install "
+                        "'nearswap[llama]' (prebuilt; nearswap compiles the quantizer once against it), or put "
+                        f"llama.cpp's {LLAMA_QUANTIZE} on PATH (docs/llama-cpp.md)")
 
-        if llamacpp.library_path() is not None:
-            return _wheel_quantizer(type_name, threads, log, imatrix, entries)
-    if program is None:
-        raise NearswapError(f"--imatrix runs llama.cpp's {LLAMA_QUANTIZE}, which is not on PATH (llama-cpp-python does "
-                            f"not ship it): build it from llama.cpp (cmake -B build && cmake --build build --target "
-                            f"{LLAMA_QUANTIZE}) and add build/bin to PATH")
+
+def _imatrix_report(imatrix: Path | None, entries: dict[str, Any] | None) -> dict[str, Any]:
+    return {"imatrix": {"file": str(imatrix), "entries": len(entries)}} if imatrix and entries is not None else {}
+
+
+def _program_quantizer(program: str, type_name: str, imatrix: Path | None, entries: dict[str, Any] | None,
+                       threads: int | None, log: Callable[[str], None] | None) -> Quantize:
+    """llama.cpp's ``llama-quantize`` program, its output captured (quoted where it fails)."""
+    import subprocess
+
     with_matrix = ["--imatrix", str(imatrix)] if imatrix is not None else []
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
@@ -342,19 +307,59 @@ def _llama_quantize_program(type_name: str, imatrix: Path | None, threads: int |
             last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
             raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name}"
                                 f"{f' with {imatrix}' if imatrix is not None else ''} (exit {proc.returncode}): {last[0][:200]}")
-        return {"imatrix": {"file": str(imatrix), "entries": len(entries)}} if entries is not None else {}
+        return _imatrix_report(imatrix, entries)
 
     return quantize
 
 
-def _llama_cpp(type_name: str) -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise NearswapError(f"--type {type_name} uses llama.cpp's whole-file quantizer (llama_model_quantize): pip install "
-                            "'nearswap[llama]' (prebuilt; nearswap compiles the quantizer once against it), or "
-                            f"'nearswap[llama-export]', or put llama.cpp's {LLAMA_QUANTIZE} on PATH (docs/llama-cpp.md)") from None
-    return llama_cpp
+def _wheel_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None,
+                     imatrix: Path | None, entries: dict[str, Any] | None) -> Quantize:
+    """``llama_model_quantize`` compiled against the prebuilt llama.cpp (built before any work),
+    with an importance matrix where given (its per-column values and the keys llama-quantize
+    records of it)."""
+    import gguf
+
+    from ..core import llamacpp, llamacpp_quantize
+    from .imatrix import importance, records
+
+    llamacpp_quantize.library(lambda m: None)
+    ftype = gguf.LlamaFileType[(LLAMA_CPP_TYPES | IMATRIX_FTYPES)[type_name]].value
+    matrix = importance(entries) if entries is not None else None
+    recorded = records(imatrix, len(entries)) if imatrix is not None and entries is not None else None
+
+    def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
+        llamacpp.echo_log(log)  # (-v: llama.cpp's log as it comes; else only kept for a failure's line)
+        try:
+            llamacpp_quantize.quantize(f32, part, ftype, threads, matrix, recorded)
+        finally:
+            llamacpp.echo_log(None)
+        return _imatrix_report(imatrix, entries)
+
+    return quantize
+
+
+def _binding_quantizer(llama_cpp: Any, type_name: str, threads: int | None,
+                       log: Callable[[str], None] | None) -> Quantize:
+    """llama-cpp-python's ``llama_model_quantize``; its logger (which prints llama.cpp's log to
+    stderr) silenced unless ``log`` is given."""
+    import logging
+
+    def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{LLAMA_CPP_TYPES[type_name]}")
+        params.nthread = threads or os.cpu_count() or 1
+        logger = logging.getLogger("llama-cpp-python")
+        level = logger.level
+        logger.setLevel(logging.NOTSET if log is not None else logging.CRITICAL + 1)
+        try:
+            failed = llama_cpp.llama_model_quantize(str(f32).encode(), str(part).encode(), params) != 0
+        finally:
+            logger.setLevel(level)
+        if failed:
+            raise NearswapError(f"llama.cpp could not quantize {source} to {type_name}")
+        return {}
+
+    return quantize
 
 
 def _write_gguf(source: str | Path, out: Path, part: Path, type_name: str, vocab_from: str | Path | None,
