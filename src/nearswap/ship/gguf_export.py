@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from ..formats.architectures import (
     rope_scaling_of,
     short_name,
 )
+
+if TYPE_CHECKING:
+    from .imatrix import Matrix
 
 # ---------------------------------------------------------------- writing (export)
 
@@ -269,12 +272,12 @@ def llama_quantizer(type_name: str, imatrix: Path | None, threads: int | None,
     if type_name not in LLAMA_CPP_TYPES and type_name not in IMATRIX_TYPES:
         raise NearswapError(f"--imatrix is for llama.cpp's quantizer types ({', '.join([*LLAMA_CPP_TYPES, *IMATRIX_TYPES])}), "
                             f"not {type_name!r}")
-    entries = read_imatrix(imatrix) if imatrix is not None else None  # refuses a file that is no importance matrix
+    matrix = read_imatrix(imatrix) if imatrix is not None else None  # refuses a file that is no importance matrix
     program = shutil.which(LLAMA_QUANTIZE)
     if program is not None:
-        return _program_quantizer(program, type_name, imatrix, entries, threads, log)
+        return _program_quantizer(program, type_name, matrix, threads, log)
     if llamacpp.library_path() is not None:
-        return _wheel_quantizer(type_name, threads, log, imatrix, entries)
+        return _wheel_quantizer(type_name, matrix, threads, log)
     if imatrix is None:
         try:
             import llama_cpp
@@ -287,16 +290,16 @@ def llama_quantizer(type_name: str, imatrix: Path | None, threads: int | None,
                         f"llama.cpp's {LLAMA_QUANTIZE} on PATH (docs/llama-cpp.md)")
 
 
-def _imatrix_report(imatrix: Path | None, entries: dict[str, Any] | None) -> dict[str, Any]:
-    return {"imatrix": {"file": str(imatrix), "entries": len(entries)}} if imatrix and entries is not None else {}
+def _imatrix_report(matrix: Matrix | None) -> dict[str, Any]:
+    return {"imatrix": {"file": str(matrix.path), "entries": len(matrix.entries)}} if matrix is not None else {}
 
 
-def _program_quantizer(program: str, type_name: str, imatrix: Path | None, entries: dict[str, Any] | None,
-                       threads: int | None, log: Callable[[str], None] | None) -> Quantize:
+def _program_quantizer(program: str, type_name: str, matrix: Matrix | None, threads: int | None,
+                       log: Callable[[str], None] | None) -> Quantize:
     """llama.cpp's ``llama-quantize`` program, its output captured (quoted where it fails)."""
     import subprocess
 
-    with_matrix = ["--imatrix", str(imatrix)] if imatrix is not None else []
+    with_matrix = ["--imatrix", str(matrix.path)] if matrix is not None else []
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         proc = subprocess.run([program, *with_matrix, str(f32), str(part), type_name.upper(),
@@ -306,34 +309,33 @@ def _program_quantizer(program: str, type_name: str, imatrix: Path | None, entri
         if proc.returncode != 0:
             last = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
             raise NearswapError(f"{LLAMA_QUANTIZE} could not quantize {source} to {type_name}"
-                                f"{f' with {imatrix}' if imatrix is not None else ''} (exit {proc.returncode}): {last[0][:200]}")
-        return _imatrix_report(imatrix, entries)
+                                f"{f' with {matrix.path}' if matrix is not None else ''} (exit {proc.returncode}): {last[0][:200]}")
+        return _imatrix_report(matrix)
 
     return quantize
 
 
-def _wheel_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None,
-                     imatrix: Path | None, entries: dict[str, Any] | None) -> Quantize:
+def _wheel_quantizer(type_name: str, matrix: Matrix | None, threads: int | None,
+                     log: Callable[[str], None] | None) -> Quantize:
     """``llama_model_quantize`` compiled against the prebuilt llama.cpp (built before any work),
     with an importance matrix where given (its per-column values and the keys llama-quantize
     records of it)."""
     import gguf
 
     from ..core import llamacpp, llamacpp_quantize
-    from .imatrix import importance, records
+    from .imatrix import importance
 
     llamacpp_quantize.library(lambda m: None)
     ftype = gguf.LlamaFileType[(LLAMA_CPP_TYPES | IMATRIX_FTYPES)[type_name]].value
-    matrix = importance(entries) if entries is not None else None
-    recorded = records(imatrix, len(entries)) if imatrix is not None and entries is not None else None
+    columns = importance(matrix.entries) if matrix is not None else None
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         llamacpp.echo_log(log)  # (-v: llama.cpp's log as it comes; else only kept for a failure's line)
         try:
-            llamacpp_quantize.quantize(f32, part, ftype, threads, matrix, recorded)
+            llamacpp_quantize.quantize(f32, part, ftype, threads, columns, matrix.records if matrix else None)
         finally:
             llamacpp.echo_log(None)
-        return _imatrix_report(imatrix, entries)
+        return _imatrix_report(matrix)
 
     return quantize
 

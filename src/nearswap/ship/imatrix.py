@@ -10,11 +10,13 @@ The calibration text is tokenized once and cut into chunks of ``chunk_tokens`` (
 llama.cpp's ``common/imatrix-loader.cpp`` reads it: ``general.type = imatrix``,
 ``imatrix.datasets``, ``imatrix.chunk_count``, ``imatrix.chunk_size``, and per weight (by its
 GGUF name, ``blk.0.attn_q.weight``) ``NAME.in_sum2`` (F32, n_per_row x 1) and ``NAME.counts``
-(F32, 1 x 1). ``nearswap export --imatrix FILE`` hands it to llama.cpp's ``llama-quantize``.
+(F32, 1 x 1). ``nearswap export --imatrix FILE`` hands it to llama.cpp's quantizer (``read``:
+its per-column importance and the keys llama-quantize records of it).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -111,8 +113,18 @@ def write(result: dict[str, Any], out: str | Path, force: bool = False) -> Path:
     return out
 
 
-def read(path: str | Path) -> dict[str, tuple[Any, Any]]:
-    """GGUF name -> (sums, counts) of an imatrix file, checked as llama.cpp's loader checks it."""
+@dataclass(frozen=True)
+class Matrix:
+    """An importance matrix file, read and checked: GGUF name -> (sums, counts) of each weight,
+    and the keys llama-quantize writes into a quant made with it (``quantize.imatrix.*``)."""
+
+    path: Path
+    entries: dict[str, tuple[Any, Any]]
+    records: dict[str, int | str]
+
+
+def read(path: str | Path) -> Matrix:
+    """An imatrix file, checked as llama.cpp's loader checks it."""
     import struct
 
     import gguf
@@ -136,7 +148,15 @@ def read(path: str | Path) -> dict[str, tuple[Any, Any]]:
             if counts is None or t.tensor_type != gguf.GGMLQuantizationType.F32:
                 raise NearswapError(f"--imatrix {path}: {base} has no F32 sums and counts pair; the file is damaged")
             out[base] = (t.data.reshape(-1), counts.data.reshape(-1))
-    return out
+    records: dict[str, int | str] = {"quantize.imatrix.file": str(path)}  # (as llama-quantize writes them)
+    datasets = reader.fields.get(gguf.Keys.IMatrix.DATASETS)
+    if datasets is not None and datasets.data:
+        records["quantize.imatrix.dataset"] = bytes(datasets.parts[datasets.data[0]]).decode("utf-8", "replace")
+    records["quantize.imatrix.entries_count"] = len(out)
+    chunks = reader.fields.get(gguf.Keys.IMatrix.CHUNK_COUNT)
+    if chunks is not None:
+        records["quantize.imatrix.chunks_count"] = int(chunks.parts[-1][0])
+    return Matrix(Path(path), out, records)
 
 
 def importance(entries: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
@@ -150,20 +170,4 @@ def importance(entries: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
         sums = np.asarray(sums, np.float32).reshape(len(counts), -1)
         counts = np.asarray(counts, np.float32).reshape(-1, 1)
         out[name] = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.float32(1)).reshape(-1)
-    return out
-
-
-def records(path: str | Path, entries: int) -> dict[str, int | str]:
-    """The keys llama-quantize writes into a quant made with ``path`` (``quantize.imatrix.*``)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    out: dict[str, int | str] = {"quantize.imatrix.file": str(path)}
-    datasets = reader.fields.get(gguf.Keys.IMatrix.DATASETS)
-    if datasets is not None and datasets.data:
-        out["quantize.imatrix.dataset"] = bytes(datasets.parts[datasets.data[0]]).decode("utf-8", "replace")
-    out["quantize.imatrix.entries_count"] = entries
-    chunks = reader.fields.get(gguf.Keys.IMatrix.CHUNK_COUNT)
-    if chunks is not None:
-        out["quantize.imatrix.chunks_count"] = int(chunks.parts[-1][0])
     return out
