@@ -11,7 +11,9 @@ import math
 from importlib import resources
 from typing import Any
 
-STORY_PROMPT = "Once upon a time, in a small village by the sea, there lived"
+from .writing import PROMPTS
+
+STORY_PROMPT = PROMPTS[0]  # the demo's and the sweep's story: the first of the writing judge's prompts
 
 
 def fixed_text() -> str:
