@@ -116,8 +116,9 @@ def pytest_configure(config):
 # runs whole files in two processes, each taking the next file when it is free (in this order:
 # the Makefile turns off xdist's own reordering by test count), so a long file started last would
 # keep one process busy while the other idles. Order only; every test runs.
-LONGEST_FIRST = ("test_smollm2.py", "test_ray.py", "test_new_user.py", "test_gemma3.py", "test_tune.py",
-                 "test_judge.py", "test_llama_backend.py", "test_architectures.py", "test_sweep.py")
+LONGEST_FIRST = ("test_ray.py", "test_gemma3.py", "test_new_user.py", "test_smollm2.py", "test_llama_backend.py",
+                 "test_tune.py", "test_judge.py", "test_sweep.py", "test_fuzz_resume.py", "test_gguf.py",
+                 "test_imatrix.py", "test_architectures.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -210,6 +211,40 @@ def gguf_tokenizer_of_transformers(gguf_path):
     except OSError:  # a concurrent run cached it first
         shutil.rmtree(tmp, ignore_errors=True)
     return theirs
+
+
+def gguf_model_of_transformers(gguf_path, ids):
+    """What transformers' own GGUF loader makes of a GGUF file (the oracle for convert): the
+    sha256 of each tensor's float32 bytes, and the logits of the token ``ids``. Kept in the real
+    cache after the first load (transformers dequantizes Gemma's Q4_K_M for ~50 s), keyed like
+    ``gguf_tokenizer_of_transformers`` and, for the logits, by the ids; computed by transformers
+    whenever missing."""
+    import hashlib
+    import os
+    import tempfile
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers needs it to load a GGUF
+    st = gguf_path.stat()
+    cached = CACHE / "oracle" / f"{gguf_path.name}-{st.st_size}-{st.st_mtime_ns}-transformers-{transformers.__version__}-model"
+    logits_file = cached / f"logits-{hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]}.npy"
+    if (cached / "digests.json").is_file() and logits_file.is_file():
+        return json.loads((cached / "digests.json").read_text()), np.load(logits_file)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                               dtype=torch.float32).eval()
+    digests = {k: hashlib.sha256(v.float().contiguous().numpy().tobytes()).hexdigest()
+               for k, v in theirs.state_dict().items()}
+    with torch.no_grad():
+        logits = theirs(torch.tensor([list(ids)])).logits[0].numpy()
+    cached.mkdir(parents=True, exist_ok=True)
+    for name, write in (("digests.json", lambda f: f.write(json.dumps(digests, sort_keys=True).encode())),
+                        (logits_file.name, lambda f: np.save(f, logits))):
+        fd, tmp = tempfile.mkstemp(dir=cached, prefix=".part.")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, cached / name)  # (whole, or not there)
+    return digests, logits
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-LLAMA_CPP_SDIST = "llama-cpp-python==0.3.36"
+LLAMA_CPP_SDIST = ("llama-cpp-python", "0.3.36", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 MODELS = {  # the HF class -> (config class, extra config, GGUF architecture)
@@ -53,19 +53,20 @@ MODELS = {  # the HF class -> (config class, extra config, GGUF architecture)
 @pytest.fixture(scope="session")
 def converter(tmp_path_factory):
     """llama.cpp's convert_hf_to_gguf.py with its conversion package and gguf-py, from the
-    llama-cpp-python sdist (pip download, cached); skipped when PyPI cannot be reached."""
+    llama-cpp-python sdist (core.pypi, its sha256 checked; cached); skipped when PyPI cannot be reached."""
     cache = CACHE / "sources"
     root = cache / "llama.cpp-0.3.36"
     if not (root / "convert_hf_to_gguf.py").is_file():
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path_factory.mktemp("sdist")
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                               "-d", str(tmp), LLAMA_CPP_SDIST], capture_output=True, text=True)
-        sdists = list(tmp.glob("*.tar.gz"))
-        if proc.returncode or not sdists:
-            pytest.skip(f"{LLAMA_CPP_SDIST} sdist unavailable: {proc.stderr.strip()[-200:]}")
+        from nearswap.core.errors import NearswapError
+        from nearswap.core.pypi import download
+
+        try:
+            sdist = download(*LLAMA_CPP_SDIST, tmp_path_factory.mktemp("sdist"))
+        except NearswapError as e:
+            pytest.skip(f"llama-cpp-python's sdist unavailable: {e}")
         part = Path(tempfile.mkdtemp(dir=cache, prefix=f".{root.name}."))  # ours alone, whatever a crash left
-        with tarfile.open(sdists[0]) as tar:
+        with tarfile.open(sdist) as tar:
             prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
             wanted = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(prefix) and (
                 m.name[len(prefix):] == "convert_hf_to_gguf.py" or m.name[len(prefix):].startswith(("conversion/", "gguf-py/")))]

@@ -2,12 +2,15 @@
 
 A wheel comes through ``pip download``; an sdist through pip's own session and index, because
 ``pip download`` would build the sdist's metadata (running its setup, which some refuse, and
-which for a C++ package means a compile). Every sdist is checked against its sha256.
+which for a C++ package means a compile). Every sdist is checked against its sha256. Its file
+is found in pypi.org's JSON index (PEP 691) by its name as given or normalized (PEP 625); an
+index configured for pip (``PIP_INDEX_URL``, a mirror) is used for wheels but not for sdists.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,12 +40,16 @@ def download(name: str, version: str, sha256: str, dest: Path) -> Path:
         raise NearswapError(f"downloading {spec} needs pip's network session, which this pip does not have; "
                             "upgrade pip") from None
     filename = f"{name}-{version}.tar.gz"
+    named = {filename, f"{re.sub(r'[-_.]+', '_', name).lower()}-{version}.tar.gz"}  # (as given, or normalized: PEP 625)
     try:
         session = PipSession()
         index = session.get(f"https://pypi.org/simple/{name}/",
                             headers={"Accept": "application/vnd.pypi.simple.v1+json"}, timeout=60)
         index.raise_for_status()
-        url = next(f["url"] for f in index.json()["files"] if f["filename"] == filename)
+        file = next((f for f in index.json()["files"] if f["filename"] in named), None)
+        if file is None:
+            raise LookupError(f"PyPI lists no {filename}")
+        url, filename = file["url"], file["filename"]
         response = session.get(url, stream=True, timeout=60)
         response.raise_for_status()
         path = dest / filename
