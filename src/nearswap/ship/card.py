@@ -61,13 +61,15 @@ def unknown_hub_ids(origins: list[Origin]) -> str:
 
 def model_card(report: dict[str, Any], recipe_yaml: str, inputs: list[str | Path], *,
                evaluation: dict[str, Any] | None = None, sweep: dict[str, Any] | None = None,
-               quants: list[dict[str, Any]] | None = None, hub_ids: list[str | None] | None = None) -> str:
+               quants: list[dict[str, Any]] | None = None, hub_ids: list[str | None] | None = None,
+               origins: list[Origin] | None = None) -> str:
     """The card of a merge from its report and recipe; ``inputs``: the base and secondaries'
     paths (their own files give their names and licenses). With ``evaluation`` (an eval
     report.json), ``sweep`` (a sweep.json) and ``quants`` (``quant_row`` of each file), their
-    tables too."""
+    tables too. ``origins``: the inputs' ``origin_of``, where the caller has them already."""
     steps = report["steps"]
-    origins = [origin_of(path, hub) for path, hub in zip(inputs, hub_ids or [None] * len(inputs))]
+    if origins is None:
+        origins = [origin_of(path, hub) for path, hub in zip(inputs, hub_ids or [None] * len(inputs))]
     terms = combine(origins)
     licenses = "\n".join(f"- {md(o.id)}{' (' + md(o.hub_id) + ' on the Hub)' if o.hub_id else ''}: "
                           f"{md(o.license) if o.license else 'not stated'}"
@@ -292,9 +294,10 @@ def rebuild(directory: str | Path, evaluation: str | Path | None = None, sweep: 
         if not quants:
             raise NearswapError("--quant-eval gives the figures of --quants files: name the files too")
         attach_quant_eval(Path(quant_eval), report_of(quant_eval, "report.json") or {}, [Path(q) for q in quants], quant_rows)
+    origins = [origin_of(p, h) for p, h in zip(inputs, hub_ids_of(rec))]
     text = model_card({**report, "output_name": directory.name}, recipe_yaml, inputs, **extras,
-                      quants=quant_rows, hub_ids=hub_ids_of(rec))
-    missing = unknown_hub_ids([origin_of(p, h) for p, h in zip(inputs, hub_ids_of(rec))])
+                      quants=quant_rows, origins=origins)
+    missing = unknown_hub_ids(origins)
     if missing:
         import warnings
 
