@@ -90,6 +90,11 @@ def compiler() -> str | None:
     return None
 
 
+def buildable() -> bool:
+    """Whether the quantizer is built for this installation, or a C++ compiler is here to build it."""
+    return built_path().is_file() or compiler() is not None
+
+
 def source(echo: Callable[[str], None] = lambda s: None) -> Path:
     """llama.cpp's tree of the wheel's build, holding only what the quantizer compiles from (its
     file and the headers): from the wheel's sdist (sha256 checked), kept in the cache for every

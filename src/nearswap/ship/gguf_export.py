@@ -259,14 +259,15 @@ def llama_quantizer(type_name: str, imatrix: Path | None, threads: int | None,
 
     1. llama.cpp's ``llama-quantize`` program on PATH (a llama.cpp the user built);
     2. the function compiled once against the prebuilt llama.cpp (the ``llama`` extra, in every
-       ``make setup``; ``core.llamacpp_quantize``);
+       ``make setup``; ``core.llamacpp_quantize``), where it is built or a C++ compiler can build it;
     3. llama-cpp-python's binding (the ``llama-export`` extra), without an importance matrix
        (it takes one only as a C++ map).
 
     Quiet: llama.cpp's log is kept for a failure's one line, and goes to ``log`` (``-v``)."""
+    import importlib.util
     import shutil
 
-    from ..core import llamacpp
+    from ..core import llamacpp, llamacpp_quantize
     from .imatrix import read as read_imatrix
 
     if type_name not in LLAMA_CPP_TYPES and type_name not in IMATRIX_TYPES:
@@ -276,15 +277,11 @@ def llama_quantizer(type_name: str, imatrix: Path | None, threads: int | None,
     program = shutil.which(LLAMA_QUANTIZE)
     if program is not None:
         return _program_quantizer(program, type_name, matrix, threads, log)
-    if llamacpp.library_path() is not None:
-        return _wheel_quantizer(type_name, matrix, threads, log)
-    if imatrix is None:
-        try:
-            import llama_cpp
-        except ImportError:
-            pass
-        else:
-            return _binding_quantizer(llama_cpp, type_name, threads, log)
+    binding = matrix is None and importlib.util.find_spec("llama_cpp") is not None
+    if llamacpp.library_path() is not None and (llamacpp_quantize.buildable() or not binding):
+        return _wheel_quantizer(type_name, matrix, threads, log)  # (without a compiler: one line, what to install)
+    if binding:
+        return _binding_quantizer(type_name, threads, log)
     raise NearswapError(f"--type {type_name} uses llama.cpp's whole-file quantizer (llama_model_quantize): pip install "
                         "'nearswap[llama]' (prebuilt; nearswap compiles the quantizer once against it), or put "
                         f"llama.cpp's {LLAMA_QUANTIZE} on PATH (docs/llama-cpp.md)")
@@ -340,11 +337,12 @@ def _wheel_quantizer(type_name: str, matrix: Matrix | None, threads: int | None,
     return quantize
 
 
-def _binding_quantizer(llama_cpp: Any, type_name: str, threads: int | None,
-                       log: Callable[[str], None] | None) -> Quantize:
+def _binding_quantizer(type_name: str, threads: int | None, log: Callable[[str], None] | None) -> Quantize:
     """llama-cpp-python's ``llama_model_quantize``; its logger (which prints llama.cpp's log to
     stderr) silenced unless ``log`` is given."""
     import logging
+
+    import llama_cpp
 
     def quantize(source: Any, f32: Path, part: Path) -> dict[str, Any]:
         params = llama_cpp.llama_model_quantize_default_params()
