@@ -148,7 +148,9 @@ def test_which_quant_to_ship(tiny_llm, quick_data, tmp_path, run, monkeypatch):
     the base's same quant; a pair of different quants, or a count that does not match, is one
     line before any work."""
     import json
+    import shutil
 
+    from nearswap.demo import synthetic
     from nearswap.ship.gguf_export import export_gguf
 
     monkeypatch.setenv("NEARSWAP_CACHE", str(quick_data))
@@ -164,6 +166,16 @@ def test_which_quant_to_ship(tiny_llm, quick_data, tmp_path, run, monkeypatch):
                   "--against", files["base", "q8_0"], *common, "-o", tmp_path / "bad")
     assert refused.exit_code == 1 and "(Q8_0) is paired with" in refused.stderr and "(Q4_0)" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    other = tmp_path / "other"  # a model of another shape (three layers), with the same vocabulary
+    synthetic.make_base(other, synthetic.LlamaShape(64, 3, 128, 49152, 4, 2), "float32", seed=5)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_llm / "base" / name, other / name)
+    export_gguf(other, tmp_path / "other.q8_0.gguf", "q8_0")
+    stranger = run("eval", files["s1", "f32"], files["s1", "q8_0"], "--against", tmp_path / "other.q8_0.gguf",
+                   *common, "-o", tmp_path / "bad")
+    assert stranger.exit_code == 1 and "a model of other tensors" in stranger.stderr, stranger.output
+    assert "blk.2" in stranger.stderr or "layers.2" in stranger.stderr  # (the layer only the other model has)
+    assert len(stranger.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
     short = run("eval", files["s1", "f32"], files["s1", "q8_0"], "--against", files["base", "q8_0"], "--against",
                 files["base", "q4_0"], *common, "-o", tmp_path / "bad")
     assert short.exit_code == 1 and "1 model(s) to pair, 2 given" in short.stderr

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..core.errors import NearswapError
+from ..core.errors import NearswapError, shown
 from ..core.files import read_json_shallow
 from ..core.paths import cache_dir
 from ..formats import VOCABULARY_FILES, open_model
@@ -121,13 +121,24 @@ def _quant_of(path: Path) -> str | None:
 
 
 def check_pairs(models: list[Candidate], against: list[Candidate]) -> None:
-    """Each model and its --against model are the same quant of two models: a Q4_K_M merge
-    paired with the base's Q8_0 would measure the quants' difference, not the merge's. Refused
-    in one line where both files say their type and the types differ."""
+    """Each model and its --against model are the same quant of two models of one shape (a merge
+    and its base): a Q4_K_M merge paired with the base's Q8_0 would measure the quants'
+    difference, not the merge's, and a model of other tensors is not this merge's base. Refused in
+    one line where both files say their type and the types differ, or where the tensors' names
+    or shapes differ. (Which model an --against file was made from, its bytes cannot say: the
+    report names it as given.)"""
     for m, a in zip(models, against):
         if m.quant and a.quant and "?" not in (m.quant, a.quant) and m.quant != a.quant:
             raise NearswapError(f"{m.given} ({m.quant}) is paired with {a.given} ({a.quant}): --against takes, for each "
                                 "model after the reference, the same quant of the model to compare it with, in order")
+        ours, theirs = ({n: t.shape for n, t in c.model.tensors.items()} for c in (m, a))
+        if ours != theirs:
+            name = next((n for n in ours if theirs.get(n) != ours[n]), None) or next(n for n in theirs if n not in ours)
+            why = (f"{shown(name)} is {list(ours[name])} in one, {list(theirs[name])} in the other"
+                   if name in ours and name in theirs else f"{shown(name)} is in only one of them")
+            raise NearswapError(f"{m.given} is paired with {a.given}, a model of other tensors ({why}): --against "
+                                "takes the same quant of the model the merge is compared with (its base), of the same "
+                                "architecture and size")
 
 
 def open_for_eval(cand: Candidate, threads: int | None, echo: Callable[[str], None] = lambda s: None,
