@@ -26,6 +26,11 @@ def main() -> None:
     ap.add_argument("--quant", type=Path, help="also time both backends on this GGUF")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-llama-") as tmp:  # (the models it writes, ~1 GB: removed after)
+        measure(args, Path(tmp))
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
 
     from nearswap.demo.fetch import SMOLLM2, fetch
     from nearswap.judge import data, harness
@@ -34,7 +39,6 @@ def main() -> None:
     from nearswap.merging.convert import convert
     from nearswap.ship.gguf_export import export_gguf
 
-    work = Path(tempfile.mkdtemp(prefix="bench-llama-"))
     source = fetch(SMOLLM2)
     convert(source, work / "hf")
     export_gguf(work / "hf", work / "m.f32.gguf", "f32")

@@ -29,6 +29,11 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-kl-") as tmp:  # (the models it writes, ~1 GB: removed after)
+        measure(args, Path(tmp))
+
+
+def measure(args: argparse.Namespace, work: Path) -> None:
     perplexity, quantize = shutil.which("llama-perplexity"), shutil.which("llama-quantize")
     if not perplexity or not quantize:
         raise SystemExit("llama-perplexity and llama-quantize must be on PATH (see the docstring)")
@@ -42,7 +47,6 @@ def main() -> None:
     from nearswap.runtime.llama_model import LlamaModel
     from nearswap.ship.gguf_export import export_gguf
 
-    work = Path(tempfile.mkdtemp(prefix="bench-kl-"))
     convert(fetch(), work / "hf")
     export_gguf(work / "hf", work / "f16.gguf", "f16")
     text = work / "text.txt"
