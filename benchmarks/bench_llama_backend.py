@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--quant", type=Path, help="also time both backends on this GGUF")
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-llama-") as tmp:  # (the models it writes, ~1 GB: removed after)
+    with tempfile.TemporaryDirectory(prefix="bench-llama-") as tmp:  # (the models it writes: removed after)
         measure(args, Path(tmp))
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-kl-") as tmp:  # (the models it writes, ~1 GB: removed after)
+    with tempfile.TemporaryDirectory(prefix="bench-kl-") as tmp:  # (the models it writes: removed after)
         measure(args, Path(tmp))
 
 

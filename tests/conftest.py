@@ -216,7 +216,7 @@ def gguf_tokenizer_of_transformers(gguf_path):
 def gguf_model_of_transformers(gguf_path, ids):
     """What transformers' own GGUF loader makes of a GGUF file (the oracle for convert): the
     sha256 of each tensor's float32 bytes, and the logits of the token ``ids``. Kept in the real
-    cache after the first load (transformers dequantizes Gemma's Q4_K_M for ~50 s), keyed like
+    cache after the first load (transformers dequantizes a K-quant GGUF slowly), keyed like
     ``gguf_tokenizer_of_transformers`` and, for the logits, by the ids; computed by transformers
     whenever missing."""
     import hashlib

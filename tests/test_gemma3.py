@@ -52,7 +52,7 @@ def converted(gemma, tmp_path_factory):
 def test_convert_equals_transformers_gguf_loader(gemma, converted):
     """Every tensor of nearswap's conversion is, bit for bit, the one transformers' own GGUF
     loader makes (the oracle: ``conftest.gguf_model_of_transformers``, cached after its first
-    ~50 s load), and the logits agree."""
+    load), and the logits agree."""
     import hashlib
 
     torch = pytest.importorskip("torch")

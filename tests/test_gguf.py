@@ -451,7 +451,7 @@ def test_a_quantizer_built_for_another_installation_is_neither_shared_nor_truste
 
     if lq.compiler() is None:
         pytest.skip("no C++ compiler to build llama.cpp's quantizer with (install g++)")
-    built_here = lq.build()  # (in the real cache, for this installation: once)
+    built_here = lq.built_path()  # (built by the fixture, in the real cache, for this installation)
     real = llamacpp.library_path()
     other = tmp_path / "other-venv" / real.parent.name / real.name  # the same wheel, installed elsewhere
     other.parent.mkdir(parents=True)
@@ -473,16 +473,18 @@ def test_a_quantizer_built_for_another_installation_is_neither_shared_nor_truste
     ours.parent.mkdir(parents=True)
     shutil.copy(theirs, ours)  # what the shared cache held
     write_llama_gguf(tmp_path / "src.gguf", random_model(0, "f32", shapes=hf_shapes(), scale=0.5), Q.F32)
-    proc = subprocess.run([sys.executable, "-m", "nearswap", "export", str(tmp_path / "src.gguf"), "-o",
-                           str(tmp_path / "k.gguf"), "--type", "q4_k_m"], capture_output=True, text=True,
-                          env={**os.environ, "NEARSWAP_CACHE": str(cache)})
+
+    def export():  # in a fresh process, as a user runs it
+        return subprocess.run([sys.executable, "-m", "nearswap", "export", str(tmp_path / "src.gguf"), "-o",
+                               str(tmp_path / "k.gguf"), "--type", "q4_k_m"], capture_output=True, text=True,
+                              env={**os.environ, "NEARSWAP_CACHE": str(cache)})
+
+    proc = export()
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "another copy of llama.cpp" in proc.stderr and str(ours) in proc.stderr
     assert not (tmp_path / "k.gguf").exists()
     shutil.copy(built_here, ours)  # and built for this installation, it is the wheel's own llama.cpp that quantizes
-    proc = subprocess.run([sys.executable, "-m", "nearswap", "export", str(tmp_path / "src.gguf"), "-o",
-                           str(tmp_path / "k.gguf"), "--type", "q4_k_m"], capture_output=True, text=True,
-                          env={**os.environ, "NEARSWAP_CACHE": str(cache)})
+    proc = export()
     assert proc.returncode == 0 and proc.stdout.startswith("wrote ") and "llama_model" not in proc.stderr, proc.stderr
     assert gguf.GGUFReader(tmp_path / "k.gguf").fields["general.file_type"].contents() == \
         gguf.LlamaFileType.MOSTLY_Q4_K_M

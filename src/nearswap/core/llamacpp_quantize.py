@@ -116,8 +116,9 @@ def source(echo: Callable[[str], None] = lambda s: None) -> Path:
             tar.extractall(work / "src", members=wanted, filter="data")
         try:
             os.rename(work / "src" / root, tree)  # (complete, or not there)
-        except OSError:  # another process put it there meanwhile: the same files
-            pass
+        except OSError:  # something is there already: another process's copy, or not llama.cpp's source
+            if not (tree / SOURCE).is_file():
+                raise NearswapError(f"{tree} exists but holds no {SOURCE}; remove it and run again") from None
     return tree
 
 
